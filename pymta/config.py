@@ -1,0 +1,371 @@
+"""pymta.conf: Postfix main.cf syntax, Postfix parameter names.
+
+The file holds ``name = value`` lines. A line that starts with white space
+continues the previous one; a line whose first non-blank character is ``#``
+is a comment. ``$name`` and ``${name}`` expand to another parameter's value.
+Every parameter is declared in :data:`PARAMS` with its type, default and one
+line of documentation; ``man/pymta.conf.5`` and ``sendmail -bP`` are made
+from that table. An unknown name or a bad value is a :class:`ConfigError`
+naming the file, the line and the parameter (exit 78, EX_CONFIG).
+
+The result is a frozen :class:`Config` passed explicitly; there is no global.
+"""
+
+import os
+import re
+import socket
+
+from .status import ConfigError
+
+DEFAULT_PATH = "/etc/pymta/pymta.conf"
+
+# Parameter types. Times take a unit letter (s, m, h, d, w); a bare number
+# uses the parameter's default unit, as in Postfix.
+STR, INT, SIZE, TIME, BOOL, LIST, ENUM = "str", "int", "size", "time", "bool", "list", "enum"
+
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class P:
+    """One declared parameter."""
+
+    __slots__ = ("name", "type", "default", "doc", "unit", "choices", "section")
+
+    def __init__(self, name, type, default, doc, unit="s", choices=(), section="general"):
+        self.name, self.type, self.default, self.doc = name, type, default, doc
+        self.unit, self.choices, self.section = unit, tuple(choices), section
+
+
+def _host():
+    return socket.gethostname() or "localhost"
+
+
+def _default_hostname():
+    name = _host()
+    return name if "." in name else name + ".localdomain"
+
+
+def _default_domain():
+    name = _default_hostname()
+    return name.split(".", 1)[1] if "." in name else "localdomain"
+
+
+_PARAMS = [
+    P("config_directory", STR, "/etc/pymta", "Directory of the configuration file; set from -C, for use as $config_directory.", section="files"),
+    # -- identity and addressing
+    P("myhostname", STR, _default_hostname(), "Fully qualified name of this host, used in HELO, Received: and bounces.", section="identity"),
+    P("mydomain", STR, _default_domain(), "This host's domain; by default myhostname less its first label.", section="identity"),
+    P("myorigin", STR, "$myhostname", "Domain appended to unqualified addresses of local submissions.", section="identity"),
+    P("mydestination", LIST, "$myhostname, localhost.$mydomain, localhost", "Domains delivered locally on this host.", section="identity"),
+    P("mynetworks", LIST, "127.0.0.0/8, [::1]/128", "Client networks trusted to relay through this host (CIDR).", section="identity"),
+    P("relay_domains", LIST, "", "Remote domains this host accepts mail for from anyone and relays.", section="identity"),
+    P("relayhost", STR, "", "Send all non-local mail to this host: host, host:port, [host] or [host]:port (brackets: no MX lookup).", section="identity"),
+    P("mail_name", STR, "pymta", "The name of the mail system in the banner and Received: lines.", section="identity"),
+    P("recipient_delimiter", STR, "+", "Separator of user+tag extensions; an unknown user+tag falls back to user. Empty disables.", section="identity"),
+    P("trusted_users", LIST, "root, daemon, $mail_owner", "Users who may set the sender with -f without an X-Authentication-Warning: header.", section="identity"),
+    # -- files and ownership
+    P("queue_directory", STR, "/var/spool/pymta", "The queue: qf/df file pairs, and the maildrop for unprivileged submissions.", section="files"),
+    P("mail_spool_directory", STR, "/var/mail", "Directory of the users' mbox files.", section="files"),
+    P("home_mailbox", STR, "", "Mailbox relative to the user's home instead of mail_spool_directory; ending in / means Maildir.", section="files"),
+    P("alias_maps", LIST, "hash:/etc/aliases", "The aliases file(s); a hash: prefix is accepted and names the same file.", section="files"),
+    P("alias_database", LIST, "$alias_maps", "The aliases file(s) that newaliases rebuilds.", section="files"),
+    P("forward_path", LIST, "$home/.forward", "Where a user's .forward file is looked for ($home, $user expand).", section="files"),
+    P("mail_owner", STR, "mail", "The unprivileged user that owns the queue and speaks SMTP.", section="files"),
+    P("default_privs", STR, "nobody", "The user that runs programs and writes files named in the aliases file.", section="files"),
+    P("pid_file", STR, "/run/pymta.pid", "The daemon's process id file.", section="files"),
+    P("smtpd_sasl_password_file", STR, "/etc/pymta/passwd", "Credentials for SMTP AUTH: user:salted-hash lines (see pymta(8)).", section="files"),
+    P("maillog_file", STR, "", "Write the mail log to this file instead of syslog; empty means syslog (stderr in the foreground).", section="files"),
+    P("syslog_facility", STR, "mail", "Syslog facility of the mail log.", section="files"),
+    P("syslog_name", STR, "pymta", "Syslog identifier of the mail log.", section="files"),
+    # -- limits
+    P("message_size_limit", SIZE, "10240000", "Largest message accepted, in bytes; 0 means no limit.", section="limits"),
+    P("queue_minfree", SIZE, "20971520", "Free bytes the queue file system must keep; below it MAIL gets 452 4.3.1.", section="limits"),
+    P("smtpd_recipient_limit", INT, "1000", "Most recipients in one SMTP transaction; more get 452 4.5.3.", section="limits"),
+    P("hopcount_limit", INT, "50", "Most Received: headers a message may carry before it is refused as a loop.", section="limits"),
+    P("line_length_limit", SIZE, "1000", "Longest text line in bytes (CRLF included) before the smtpd_long_line_action applies.", section="limits"),
+    P("mailbox_size_limit", SIZE, "51200000", "Largest mailbox or file a local delivery may grow; 0 means no limit.", section="limits"),
+    P("header_size_limit", SIZE, "102400", "Largest header section of a message in bytes.", section="limits"),
+    # -- the SMTP server
+    P("smtpd_listen", LIST, "127.0.0.1:25, [::1]:25", "Addresses the SMTP server listens on: address:port, IPv6 as [::1]:25.", section="smtpd"),
+    P("submission_listen", LIST, "", "Addresses of the submission service (port 587): AUTH is required before MAIL.", section="smtpd"),
+    P("smtpd_banner", STR, "$myhostname ESMTP $mail_name", "Text after 220 in the greeting.", section="smtpd"),
+    P("smtpd_timeout", TIME, "300s", "Time a client has to send each command or each block of message data.", section="smtpd"),
+    P("smtpd_min_data_rate", INT, "64", "Slowest average rate in bytes per second accepted during DATA; 0 disables.", section="smtpd"),
+    P("smtpd_process_model", ENUM, "threads", "How sessions run: threads or fork (a child process per session).", choices=("threads", "fork"), section="smtpd"),
+    P("smtpd_session_limit", INT, "100", "Most SMTP sessions at once; more get 421.", section="smtpd"),
+    P("smtpd_client_connection_count_limit", INT, "50", "Most simultaneous sessions from one client address; more get 421.", section="smtpd"),
+    P("smtpd_greet_pause", TIME, "0s", "Wait this long before the greeting; a client that talks first gets 554.", section="smtpd"),
+    P("smtpd_peername_lookup", BOOL, "yes", "Look up the client's host name (reverse DNS, confirmed forward).", section="smtpd"),
+    P("smtpd_enable_expn", BOOL, "no", "Answer EXPN with the expansion of a list (else 502).", section="smtpd"),
+    P("smtpd_tls_cert_file", STR, "", "PEM certificate (chain) of the SMTP server for STARTTLS.", section="tls"),
+    P("smtpd_tls_key_file", STR, "$smtpd_tls_cert_file", "PEM private key of the SMTP server.", section="tls"),
+    P("smtpd_tls_security_level", ENUM, "may", "none: no STARTTLS; may: offer it; encrypt: require it before MAIL.", choices=("none", "may", "encrypt"), section="tls"),
+    P("smtp_tls_security_level", ENUM, "may", "Outbound TLS: none, may (use STARTTLS when offered), encrypt (require it).", choices=("none", "may", "encrypt"), section="tls"),
+    # -- the queue and retries
+    P("maximal_queue_lifetime", TIME, "5d", "Time a message may stay queued before it is bounced.", unit="d", section="queue"),
+    P("bounce_queue_lifetime", TIME, "5d", "Time a bounce may stay queued before it is given up.", unit="d", section="queue"),
+    P("delay_warning_time", TIME, "0h", "Send the sender a delay warning after this long; 0 disables.", unit="h", section="queue"),
+    P("minimal_backoff_time", TIME, "300s", "Shortest wait before a deferred message is tried again.", section="queue"),
+    P("maximal_backoff_time", TIME, "4000s", "Longest wait between two tries of a deferred message.", section="queue"),
+    P("queue_run_delay", TIME, "300s", "Interval of the daemon's queue runs when -q gives none.", section="queue"),
+    P("queue_sweep_age", TIME, "1d", "Age after which orphan tf and df files (no qf) are removed by a queue run.", unit="d", section="queue"),
+    P("delivery_process_limit", INT, "4", "Most messages delivered at once by one queue run.", section="queue"),
+    P("bounce_notice_recipient", STR, "postmaster", "Who receives the copy of a bounce that could not be returned (double bounce).", section="queue"),
+    P("double_bounce_sender", STR, "double-bounce", "Sender of notices about undeliverable bounces; mail to it is discarded.", section="queue"),
+    # -- local delivery
+    P("allow_mail_to_commands", LIST, "alias, forward, include", "Where |command targets are allowed: alias, forward, include.", section="local"),
+    P("allow_mail_to_files", LIST, "alias, forward, include", "Where /file targets are allowed: alias, forward, include.", section="local"),
+    P("command_time_limit", TIME, "1000s", "Time limit of a |command delivery.", section="local"),
+    P("command_path", STR, "/usr/bin:/bin", "PATH of |command deliveries.", section="local"),
+    # -- remote delivery
+    P("smtp_port", INT, "25", "Port that remote delivery connects to.", section="smtp"),
+    P("smtp_helo_name", STR, "$myhostname", "Name sent in EHLO/HELO by remote delivery.", section="smtp"),
+    P("smtp_connect_timeout", TIME, "30s", "Time allowed to connect to a remote server.", section="smtp"),
+    P("smtp_helo_timeout", TIME, "300s", "Time allowed for the greeting and EHLO reply.", section="smtp"),
+    P("smtp_data_done_timeout", TIME, "600s", "Time allowed for the reply to the end of the message.", section="smtp"),
+    P("smtp_command_timeout", TIME, "300s", "Time allowed for the reply to other commands.", section="smtp"),
+    P("dns_nameservers", LIST, "", "DNS servers for MX and address lookups (address or address:port); empty means the system resolver.", section="smtp"),
+    P("dns_timeout", TIME, "10s", "Time allowed for one DNS lookup before the delivery is deferred.", section="smtp"),
+]
+
+PARAMS = {p.name: p for p in _PARAMS}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
+_EXPAND_RE = re.compile(r"\$(?:\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
+
+
+def parse_time(value, unit="s"):
+    """'30m' -> 1800; a bare number takes ``unit``. Raises ValueError."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", value)
+    if not m:
+        raise ValueError(f"bad time value {value!r} (use a number with s, m, h, d or w)")
+    return int(m.group(1)) * _TIME_UNITS[m.group(2) or unit]
+
+
+def split_list(value):
+    """Postfix list syntax: items separated by commas and/or white space."""
+    return [v for v in re.split(r"[\s,]+", value.strip()) if v]
+
+
+def _convert(p, raw):
+    if p.type in (STR,):
+        return raw
+    if p.type == LIST:
+        return tuple(split_list(raw))
+    if p.type in (INT, SIZE):
+        if not re.fullmatch(r"\d+", raw.strip()):
+            raise ValueError(f"bad number {raw!r}")
+        return int(raw)
+    if p.type == TIME:
+        return parse_time(raw, p.unit)
+    if p.type == BOOL:
+        v = raw.strip().lower()
+        if v in ("yes", "true", "1"):
+            return True
+        if v in ("no", "false", "0"):
+            return False
+        raise ValueError(f"bad boolean {raw!r} (use yes or no)")
+    if p.type == ENUM:
+        v = raw.strip()
+        if v not in p.choices:
+            raise ValueError(f"bad value {raw!r} (one of: {', '.join(p.choices)})")
+        return v
+    raise AssertionError(p.type)
+
+
+def read_lines(text, path):
+    """Yield (lineno, name, raw value) from main.cf-style text."""
+    current = None  # [lineno, name, value]
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line[0] in " \t":
+            if current is None:
+                raise ConfigError("continuation line with nothing to continue", path, lineno)
+            current[2] += " " + stripped
+            continue
+        if current is not None:
+            yield tuple(current)
+        name, eq, value = line.partition("=")
+        name = name.strip()
+        if not eq or not _NAME_RE.match(name):
+            raise ConfigError(f"expected 'name = value', got {line.strip()!r}", path, lineno)
+        current = [lineno, name, value.strip()]
+    if current is not None:
+        yield tuple(current)
+
+
+class Config:
+    """The effective configuration: attributes named after the parameters.
+
+    ``raw`` keeps the unexpanded strings and ``explicit`` the names set in the
+    file or by ``-O``, for ``sendmail -bP``.
+    """
+
+    def __init__(self, values, raw, explicit, path):
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "raw", raw)
+        object.__setattr__(self, "explicit", explicit)
+        object.__setattr__(self, "path", path)
+
+    def __getattr__(self, name):
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Config is frozen")
+
+    def get(self, name):
+        return self._values[name]
+
+    def expanded(self, name):
+        """The parameter's value as text, after $name expansion."""
+        return self._expanded[name]
+
+    def with_overrides(self, **overrides):
+        """A new Config with some raw values replaced (for tests and -O)."""
+        raw = dict(self.raw)
+        raw.update({k: str(v) for k, v in overrides.items()})
+        return build(raw, set(self.explicit) | set(overrides), self.path, {})
+
+    # Derived helpers used across modules.
+    @property
+    def local_domains(self):
+        return frozenset(d.lower().rstrip(".") for d in self.mydestination)
+
+    def is_local_domain(self, domain):
+        return domain.lower().rstrip(".") in self.local_domains
+
+
+def _expand_all(raw, lines, path):
+    out = {}
+
+    def expand(name, stack):
+        if name in out:
+            return out[name]
+        if name in stack:
+            chain = " -> ".join(stack + (name,))
+            raise ConfigError(f"recursive $ expansion: {chain}", path, lines.get(name), name)
+        value = raw[name]
+
+        def sub(m):
+            ref = m.group(1) or m.group(2)
+            if ref not in raw:
+                # Postfix leaves unknown $names (e.g. $home in forward_path) alone.
+                return m.group(0)
+            return expand(ref, stack + (name,))
+
+        result = _EXPAND_RE.sub(sub, value)
+        out[name] = result
+        return result
+
+    for name in raw:
+        expand(name, ())
+    return out
+
+
+def build(raw, explicit, path, lines):
+    expanded = _expand_all(raw, lines, path)
+    values = {}
+    for name, text in expanded.items():
+        p = PARAMS[name]
+        try:
+            values[name] = _convert(p, text)
+        except ValueError as e:
+            raise ConfigError(str(e), path, lines.get(name), name) from None
+    cfg = Config(values, raw, frozenset(explicit), path)
+    object.__setattr__(cfg, "_expanded", expanded)
+    return cfg
+
+
+def load(path=None, overrides=(), must_exist=None):
+    """Read ``path`` (default $PYMTA_CONFIG or /etc/pymta/pymta.conf).
+
+    ``overrides`` is a sequence of "name=value" strings (``-O``). A missing
+    default file means all defaults; a missing file that was named is an error.
+    """
+    named = path is not None or "PYMTA_CONFIG" in os.environ
+    if path is None:
+        path = os.environ.get("PYMTA_CONFIG") or DEFAULT_PATH
+    if must_exist is None:
+        must_exist = named
+    raw = {name: p.default for name, p in PARAMS.items()}
+    raw["config_directory"] = os.path.dirname(os.path.abspath(path))
+    explicit, lines = set(), {}
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if must_exist:
+            raise ConfigError("no such file", path) from None
+        text = ""
+    except OSError as e:
+        raise ConfigError(e.strerror or str(e), path) from None
+    for lineno, name, value in read_lines(text, path):
+        if name not in PARAMS:
+            raise ConfigError("unknown parameter", path, lineno, name)
+        raw[name] = value
+        explicit.add(name)
+        lines[name] = lineno
+    for item in overrides:
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq:
+            raise ConfigError(f"-O {item!r}: expected name=value", "-O")
+        if name not in PARAMS:
+            raise ConfigError("unknown parameter", "-O", None, name)
+        raw[name] = value.strip()
+        explicit.add(name)
+        lines.pop(name, None)
+    return build(raw, explicit, path, lines)
+
+
+def from_dict(**values):
+    """A Config from defaults plus ``values`` (tests and embedding)."""
+    raw = {name: p.default for name, p in PARAMS.items()}
+    for k, v in values.items():
+        if k not in PARAMS:
+            raise ConfigError("unknown parameter", "<dict>", None, k)
+        if isinstance(v, bool):
+            v = "yes" if v else "no"
+        elif isinstance(v, (list, tuple)):
+            v = ", ".join(map(str, v))
+        raw[k] = str(v)
+    return build(raw, set(values), "<dict>", {})
+
+
+def dump(cfg, only_explicit=False):
+    """``sendmail -bP`` text: ``name = value`` lines, sorted (like postconf)."""
+    out = []
+    for name in sorted(PARAMS):
+        if only_explicit and name not in cfg.explicit:
+            continue
+        out.append(f"{name} = {cfg.raw[name]}".rstrip())
+    return "\n".join(out) + "\n"
+
+
+def parse_hostport(item, default_port):
+    """'host:port', '[v6]:port', '[v6]', 'host' -> (host, port). Raises ValueError."""
+    item = item.strip()
+    if item.startswith("["):
+        host, sep, rest = item[1:].partition("]")
+        if not sep:
+            raise ValueError(f"bad address {item!r}: missing ]")
+        if rest.startswith(":"):
+            port = rest[1:]
+        elif rest == "":
+            port = str(default_port)
+        else:
+            raise ValueError(f"bad address {item!r}")
+    elif item.count(":") == 1:
+        host, port = item.split(":")
+    elif ":" in item:
+        raise ValueError(f"bad address {item!r}: write IPv6 as [addr]:port")
+    else:
+        host, port = item, str(default_port)
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad port in {item!r}")
+    return host, int(port)

@@ -1,0 +1,755 @@
+"""The queue: sendmail-style qf/df pairs, their format and their commit.
+
+Layout of ``queue_directory``::
+
+    queue/      mode 0700, mail_owner: the messages
+        df<ID>  the message: headers and body, LF line ends, as delivered
+                (less Return-Path:, which final delivery adds)
+        qf<ID>  the control file: envelope and per-recipient state
+        tf<ID>  a control file being written; renamed over qf<ID>
+        hf<ID>  the control file of a message on hold (delivery skips it)
+        Qf<ID>  a control file that could not be parsed: kept, never used
+    maildrop/   mode 1733: unprivileged users' submissions, picked up by
+                root or mail_owner and committed to queue/ (see pickup())
+
+Queue ids are sendmail's shape: six characters of UTC time (year mod 60,
+month, day, hour, minute, second, each one of 60 letters), three of a
+per-process sequence, then the process id: ``6ASHBJ000012345``. They sort
+by time and are unique across processes (pid) and threads (the sequence,
+under a lock); creating the df with O_EXCL catches the rest.
+
+The control file is UTF-8 text, one item a line, a letter then its value::
+
+    V1                 format version, always first
+    T<epoch>           arrival time
+    K<epoch>           last delivery attempt (0: none)
+    N<count>           delivery attempts
+    Y<epoch>           next attempt not before this time
+    P<priority>        lower is delivered first
+    F<letters>         w: delay warning sent; u: SMTPUTF8
+    B<body>            7BIT, 8BITMIME or BINARYMIME
+    Z<envid>           DSN ENVID
+    C<uid>             the submitting user's uid, local submissions only
+    $r<proto>          SMTP, ESMTP[S][A], or local
+    $s<helo>           the client's HELO/EHLO name
+    ${client_addr}...  the client's IP; ${client_name} its verified name;
+    ${auth_authen}...  the SASL login; ${dsn_ret} DSN RET (FULL or HDRS)
+    S<sender>          envelope sender; empty for the null sender <>
+    R<flags> <state> <address> [key=value ...]
+                       one line a recipient; flags S F D N (DSN NOTIFY),
+                       p (named by the client), a (from an alias, .forward or
+                       :include:), n (no further aliasing); state Q queued,
+                       D deferred, S sent, F failed, B bounced, X expanded;
+                       keys dsn, text, orcpt, parent, uid, relay, time
+    M<text>            last status, shown by mailq
+    .                  end: a file without it is torn and never used
+
+Values are percent-encoded where they hold '%', control characters or (in
+R lines) spaces. Lines with unknown letters are kept on rewrite.
+
+Commit (the only way a message enters the queue)::
+
+    step                                 crash here leaves     what happens
+    1 create df<ID> O_EXCL, flock it     df only               swept after queue_sweep_age
+    2 write df, fsync df                 df only               swept
+    3 write tf<ID>, fsync tf             df + tf               both swept
+    4 rename tf<ID> -> qf<ID>            df + qf               the message is queued
+    5 fsync queue/                       df + qf, durable      reply 250 / exit 0
+
+A rewrite (after a delivery attempt, hold, release) is tf, fsync, rename,
+never an edit in place; a crash leaves the old or the new qf, both whole.
+Removal unlinks qf (or hf) first, then df: a crash between leaves an orphan
+df, which is swept. At worst a recipient is tried twice; a message is never
+lost once step 5 is done.
+
+Locking: whoever works on a message holds flock(LOCK_EX) on its df, which no
+rewrite replaces. A queue runner skips a locked message; mailq marks it *.
+After the lock is taken, the qf is checked again (it may have just gone).
+"""
+
+import errno
+import os
+import re
+import secrets
+import stat
+import threading
+import time
+import fcntl
+from urllib.parse import quote, unquote
+
+from . import envelope as E
+from .status import SpoolCorrupt, SpoolError, Reply
+
+VERSION = "1"
+QUEUE_SUBDIR = "queue"
+MAILDROP_SUBDIR = "maildrop"
+ID_RE = re.compile(r"^[0-9A-Za-x]{9}[0-9]{6,10}$")
+
+_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
+_id_lock = threading.Lock()
+_id_state = {"sec": 0, "seq": 0, "pid": 0}
+
+_SAFE_VALUE = "".join(chr(c) for c in range(33, 127) if chr(c) not in "%") + " "
+_SAFE_FIELD = "".join(chr(c) for c in range(33, 127) if chr(c) not in "% ")
+
+
+def new_id(now=None):
+    """A fresh, time-ordered, process- and thread-unique queue id."""
+    while True:
+        with _id_lock:
+            sec = int(now if now is not None else time.time())
+            pid = os.getpid()
+            if sec != _id_state["sec"] or pid != _id_state["pid"]:
+                _id_state.update(sec=sec, seq=0, pid=pid)
+                seq = 0
+                break
+            if _id_state["seq"] + 1 < 60 ** 3:
+                _id_state["seq"] += 1
+                seq = _id_state["seq"]
+                break
+        # 216,000 ids in one second in one process: wait for the next second.
+        now = None
+        time.sleep(1.0 - (time.time() % 1.0))
+    t = time.gmtime(sec)
+    c = _CHARS
+    return (c[t.tm_year % 60] + c[t.tm_mon - 1] + c[t.tm_mday] + c[t.tm_hour]
+            + c[t.tm_min] + c[min(t.tm_sec, 59)]
+            + c[seq // 3600] + c[(seq // 60) % 60] + c[seq % 60] + "%06d" % pid)
+
+
+def valid_id(qid):
+    return bool(ID_RE.match(qid or ""))
+
+
+def id_time(qid):
+    """The arrival time encoded in an id (UTC, to the second), or None."""
+    try:
+        idx = [_CHARS.index(ch) for ch in qid[:6]]
+    except ValueError:
+        return None
+    year_now = time.gmtime().tm_year
+    year = year_now - ((year_now - idx[0]) % 60)
+    try:
+        return int(time.mktime((year, idx[1] + 1, idx[2], idx[3], idx[4], idx[5], 0, 0, 0))
+                   - time.timezone)
+    except (OverflowError, ValueError):
+        return None
+
+
+# -- the control file format -------------------------------------------------
+
+def _enc(value, safe=_SAFE_VALUE):
+    return quote(value, safe=safe, encoding="utf-8", errors="surrogateescape")
+
+
+def _dec(value):
+    return unquote(value, encoding="utf-8", errors="surrogateescape")
+
+
+def format_control(env):
+    """The qf text of an Envelope."""
+    out = [f"V{VERSION}", f"T{env.created}", f"K{env.last_attempt}", f"N{env.attempts}",
+           f"Y{env.next_try}", f"P{env.priority}"]
+    flags = ("w" if env.warned else "") + ("u" if env.smtputf8 else "")
+    if flags:
+        out.append(f"F{flags}")
+    if env.body_type:
+        out.append(f"B{env.body_type}")
+    if env.envid:
+        out.append(f"Z{_enc(env.envid)}")
+    if env.uid >= 0:
+        out.append(f"C{env.uid}")
+    if env.protocol:
+        out.append(f"$r{_enc(env.protocol)}")
+    if env.helo:
+        out.append(f"$s{_enc(env.helo)}")
+    for key, val in (("client_addr", env.client_addr), ("client_name", env.client_name),
+                     ("auth_authen", env.auth_user), ("dsn_ret", env.ret)):
+        if val:
+            out.append(f"${{{key}}}{_enc(val)}")
+    out.extend(env.extra)
+    out.append(f"S{_enc(env.sender)}")
+    for r in env.recipients:
+        fields = [f"R{r.flags or '-'}", r.state, _enc(r.address, _SAFE_FIELD)]
+        for key, val in (("dsn", r.dsn), ("text", r.text), ("orcpt", r.orcpt),
+                         ("parent", r.parent), ("relay", r.relay)):
+            if val:
+                fields.append(f"{key}={_enc(val, _SAFE_FIELD)}")
+        if r.uid >= 0:
+            fields.append(f"uid={r.uid}")
+        if r.updated:
+            fields.append(f"time={r.updated}")
+        for key, val in r.extra.items():
+            fields.append(f"{key}={_enc(val, _SAFE_FIELD)}")
+        out.append(" ".join(fields))
+    if env.status:
+        out.append(f"M{_enc(env.status)}")
+    out.append(".")
+    return "\n".join(out) + "\n"
+
+
+def _int(value, what):
+    try:
+        return int(value)
+    except ValueError:
+        raise SpoolCorrupt(f"bad {what}: {value[:40]!r}") from None
+
+
+def parse_control(text, qid=""):
+    """An Envelope from qf text; raises SpoolCorrupt if torn or malformed."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines or lines[-1] != ".":
+        raise SpoolCorrupt("control file has no final '.' line (torn)")
+    if lines[0] != f"V{VERSION}":
+        raise SpoolCorrupt(f"unknown control file version {lines[0][:20]!r}")
+    env = E.Envelope(id=qid)
+    seen_sender = False
+    for line in lines[1:-1]:
+        if not line:
+            raise SpoolCorrupt("empty line in control file")
+        k, v = line[0], line[1:]
+        if k == "T":
+            env.created = _int(v, "arrival time")
+        elif k == "K":
+            env.last_attempt = _int(v, "attempt time")
+        elif k == "N":
+            env.attempts = _int(v, "attempt count")
+        elif k == "Y":
+            env.next_try = _int(v, "next try")
+        elif k == "P":
+            env.priority = _int(v, "priority")
+        elif k == "F":
+            env.warned = "w" in v
+            env.smtputf8 = "u" in v
+        elif k == "B":
+            env.body_type = v
+        elif k == "Z":
+            env.envid = _dec(v)
+        elif k == "C":
+            env.uid = _int(v, "uid")
+        elif k == "$":
+            if v.startswith("{"):
+                key, _, val = v[1:].partition("}")
+                val = _dec(val)
+                if key == "client_addr":
+                    env.client_addr = val
+                elif key == "client_name":
+                    env.client_name = val
+                elif key == "auth_authen":
+                    env.auth_user = val
+                elif key == "dsn_ret":
+                    env.ret = val
+                else:
+                    env.extra.append(line)
+            elif v[:1] == "r":
+                env.protocol = _dec(v[1:])
+            elif v[:1] == "s":
+                env.helo = _dec(v[1:])
+            else:
+                env.extra.append(line)
+        elif k == "S":
+            env.sender = _dec(v)
+            seen_sender = True
+        elif k == "R":
+            env.recipients.append(_parse_rcpt(v))
+        elif k == "M":
+            env.status = _dec(v)
+        else:
+            env.extra.append(line)
+    if not seen_sender:
+        raise SpoolCorrupt("control file has no sender (S) line")
+    if not env.recipients:
+        raise SpoolCorrupt("control file has no recipient (R) line")
+    return env
+
+
+def _parse_rcpt(v):
+    parts = v.split(" ")
+    if len(parts) < 3:
+        raise SpoolCorrupt(f"bad recipient line R{v[:60]!r}")
+    flags, state, addr = parts[0], parts[1], _dec(parts[2])
+    if state not in "QDSFBX" or len(state) != 1:
+        raise SpoolCorrupt(f"bad recipient state {state!r}")
+    r = E.Recipient(addr, flags="" if flags == "-" else flags, state=state)
+    for kv in parts[3:]:
+        key, eq, val = kv.partition("=")
+        if not eq:
+            raise SpoolCorrupt(f"bad recipient field {kv[:40]!r}")
+        val = _dec(val)
+        if key in ("dsn", "text", "orcpt", "parent", "relay"):
+            setattr(r, key, val)
+        elif key == "uid":
+            r.uid = _int(val, "recipient uid")
+        elif key == "time":
+            r.updated = _int(val, "recipient time")
+        else:
+            r.extra[key] = val
+    return r
+
+
+# -- the queue directory ------------------------------------------------------
+
+def _disk_error(e, what):
+    """An OSError from the spool as a SpoolError with the right reply."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reply = Reply(452, "4.3.1", "Insufficient system storage")
+    else:
+        reply = Reply(451, "4.3.0", "Error writing message to the queue")
+    return SpoolError(f"{what}: {e.strerror or e}", reply)
+
+
+class MessageLock:
+    """An exclusive lock on one message (flock on its df)."""
+
+    def __init__(self, spool, qid, fd):
+        self.spool, self.id, self.fd = spool, qid, fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)   # closing drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class MessageWriter:
+    """Streams one new message into df<ID> and commits it.
+
+    Use as a context manager: leaving it without commit() removes the df.
+    After commit() the writer still holds the message's lock; ``handoff()``
+    passes that lock to the caller (to deliver at once), ``close()`` drops it.
+    """
+
+    def __init__(self, spool):
+        self.spool = spool
+        self.size = 0
+        self.committed = False
+        self._lock_fd = None
+        for _ in range(1000):
+            qid = new_id()
+            path = spool.path("df", qid)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise _disk_error(e, f"create {path}") from None
+            break
+        else:
+            raise SpoolError("could not allocate a queue id")
+        self.id = qid
+        self._lock_fd = fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.file = open(fd, "wb", buffering=256 * 1024, closefd=False)
+
+    def write(self, data):
+        try:
+            self.file.write(data)
+        except OSError as e:
+            raise _disk_error(e, f"write df{self.id}") from None
+        self.size += len(data)
+
+    def commit(self, env):
+        """Make the message durable (steps 2-5 above); returns its id."""
+        env.id = self.id
+        env.size = self.size
+        if not env.created:
+            env.created = int(time.time())
+        if not env.priority:
+            env.priority = self.size
+        try:
+            self.file.flush()
+            if self.spool.fsync:
+                os.fsync(self._lock_fd)
+        except OSError as e:
+            raise _disk_error(e, f"write df{self.id}") from None
+        self.spool.write_control(env, sync_dir=True)
+        self.committed = True
+        return self.id
+
+    def abort(self):
+        if not self.committed and self._lock_fd is not None:
+            for prefix in ("tf", "df"):
+                try:
+                    os.unlink(self.spool.path(prefix, self.id))
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    pass
+        self.close()
+
+    def handoff(self):
+        """The committed message's lock, now owned by the caller."""
+        assert self.committed
+        lock = MessageLock(self.spool, self.id, self._lock_fd)
+        self._close_file()
+        self._lock_fd = None
+        return lock
+
+    def _close_file(self):
+        try:
+            self.file.close()
+        except OSError:
+            pass
+
+    def close(self):
+        self._close_file()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.committed:
+            self.close()
+        else:
+            self.abort()
+
+
+class Spool:
+    """One queue directory. ``fsync=False`` is for benchmarks of the rest only."""
+
+    def __init__(self, queue_directory, fsync=True):
+        self.top = queue_directory
+        self.dir = os.path.join(queue_directory, QUEUE_SUBDIR)
+        self.maildrop = os.path.join(queue_directory, MAILDROP_SUBDIR)
+        self.fsync = fsync
+        self._dirfd = None
+        self._dirfd_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.queue_directory)
+
+    # -- set-up
+    def create(self, owner_uid=None, owner_gid=None):
+        """Make the directories (idempotent). As root, queue/ goes to the owner."""
+        os.makedirs(self.top, mode=0o755, exist_ok=True)
+        for sub, mode in ((self.dir, 0o700), (self.maildrop, 0o1733)):
+            try:
+                os.mkdir(sub, mode)
+            except FileExistsError:
+                continue
+            os.chmod(sub, mode)
+            if sub == self.dir and owner_uid is not None and os.geteuid() == 0:
+                os.chown(sub, owner_uid, owner_gid if owner_gid is not None else -1)
+
+    def exists(self):
+        return os.path.isdir(self.dir)
+
+    def writable(self):
+        """Whether this process may commit directly (else it uses the maildrop)."""
+        return os.access(self.dir, os.W_OK | os.X_OK)
+
+    def path(self, prefix, qid):
+        return os.path.join(self.dir, prefix + qid)
+
+    def _sync_dir(self):
+        if not self.fsync:
+            return
+        with self._dirfd_lock:
+            if self._dirfd is None:
+                self._dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = self._dirfd
+        os.fsync(fd)
+
+    def free_space(self):
+        st = os.statvfs(self.dir if self.exists() else self.top)
+        return st.f_bavail * st.f_frsize
+
+    # -- writing
+    def new_message(self):
+        """A MessageWriter for a new message (creates and locks its df)."""
+        return MessageWriter(self)
+
+    def write_control(self, env, sync_dir=False):
+        """Write env's control file: tf, fsync, rename over qf (or hf if held)."""
+        tf = self.path("tf", env.id)
+        final = self.path("hf" if env.held else "qf", env.id)
+        data = format_control(env).encode("utf-8", "surrogateescape")
+        try:
+            fd = os.open(tf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, data) if len(data) < 65536 else _write_all(fd, data)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tf, final)
+            if sync_dir:
+                self._sync_dir()
+        except OSError as e:
+            try:
+                os.unlink(tf)
+            except OSError:
+                pass
+            raise _disk_error(e, f"write {final}") from None
+
+    def rewrite(self, env):
+        """Record a new state of a locked message."""
+        self.write_control(env, sync_dir=False)
+
+    # -- reading
+    def ids(self, prefix="qf"):
+        """Ids of messages with a control file of ``prefix``, oldest first."""
+        n = len(prefix)
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        return sorted(name[n:] for name in names if name.startswith(prefix) and valid_id(name[n:]))
+
+    def read(self, qid):
+        """The Envelope of message ``qid`` (qf, or hf when held)."""
+        for prefix, held in (("qf", False), ("hf", True)):
+            try:
+                with open(self.path(prefix, qid), "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                continue
+            try:
+                text = raw.decode("utf-8", "surrogateescape")
+            except Exception as e:  # pragma: no cover - surrogateescape never fails
+                raise SpoolCorrupt(str(e)) from None
+            env = parse_control(text, qid)
+            env.held = held
+            try:
+                env.size = os.stat(self.path("df", qid)).st_size
+            except FileNotFoundError:
+                raise SpoolCorrupt("control file without data file") from None
+            return env
+        raise FileNotFoundError(errno.ENOENT, "no such message", qid)
+
+    def open_data(self, qid):
+        return open(self.path("df", qid), "rb")
+
+    def lock(self, qid, wait=False):
+        """A MessageLock on ``qid``, or None if another process holds it or it
+        has gone. ``wait`` blocks until the lock is free."""
+        try:
+            fd = os.open(self.path("df", qid), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if not (os.path.exists(self.path("qf", qid)) or os.path.exists(self.path("hf", qid))):
+            os.close(fd)
+            return None
+        return MessageLock(self, qid, fd)
+
+    def is_locked(self, qid):
+        try:
+            fd = os.open(self.path("df", qid), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # -- changing state (callers hold the lock)
+    def remove(self, qid):
+        """Delete a finished or deleted message: control file first, then data."""
+        for prefix in ("qf", "hf", "tf", "df"):
+            try:
+                os.unlink(self.path(prefix, qid))
+            except FileNotFoundError:
+                pass
+
+    def hold(self, env):
+        if not env.held:
+            os.rename(self.path("qf", env.id), self.path("hf", env.id))
+            env.held = True
+
+    def release(self, env):
+        if env.held:
+            os.rename(self.path("hf", env.id), self.path("qf", env.id))
+            env.held = False
+
+    def quarantine(self, qid):
+        """Rename an unreadable control file to Qf<ID>: kept, never delivered."""
+        for prefix in ("qf", "hf"):
+            try:
+                os.rename(self.path(prefix, qid), self.path("Qf", qid))
+                return True
+            except FileNotFoundError:
+                continue
+        return False
+
+    def sweep(self, max_age, now=None, log=None):
+        """Remove orphans older than ``max_age``: tf and df with no qf/hf, and
+        tf left beside a qf by a crashed rewrite. Locked files are left alone."""
+        now = now if now is not None else time.time()
+        try:
+            names = set(os.listdir(self.dir))
+        except FileNotFoundError:
+            return []
+        removed = []
+        for name in sorted(names):
+            prefix, qid = name[:2], name[2:]
+            if prefix not in ("tf", "df") or not valid_id(qid):
+                continue
+            has_control = ("qf" + qid) in names or ("hf" + qid) in names
+            if prefix == "df" and has_control:
+                continue
+            path = os.path.join(self.dir, name)
+            try:
+                age = now - os.stat(path).st_mtime
+            except FileNotFoundError:
+                continue
+            if age < max_age:
+                continue
+            if self.is_locked(qid):
+                continue
+            try:
+                os.unlink(path)
+                removed.append(name)
+                if log:
+                    log(f"{qid}: removed orphan {name} ({int(age)}s old)")
+            except OSError:
+                pass
+        return removed
+
+    # -- the maildrop: submissions by users who cannot write queue/
+    def drop(self, env, chunks):
+        """Write a complete submission into maildrop/ as this (unprivileged) user.
+
+        The file holds the control text, then the message. It is created 0600,
+        written, fsync'd, and then marked complete by its owner-execute bit
+        (0700); pickup() ignores files without it. Returns the file's name.
+        """
+        name = secrets.token_hex(16)
+        path = os.path.join(self.maildrop, name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise _disk_error(e, f"create {path}") from None
+        try:
+            with open(fd, "wb", buffering=256 * 1024, closefd=False) as f:
+                env.id = env.id or "0" * 15
+                f.write(format_control(env).encode("utf-8", "surrogateescape"))
+                for chunk in chunks:
+                    f.write(chunk)
+            if self.fsync:
+                os.fsync(fd)
+            os.fchmod(fd, 0o700)
+        except OSError as e:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise _disk_error(e, f"write {path}") from None
+        os.close(fd)
+        return name
+
+    def pickup(self, log=None, trusted_uids=()):
+        """Commit every complete maildrop file to queue/; returns new ids.
+
+        Trust nothing in the file but its owner: the uid comes from fstat,
+        recipients lose every flag but DSN NOTIFY, states restart, and the
+        client fields are cleared. A file that fails to parse is removed and
+        logged (the user has their own copy of a message they typed).
+        """
+        try:
+            names = os.listdir(self.maildrop)
+        except FileNotFoundError:
+            return []
+        ids = []
+        for name in sorted(names):
+            path = os.path.join(self.maildrop, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                    if log:
+                        log(f"maildrop/{name}: not a plain file, removed")
+                    _unlink_quiet(path)
+                    continue
+                if not st.st_mode & stat.S_IXUSR:
+                    if time.time() - st.st_mtime > 86400:
+                        _unlink_quiet(path)
+                    continue
+                qid = self._pickup_one(fd, st, log, name, trusted_uids)
+                _unlink_quiet(path)
+                if qid:
+                    ids.append(qid)
+            finally:
+                os.close(fd)
+        return ids
+
+    def _pickup_one(self, fd, st, log, name, trusted_uids):
+        f = open(fd, "rb", closefd=False)
+        head = []
+        while True:
+            line = f.readline(1 << 20)
+            if not line:
+                if log:
+                    log(f"maildrop/{name}: torn submission from uid {st.st_uid}, removed")
+                return None
+            head.append(line)
+            if line == b".\n":
+                break
+        try:
+            env = parse_control(b"".join(head).decode("utf-8", "surrogateescape"))
+        except SpoolCorrupt as e:
+            if log:
+                log(f"maildrop/{name}: bad submission from uid {st.st_uid}: {e}")
+            return None
+        env.uid = st.st_uid
+        env.protocol = "local"
+        env.client_addr = env.client_name = env.auth_user = ""
+        env.attempts = env.last_attempt = env.next_try = 0
+        env.created = int(time.time())
+        env.extra = []
+        env.held = env.warned = False
+        for r in env.recipients:
+            r.flags = "".join(c for c in r.flags if c in "SFDN") + E.PRIMARY
+            r.state = E.QUEUED
+            r.dsn = r.text = r.relay = r.parent = ""
+            r.uid = -1
+            r.extra = {}
+        env.status = ""
+        with self.new_message() as w:
+            while True:
+                chunk = f.read(256 * 1024)
+                if not chunk:
+                    break
+                w.write(chunk)
+            env.priority = 0
+            qid = w.commit(env)
+        if log:
+            log(f"{qid}: uid={st.st_uid} from=<{env.sender}>, size={w.size}, "
+                f"nrcpts={len(env.recipients)} (maildrop)")
+        return qid
+
+
+def _unlink_quiet(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

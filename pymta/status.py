@@ -1,0 +1,145 @@
+"""Replies, delivery outcomes, exceptions and exit codes shared by all of pymta.
+
+Every failure in pymta is carried as a :class:`Reply`: an SMTP code, an
+RFC 3463 enhanced status code and a text. The same Reply travels from the
+protocol to the log line, the qf ``M`` status and the bounce.
+"""
+
+from dataclasses import dataclass
+import enum
+
+# sysexits.h, the exit codes sendmail's callers understand.
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_NOUSER = 67
+EX_NOHOST = 68
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_OSERR = 71
+EX_OSFILE = 72
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_PROTOCOL = 76
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply: ``code`` (e.g. 250), ``enhanced`` ("2.0.0" or ""), ``text``."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    def lines(self, enhanced=True):
+        """The reply as wire lines (bytes, CRLF-terminated), multi-line if needed."""
+        parts = self.text.split("\n") or [""]
+        out = []
+        for i, part in enumerate(parts):
+            sep = "-" if i < len(parts) - 1 else " "
+            if enhanced and self.enhanced:
+                out.append(f"{self.code}{sep}{self.enhanced} {part}\r\n")
+            else:
+                out.append(f"{self.code}{sep}{part}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __str__(self):
+        text = self.text.replace("\n", " ")
+        if self.enhanced:
+            return f"{self.code} {self.enhanced} {text}"
+        return f"{self.code} {text}"
+
+    @property
+    def outcome(self):
+        return Outcome.from_code(self.code)
+
+    @property
+    def dsn(self):
+        """The RFC 3463 status, guessed from the code when none was given."""
+        if self.enhanced:
+            return self.enhanced
+        return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(self.code // 100, "4.0.0")
+
+
+class Outcome(enum.Enum):
+    """The three ends of a delivery attempt."""
+
+    OK = "ok"
+    TEMPFAIL = "tempfail"
+    PERMFAIL = "permfail"
+
+    @classmethod
+    def from_code(cls, code):
+        if 200 <= code < 400:
+            return cls.OK
+        if 400 <= code < 500:
+            return cls.TEMPFAIL
+        return cls.PERMFAIL
+
+
+class PymtaError(Exception):
+    """Base of pymta's exceptions; ``reply`` says what to tell the peer."""
+
+    reply = Reply(451, "4.3.0", "Local error in processing")
+    exit_code = EX_SOFTWARE
+
+    def __init__(self, message=None, reply=None, exit_code=None):
+        if reply is not None:
+            self.reply = reply
+        if exit_code is not None:
+            self.exit_code = exit_code
+        super().__init__(message if message is not None else self.reply.text)
+
+
+class TempFail(PymtaError):
+    """A temporary failure: the message stays queued and is tried again."""
+
+    reply = Reply(451, "4.3.0", "Temporary local problem")
+    exit_code = EX_TEMPFAIL
+
+
+class PermFail(PymtaError):
+    """A permanent failure: the recipient (or message) is bounced."""
+
+    reply = Reply(550, "5.0.0", "Permanent failure")
+    exit_code = EX_UNAVAILABLE
+
+
+class ConfigError(PymtaError):
+    """A bad configuration: names the file, the line and the parameter."""
+
+    reply = Reply(451, "4.3.5", "Server configuration error")
+    exit_code = EX_CONFIG
+
+    def __init__(self, message, path=None, lineno=None, param=None):
+        self.path, self.lineno, self.param = path, lineno, param
+        where = ""
+        if path:
+            where = f"{path}:{lineno}: " if lineno else f"{path}: "
+        if param:
+            where += f"{param}: "
+        super().__init__(where + message)
+
+
+class AddressError(PymtaError):
+    """A malformed address; the reply is what SMTP answers for it."""
+
+    reply = Reply(501, "5.1.3", "Bad address syntax")
+    exit_code = EX_DATAERR
+
+
+class SpoolError(TempFail):
+    """The spool could not take or give a message (disk, permissions)."""
+
+    reply = Reply(451, "4.3.0", "Error writing message to the queue")
+    exit_code = EX_TEMPFAIL
+
+
+class SpoolCorrupt(PymtaError):
+    """A queue file that cannot be parsed."""
+
+    exit_code = EX_DATAERR
