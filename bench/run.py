@@ -1,0 +1,454 @@
+#!/usr/bin/env python3
+"""make bench: pymta side by side with Postfix on this machine, in one run.
+
+Cases (the reference table of the performance issue):
+  accept-s20-5k   20 sessions, 2000 x 5 KB, delivered to a mailbox meanwhile
+  accept-s1-5k    1 session, 2000 x 5 KB
+  accept-s20-1M   20 sessions, 200 x 1 MB
+  drain-5k        2000 x 5 KB already queued, flushed to an smtp-sink
+  inject          200 sequential `sendmail -i rcpt` calls, 5 KB (median ms)
+and, for pymta alone: mailq and an idle queue pass with 10,000 (and with
+--big 100,000) messages queued, and the peak RSS while a 100 MB message goes
+through SMTP, sendmail injection and local delivery.
+
+Postfix runs when the peer scripts (../shared/peers, or $PYMTA_PEERS) and
+postfix are installed; each case alternates pymta and Postfix for --reps
+repetitions and reports medians. The load generator is Postfix's smtp-source
+when present, else bench/loadgen.py (several processes).
+Prints a table and writes it to bench/RESULTS.md.
+"""
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+sys.path.insert(0, TOP)
+PY = sys.executable
+SENDMAIL = os.path.join(TOP, "bin", "sendmail")
+PEERS = os.environ.get("PYMTA_PEERS") or os.path.normpath(os.path.join(TOP, "..", "shared", "peers"))
+SMTP_SOURCE = shutil.which("smtp-source") or (os.path.exists("/usr/sbin/smtp-source") and "/usr/sbin/smtp-source")
+SMTP_SINK = shutil.which("smtp-sink") or (os.path.exists("/usr/sbin/smtp-sink") and "/usr/sbin/smtp-sink")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def tree_hwm_kb(pid):
+    """Peak RSS (VmHWM, kB) of pid and its live descendants, the largest one."""
+    best = 0
+    pids = [pid]
+    try:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+        pids += [int(p) for p in out.split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        best = max(best, int(line.split()[1]))
+        except OSError:
+            pass
+    return best
+
+
+class Pymta:
+    """A private pymta instance under a temporary directory."""
+
+    def __init__(self, root, port, **params):
+        self.root, self.port = root, port
+        os.makedirs(os.path.join(root, "mail"), exist_ok=True)
+        self.mbox = os.path.join(root, "mail", "catchall")
+        with open(os.path.join(root, "aliases"), "w") as f:
+            f.write(f"user: {self.mbox}\npostmaster: root\n")
+        open(self.mbox, "a").close()
+        if os.geteuid() == 0:
+            import pwd
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self.mbox, nobody.pw_uid, nobody.pw_gid)
+        p = {
+            "myhostname": "pymta-bench.localdomain",
+            "mydestination": "$myhostname, localhost, example.test",
+            "queue_directory": os.path.join(root, "spool"),
+            "mail_spool_directory": os.path.join(root, "mail"),
+            "alias_maps": "hash:" + os.path.join(root, "aliases"),
+            "pid_file": os.path.join(root, "pymta.pid"),
+            "maillog_file": os.path.join(root, "maillog"),
+            "smtpd_listen": f"127.0.0.1:{port}",
+            "smtpd_peername_lookup": "no",
+            "smtpd_tls_security_level": "none",
+            "queue_minfree": "0",
+            "message_size_limit": "204800000",
+            "mailbox_size_limit": "0",
+            "dns_nameservers": "127.0.0.1:1",
+            "mail_owner": "root" if os.geteuid() == 0 else os.environ.get("USER", "root"),
+            "smtpd_session_limit": "200",
+        }
+        p.update(params)
+        self.conf = os.path.join(root, "pymta.conf")
+        with open(self.conf, "w") as f:
+            for k, v in p.items():
+                f.write(f"{k} = {v}\n")
+        self.proc = None
+        self.run_cmd("-bi")
+
+    def run_cmd(self, *args, input=b"", check=False):
+        return subprocess.run([PY, SENDMAIL, "-C", self.conf, *args], input=input,
+                              capture_output=True, check=check)
+
+    def start(self, *extra):
+        self.proc = subprocess.Popen([PY, SENDMAIL, "-C", self.conf, "-bD", *extra],
+                                     stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.root, "daemon.err"), "ab"),
+                                     start_new_session=True)
+        wait_port(self.port)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def queue_count(self):
+        try:
+            return sum(1 for n in os.listdir(os.path.join(self.root, "spool", "queue")) if n.startswith("qf"))
+        except FileNotFoundError:
+            return 0
+
+    def wait_empty(self, timeout=600):
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.queue_count() == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+
+def load(port, sessions, msgs, size):
+    """Send msgs messages of size bytes over sessions parallel connections
+    (one connection per message); returns msgs/s."""
+    if SMTP_SOURCE:
+        cmd = [SMTP_SOURCE, "-s", str(sessions), "-m", str(msgs), "-l", str(size),
+               "-f", "bench@example.test", "-t", "user@example.test", f"127.0.0.1:{port}"]
+    else:
+        cmd = [PY, os.path.join(HERE, "loadgen.py"), "-s", str(sessions), "-m", str(msgs),
+               "-l", str(size), f"127.0.0.1:{port}"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True)
+    elapsed = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"load generator failed: {r.stderr.decode()[-500:]}")
+    return msgs / elapsed
+
+
+class Postfix:
+    def __init__(self, root, port, mode="maildir"):
+        self.root, self.port, self.mode = root, port, mode
+
+    @staticmethod
+    def available():
+        return os.path.exists(os.path.join(PEERS, "postfix-up.sh")) and shutil.which("postfix") is not None \
+            and os.geteuid() == 0
+
+    def start(self):
+        subprocess.run([os.path.join(PEERS, "postfix-down.sh"), self.root, "--purge"], capture_output=True)
+        subprocess.run([os.path.join(PEERS, "postfix-up.sh"), str(self.port), self.root, self.mode],
+                       check=True, capture_output=True)
+
+    def stop(self):
+        subprocess.run([os.path.join(PEERS, "postfix-down.sh"), self.root, "--purge"], capture_output=True)
+
+    def queue_count(self):
+        n = 0
+        for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
+            for _, _, files in os.walk(os.path.join(self.root, "spool", sub)):
+                n += len(files)
+        return n
+
+    def wait_empty(self, timeout=600):
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.queue_count() == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+# -- cases ---------------------------------------------------------------------
+
+def case_accept(work, sessions, msgs, size, reps, with_postfix, deliver=True):
+    res = {"pymta": [], "postfix": [], "rss": 0}
+    for rep in range(reps):
+        port = free_port()
+        root = tempfile.mkdtemp(prefix="pymta-", dir=work)
+        pm = Pymta(root, port)
+        pm.start("-q30m") if deliver else pm.start()
+        try:
+            res["pymta"].append(load(port, sessions, msgs, size))
+            pm.wait_empty(300)
+            res["rss"] = max(res["rss"], tree_hwm_kb(pm.proc.pid))
+        finally:
+            pm.stop()
+            shutil.rmtree(root, ignore_errors=True)
+        if with_postfix:
+            pf = Postfix(os.path.join(work, "pfx"), free_port())
+            pf.start()
+            try:
+                res["postfix"].append(load(pf.port, sessions, msgs, size))
+                pf.wait_empty(300)
+            finally:
+                pf.stop()
+    return res
+
+
+def _fill_queue(pm, n, size, rcpt="user@example.test", next_try=0):
+    """Put n messages straight into pymta's queue (no delivery)."""
+    from pymta import spool as sp, envelope as E
+    s = sp.Spool(os.path.join(pm.root, "spool"), fsync=False)
+    s.create()
+    body = b"From: bench@example.test\nTo: %s\nSubject: bench\n\n" % rcpt.encode()
+    line = b"La de da de da de da de da de da de da de da de da de da de da\n"
+    body += (line * (size // len(line) + 1))[:size]
+    for _ in range(n):
+        with s.new_message() as w:
+            w.write(body)
+            env = E.Envelope(sender="bench@example.test", next_try=next_try)
+            env.add_recipient(rcpt)
+            w.commit(env)
+
+
+def case_drain(work, n, size, reps, with_postfix):
+    res = {"pymta": [], "postfix": []}
+    if not SMTP_SINK:
+        return None
+    sink_port = free_port()
+    sink = subprocess.Popen([SMTP_SINK, "-u", "nobody", f"127.0.0.1:{sink_port}", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_port(sink_port)
+        for rep in range(reps):
+            root = tempfile.mkdtemp(prefix="pymta-", dir=work)
+            pm = Pymta(root, free_port(), relayhost=f"[127.0.0.1]:{sink_port}",
+                       delivery_process_limit="20")
+            _fill_queue(pm, n, size, rcpt="user@remote.test")
+            t0 = time.perf_counter()
+            r = pm.run_cmd("-q")
+            elapsed = time.perf_counter() - t0
+            left = pm.queue_count()
+            if left:
+                print(f"  drain: {left} messages left in pymta's queue: {r.stderr.decode()[-300:]}", file=sys.stderr)
+            res["pymta"].append((n - left) / elapsed)
+            shutil.rmtree(root, ignore_errors=True)
+            if with_postfix:
+                out = subprocess.run([os.path.join(PEERS, "bench-relay.sh"), str(free_port()),
+                                      os.path.join(work, "pfxr"), str(free_port()), str(n), str(size)],
+                                     capture_output=True, text=True).stdout
+                for line in out.splitlines():
+                    if line.startswith("drain:"):
+                        res["postfix"].append(float(line.split()[1]))
+                subprocess.run([os.path.join(PEERS, "postfix-down.sh"), os.path.join(work, "pfxr"), "--purge"],
+                               capture_output=True)
+    finally:
+        os.killpg(sink.pid, signal.SIGTERM)
+        sink.wait()
+        subprocess.run([os.path.join(PEERS, "sink.sh"), "stop", "0"], capture_output=True)
+    return res
+
+
+def _inject_median(cmd, n, size):
+    line = b"La de da de da de da de da de da de da de da de da de da de da\n"
+    body = (line * (size // len(line) + 1))[:size]
+    lat = []
+    for i in range(n):
+        msg = b"From: bench@example.test\nTo: user@example.test\nSubject: inject %d\n\n" % i + body
+        t0 = time.perf_counter()
+        subprocess.run(cmd, input=msg, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        lat.append((time.perf_counter() - t0) * 1000)
+    return median(lat)
+
+
+def case_inject(work, n, size, reps, with_postfix):
+    res = {"pymta": [], "postfix": []}
+    for rep in range(reps):
+        root = tempfile.mkdtemp(prefix="pymta-", dir=work)
+        pm = Pymta(root, free_port())
+        res["pymta"].append(_inject_median([PY, SENDMAIL, "-C", pm.conf, "-odq", "-f", "a@example.test", "-i",
+                                            "user@example.test"], n, size))
+        shutil.rmtree(root, ignore_errors=True)
+        if with_postfix:
+            pf = Postfix(os.path.join(work, "pfxi"), free_port(), "discard")
+            pf.start()
+            try:
+                res["postfix"].append(_inject_median(["/usr/sbin/sendmail.postfix", "-C", os.path.join(pf.root, "etc"),
+                                                      "-f", "a@example.test", "-i", "user@example.test"], n, size))
+            finally:
+                pf.stop()
+    return res
+
+
+def case_queue_scale(work, counts):
+    out = []
+    for n in counts:
+        root = tempfile.mkdtemp(prefix="pymta-", dir=work)
+        pm = Pymta(root, free_port(), relayhost="[127.0.0.1]:1")
+        _fill_queue(pm, n, 1024, rcpt="user@remote.test", next_try=int(time.time()) + 86400)
+        t0 = time.perf_counter()
+        r = pm.run_cmd("-bp")
+        t_mailq = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pm.run_cmd("-q")
+        t_pass = time.perf_counter() - t0
+        out.append((n, t_mailq, t_pass, r.returncode))
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def case_big_message(work, mb=100):
+    """Peak RSS (MB) of each pymta path with one message of ``mb`` megabytes."""
+    import resource
+    root = tempfile.mkdtemp(prefix="pymta-", dir=work)
+    path = os.path.join(root, "big.eml")
+    line = b"x" * 76 + b"\n"
+    with open(path, "wb") as f:
+        f.write(b"From: a@example.test\nTo: user@example.test\nSubject: big\n\n")
+        for _ in range(mb * 1024 * 1024 // len(line)):
+            f.write(line)
+    result = {}
+    port = free_port()
+    pm = Pymta(root, port)
+    # injection
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with open(path, "rb") as f:
+        subprocess.run([PY, SENDMAIL, "-C", pm.conf, "-odq", "-i", "user@example.test"], stdin=f, check=True)
+    result["inject"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if \
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss > before else float("nan")
+    # local delivery of that message
+    r = subprocess.run(["/usr/bin/time", "-f", "%M", PY, SENDMAIL, "-C", pm.conf, "-q"], capture_output=True)
+    try:
+        result["local delivery"] = int(r.stderr.decode().strip().splitlines()[-1]) / 1024
+    except (ValueError, IndexError):
+        result["local delivery"] = float("nan")
+    # SMTP
+    pm.start()
+    try:
+        import smtplib
+        with open(path, "rb") as f:
+            data = f.read()
+        with smtplib.SMTP("127.0.0.1", port, timeout=300) as c:
+            c.sendmail("a@example.test", ["user@example.test"], data)
+        del data
+        result["smtp (daemon)"] = tree_hwm_kb(pm.proc.pid) / 1024
+    finally:
+        pm.stop()
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smaller loads, one repetition")
+    ap.add_argument("--no-postfix", action="store_true")
+    ap.add_argument("--big", action="store_true", help="also 100,000 queued messages")
+    ap.add_argument("--cases", default="accept,drain,inject,queue,bigmsg")
+    ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    a = ap.parse_args()
+    reps = 1 if a.quick else a.reps
+    scale = 4 if a.quick else 1
+    with_postfix = not a.no_postfix and Postfix.available()
+    cases = set(a.cases.split(","))
+    work = tempfile.mkdtemp(prefix="pymta-bench-")
+    os.chmod(work, 0o755)
+    rows = []
+
+    def row(name, res, unit="msgs/s", better="higher"):
+        p, q = median(res["pymta"]), median(res.get("postfix", []))
+        ratio = (p / q if better == "higher" else q / p) if res.get("postfix") else float("nan")
+        rss = f"{res['rss'] / 1024:.0f} MB" if res.get("rss") else ""
+        rows.append((name, f"{p:.1f} {unit}", f"{q:.1f} {unit}" if res.get("postfix") else "-",
+                     f"{ratio:.2f}" if ratio == ratio else "-", rss))
+        print(f"{name}: pymta {p:.1f} {unit}, postfix {q:.1f} {unit}, ratio {ratio:.2f} {rss}", flush=True)
+
+    try:
+        if "accept" in cases:
+            row("accept, 20 sessions, 5 KB, delivered meanwhile",
+                case_accept(work, 20, 2000 // scale, 5120, reps, with_postfix))
+            row("accept, 1 session, 5 KB", case_accept(work, 1, 2000 // scale, 5120, reps, with_postfix))
+            row("accept, 20 sessions, 1 MB", case_accept(work, 20, 200 // scale, 1048576, reps, with_postfix))
+        if "drain" in cases:
+            res = case_drain(work, 2000 // scale, 5120, reps, with_postfix)
+            if res:
+                row("relay drain to smtp-sink, 5 KB", res)
+        if "inject" in cases:
+            row("injection, sendmail -i rcpt, 5 KB (median)",
+                case_inject(work, 200 // scale, 5120, reps, with_postfix), unit="ms", better="lower")
+        scale_rows = []
+        if "queue" in cases:
+            counts = [10000] + ([100000] if a.big else [])
+            scale_rows = case_queue_scale(work, counts)
+            for n, tm, tp, rc in scale_rows:
+                print(f"queue of {n}: mailq {tm:.2f} s (exit {rc}), idle queue pass {tp:.2f} s", flush=True)
+        big = {}
+        if "bigmsg" in cases:
+            big = case_big_message(work, 100 // scale)
+            print("100 MB message peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in big.items()), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    lines = [f"# pymta benchmark results", "",
+             f"Run {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({os.cpu_count()} cores, "
+             f"{platform.machine()}, Python {platform.python_version()}); load generator: "
+             f"{'smtp-source' if SMTP_SOURCE else 'bench/loadgen.py'}; repetitions: {reps} (medians)"
+             + ("" if with_postfix else "; Postfix not available: pymta alone") + ".", "",
+             "| case | pymta | Postfix | pymta/Postfix | pymta peak RSS |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    if scale_rows:
+        lines += ["", "| messages queued (none due) | mailq | idle queue pass |", "|---|---|---|"]
+        lines += [f"| {n} | {tm:.2f} s | {tp:.2f} s |" for n, tm, tp, rc in scale_rows]
+    if big:
+        lines += ["", f"Peak RSS with one {100 // scale} MB message: "
+                  + ", ".join(f"{k} {v:.0f} MB" for k, v in big.items()) + "."]
+    lines += ["", "Ratios above 1 mean pymta is ahead (for latency: Postfix's time / pymta's)."]
+    text = "\n".join(lines) + "\n"
+    print()
+    print(text)
+    if not a.quick:
+        with open(a.results, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
