@@ -197,11 +197,9 @@ def _int(value, what):
 
 def parse_control(text, qid=""):
     """An Envelope from qf text; raises SpoolCorrupt if torn or malformed."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not lines or lines[-1] != ".":
+    if not text.endswith("\n.\n"):
         raise SpoolCorrupt("control file has no final '.' line (torn)")
+    lines = text[:-1].split("\n")
     if lines[0] != f"V{VERSION}":
         raise SpoolCorrupt(f"unknown control file version {lines[0][:20]!r}")
     env = E.Envelope(id=qid)
