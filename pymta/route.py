@@ -1,0 +1,393 @@
+"""Routing: a recipient -> a local target, a remote domain, an expansion, or a failure.
+
+Local names (no domain, or a mydestination domain) go through the aliases,
+then the user's .forward, then the password file; ``user+tag`` falls back to
+``user``. Expansion is done here in full (aliases, :include: files, .forward
+files, recursively) so the queue runner records the final recipients once:
+loops fail with 5.4.6, duplicates are dropped, depth is bounded.
+
+Pipes and files are only ever produced by expansion (flag ``a``); typed by a
+client they are refused with 550 5.7.1 before anything is run or written.
+"""
+
+from dataclasses import dataclass, field
+import logging
+import os
+import pwd
+import stat
+import sys
+
+from . import address, aliases
+from . import envelope as E
+from .config import parse_hostport
+from .local import Target
+from .status import Reply, EX_OK, EX_NOUSER
+
+MAX_DEPTH = 20
+_NOTIFY_FLAGS = "SFDN"
+
+
+@dataclass
+class Route:
+    """What to do with one recipient; see the module docstring for kinds."""
+
+    kind: str                      # local, remote, expand, fail
+    target: Target = None          # local
+    domain: str = ""               # remote: next-hop domain, or relayhost as written
+    address: str = ""              # remote: the recipient address
+    host: str = ""                 # remote: host to connect to (domain or relayhost host)
+    port: int = 0                  # remote: port (smtp_port, or relayhost's)
+    mx: bool = True                # remote: look up MX for host ([host] and literals: no)
+    children: list = field(default_factory=list)   # expand
+    sender: str = None             # expand: owner-LIST envelope sender
+    reply: Reply = None            # fail
+
+
+def _fail(code, enhanced, text):
+    return Route("fail", reply=Reply(code, enhanced, text))
+
+
+class _Loop(Exception):
+    def __init__(self, chain):
+        super().__init__(" -> ".join(chain))
+        self.chain = chain
+
+
+def _is_special(text):
+    """A pipe, file or :include: in address form (perhaps quoted)."""
+    return text[:1] in ("|", "/") or text.lower().startswith(":include:")
+
+
+class Router:
+    """Routes recipients for one configuration; cheap to make."""
+
+    def __init__(self, cfg, log=None):
+        self.cfg = cfg
+        self.log = log or logging.getLogger("pymta")
+        self.aliases = aliases.AliasMaps.from_config(cfg, self.log)
+
+    # -- lookups
+    @staticmethod
+    def user(name):
+        """The passwd entry of ``name`` (exact, then lower case), or None."""
+        for n in dict.fromkeys((name, name.lower())):
+            try:
+                return pwd.getpwnam(n)
+            except (KeyError, ValueError):
+                continue
+        return None
+
+    def _base(self, name):
+        """'user+tag' -> 'user' (None when there is no delimiter)."""
+        d = self.cfg.recipient_delimiter
+        if d and d in name:
+            base = name.split(d, 1)[0]
+            return base or None
+        return None
+
+    def is_local(self, addr):
+        dom = address.domain_of(addr)
+        return dom == "" or self.cfg.is_local_domain(dom)
+
+    def known(self, name):
+        """Whether a local name is an alias, a user, or postmaster."""
+        if name.lower() == "postmaster":
+            return True
+        for n in (name, self._base(name)):
+            if n and (self.aliases.lookup(n) is not None or self.user(n)):
+                return True
+        return False
+
+    def recipient_check(self, addr):
+        """For RCPT: None if ``addr`` is deliverable here (or not local), else a 550."""
+        if not self.is_local(addr):
+            return None
+        local = address.local_of(addr)
+        if _is_special(local):
+            return Reply(550, "5.7.1", "Mail to programs and files is not allowed")
+        if self.known(local):
+            return None
+        return Reply(550, "5.1.1", f"<{addr}>: Recipient address rejected: User unknown")
+
+    # -- targets
+    def _privs(self, uid):
+        """(user, uid, gid, home) that a |cmd or /file runs as; never root."""
+        pw = None
+        if uid is not None and uid > 0:
+            try:
+                pw = pwd.getpwuid(uid)
+            except KeyError:
+                pw = None
+        if pw is None:
+            pw = self.user(self.cfg.default_privs)
+        if pw is None:
+            return (self.cfg.default_privs, 65534, 65534, "/")
+        return (pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir or "/")
+
+    def mailbox_target(self, pw):
+        """The mbox or Maildir Target of a passwd user."""
+        hm = self.cfg.home_mailbox
+        if hm:
+            path = os.path.join(pw.pw_dir, hm)
+            kind = "maildir" if hm.endswith("/") else "mailbox"
+        else:
+            path = os.path.join(self.cfg.mail_spool_directory, pw.pw_name)
+            kind = "mailbox"
+        return Target(kind, user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
+                      home=pw.pw_dir or "/", path=path.rstrip("/") if kind == "maildir" else path)
+
+    def _special_target(self, rcpt):
+        text = rcpt.address
+        user, uid, gid, home = self._privs(rcpt.uid)
+        if text.startswith("|"):
+            return Target("command", user=user, uid=uid, gid=gid, home=home, command=text[1:])
+        return Target("file", user=user, uid=uid, gid=gid, home=home, path=text)
+
+    def _remote(self, addr):
+        dom = address.domain_of(addr)
+        if self.cfg.relayhost:
+            host, port = parse_hostport(self.cfg.relayhost, self.cfg.smtp_port)
+            return Route("remote", domain=self.cfg.relayhost, address=addr, host=host,
+                         port=port, mx=not self.cfg.relayhost.strip().startswith("["))
+        lit = address.literal_ip(dom)
+        return Route("remote", domain=dom, address=addr, host=lit or dom,
+                     port=self.cfg.smtp_port, mx=lit is None)
+
+    # -- .forward
+    def forward_targets(self, pw):
+        """The targets of the user's .forward, or None (none, unsafe, empty)."""
+        for tmpl in self.cfg.forward_path:
+            path = (tmpl.replace("${home}", pw.pw_dir).replace("$home", pw.pw_dir)
+                    .replace("${user}", pw.pw_name).replace("$user", pw.pw_name))
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                self.log.warning(f"{pw.pw_name}: {path} is not a plain file; ignored")
+                continue
+            if st.st_uid not in (pw.pw_uid, 0) or st.st_mode & 0o022:
+                self.log.warning(f"{pw.pw_name}: {path} is not owned by the user or root, or is "
+                                 f"group/world-writable; ignored")
+                continue
+            try:
+                with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                    text = f.read()
+            except OSError as e:
+                self.log.warning(f"{pw.pw_name}: cannot read {path}: {e.strerror}")
+                continue
+            targets = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                got, errors = aliases.parse_targets(line)
+                for msg in errors:
+                    self.log.warning(f"{path}:{lineno}: {msg}")
+                targets.extend(got)
+            return targets or None
+        return None
+
+    # -- expansion
+    def route(self, rcpt, env=None):
+        """Route one envelope.Recipient (see the module docstring)."""
+        addr = rcpt.address
+        local_part = address.local_of(addr) if not _is_special(addr) else addr
+        if _is_special(addr) or (self.is_local(addr) and _is_special(local_part)):
+            if E.FROM_ALIAS not in rcpt.flags:
+                return _fail(550, "5.7.1", "Mail to programs and files is only allowed "
+                             "from aliases, included files and .forward")
+            if local_part.lower().startswith(":include:"):
+                return self._expand_top(rcpt, None)
+            return Route("local", target=self._special_target(
+                E.Recipient(local_part, flags=rcpt.flags, uid=rcpt.uid)))
+        if not self.is_local(addr):
+            return self._remote(addr)
+        name = local_part
+        if E.NO_ALIAS in rcpt.flags:
+            pw = self.user(name) or (self._base(name) and self.user(self._base(name)))
+            if pw:
+                return Route("local", target=self.mailbox_target(pw))
+            if name.lower() == "postmaster" and self.user("root"):
+                return Route("local", target=self.mailbox_target(self.user("root")))
+            return _fail(550, "5.1.1", f"<{addr}>: User unknown")
+        return self._expand_top(rcpt, name)
+
+    def _expand_top(self, rcpt, name):
+        state = {"children": [], "seen": set()}
+        try:
+            if name is None:
+                self._include(rcpt.address[9:].strip(), rcpt, state, ("include",), 1)
+                kind = "expanded"
+            else:
+                kind = self._name(name, rcpt, state, (), 0, top=True)
+        except _Loop as e:
+            self.log.info(f"mail loop: {e}")
+            return _fail(554, "5.4.6", f"Aliasing/forwarding loop broken: {e}")
+        if kind == "unknown":
+            return _fail(550, "5.1.1", f"<{rcpt.address}>: User unknown")
+        if kind == "user":
+            return Route("local", target=self.mailbox_target(state["pw"]))
+        sender = None
+        if name is not None and self.aliases.lookup(name) is not None:
+            owner = "owner-" + name.lower()
+            if self.aliases.lookup(owner) is not None:
+                sender = f"{owner}@{self.cfg.myhostname}"
+        if not state["children"]:
+            return _fail(550, "5.1.1", f"<{rcpt.address}>: expands to no recipients")
+        return Route("expand", children=state["children"], sender=sender)
+
+    def _child(self, state, rcpt, addr, flags, uid=-1):
+        key = (addr.lower() if not addr.startswith(("|", "/")) else addr, uid if flags == "a" else -1)
+        if key in state["seen"]:
+            return
+        state["seen"].add(key)
+        notify = "".join(c for c in rcpt.flags if c in _NOTIFY_FLAGS)
+        state["children"].append(E.Recipient(addr, flags=notify + flags, state=E.QUEUED,
+                                              orcpt=rcpt.orcpt, parent=rcpt.address, uid=uid))
+
+    def _qualify_user(self, name):
+        return f"{name}@{self.cfg.myhostname}"
+
+    def _name(self, name, rcpt, state, stack, depth, top=False):
+        """Expand a local name; returns 'user' (only at top: deliver directly),
+        'expanded' or 'unknown'. Raises _Loop."""
+        key = name.lower()
+        if key in stack:
+            raise _Loop(stack + (key,))
+        if depth > MAX_DEPTH:
+            raise _Loop(stack + (key, f"... ({MAX_DEPTH} levels max)"))
+        stack = stack + (key,)
+        base = self._base(name)
+        for n in (name, base):
+            if not n:
+                continue
+            targets = self.aliases.lookup(n)
+            if targets is not None:
+                self._targets(targets, n.lower(), rcpt, state, stack, depth, "alias", -1)
+                return "expanded"
+            pw = self.user(n)
+            if pw:
+                fwd = self.forward_targets(pw)
+                if fwd is None:
+                    if top:
+                        state["pw"] = pw
+                        return "user"
+                    self._child(state, rcpt, self._qualify_user(name), E.NO_ALIAS)
+                    return "expanded"
+                self._targets(fwd, n.lower(), rcpt, state, stack, depth, "forward", pw.pw_uid)
+                return "expanded"
+        if key == "postmaster" and self.user("root"):
+            if top:
+                state["pw"] = self.user("root")
+                return "user"
+            self._child(state, rcpt, self._qualify_user("root"), E.NO_ALIAS)
+            return "expanded"
+        if top:
+            return "unknown"
+        self._child(state, rcpt, self._qualify_user(name), E.NO_ALIAS)   # fails 5.1.1 later
+        return "expanded"
+
+    def _targets(self, targets, owner, rcpt, state, stack, depth, source, uid):
+        """Expand the targets of alias/.forward/include ``owner`` found in ``source``."""
+        cmds_ok = source in self.cfg.allow_mail_to_commands
+        files_ok = source in self.cfg.allow_mail_to_files
+        uid = uid if uid and uid > 0 else -1
+        for t in targets:
+            if t.startswith("|"):
+                self._child(state, rcpt, t, E.FROM_ALIAS if cmds_ok else "", uid)
+            elif t.startswith("/"):
+                self._child(state, rcpt, t, E.FROM_ALIAS if files_ok else "", uid)
+            elif t.lower().startswith(":include:"):
+                self._include(t[9:], rcpt, state, stack, depth + 1)
+            elif t.startswith("\\"):
+                addr = t[1:]
+                if self.is_local(addr):
+                    self._child(state, rcpt, self._qualify_user(address.local_of(addr)), E.NO_ALIAS)
+                else:
+                    self._child(state, rcpt, addr, "")
+            elif not self.is_local(t):
+                self._child(state, rcpt, t, "")
+            else:
+                name = address.local_of(t)
+                if name.lower() == owner and source != "include":
+                    # 'user: user' or a .forward naming its own user: the user itself.
+                    self._child(state, rcpt, self._qualify_user(name), E.NO_ALIAS)
+                else:
+                    self._name(name, rcpt, state, stack, depth + 1)
+
+    def _include(self, path, rcpt, state, stack, depth):
+        key = ":include:" + path
+        if key in stack:
+            raise _Loop(stack + (key,))
+        if depth > MAX_DEPTH:
+            raise _Loop(stack + (key, f"... ({MAX_DEPTH} levels max)"))
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                st = os.fstat(f.fileno())
+                text = f.read()
+        except OSError as e:
+            self.log.warning(f"<{rcpt.address}>: cannot open :include:{path}: {e.strerror}")
+            return
+        uid = st.st_uid
+        safe = not st.st_mode & 0o022
+        targets = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            got, errors = aliases.parse_targets(line)
+            for msg in errors:
+                self.log.warning(f"{path}:{lineno}: {msg}")
+            for t in got:
+                if not safe and t.startswith(("|", "/")):
+                    self.log.warning(f"{path}: group/world-writable; {t} not allowed")
+                    self._child(state, rcpt, t, "", -1)   # fails 5.7.1 when routed
+                    continue
+                targets.append(t)
+        self._targets(targets, key, rcpt, state, stack + (key,), depth, "include", uid)
+
+
+def describe(router, rcpt, depth=0):
+    """sendmail -bv lines for one recipient: [(deliverable, text)]."""
+    r = router.route(rcpt)
+    addr = rcpt.address
+    if r.kind == "fail":
+        return [(False, f"{addr}... {r.reply.text}")]
+    if r.kind == "remote":
+        return [(True, f"{addr}... deliverable: mailer esmtp, host {r.domain}, user {addr}")]
+    if r.kind == "local":
+        t = r.target
+        if t.kind == "command":
+            return [(True, f"|{t.command}... deliverable: mailer prog, user {t.user}")]
+        if t.kind == "file":
+            return [(True, f"{t.path}... deliverable: mailer *file*, user {t.user}")]
+        return [(True, f"{addr}... deliverable: mailer local, user {t.user}, "
+                       f"{t.kind} {t.path}")]
+    out = []
+    for child in r.children:
+        out.extend(describe(router, child, depth + 1))
+    return out
+
+
+def verify_main(cfg, opts):
+    """``sendmail -bv address ...``: print where each address goes; deliver nothing."""
+    router = Router(cfg)
+    addrs = list(opts.recipients) + list(opts.args)
+    if not addrs:
+        print("sendmail: -bv needs at least one address", file=sys.stderr)
+        return 64
+    ok = True
+    for text in addrs:
+        for one in aliases._split_outside_quotes(text):
+            one = one.strip()
+            if not one:
+                continue
+            try:
+                addr = address.check_mailbox(one, require_domain=False)
+            except Exception as e:
+                print(f"{one}... {e}")
+                ok = False
+                continue
+            for good, line in describe(router, E.Recipient(addr, flags=E.PRIMARY)):
+                print(line)
+                ok = ok and good
+    return EX_OK if ok else EX_NOUSER
