@@ -77,6 +77,11 @@ def _apply_q(opts, value):
         opts.queue_interval = opts.queue_interval or 0
         return
     kind = value[0]
+    if value == "Q":
+        # -qQ alone: the held (quarantined) messages, whatever their reason.
+        opts.queue_filters.append(("Q", "", False))
+        opts.queue_interval = opts.queue_interval or 0
+        return
     if kind in "IRSQ" and len(value) > 1 or kind in "IRS":
         sub = value[1:]
         negate = sub.startswith("!")
@@ -219,7 +224,7 @@ def setup_logging(cfg, foreground=False, tag=None, verbose=False):
     logger.propagate = False
     name = tag or cfg.syslog_name
     if cfg.maillog_file:
-        handler = logging.FileHandler(cfg.maillog_file)
+        handler = logging.FileHandler(cfg.maillog_file, delay=True)
         handler.setFormatter(logging.Formatter(
             f"%(asctime)s {cfg.myhostname.split('.')[0]} {name}[%(process)d]: %(message)s",
             "%b %d %H:%M:%S"))

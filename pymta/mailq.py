@@ -1,0 +1,376 @@
+"""mailq, sendmail -bp and -bP: the queue listing, in sendmail's exact format.
+
+Scripts and monitoring tools (Nagios' check_mailq, cron reports) parse
+sendmail's text, so the text listing copies sendmail 8.14's print_single_queue()
+byte for byte: the header line, a row per message (id, a mark, size, arrival,
+sender), a QUARANTINE: line for a held message, the body type and status
+line, the pending recipients indented below, and "Total requests: N".
+``--json`` gives the same facts, and more, to programs.
+
+Listing never takes a message's lock: locked messages are found through
+/proc/locks (one read for the whole queue) and confirmed with a shared-lock
+probe of those few only, so mailq never makes a queue runner skip a message.
+A control file that cannot be read or parsed is listed as such.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import sys
+import time
+
+from . import envelope as E
+from . import spool as S
+from .status import EX_NOPERM, EX_OSFILE, EX_OK, SpoolCorrupt
+
+HEADER = "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------\n"
+HEADER_V = "-----Q-ID----- --Size-- -Priority- ---Q-Time--- --------Sender/Recipient--------\n"
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+STATE_NAMES = {E.QUEUED: "queued", E.DEFERRED: "deferred", E.SENT: "sent",
+               E.FAILED: "failed", E.BOUNCED: "bounced", E.EXPANDED: "expanded"}
+
+
+class Entry:
+    """One queued message as mailq sees it: the envelope, or why there is none."""
+
+    __slots__ = ("id", "env", "error", "locked", "held", "lost", "size")
+
+    def __init__(self, qid, env=None, error="", held=False, lost=False, size=-1):
+        self.id, self.env, self.error = qid, env, error
+        self.held, self.lost, self.size = held, lost, size
+        self.locked = False
+
+
+# -- selection ---------------------------------------------------------------
+
+def _contains(hay, needle, fold):
+    return needle.lower() in hay.lower() if fold else needle in hay
+
+
+def matches(qid, env, filters):
+    """sendmail's -qI/-qR/-qS/-qQ[!]substring selection.
+
+    Filters of one kind are alternatives (any may match); kinds combine with
+    AND. I compares the id (case-sensitive); S the sender and R any recipient
+    (case-insensitive); Q selects held messages whose reason contains the
+    substring (empty: every held message). ``!`` negates one filter. An
+    entry whose control file cannot be read matches I filters only.
+    """
+    by_kind = {}
+    for kind, sub, neg in filters:
+        by_kind.setdefault(kind, []).append((sub, neg))
+    for kind, items in by_kind.items():
+        ok = False
+        for sub, neg in items:
+            if kind == "I":
+                hit = sub in qid
+            elif env is None:
+                return False
+            elif kind == "S":
+                hit = _contains(env.sender, sub, True)
+            elif kind == "R":
+                hit = any(_contains(r.address, sub, True) for r in env.recipients)
+            elif kind == "Q":
+                hit = env.held and _contains(env.status, sub, True)
+            else:
+                hit = False
+            if hit != neg:
+                ok = True
+                break
+        if not ok:
+            return False
+    return True
+
+
+# -- reading the queue --------------------------------------------------------
+
+def _proc_locked_inodes():
+    """Inodes with a flock held somewhere, from /proc/locks; None if unknown."""
+    try:
+        with open("/proc/locks", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    inodes = set()
+    for line in data.split(b"\n"):
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1835009 0 EOF" (with "->" for waiters)
+        if len(parts) >= 6 and parts[1] == b"FLOCK" and parts[0] != b"->":
+            dev_ino = parts[5].rsplit(b":", 1)
+            if len(dev_ino) == 2 and dev_ino[1].isdigit():
+                inodes.add(int(dev_ino[1]))
+    return inodes
+
+
+def _probe_locked(path):
+    """Whether someone holds an exclusive lock on ``path`` (a shared-lock probe)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def scan(spool, filters=(), include_lost=True):
+    """Entries of every message in ``spool`` (oldest first) that match ``filters``.
+
+    Raises PermissionError when the queue directory cannot be read and
+    FileNotFoundError when it does not exist.
+    """
+    names = os.listdir(spool.dir)
+    control = {}
+    for name in names:
+        prefix, qid = name[:2], name[2:]
+        if prefix in ("qf", "hf", "Qf") and S.valid_id(qid):
+            # A qf and an hf for one id cannot both exist (hold is a rename);
+            # should it happen, the qf wins, as Spool.read() does.
+            if prefix == "qf" or qid not in control or control[qid] == "Qf":
+                control[qid] = prefix
+    locked_inodes = _proc_locked_inodes()
+    out = []
+    for qid in sorted(control):
+        prefix = control[qid]
+        if prefix == "Qf":
+            if not include_lost:
+                continue
+            entry = Entry(qid, error="lost: control file could not be parsed", lost=True)
+        else:
+            entry = _read_entry(spool, qid, prefix)
+        if filters and not matches(qid, entry.env, filters):
+            continue
+        try:
+            st = os.stat(spool.path("df", qid))
+        except OSError:
+            st = None
+        if st is not None:
+            entry.size = st.st_size
+            if locked_inodes is None or st.st_ino in locked_inodes:
+                entry.locked = _probe_locked(spool.path("df", qid))
+        out.append(entry)
+    return out
+
+
+def _read_entry(spool, qid, prefix):
+    held = prefix == "hf"
+    try:
+        with open(spool.path(prefix, qid), "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return Entry(qid, error="job completed", held=held)
+    except PermissionError:
+        return Entry(qid, error="permission denied", held=held)
+    except OSError as e:
+        return Entry(qid, error=e.strerror or str(e), held=held)
+    try:
+        env = S.parse_control(raw.decode("utf-8", "surrogateescape"), qid)
+    except SpoolCorrupt as e:
+        return Entry(qid, error=f"unreadable control file: {e}", held=held)
+    env.held = held
+    return Entry(qid, env=env, held=held)
+
+
+# -- text output ----------------------------------------------------------------
+
+def ctime16(t, verbose=False):
+    """ctime(3)'s first 16 characters ("Sat Nov 28 17:23"), locale-free, local time."""
+    tm = time.localtime(t)
+    text = f"{_DAYS[tm.tm_wday]} {_MONTHS[tm.tm_mon - 1]} {tm.tm_mday:2d} {tm.tm_hour:02d}:{tm.tm_min:02d}"
+    return text[4:] if verbose else text
+
+
+def prtstr(s, limit):
+    """sendmail's prtstr(): at most ``limit`` columns, backslash doubled, control
+    characters as \\ooo. Printable non-ASCII characters (UTF-8 addresses) are kept."""
+    out = []
+    left = limit
+    for ch in s:
+        if left <= 0:
+            break
+        if ch == "\\":
+            left -= 1
+            if left > 0:
+                out.append("\\\\")
+                left -= 1
+        elif ch.isprintable():
+            out.append(ch)
+            left -= 1
+        else:
+            left -= 1
+            for b in ch.encode("utf-8", "surrogateescape"):
+                left -= 3
+                if left > 0:
+                    out.append("\\%03o" % b)
+    return "".join(out)
+
+
+def sender_text(env):
+    return f"<{env.sender}>" if env.sender else "<>"
+
+
+def mark(entry, now):
+    """The character after the id: * locked, ? lost, X held, - not yet due."""
+    if entry.locked:
+        return "*"
+    if entry.lost:
+        return "?"
+    if entry.held:
+        return "X"
+    if entry.env is not None and entry.env.next_try > now:
+        return "-"
+    return " "
+
+
+def status_text(env):
+    """The status shown under the sender: the M line, else a pending recipient's text."""
+    if env.status and not env.held:
+        return env.status
+    if env.held:
+        return ""
+    for r in env.pending:
+        if r.text:
+            return r.text
+    return ""
+
+
+def format_entry(entry, now, verbose=False):
+    out = ["%13s" % entry.id, mark(entry, now)]
+    env = entry.env
+    if env is None:
+        out.append(f" ({entry.error})\n")
+        return "".join(out)
+    if verbose:
+        out.append("%8d %10d%c%.12s " % (entry.size, env.priority, "+" if env.warned else " ",
+                                        ctime16(env.created, True)))
+        out.append(prtstr(sender_text(env), 78))
+    else:
+        out.append("%8d %.16s " % (entry.size, ctime16(env.created)))
+        out.append(prtstr(sender_text(env), 39))
+    width = 100 if verbose else 60
+    if env.held:
+        out.append("\n     QUARANTINE: %s" % prtstr(env.status or "held", width))
+    status = status_text(env)
+    if status or env.body_type:
+        out.append("\n    %10.10s" % env.body_type)
+        if status:
+            out.append("   (%s)" % prtstr(status, width))
+    for r in env.recipients:
+        if not r.pending:
+            continue
+        if verbose:
+            out.append("\n\t\t\t\t\t\t" + prtstr(f"<{r.address}>", 71))
+        else:
+            out.append("\n\t\t\t\t\t " + prtstr(f"<{r.address}>", 38))
+    out.append("\n")
+    return "".join(out)
+
+
+def format_listing(qdir, entries, now, verbose=False):
+    n = len(entries)
+    parts = []
+    if n == 0:
+        parts.append(f"{qdir} is empty\n")
+    else:
+        parts.append(f"\t\t{qdir} ({n} request{'' if n == 1 else 's'})\n")
+        parts.append(HEADER_V if verbose else HEADER)
+        for entry in entries:
+            parts.append(format_entry(entry, now, verbose))
+    parts.append(f"\t\tTotal requests: {n}\n")
+    return "".join(parts)
+
+
+def format_count(qdir, n):
+    """sendmail -bP style: the number of entries only."""
+    head = f"{qdir} is empty\n" if n == 0 else f"{qdir}: entries={n}\n"
+    return head + f"\t\tTotal requests: {n}\n"
+
+
+# -- JSON output -----------------------------------------------------------------
+
+def entry_dict(entry):
+    """The machine-readable form of one entry (the schema is in mailq(1))."""
+    d = {"id": entry.id, "size": entry.size, "locked": entry.locked, "held": entry.held,
+         "lost": entry.lost}
+    env = entry.env
+    if env is None:
+        d["error"] = entry.error
+        return d
+    d.update({
+        "arrival": env.created,
+        "sender": env.sender,
+        "attempts": env.attempts,
+        "last_attempt": env.last_attempt,
+        "next_try": env.next_try,
+        "priority": env.priority,
+        "status": env.status,
+        "hold_reason": env.status if env.held else "",
+        "body_type": env.body_type,
+        "envid": env.envid,
+        "protocol": env.protocol,
+        "client_addr": env.client_addr,
+        "warned": env.warned,
+        "recipients": [{
+            "address": r.address,
+            "state": STATE_NAMES.get(r.state, r.state),
+            "dsn": r.dsn,
+            "text": r.text,
+            "orcpt": r.orcpt,
+            "parent": r.parent,
+            "relay": r.relay,
+            "updated": r.updated,
+        } for r in env.recipients],
+    })
+    return d
+
+
+def format_json(qdir, entries, count_only=False):
+    doc = {"queue_directory": qdir, "requests": len(entries)}
+    if not count_only:
+        doc["messages"] = [entry_dict(e) for e in entries]
+    return json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+
+
+# -- the command -------------------------------------------------------------------
+
+def main(cfg, opts, out=None):
+    """mailq / sendmail -bp / -bP. Exit 0; 77 if the queue may not be read;
+    72 if the queue directory does not exist."""
+    out = out or sys.stdout
+    prog = opts.program
+    spool = S.Spool.from_config(cfg)
+    qdir = cfg.queue_directory
+    try:
+        entries = scan(spool, opts.queue_filters)
+    except PermissionError:
+        print(f"{prog}: {spool.dir}: Permission denied: only root and {cfg.mail_owner} "
+              f"may list the queue", file=sys.stderr)
+        return EX_NOPERM
+    except FileNotFoundError:
+        print(f"{prog}: queue directory {spool.dir} does not exist", file=sys.stderr)
+        return EX_OSFILE
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            print(f"{prog}: {spool.dir}: Permission denied", file=sys.stderr)
+            return EX_NOPERM
+        raise
+    now = time.time()
+    if opts.json:
+        text = format_json(qdir, entries, opts.count_only)
+    elif opts.count_only:
+        text = format_count(qdir, len(entries))
+    else:
+        text = format_listing(qdir, entries, now, verbose=opts.verbose)
+    out.write(text)
+    out.flush()
+    return EX_OK
