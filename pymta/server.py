@@ -1,0 +1,444 @@
+"""The SMTP service: a socketserver TCP server whose handler pumps a socket
+through an :class:`~pymta.smtp_session.Session`, and ``sendmail -bs``.
+
+Sessions run in threads (``smtpd_process_model = threads``) or in a child
+process each (``fork``). The server admits at most ``smtpd_session_limit``
+sessions and ``smtpd_client_connection_count_limit`` per client address;
+the rest get 421 at once. STARTTLS is done here with the stdlib ``ssl``
+module. ``STOPPING`` is set by the daemon on SIGTERM: idle sessions get 421
+within a second, a DATA in progress finishes its commit first.
+"""
+
+import ipaddress
+import logging
+import os
+import pwd
+import select
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+
+from . import address as A
+from .smtp_session import Session
+from .spool import Spool
+from .status import Reply, SpoolError
+
+STOPPING = threading.Event()
+_POLL = 1.0
+
+
+def client_ip(addr):
+    ip = addr[0] if isinstance(addr, tuple) else str(addr)
+    try:
+        mapped = ipaddress.ip_address(ip.split("%")[0])
+        if getattr(mapped, "ipv4_mapped", None):
+            return str(mapped.ipv4_mapped)
+    except ValueError:
+        pass
+    return ip
+
+
+def peername(ip):
+    """The client's verified host name (reverse, then forward confirmed), or 'unknown'."""
+    try:
+        name = socket.gethostbyaddr(ip)[0]
+        addrs = {a[4][0] for a in socket.getaddrinfo(name, None)}
+    except (OSError, UnicodeError):
+        return "unknown"
+    return name if ip in addrs else "unknown"
+
+
+def make_ssl_context(cfg, log=None):
+    """The server TLS context, or None when STARTTLS is not to be offered."""
+    if cfg.smtpd_tls_security_level == "none" or not cfg.smtpd_tls_cert_file:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cfg.smtpd_tls_cert_file, cfg.smtpd_tls_key_file or None)
+    except (OSError, ssl.SSLError) as e:
+        if log:
+            log.error(f"warning: cannot load TLS certificate {cfg.smtpd_tls_cert_file}: {e}; "
+                      "STARTTLS is not offered")
+        return None
+    return ctx
+
+
+def passwd_recipient_check(cfg):
+    """A recipient check from passwd alone, for when route.py is unavailable."""
+    def check(addr):
+        local = A.local_of(addr)
+        names = [local]
+        d = cfg.recipient_delimiter
+        if d and d in local:
+            names.append(local.split(d, 1)[0])
+        for n in names:
+            if n.lower() == "postmaster":
+                return None
+            for cand in dict.fromkeys((n, n.lower())):
+                try:
+                    pwd.getpwnam(cand)
+                    return None
+                except (KeyError, ValueError):
+                    continue
+        return Reply(550, "5.1.1", "Recipient address rejected: User unknown in local recipient table")
+    return check
+
+
+class Services:
+    """What sessions share under one configuration; rebuilt on SIGHUP."""
+
+    def __init__(self, cfg, log=None, notify=None):
+        self.cfg = cfg
+        self.log = log or logging.getLogger("pymta")
+        self.spool = Spool.from_config(cfg)
+        self.notify = notify
+        self.ssl_ctx = make_ssl_context(cfg, self.log)
+        try:
+            from . import route
+            router = route.Router(cfg, log=self.log)
+            self.recipient_check = router.recipient_check
+            self.expand = self._expander(route, router)
+        except ImportError as e:
+            self.log.warning(f"warning: routing unavailable ({e}); local recipients are "
+                             "checked against passwd only")
+            self.recipient_check = passwd_recipient_check(cfg)
+            self.expand = None
+        from . import auth
+        self.auth = auth.PasswordFile(cfg.smtpd_sasl_password_file, self.log)
+
+    @staticmethod
+    def _expander(route, router):
+        def expand(addr):
+            from . import envelope as E
+            try:
+                rt = router.route(E.Recipient(addr))
+            except Exception:
+                return []
+            if rt.kind == "expand":
+                return [c.address for c in rt.children]
+            return [addr] if rt.kind == "local" else []
+        return expand
+
+    def session(self, client_addr="", client_name="unknown", submission=False, **kw):
+        return Session(
+            self.cfg, begin_message=self.spool.new_message, client_addr=client_addr,
+            client_name=client_name, recipient_check=self.recipient_check,
+            auth_verify=self.auth if kw.pop("auth", True) else None,
+            free_space=self.spool.free_space, log=self.log, submission=submission,
+            draining=STOPPING.is_set, expand=self.expand, accepted=self.notify, **kw)
+
+
+class SMTPHandler(socketserver.BaseRequestHandler):
+    """Pumps one connection through a Session, with the timeouts and TLS."""
+
+    def handle(self):
+        srv = self.server
+        services = srv.services
+        cfg, log = services.cfg, services.log
+        sock = self.request
+        ip = client_ip(self.client_address)
+        name = peername(ip) if cfg.smtpd_peername_lookup else "unknown"
+        peer = f"{name}[{ip}]"
+        log.info(f"connect from {peer}")
+        if cfg.smtpd_greet_pause and self._early_talker(sock, cfg.smtpd_greet_pause):
+            log.info(f"reject: CONNECT from {peer}: 554 5.5.1 Error: SMTP protocol "
+                     "synchronization (client talked before the greeting)")
+            self._send(sock, Reply(554, "5.5.1", "Error: SMTP protocol synchronization").lines(), cfg)
+            log.info(f"disconnect from {peer}")
+            return
+        session = services.session(ip, name, submission=srv.submission,
+                                   tls_available=services.ssl_ctx is not None)
+        try:
+            self._send(sock, session.greeting(), cfg)
+            self._pump(sock, session, services, peer)
+        except OSError as e:
+            log.info(f"lost connection after {session.last_command} from {peer}"
+                     + (f" ({e.strerror or e})" if not isinstance(e, ConnectionResetError) else ""))
+        finally:
+            session.close()
+        log.info(f"disconnect from {peer}")
+
+    @staticmethod
+    def _early_talker(sock, pause):
+        try:
+            ready, _, _ = select.select([sock], [], [], pause)
+        except (OSError, ValueError):
+            return False
+        return bool(ready)
+
+    @staticmethod
+    def _send(sock, data, cfg):
+        if data:
+            sock.settimeout(cfg.smtpd_timeout)
+            sock.sendall(data)
+
+    def _pump(self, sock, session, services, peer):
+        cfg, log = services.cfg, services.log
+        idle_since = time.monotonic()
+        data_start = None
+        while not session.closed:
+            now = time.monotonic()
+            if session.in_data:
+                if data_start is None:
+                    data_start = now
+                limit = data_start + cfg.smtpd_timeout
+                if cfg.smtpd_min_data_rate:
+                    limit += session.data_received / cfg.smtpd_min_data_rate
+                limit = min(limit, idle_since + cfg.smtpd_timeout)
+            else:
+                data_start = None
+                limit = idle_since + cfg.smtpd_timeout
+            if now >= limit:
+                if session.in_data and now < idle_since + cfg.smtpd_timeout:
+                    log.info(f"data rate too low after DATA from {peer}")
+                    session.close()
+                    self._send(sock, Reply(421, "4.4.2", f"{cfg.myhostname} Error: data rate "
+                                           "too low, closing connection").lines(), cfg)
+                else:
+                    log.info(f"timeout after {session.last_command} from {peer}")
+                    self._send(sock, session.timeout(), cfg)
+                return
+            if STOPPING.is_set() and not session.in_data:
+                self._send(sock, session.shutdown_reply(), cfg)
+                return
+            sock.settimeout(min(_POLL, limit - now))
+            try:
+                data = sock.recv(65536)
+            except (socket.timeout, ssl.SSLWantReadError):
+                continue
+            if not data:
+                if session.last_command != "QUIT":
+                    log.info(f"lost connection after {session.last_command} from {peer}")
+                return
+            idle_since = time.monotonic()
+            out = session.feed(data)
+            self._send(sock, out, cfg)
+            if session.starttls_wanted:
+                sock = self._starttls(sock, session, services, peer)
+                if sock is None:
+                    return
+                self.request = sock
+
+    def _starttls(self, sock, session, services, peer):
+        sock.settimeout(services.cfg.smtpd_timeout)
+        try:
+            tls = services.ssl_ctx.wrap_socket(sock, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            services.log.info(f"SSL_accept error from {peer}: {e}")
+            session.close()
+            return None
+        cipher = tls.cipher()
+        session.tls_started(f"{tls.version()} with cipher {cipher[0] if cipher else '?'}")
+        return tls
+
+
+class _Admission:
+    """Counts sessions, in total and per client address, for the limits."""
+
+    def _admit_init(self):
+        self._count_lock = threading.Lock()
+        self._total = 0
+        self._per_client = {}
+        self._pid_client = {}
+
+    def _admit(self, ip):
+        cfg = self.services.cfg
+        with self._count_lock:
+            if self._total >= cfg.smtpd_session_limit:
+                return Reply(421, "4.7.0", f"{cfg.myhostname} Error: too many sessions, try again later")
+            if self._per_client.get(ip, 0) >= cfg.smtpd_client_connection_count_limit:
+                return Reply(421, "4.7.0", f"{cfg.myhostname} Error: too many connections from {ip}")
+            self._total += 1
+            self._per_client[ip] = self._per_client.get(ip, 0) + 1
+        return None
+
+    def _leave(self, ip):
+        with self._count_lock:
+            self._total -= 1
+            n = self._per_client.get(ip, 1) - 1
+            if n:
+                self._per_client[ip] = n
+            else:
+                self._per_client.pop(ip, None)
+
+    @property
+    def sessions(self):
+        return self._total
+
+    def process_request(self, request, client_address):
+        ip = client_ip(client_address)
+        refusal = self._admit(ip)
+        if refusal is not None:
+            self.services.log.info(f"warning: {ip}: {refusal}")
+            try:
+                request.settimeout(2)
+                request.sendall(refusal.lines())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        if self.forking:
+            before = set(self.active_children or ())
+            try:
+                super().process_request(request, client_address)
+            except OSError:
+                self._leave(ip)
+                raise
+            for pid in set(self.active_children or ()) - before:
+                self._pid_client[pid] = ip
+        else:
+            super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._leave(client_ip(client_address))
+
+    def collect_children(self, *, blocking=False):
+        super().collect_children(blocking=blocking)
+        for pid in list(self._pid_client):
+            if pid not in (self.active_children or ()):
+                self._leave(self._pid_client.pop(pid))
+
+    def handle_error(self, request, client_address):
+        self.services.log.exception(f"error in session with {client_address}")
+
+
+class _Base(_Admission):
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, sock, services, submission=False):
+        family = sock.family
+        self.address_family = family
+        socketserver.TCPServer.__init__(self, sock.getsockname(), SMTPHandler,
+                                        bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self.services = services
+        self.submission = submission
+        self.max_children = services.cfg.smtpd_session_limit + 16
+        self._admit_init()
+
+
+class ThreadingSMTPServer(_Base, socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = False
+    block_on_close = True
+    forking = False
+
+
+class ForkingSMTPServer(_Base, socketserver.ForkingMixIn, socketserver.TCPServer):
+    block_on_close = True
+    forking = True
+
+
+def bind(spec, default_port=25):
+    """A listening socket for 'addr:port' or '[v6]:port' (IPv6 only on v6)."""
+    from .config import parse_hostport
+    host, port = parse_hostport(spec, default_port)
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                               0, socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(addr)
+    sock.listen(256)
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(sock, services, submission=False):
+    cls = ForkingSMTPServer if services.cfg.smtpd_process_model == "fork" else ThreadingSMTPServer
+    return cls(sock, services, submission)
+
+
+def serve(servers, stop=None, tick=None):
+    """Accept on every server until ``stop()`` is true; ``tick()`` runs about
+    once a second (the daemon's reload check)."""
+    stop = stop or STOPPING.is_set
+    sel = {s.socket.fileno(): s for s in servers}
+    while not stop():
+        try:
+            ready, _, _ = select.select(list(sel), [], [], 0.5)
+        except InterruptedError:
+            ready = []
+        for fd in ready:
+            sel[fd]._handle_request_noblock()
+        for s in servers:
+            s.service_actions()
+        if tick:
+            tick()
+    for s in servers:
+        s.server_close()   # closes the socket, then waits for the sessions
+
+
+class _MaildropWriter:
+    """-bs for a user who cannot write the queue: the message goes into the
+    maildrop (picked up by the daemon) instead of straight into queue/."""
+
+    id = "(maildrop)"
+
+    def __init__(self, spool):
+        import tempfile
+        self.spool, self.size = spool, 0
+        self.file = tempfile.TemporaryFile()
+
+    def write(self, data):
+        try:
+            self.file.write(data)
+        except OSError as e:
+            raise SpoolError(str(e)) from None
+        self.size += len(data)
+
+    def commit(self, env):
+        self.file.seek(0)
+        name = self.spool.drop(env, iter(lambda: self.file.read(256 * 1024), b""))
+        return f"maildrop/{name}"
+
+    def abort(self):
+        self.file.close()
+
+
+def serve_stdio(cfg, opts, stdin=None, stdout=None):
+    """``sendmail -bs``: one SMTP session on stdin/stdout for the calling user."""
+    log = logging.getLogger("pymta")
+    services = Services(cfg, log)
+    uid = os.getuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    session = services.session(local_uid=uid, local_user=user, auth=False)
+    if not services.spool.writable():
+        session.begin_message = lambda: _MaildropWriter(services.spool)
+    infd = (stdin or sys.stdin).fileno()
+    out = stdout or sys.stdout.buffer
+    out.write(session.greeting())
+    out.flush()
+    try:
+        while not session.closed:
+            ready, _, _ = select.select([infd], [], [], cfg.smtpd_timeout)
+            if not ready:
+                out.write(session.timeout())
+                break
+            data = os.read(infd, 65536)
+            if not data:
+                break
+            reply = session.feed(data)
+            if reply:
+                out.write(reply)
+                out.flush()
+        out.flush()
+    except BrokenPipeError:
+        pass
+    finally:
+        session.close()
+    return 0

@@ -1,0 +1,724 @@
+"""The SMTP protocol (RFC 5321 and its extensions) as a pure state machine.
+
+Bytes go in through :meth:`Session.feed`, reply bytes come out. The session
+knows no socket and no spool: the server injects ``begin_message()`` (a
+writer with write/commit/abort, in production a spool.MessageWriter),
+``recipient_check(address)``, ``auth_verify(user, password)``,
+``free_space()`` and ``clock()``. STARTTLS is only requested here
+(:attr:`Session.starttls_wanted`); the server wraps the socket and calls
+:meth:`Session.tls_started`.
+
+DATA is processed in large chunks with bytes operations: only CRLF.CRLF
+ends it, dot-unstuffing and CRLF -> LF are ``bytes.replace`` over whole
+chunks. A bare CR or LF anywhere in the data (SMTP smuggling,
+CVE-2023-51764) makes the whole message refused with 550 5.6.0 once the
+real end arrives, so a smuggled second transaction never becomes a message.
+"""
+
+import base64
+import binascii
+import email.utils
+import ipaddress
+import re
+import time
+
+from . import address as A
+from . import envelope as E
+from .status import AddressError, PymtaError, Reply
+
+COMMAND_LINE_MAX = 512
+DATA_SPLIT = 64 * 1024
+
+R_OK = Reply(250, "2.0.0", "Ok")
+R_BYE = Reply(221, "2.0.0", "Bye")
+R_NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+R_NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+R_NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+R_NESTED = Reply(503, "5.5.1", "Error: nested MAIL command")
+R_UNKNOWN = Reply(500, "5.5.2", "Error: command not recognized")
+R_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+R_RELAY = Reply(554, "5.7.1", "Relay access denied")
+R_NOSPACE = Reply(452, "4.3.1", "Insufficient system storage")
+R_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+R_TOO_MANY_RCPT = Reply(452, "4.5.3", "Error: too many recipients")
+R_LOCAL_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
+R_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing transmission channel")
+R_TLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+R_AUTH_FIRST = Reply(530, "5.7.0", "Authentication required")
+R_PIPELINING = Reply(554, "5.5.0", "Error: improper use of SMTP command pipelining")
+R_BARE_EOL = Reply(550, "5.6.0", "Message contains a bare CR or LF; refused "
+                   "(only CRLF line ends are accepted)")
+R_LONG_LINE = Reply(550, "5.6.0", "Message contains a line over the length limit; refused")
+R_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")
+
+_HELP = ("Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH\n"
+         "See RFC 5321; this server is described in pymta(8)")
+_POSTMASTER_RE = re.compile(r'^<\s*(?:"postmaster"|postmaster)\s*>(.*)$', re.I)
+_RECEIVED_RE = re.compile(rb"^received:", re.I | re.M)
+
+
+def in_networks(ip, networks):
+    """Whether ``ip`` (text) lies in one of ``networks`` (mynetworks syntax)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return False
+    if getattr(addr, "ipv4_mapped", None):
+        addr = addr.ipv4_mapped
+    for net in networks:
+        net = net.replace("[", "").replace("]", "")
+        try:
+            if addr in ipaddress.ip_network(net, strict=False):
+                return True
+        except (ValueError, TypeError):
+            continue
+    return False
+
+
+class _Transaction:
+    """The envelope being built between MAIL and the end of DATA."""
+
+    def __init__(self, sender, params):
+        self.sender, self.params = sender, params
+        self.rcpts = []          # envelope.Recipient
+
+
+class _DataReceiver:
+    """Turns the DATA stream into the stored message, chunk by chunk.
+
+    ``feed(buf)`` consumes what it can and returns the number of bytes used
+    and whether the final ``.`` line was seen. Stored bytes are unstuffed
+    and have LF line ends.
+    """
+
+    def __init__(self, writer, size_limit, line_limit, header_limit):
+        self.writer = writer
+        self.size_limit = size_limit
+        self.line_limit = line_limit    # 0: long lines are kept as they are
+        self.header_limit = header_limit
+        self.at_bol = True
+        self.line_len = 0          # bytes of the current unfinished line
+        self.size = 0              # bytes stored (after conversion)
+        self.received = 0          # raw bytes consumed
+        self.bare = False
+        self.long_line = False
+        self.too_big = False
+        self.error = None          # a Reply from a failed write
+        self.header = bytearray()  # the header section, for the hop count
+        self.in_header = True
+
+    @property
+    def failed(self):
+        return self.bare or self.long_line or self.too_big or self.error is not None
+
+    def feed(self, buf):
+        if self.at_bol:
+            if buf[:3] == b".\r\n":
+                self.received += 3
+                return 3, True
+            if len(buf) < 3 and b".\r\n".startswith(bytes(buf)):
+                return 0, False
+        end = buf.find(b"\r\n.\r\n")
+        if end >= 0:
+            used = end + 5
+            self._segment(buf[:end + 2])
+            self.received += used
+            return used, True
+        cut = buf.rfind(b"\r\n")
+        if cut >= 0:
+            used = cut + 2
+            self._segment(buf[:used])
+        elif len(buf) > DATA_SPLIT:
+            # A long line without CRLF: store all but the last byte, which
+            # may be the CR of a CRLF.
+            used = len(buf) - 1
+            self._segment(buf[:used], mid_line=True)
+        else:
+            return 0, False
+        self.received += used
+        return used, False
+
+    def _segment(self, seg, mid_line=False):
+        seg = bytes(seg)
+        crlf = seg.count(b"\r\n")
+        if seg.count(b"\r") != crlf or seg.count(b"\n") != crlf:
+            self.bare = True
+        if self.line_limit and not self.failed:
+            self._check_lines(seg)
+        if self.failed:
+            self.at_bol = not mid_line
+            return
+        data = seg.replace(b"\r\n", b"\n")
+        if self.at_bol and data[:1] == b".":
+            data = data[1:]
+        data = data.replace(b"\n.", b"\n")
+        self.at_bol = not mid_line
+        if self.in_header:
+            self._scan_header(data)
+        self.size += len(data)
+        if self.size_limit and self.size > self.size_limit:
+            self.too_big = True
+            return
+        try:
+            self.writer.write(data)
+        except PymtaError as e:
+            self.error = e.reply
+        except OSError:
+            self.error = R_LOCAL_ERROR
+
+    def _check_lines(self, seg):
+        longest = self.line_limit - 2   # the limit counts the CRLF
+        first = seg.find(b"\n")
+        if first < 0:
+            self.line_len += len(seg)
+        else:
+            last = seg.rfind(b"\n")
+            if self.line_len + first - 1 > longest or (
+                    last > first and re.search(rb"[^\r\n]{%d}" % (longest + 1), seg[first:last])):
+                self.long_line = True
+            self.line_len = len(seg) - last - 1
+        if self.line_len > longest:
+            self.long_line = True
+
+    def _scan_header(self, data):
+        start = len(self.header)
+        self.header += data
+        blank = self.header.find(b"\n\n", max(0, start - 1))
+        if self.header[:1] == b"\n":
+            blank = 0
+        if blank >= 0:
+            del self.header[blank + 1:]
+            self.in_header = False
+        elif len(self.header) > self.header_limit:
+            self.in_header = False
+
+    def hops(self):
+        return len(_RECEIVED_RE.findall(bytes(self.header)))
+
+
+class Session:
+    """One SMTP conversation. See the module docstring for the injected parts.
+
+    ``client_addr``/``client_name`` describe the peer; ``trusted`` means it may
+    relay (mynetworks or a local -bs caller); ``submission`` requires AUTH
+    before MAIL; ``tls_available`` offers STARTTLS; ``local_uid`` marks a
+    ``sendmail -bs`` caller. ``draining()`` returns True once the server is
+    shutting down: the next command gets 421.
+    """
+
+    def __init__(self, cfg, *, begin_message, client_addr="", client_name="unknown",
+                 recipient_check=None, auth_verify=None, free_space=None, clock=time.time,
+                 log=None, trusted=None, submission=False, tls_available=False,
+                 local_uid=-1, local_user="", draining=None, expand=None, accepted=None):
+        self.cfg = cfg
+        self.begin_message = begin_message
+        self.client_addr, self.client_name = client_addr, client_name
+        self.recipient_check = recipient_check
+        self.auth_verify = auth_verify
+        self.free_space = free_space
+        self.clock = clock
+        self.log = log
+        self.local_uid, self.local_user = local_uid, local_user
+        if trusted is None:
+            trusted = local_uid >= 0 or in_networks(client_addr, cfg.mynetworks)
+        self.trusted = trusted
+        self.submission = submission
+        self.tls_available = tls_available and cfg.smtpd_tls_security_level != "none"
+        self.draining = draining or (lambda: False)
+        self.expand = expand
+        self.accepted = accepted
+        self.tls = False
+        self.auth_user = ""
+        self.helo = None
+        self.esmtp = False
+        self.tx = None
+        self.errors = 0
+        self.closed = False
+        self.starttls_wanted = False
+        self.last_command = "CONNECT"
+        self.messages = 0
+        self._buf = bytearray()
+        self._skip_line = False
+        self._data = None            # _DataReceiver during DATA
+        self._auth = None            # (mechanism, step, user) during AUTH
+        self._out = []
+
+    # -- the interface to the server ---------------------------------------
+    @property
+    def peer(self):
+        if self.local_uid >= 0:
+            return f"{self.local_user or self.local_uid}@localhost"
+        return f"{self.client_name}[{self.client_addr}]"
+
+    @property
+    def in_data(self):
+        return self._data is not None
+
+    @property
+    def data_received(self):
+        return self._data.received if self._data else 0
+
+    def greeting(self):
+        return Reply(220, "", self.cfg.smtpd_banner).lines()
+
+    def feed(self, data):
+        """Consume client bytes; return the reply bytes to send (maybe b"")."""
+        self._out = []
+        self._buf += data
+        while self._buf and not self.closed and not self.starttls_wanted:
+            if self._data is not None:
+                used, done = self._data.feed(self._buf)
+                if used:
+                    del self._buf[:used]
+                if done:
+                    self._finish_data()
+                    continue
+                break
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                if len(self._buf) > COMMAND_LINE_MAX:
+                    if not self._skip_line:
+                        self._error(R_TOO_LONG)
+                    self._skip_line = True
+                    del self._buf[:]
+                break
+            raw = bytes(self._buf[:nl + 1])
+            del self._buf[:nl + 1]
+            if self._skip_line:
+                self._skip_line = False
+                continue
+            if len(raw) > COMMAND_LINE_MAX:
+                self._error(R_TOO_LONG)
+                continue
+            self._line(raw.rstrip(b"\r\n"))
+        if self.closed or self.starttls_wanted:
+            del self._buf[:]   # plaintext after STARTTLS is discarded
+        out, self._out = b"".join(self._out), []
+        return out
+
+    def timeout(self):
+        """The reply for a client that went silent (the server then closes)."""
+        self.close()
+        return Reply(421, "4.4.2", f"{self.cfg.myhostname} Error: timeout exceeded").lines()
+
+    def shutdown_reply(self):
+        self.close()
+        return Reply(421, "4.3.2", f"{self.cfg.myhostname} {R_SHUTDOWN.text}").lines()
+
+    def close(self):
+        """End the session; an unfinished message is removed from the spool."""
+        if self._data is not None:
+            self._data.writer.abort()
+            self._data = None
+        self.closed = True
+
+    def tls_started(self, info=""):
+        """The handshake succeeded: forget everything learnt before it."""
+        self.starttls_wanted = False
+        self.tls = True
+        self.helo, self.esmtp, self.tx, self._auth = None, False, None, None
+        self._buf.clear()
+        self._logi(f"TLS connection established from {self.peer}: {info}".rstrip(": "))
+
+    # -- helpers -----------------------------------------------------------
+    def _send(self, reply):
+        self._out.append(reply.lines())
+
+    def _error(self, reply):
+        self._send(reply)
+        self.errors += 1
+        if self.errors >= self.cfg.smtpd_hard_error_limit and not self.closed:
+            self._send(Reply(421, "4.7.0", f"{self.cfg.myhostname} Error: too many errors"))
+            self._logi(f"too many errors after {self.last_command} from {self.peer}")
+            self.close()
+
+    def _logi(self, text):
+        if self.log:
+            self.log.info(text)
+
+    def _reject(self, reply, what=""):
+        tx = self.tx
+        extra = ""
+        if tx is not None:
+            extra = f" from=<{tx.sender}>"
+        if what:
+            extra += f" to=<{what}>" if self.last_command == "RCPT" else ""
+        self._logi(f"reject: {self.last_command} from {self.peer}: {reply};{extra} "
+                   f"proto={self._proto()} helo=<{self.helo or ''}>")
+        self._error(reply)
+
+    def _proto(self):
+        p = "ESMTP" if self.esmtp else "SMTP"
+        if self.tls:
+            p += "S"
+        if self.auth_user:
+            p += "A"
+        return p
+
+    # -- commands ----------------------------------------------------------
+    def _line(self, raw):
+        if self._auth is not None:
+            return self._auth_step(raw)
+        line = raw.decode("utf-8", "surrogateescape")
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        self.last_command = verb if verb.isalpha() and len(verb) <= 10 else "UNKNOWN"
+        if self.draining():
+            self._out.append(self.shutdown_reply())
+            return
+        if "\0" in line:
+            return self._error(Reply(500, "5.5.2", "Error: NUL character in command"))
+        handler = getattr(self, "cmd_" + verb, None) if verb.isalpha() else None
+        if handler is None:
+            return self._error(R_UNKNOWN)
+        if verb in ("MAIL", "RCPT", "DATA") and self._buf and not self.esmtp \
+                and self.local_uid < 0:
+            return self._reject(R_PIPELINING)
+        handler(arg.strip())
+
+    def cmd_EHLO(self, arg, esmtp=True):
+        if not arg:
+            return self._error(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
+        self.helo, self.esmtp, self.tx = arg.split()[0][:255], esmtp, None
+        host = self.cfg.myhostname
+        if not esmtp:
+            return self._send(Reply(250, "", host))
+        ext = [host, "PIPELINING"]
+        ext.append(f"SIZE {self.cfg.message_size_limit}" if self.cfg.message_size_limit else "SIZE")
+        if self.tls_available and not self.tls:
+            ext.append("STARTTLS")
+        if self.auth_verify is not None and self.tls and not self.auth_user:
+            ext.append("AUTH PLAIN LOGIN")
+        ext += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        self._send(Reply(250, "", "\n".join(ext)))
+
+    def cmd_HELO(self, arg):
+        self.cmd_EHLO(arg, esmtp=False)
+
+    def cmd_NOOP(self, arg):
+        self._send(R_OK)
+
+    def cmd_RSET(self, arg):
+        if arg:
+            return self._error(Reply(501, "5.5.4", "Syntax: RSET"))
+        self.tx = None
+        self._send(R_OK)
+
+    def cmd_QUIT(self, arg):
+        self._send(R_BYE)
+        self.close()
+
+    def cmd_HELP(self, arg):
+        self._send(Reply(214, "2.0.0", _HELP))
+
+    def cmd_VRFY(self, arg):
+        if not arg:
+            return self._error(Reply(501, "5.5.4", "Syntax: VRFY address"))
+        self._send(Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery"))
+
+    def cmd_EXPN(self, arg):
+        if not self.cfg.smtpd_enable_expn or self.expand is None:
+            return self._error(Reply(502, "5.5.1", "EXPN command not available"))
+        if not arg:
+            return self._error(Reply(501, "5.5.4", "Syntax: EXPN list"))
+        members = self.expand(arg.strip("<>"))
+        if not members:
+            return self._error(Reply(550, "5.1.1", "No such list"))
+        self._send(Reply(250, "2.1.5", "\n".join(f"<{m}>" for m in members)))
+
+    def cmd_STARTTLS(self, arg):
+        if not self.tls_available:
+            return self._error(R_UNKNOWN)
+        if self.tls:
+            return self._error(Reply(503, "5.5.1", "Error: TLS already active"))
+        if arg:
+            return self._error(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+        self._send(Reply(220, "2.0.0", "Ready to start TLS"))
+        self.starttls_wanted = True
+
+    def cmd_AUTH(self, arg):
+        if self.auth_verify is None or not self.esmtp:
+            return self._error(R_UNKNOWN if self.auth_verify is None else R_NEED_HELO)
+        if not self.tls:
+            return self._reject(Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
+        if self.auth_user:
+            return self._error(Reply(503, "5.5.1", "Error: already authenticated"))
+        if self.tx is not None:
+            return self._error(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+        mech, _, initial = arg.partition(" ")
+        mech = mech.upper()
+        if mech not in ("PLAIN", "LOGIN"):
+            return self._error(Reply(504, "5.5.4", "Unsupported authentication mechanism"))
+        initial = initial.strip()
+        if mech == "PLAIN":
+            if initial:
+                return self._auth_plain(initial)
+            self._auth = ("PLAIN", 0, None)
+            return self._send(Reply(334, "", ""))
+        if initial:
+            user = self._b64(initial)
+            if user is None:
+                return
+            self._auth = ("LOGIN", 1, user)
+            return self._send(Reply(334, "", "UGFzc3dvcmQ6"))
+        self._auth = ("LOGIN", 0, None)
+        self._send(Reply(334, "", "VXNlcm5hbWU6"))
+
+    def _b64(self, text):
+        try:
+            return base64.b64decode(text, validate=True).decode("utf-8", "surrogateescape")
+        except (binascii.Error, ValueError):
+            self._auth = None
+            self._error(Reply(501, "5.5.2", "Cannot decode response"))
+            return None
+
+    def _auth_step(self, raw):
+        mech, step, user = self._auth
+        text = raw.decode("ascii", "replace").strip()
+        if text == "*":
+            self._auth = None
+            return self._error(Reply(501, "5.7.0", "Authentication cancelled"))
+        if mech == "PLAIN":
+            self._auth = None
+            return self._auth_plain(text)
+        value = self._b64(text)
+        if value is None:
+            return
+        if step == 0:
+            self._auth = ("LOGIN", 1, value)
+            return self._send(Reply(334, "", "UGFzc3dvcmQ6"))
+        self._auth = None
+        self._auth_check(user, value, "LOGIN")
+
+    def _auth_plain(self, text):
+        value = self._b64(text)
+        if value is None:
+            return
+        parts = value.split("\0")
+        if len(parts) != 3:
+            return self._error(Reply(501, "5.5.2", "Malformed PLAIN response"))
+        authz, user, password = parts
+        if authz and authz != user:
+            return self._auth_check(None, None, "PLAIN", user)
+        self._auth_check(user, password, "PLAIN")
+
+    def _auth_check(self, user, password, mech, shown=None):
+        ok = user is not None and self.auth_verify(user, password)
+        if ok:
+            self.auth_user = user
+            self._logi(f"{self.peer}: sasl_method={mech}, sasl_username={user}")
+            return self._send(Reply(235, "2.7.0", "Authentication successful"))
+        self._logi(f"warning: {self.peer}: SASL {mech} authentication failed: "
+                   f"user={shown or user}")
+        self._error(Reply(535, "5.7.8", "Error: authentication failed"))
+
+    def cmd_MAIL(self, arg):
+        if self.helo is None:
+            return self._error(R_NEED_HELO)
+        if self.tx is not None:
+            return self._error(R_NESTED)
+        if not arg[:5].upper() == "FROM:":
+            return self._error(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+        if self.cfg.smtpd_tls_security_level == "encrypt" and not self.tls and self.local_uid < 0:
+            return self._reject(R_TLS_FIRST)
+        if self.submission and not self.auth_user:
+            return self._reject(R_AUTH_FIRST)
+        try:
+            sender, rest = A.parse_path(arg[5:], allow_null=True)
+            params = A.parse_params(rest)
+        except AddressError as e:
+            return self._error(e.reply)
+        if params and not self.esmtp:
+            return self._error(Reply(555, "5.5.4", "MAIL parameters need EHLO"))
+        for key, value in params.items():
+            if key == "SIZE":
+                if not (value or "").isdigit():
+                    return self._error(Reply(501, "5.5.4", "Bad SIZE parameter"))
+            elif key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    return self._error(Reply(501, "5.5.4", "Unsupported BODY type"))
+            elif key == "RET":
+                if (value or "").upper() not in ("FULL", "HDRS"):
+                    return self._error(Reply(501, "5.5.4", "Bad RET parameter"))
+            elif key == "ENVID":
+                if not value or len(value) > 100:
+                    return self._error(Reply(501, "5.5.4", "Bad ENVID parameter"))
+            elif key == "AUTH":
+                pass
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return self._error(Reply(501, "5.5.4", "SMTPUTF8 takes no value"))
+            else:
+                return self._error(Reply(555, "5.5.4", f"Unsupported option: {key}"))
+        if not sender.isascii() and "SMTPUTF8" not in params:
+            return self._error(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"))
+        size = int(params.get("SIZE") or 0)
+        limit = self.cfg.message_size_limit
+        if limit and size > limit:
+            return self._reject(R_TOO_BIG)
+        if self.free_space is not None:
+            try:
+                free = self.free_space()
+            except OSError:
+                free = None
+            if free is not None and free < size + self.cfg.queue_minfree:
+                return self._reject(R_NOSPACE)
+        self.tx = _Transaction(sender, params)
+        self._send(Reply(250, "2.1.0", "Ok"))
+
+    def _parse_rcpt(self, arg):
+        m = _POSTMASTER_RE.match(arg)
+        if m:
+            return f"postmaster@{self.cfg.myhostname}", m.group(1).strip(), True
+        addr, rest = A.parse_path(arg)
+        return addr, rest, A.local_of(addr).lower() == "postmaster" and \
+            self.cfg.is_local_domain(A.domain_of(addr))
+
+    def cmd_RCPT(self, arg):
+        if self.tx is None:
+            return self._error(R_NEED_MAIL)
+        if not arg[:3].upper() == "TO:":
+            return self._error(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+        try:
+            addr, rest, postmaster = self._parse_rcpt(arg[3:])
+            params = A.parse_params(rest)
+        except AddressError as e:
+            return self._error(e.reply)
+        if params and not self.esmtp:
+            return self._error(Reply(555, "5.5.4", "RCPT parameters need EHLO"))
+        flags, orcpt = E.PRIMARY, ""
+        for key, value in params.items():
+            if key == "NOTIFY":
+                words = (value or "").upper().split(",")
+                if not set(words) <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or \
+                        ("NEVER" in words and len(words) > 1):
+                    return self._error(Reply(501, "5.5.4", "Bad NOTIFY parameter"))
+                flags += "".join(w[0] for w in words)
+            elif key == "ORCPT":
+                atype, semi, xtext = (value or "").partition(";")
+                if not semi or not atype or not xtext:
+                    return self._error(Reply(501, "5.5.4", "Bad ORCPT parameter"))
+                orcpt = f"{atype.lower()};{A.xtext_decode(xtext)}"
+            else:
+                return self._error(Reply(555, "5.5.4", f"Unsupported option: {key}"))
+        if not addr.isascii() and "SMTPUTF8" not in self.tx.params:
+            return self._error(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"))
+        if len(self.tx.rcpts) >= self.cfg.smtpd_recipient_limit:
+            return self._reject(R_TOO_MANY_RCPT, addr)
+        if not postmaster:
+            reply = self._rcpt_policy(addr)
+            if reply is not None:
+                text = reply.text if reply.text.startswith("<") else f"<{addr}>: {reply.text}"
+                return self._reject(Reply(reply.code, reply.enhanced, text), addr)
+        self.tx.rcpts.append(E.Recipient(addr, flags=flags, orcpt=orcpt))
+        self._send(Reply(250, "2.1.5", "Ok"))
+
+    def _rcpt_policy(self, addr):
+        """None if ``addr`` may be accepted from this client, else the Reply."""
+        domain = A.domain_of(addr)
+        allowed = self.trusted or bool(self.auth_user)
+        if A.has_routing(addr) and not allowed:
+            return R_RELAY
+        if self.cfg.is_local_domain(domain):
+            if self.recipient_check is None:
+                return None
+            return self.recipient_check(addr)
+        if any(domain == d or domain.endswith("." + d)
+               for d in (x.lower().rstrip(".") for x in self.cfg.relay_domains)):
+            return None
+        return None if allowed else R_RELAY
+
+    def cmd_DATA(self, arg):
+        if self.tx is None:
+            return self._error(R_NEED_MAIL if self.helo else R_NEED_HELO)
+        if not self.tx.rcpts:
+            return self._error(R_NEED_RCPT)
+        if arg:
+            return self._error(Reply(501, "5.5.4", "Syntax: DATA"))
+        try:
+            writer = self.begin_message()
+        except PymtaError as e:
+            self._logi(f"warning: {self.peer}: cannot create queue file: {e}")
+            return self._send(e.reply)
+        except OSError as e:
+            self._logi(f"warning: {self.peer}: cannot create queue file: {e}")
+            return self._send(R_LOCAL_ERROR)
+        cfg = self.cfg
+        line_limit = cfg.line_length_limit if cfg.smtpd_long_line_action == "reject" else 0
+        self._data = _DataReceiver(writer, cfg.message_size_limit, line_limit,
+                                   cfg.header_size_limit)
+        try:
+            writer.write(self._received_header(writer.id))
+        except PymtaError as e:
+            self._data.error = e.reply
+        self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+
+    def _received_header(self, qid):
+        if self.local_uid >= 0:
+            origin = f"{self.helo} ({self.local_user or 'uid'}@localhost uid={self.local_uid})"
+        else:
+            origin = f"{self.helo} ({self.client_name} [{self.client_addr}])"
+        rcpt = f"\n\tfor <{self.tx.rcpts[0].address}>" if len(self.tx.rcpts) == 1 else ""
+        date = email.utils.formatdate(self.clock(), localtime=True)
+        text = (f"Received: from {origin}\n\tby {self.cfg.myhostname} ({self.cfg.mail_name}) "
+                f"with {self._proto()} id {qid}{rcpt}; {date}\n")
+        return text.encode("utf-8", "surrogateescape")
+
+    def _finish_data(self):
+        data, self._data = self._data, None
+        tx, self.tx = self.tx, None
+        writer = data.writer
+        reply = None
+        if data.bare:
+            reply = R_BARE_EOL
+        elif data.too_big:
+            reply = R_TOO_BIG
+        elif data.error is not None:
+            reply = data.error
+        elif data.long_line:
+            reply = R_LONG_LINE
+        elif data.hops() > self.cfg.hopcount_limit:
+            reply = R_HOPS
+        if reply is not None:
+            writer.abort()
+            self.last_command = "END-OF-MESSAGE"
+            self._reject(reply)
+            return
+        env = self._envelope(tx, data)
+        try:
+            qid = writer.commit(env)
+        except PymtaError as e:
+            writer.abort()
+            self._logi(f"warning: {self.peer}: queue commit failed: {e}")
+            self._send(e.reply)
+            return
+        except OSError as e:
+            writer.abort()
+            self._logi(f"warning: {self.peer}: queue commit failed: {e}")
+            self._send(R_LOCAL_ERROR)
+            return
+        (getattr(writer, "close", None) or writer.abort)()
+        self.messages += 1
+        relay = f"{self.client_name} [{self.client_addr}]" if self.local_uid < 0 else self.peer
+        self._logi(f"{qid}: from=<{tx.sender}>, size={env.size}, nrcpts={len(tx.rcpts)}, "
+                   f"proto={env.protocol}, relay={relay}")
+        self._send(Reply(250, "2.0.0", f"Ok: queued as {qid}"))
+        if self.accepted is not None:
+            self.accepted(qid)
+
+    def _envelope(self, tx, data):
+        p = tx.params
+        env = E.Envelope(sender=tx.sender, recipients=tx.rcpts, created=int(self.clock()))
+        env.body_type = (p.get("BODY") or "").upper()
+        env.smtputf8 = "SMTPUTF8" in p
+        env.envid = A.xtext_decode(p["ENVID"]) if p.get("ENVID") else ""
+        env.ret = (p.get("RET") or "").upper()
+        env.protocol = self._proto()
+        env.helo = self.helo or ""
+        if self.local_uid >= 0:
+            env.uid = self.local_uid
+        else:
+            env.client_addr = self.client_addr
+            env.client_name = self.client_name
+        env.auth_user = self.auth_user
+        return env
