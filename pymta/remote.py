@@ -1,0 +1,449 @@
+"""SMTP delivery to the next MTA with stdlib smtplib: one transaction per
+destination for all its recipients, a Reply per recipient.
+
+The message is streamed from the df to the socket (LF -> CRLF, any CR
+dropped, dot-stuffing), never read whole, so a 100 MB message costs 256 KB
+of memory. Hosts come from mx.lookup() or from ``relayhost``; a host that
+refuses, drops or stalls before MAIL moves delivery to the next address.
+Connections may be kept in a :class:`ConnectionCache` and reused for the
+next message to the same destination in the same queue run.
+
+Choices (documented in sendmail(8)): an 8-bit body to a server that does
+not offer 8BITMIME is sent as it is, without BODY= (as Postfix does with
+MIME conversion off); BINARYMIME cannot be sent over DATA and fails with
+5.6.3. ``smtp_tls_security_level = may`` uses STARTTLS when offered
+without checking the certificate, and falls back to plain text on the same
+host if the handshake fails; ``encrypt`` requires STARTTLS (4.7.4 when it
+is not offered), again without certificate checks.
+"""
+
+import ipaddress
+import logging
+import re
+import smtplib
+import socket
+import ssl
+import threading
+
+from . import config as C
+from . import mx
+from .address import domain_of, xtext_encode
+from .spool import Spool
+from .status import PermFail, Reply, TempFail
+
+CHUNK = 256 * 1024
+_ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+
+
+class Results(dict):
+    """address -> Reply, plus ``relay`` ("name [ip]:port" of the server that
+    answered, or "" when none did)."""
+
+    relay = ""
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib.SMTP with a connect timeout distinct from the greeting's."""
+
+    def __init__(self, cfg):
+        self._greet_timeout = cfg.smtp_helo_timeout
+        super().__init__(local_hostname=cfg.smtp_helo_name, timeout=cfg.smtp_connect_timeout)
+
+    def _get_socket(self, host, port, timeout):
+        sock = socket.create_connection((host, port), timeout, self.source_address)
+        sock.settimeout(self._greet_timeout)
+        return sock
+
+
+def to_reply(code, msg, default_enhanced=None):
+    """An smtplib (code, bytes) answer as a Reply, its enhanced code parsed out."""
+    text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
+    lines = text.split("\n")
+    enhanced = ""
+    m = _ENHANCED_RE.match(lines[0])
+    if m and m.group(1) == str(code)[0]:
+        enhanced = m.group(0).strip()
+        lines = [_ENHANCED_RE.sub("", ln, count=1) for ln in lines]
+    if not enhanced:
+        enhanced = default_enhanced or {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
+    return Reply(code, enhanced, " ".join(ln.strip() for ln in lines).strip())
+
+
+def _temp(text, enhanced="4.4.2"):
+    return Reply(451, enhanced, text)
+
+
+class Connection:
+    """An open SMTP session with one server, between transactions."""
+
+    def __init__(self, smtp, host, ip, port, tls):
+        self.smtp, self.host, self.ip, self.port, self.tls = smtp, host, ip, port, tls
+        self.relay = f"{host} [{ip}]:{port}"
+
+    def close(self, quit=True):
+        try:
+            if quit:
+                self.smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            pass
+        try:
+            self.smtp.close()
+        except OSError:
+            pass
+
+
+class ConnectionCache:
+    """Idle connections by destination, reused within one queue run."""
+
+    def __init__(self, per_destination=4):
+        self._idle = {}
+        self._lock = threading.Lock()
+        self.per_destination = per_destination
+
+    def get(self, key):
+        with self._lock:
+            lst = self._idle.get(key)
+            return lst.pop() if lst else None
+
+    def put(self, key, conn):
+        with self._lock:
+            lst = self._idle.setdefault(key, [])
+            if len(lst) < self.per_destination:
+                lst.append(conn)
+                return
+        conn.close()
+
+    def close_all(self):
+        with self._lock:
+            conns = [c for lst in self._idle.values() for c in lst]
+            self._idle.clear()
+        for c in conns:
+            c.close()
+
+
+def destination(cfg, domain):
+    """(name, port, use_mx) for a next-hop ``domain``; relayhost overrides.
+
+    ``[host]:port`` as in Postfix: brackets mean no MX lookup. An IP address
+    becomes an address literal."""
+    target = cfg.relayhost or domain
+    use_mx = not target.startswith("[")
+    if target.startswith("[") and target.endswith("]") and literal_is_ip(target):
+        return target, cfg.smtp_port, False
+    try:
+        host, port = C.parse_hostport(target, cfg.smtp_port)
+    except ValueError:
+        host, port = target, cfg.smtp_port
+    try:
+        ip = ipaddress.ip_address(host)
+        host = f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+        use_mx = False
+    except ValueError:
+        pass
+    return host, port, use_mx
+
+
+def literal_is_ip(text):
+    inner = text[1:-1]
+    if inner.lower().startswith("ipv6:"):
+        inner = inner[5:]
+    try:
+        ipaddress.ip_address(inner)
+        return True
+    except ValueError:
+        return False
+
+
+def _open(cfg, host, ip, port, verbose, log, tls_ok=True):
+    """Connect, greet, EHLO and (maybe) STARTTLS; returns (Connection, None)
+    or (None, Reply) saying why this address is no good."""
+    smtp = _SMTP(cfg)
+    if verbose:
+        smtp.set_debuglevel(1)
+    where = f"{host}[{ip}]:{port}"
+    smtp._host = ip if host.startswith("[") else host    # the TLS server name
+    try:
+        code, msg = smtp.connect(ip, port)
+    except smtplib.SMTPConnectError as e:
+        return None, to_reply(e.smtp_code, e.smtp_error, "4.4.1")
+    except (socket.timeout, TimeoutError):
+        smtp.close()
+        return None, _temp(f"connect to {where}: Connection timed out", "4.4.1")
+    except smtplib.SMTPServerDisconnected as e:
+        smtp.close()
+        return None, _temp(f"lost connection with {where} while receiving the initial "
+                           f"server greeting ({e})", "4.4.2")
+    except OSError as e:
+        smtp.close()
+        return None, _temp(f"connect to {where}: {e.strerror or e}", "4.4.1")
+    if code != 220:
+        smtp.close()
+        return None, to_reply(code, msg, "4.4.1" if code < 500 else "5.0.0")
+    level = cfg.smtp_tls_security_level
+    tls = False
+    try:
+        smtp.sock.settimeout(cfg.smtp_helo_timeout)
+        code, msg = smtp.ehlo()
+        if code != 250:
+            code, msg = smtp.helo()
+            if code != 250:
+                smtp.close()
+                return None, to_reply(code, msg)
+        if level != "none" and tls_ok and smtp.has_extn("starttls"):
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            try:
+                code, msg = smtp.starttls(context=ctx)
+            except (ssl.SSLError, OSError, smtplib.SMTPException) as e:
+                smtp.close()
+                if level == "may":
+                    log.info(f"{where}: TLS failed ({e}); trying again without TLS")
+                    return _open(cfg, host, ip, port, verbose, log, tls_ok=False)
+                return None, _temp(f"TLS handshake with {where} failed: {e}", "4.7.5")
+            tls = True
+            code, msg = smtp.ehlo()
+            if code != 250:
+                smtp.close()
+                return None, to_reply(code, msg)
+        elif level == "encrypt":
+            smtp.close()
+            return None, _temp(f"TLS is required, but was not offered by {where}", "4.7.4")
+    except smtplib.SMTPServerDisconnected as e:
+        smtp.close()
+        return None, _temp(f"lost connection with {where} while sending EHLO ({e})")
+    except (OSError, smtplib.SMTPException) as e:
+        smtp.close()
+        return None, _temp(f"conversation with {where} failed during EHLO: {e}")
+    return Connection(smtp, host, ip, port, tls), None
+
+
+def _mail_params(conn, env):
+    smtp = conn.smtp
+    params = []
+    if smtp.has_extn("size"):
+        params.append(f"SIZE={env.size}")
+    if env.body_type == "8BITMIME" and smtp.has_extn("8bitmime"):
+        params.append("BODY=8BITMIME")
+    if env.smtputf8 and smtp.has_extn("smtputf8"):
+        params.append("SMTPUTF8")
+    if smtp.has_extn("dsn"):
+        if env.ret:
+            params.append(f"RET={env.ret}")
+        if env.envid:
+            params.append(f"ENVID={xtext_encode(env.envid)}")
+    return "".join(" " + p for p in params)
+
+
+def _rcpt_params(conn, r):
+    if not conn.smtp.has_extn("dsn"):
+        return ""
+    params = []
+    if "N" in r.flags:
+        params.append("NOTIFY=NEVER")
+    else:
+        words = [w for f, w in (("S", "SUCCESS"), ("F", "FAILURE"), ("D", "DELAY")) if f in r.flags]
+        if words:
+            params.append("NOTIFY=" + ",".join(words))
+    if r.orcpt:
+        kind, sep, value = r.orcpt.partition(";")
+        if sep and re.fullmatch(r"[\x21-\x7e]+", value) and "=" not in value:
+            params.append(f"ORCPT={kind};{value}")
+        elif sep:
+            params.append(f"ORCPT={kind};{xtext_encode(value)}")
+    return "".join(" " + p for p in params)
+
+
+def _precheck(conn, env):
+    """A Reply failing the whole message before MAIL, or None."""
+    smtp = conn.smtp
+    if env.body_type == "BINARYMIME":
+        return Reply(554, "5.6.3", "Binary content cannot be relayed with DATA")
+    limit = smtp.esmtp_features.get("size", "")
+    if limit.strip().isdigit() and int(limit) and env.size > int(limit):
+        return Reply(552, "5.3.4", f"Message size exceeds fixed limit of {conn.relay} ({limit})")
+    if env.smtputf8 and not smtp.has_extn("smtputf8"):
+        if any(not r.isascii() for r in [env.sender] + [x.address for x in env.recipients]):
+            return Reply(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by {conn.relay}")
+    return None
+
+
+def stream_data(sock, f):
+    """Send the df ``f`` as SMTP DATA: LF -> CRLF, CRs dropped, dot-stuffed,
+    then the final CRLF.CRLF. Works chunk by chunk."""
+    at_line_start = True
+    pending = bytearray()
+    while True:
+        chunk = f.read(CHUNK)
+        if not chunk:
+            break
+        chunk = chunk.replace(b"\r", b"")
+        if not chunk:
+            continue
+        if at_line_start and chunk[:1] == b".":
+            pending += b"."
+        chunk = chunk.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
+        at_line_start = chunk.endswith(b"\n")
+        pending += chunk
+        if len(pending) >= CHUNK:
+            sock.sendall(pending)
+            pending.clear()
+    if not at_line_start:
+        pending += b"\r\n"
+    pending += b".\r\n"
+    sock.sendall(pending)
+
+
+def _encode_cmd(text, utf8):
+    return (text + "\r\n").encode("utf-8" if utf8 else "ascii", "strict" if not utf8 else "replace")
+
+
+def transaction(cfg, conn, env, rcpts, spool):
+    """One MAIL/RCPT.../DATA on ``conn``. Returns (results, reusable)."""
+    smtp = conn.smtp
+    results = Results()
+    results.relay = conn.relay
+    bad = _precheck(conn, env)
+    if bad is not None:
+        for r in rcpts:
+            results[r.address] = bad
+        return results, True
+    utf8 = env.smtputf8 and smtp.has_extn("smtputf8")
+    stage = "MAIL FROM"
+    try:
+        smtp.sock.settimeout(cfg.smtp_command_timeout)
+        mail_cmd = f"MAIL FROM:<{env.sender}>{_mail_params(conn, env)}"
+        rcpt_cmds = [f"RCPT TO:<{r.address}>{_rcpt_params(conn, r)}" for r in rcpts]
+        try:
+            if smtp.has_extn("pipelining"):
+                smtp.send(b"".join(_encode_cmd(c, utf8) for c in [mail_cmd] + rcpt_cmds))
+                answers = [smtp.getreply()]
+                stage = "RCPT TO"
+                for _ in rcpts:
+                    answers.append(smtp.getreply())
+            else:
+                smtp.send(_encode_cmd(mail_cmd, utf8))
+                answers = [smtp.getreply()]
+                if answers[0][0] == 250:
+                    stage = "RCPT TO"
+                    for c in rcpt_cmds:
+                        smtp.send(_encode_cmd(c, utf8))
+                        answers.append(smtp.getreply())
+        except UnicodeEncodeError:
+            for r in rcpts:
+                results[r.address] = Reply(553, "5.6.7", "non-ASCII address and no SMTPUTF8 support")
+            return results, True
+        code, msg = answers[0]
+        if code != 250:
+            reply = to_reply(code, msg)
+            for r in rcpts:
+                results[r.address] = reply
+            return results, code != 421
+        accepted = []
+        for r, (code, msg) in zip(rcpts, answers[1:]):
+            if 200 <= code < 300:
+                accepted.append(r)
+            else:
+                results[r.address] = to_reply(code, msg)
+                if code == 421:
+                    for other in rcpts:
+                        results.setdefault(other.address, to_reply(code, msg))
+                    return results, False
+        if not accepted:
+            smtp.rset()
+            return results, True
+        stage = "DATA"
+        smtp.putcmd("data")
+        code, msg = smtp.getreply()
+        if code != 354:
+            reply = to_reply(code, msg) if code >= 400 else _temp(f"unexpected reply to DATA: {code}", "4.5.0")
+            for r in accepted:
+                results[r.address] = reply
+            return results, code != 421
+        stage = "end of data"
+        with spool.open_data(env.id) as f:
+            stream_data(smtp.sock, f)
+        smtp.sock.settimeout(cfg.smtp_data_done_timeout)
+        code, msg = smtp.getreply()
+        reply = to_reply(code, msg)
+        for r in accepted:
+            results[r.address] = reply
+        return results, code != 421
+    except (smtplib.SMTPException, OSError) as e:
+        why = "timed out" if "timed out" in str(e) else "lost connection"
+        reply = _temp(f"{why} with {conn.relay} while sending {stage}")
+        for r in rcpts:
+            results.setdefault(r.address, reply)
+        return results, False
+
+
+def deliver(cfg, env, rcpts, domain, log=None, resolver=None, cache=None, verbose=False):
+    """Deliver ``env`` to ``rcpts`` (envelope.Recipient objects or addresses)
+    at the next hop ``domain``; returns Results (address -> Reply)."""
+    log = log or logging.getLogger("pymta")
+    rcpts = [r if hasattr(r, "address") else _Rcpt(r) for r in rcpts]
+    spool = Spool.from_config(cfg)
+    name, port, use_mx = destination(cfg, domain)
+    key = (name.lower(), port)
+    if cache is not None:
+        while True:
+            conn = cache.get(key)
+            if conn is None:
+                break
+            try:
+                conn.smtp.sock.settimeout(cfg.smtp_command_timeout)
+                if conn.smtp.rset()[0] == 250:
+                    results, reusable = transaction(cfg, conn, env, rcpts, spool)
+                    _finish(cache, key, conn, reusable)
+                    return results
+            except (smtplib.SMTPException, OSError):
+                pass
+            conn.close(quit=False)
+    try:
+        hosts = mx.lookup(cfg, name, resolver=resolver, port=port, use_mx=use_mx)
+    except (TempFail, PermFail) as e:
+        results = Results()
+        for r in rcpts:
+            results[r.address] = e.reply
+        return results
+    last = _temp(f"no server for {name} answered", "4.4.1")
+    relay = ""
+    for host in hosts:
+        for ip in host.addresses:
+            conn, why = _open(cfg, host.name, ip, port, verbose, log)
+            if conn is None:
+                log.info(f"{env.id}: {why.text}" if why.text.startswith(("connect", "lost", "TLS"))
+                         else f"{env.id}: {host.name}[{ip}]:{port} said: {why}")
+                last, relay = why, f"{host.name} [{ip}]:{port}"
+                continue
+            results, reusable = transaction(cfg, conn, env, rcpts, spool)
+            _finish(cache, key, conn, reusable)
+            return results
+    results = Results()
+    results.relay = relay
+    if last.code >= 500 and not last.enhanced.startswith("5"):
+        last = Reply(last.code, "5.0.0", last.text)
+    for r in rcpts:
+        results[r.address] = last
+    return results
+
+
+def _finish(cache, key, conn, reusable):
+    if reusable and cache is not None:
+        cache.put(key, conn)
+    else:
+        conn.close(quit=reusable)
+
+
+class _Rcpt:
+    """A bare address given to deliver() instead of a Recipient."""
+
+    flags, orcpt = "", ""
+
+    def __init__(self, address):
+        self.address = address
+
+
+def next_hop(cfg, address):
+    """The next-hop domain of a remote ``address`` (relayhost when set)."""
+    return cfg.relayhost or domain_of(address)

@@ -1,0 +1,226 @@
+"""A scriptable receiving SMTP server for tests, on a 127.0.0.x address.
+
+Each stage can be told what to do: a reply code ("250", "451", "550", ...),
+"drop" (close the connection without a word) or "stall" (say nothing until
+the sink stops). ``rcpt`` maps recipient addresses to actions; the rest get
+``default_rcpt``. Every transaction is recorded::
+
+    with SMTPSink("127.0.0.2", rcpt={"bad@remote.test": "550"}) as sink:
+        ...
+        t = sink.transactions[0]
+        t.sender, t.params, t.rcpts, t.accepted, t.data, t.raw
+
+``data`` is the message after dot-unstuffing with CRLF line ends as received;
+``raw`` is the DATA section exactly as it came off the wire.
+"""
+
+import socketserver
+import ssl
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Transaction:
+    sender: str = ""
+    params: str = ""
+    rcpts: list = field(default_factory=list)        # every RCPT TO, with parameters
+    accepted: list = field(default_factory=list)     # addresses answered 250
+    rcpt_params: dict = field(default_factory=dict)
+    data: bytes = b""
+    raw: bytes = b""
+    complete: bool = False                           # final 250 after DATA sent
+    helo: str = ""
+    tls: bool = False
+
+
+def _addr(arg):
+    """'<a@b> SIZE=1' -> ('a@b', 'SIZE=1')."""
+    arg = arg.strip()
+    if arg.startswith("<"):
+        end = arg.find(">")
+        return arg[1:end], arg[end + 1:].strip()
+    addr, _, rest = arg.partition(" ")
+    return addr, rest.strip()
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    timeout = 30
+
+    def setup(self):
+        super().setup()
+        self.sink = self.server.sink
+
+    def send(self, text):
+        self.wfile.write(text.encode() + b"\r\n")
+        self.wfile.flush()
+
+    def act(self, action, ok_text="2.0.0 Ok"):
+        """Carry out an action; returns False when the session must end."""
+        if action == "drop":
+            return False
+        if action == "stall":
+            self.sink._stop.wait(self.sink.stall_time)
+            return False
+        code = str(action)
+        if code.startswith("2"):
+            self.send(f"{code} {ok_text}")
+        elif code.startswith("4"):
+            self.send(f"{code} 4.0.0 Try again later")
+        else:
+            self.send(f"{code} 5.0.0 No thanks")
+        return True
+
+    def handle(self):
+        sink = self.sink
+        with sink._lock:
+            sink.connections += 1
+        if not self.act(sink.greeting, f"{sink.name} ESMTP sink"):
+            return
+        t = None
+        helo = ""
+        tls = False
+        while True:
+            try:
+                line = self.rfile.readline(4096)
+            except OSError:
+                return
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            verb, _, arg = text.partition(" ")
+            verb = verb.upper()
+            with sink._lock:
+                sink.commands.append(text)
+            if verb == "EHLO":
+                helo = arg
+                exts = [sink.name]
+                if sink.size:
+                    exts.append(f"SIZE {sink.size}")
+                exts += [e for e in sink.extensions]
+                if sink.tls_context is not None and not tls:
+                    exts.append("STARTTLS")
+                for i, e in enumerate(exts):
+                    self.send(f"250{'-' if i < len(exts) - 1 else ' '}{e}")
+            elif verb == "HELO":
+                helo = arg
+                self.send(f"250 {sink.name}")
+            elif verb == "STARTTLS" and sink.tls_context is not None and not tls:
+                self.send("220 2.0.0 Ready to start TLS")
+                self.wfile.flush()
+                try:
+                    conn = sink.tls_context.wrap_socket(self.connection, server_side=True)
+                except (OSError, ssl.SSLError):
+                    return
+                self.connection = self.request = conn
+                self.rfile = conn.makefile("rb")
+                self.wfile = conn.makefile("wb")
+                tls = True
+                helo = ""
+            elif verb == "MAIL":
+                sender, params = _addr(arg.split(":", 1)[1] if ":" in arg else "")
+                t = Transaction(sender=sender, params=params, helo=helo, tls=tls)
+                if not self.act(sink.mail):
+                    return
+                if not str(sink.mail).startswith("2"):
+                    t = None
+            elif verb == "RCPT":
+                addr, params = _addr(arg.split(":", 1)[1] if ":" in arg else "")
+                if t is None:
+                    self.send("503 5.5.1 Need MAIL first")
+                    continue
+                t.rcpts.append(addr)
+                t.rcpt_params[addr] = params
+                action = sink.rcpt.get(addr, sink.default_rcpt)
+                if not self.act(action):
+                    with sink._lock:
+                        sink.transactions.append(t)
+                    return
+                if str(action).startswith("2"):
+                    t.accepted.append(addr)
+            elif verb == "DATA":
+                if t is None or not t.accepted:
+                    self.send("554 5.5.1 No valid recipients")
+                    continue
+                self.send("354 End data with <CR><LF>.<CR><LF>")
+                raw = []
+                while True:
+                    dline = self.rfile.readline()
+                    if not dline:
+                        with sink._lock:
+                            sink.transactions.append(t)
+                        return
+                    raw.append(dline)
+                    if dline == b".\r\n":
+                        break
+                t.raw = b"".join(raw)
+                t.data = b"".join(l[1:] if l.startswith(b".") else l for l in raw[:-1])
+                with sink._lock:
+                    sink.transactions.append(t)
+                    sink.data_seen.set()
+                action = sink.data
+                if not self.act(action, f"2.0.0 Ok: queued as SINK{len(sink.transactions)}"):
+                    return
+                t.complete = str(action).startswith("2")
+                t = None
+            elif verb == "RSET":
+                t = None
+                self.send("250 2.0.0 Ok")
+            elif verb == "NOOP":
+                self.send("250 2.0.0 Ok")
+            elif verb == "QUIT":
+                self.send("221 2.0.0 Bye")
+                return
+            else:
+                self.send("502 5.5.2 Command not recognized")
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class SMTPSink:
+    """See the module docstring. ``port=0`` picks a free port."""
+
+    def __init__(self, host="127.0.0.1", port=0, rcpt=None, default_rcpt="250",
+                 greeting="220", mail="250", data="250", size=10240000,
+                 extensions=("8BITMIME", "DSN", "PIPELINING", "ENHANCEDSTATUSCODES"),
+                 tls_context=None, stall_time=30, name="sink.test"):
+        self.host = host
+        self.rcpt = dict(rcpt or {})
+        self.default_rcpt, self.greeting, self.mail, self.data = default_rcpt, greeting, mail, data
+        self.size, self.extensions, self.tls_context = size, list(extensions), tls_context
+        self.stall_time, self.name = stall_time, name
+        self.transactions, self.commands = [], []
+        self.connections = 0
+        self.data_seen = threading.Event()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.server = _Server((host, port), _Handler)
+        self.server.sink = self
+        self.port = self.server.server_address[1]
+        self._thread = None
+
+    @property
+    def delivered(self):
+        """Transactions that ended with a 2xx after the data."""
+        return [t for t in self.transactions if t.complete]
+
+    def start(self):
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
