@@ -1,0 +1,382 @@
+"""``sendmail -bd`` and ``-bD``: the SMTP daemon and its queue runs.
+
+Two processes. The master binds every ``smtpd_listen`` and
+``submission_listen`` address, then forks the listener, which drops to
+``mail_owner`` (when started as root) and speaks SMTP; it is restarted if it
+dies. The master stays root because local delivery must become each
+recipient: it makes the queue runs (every ``-q`` interval, else
+``queue_run_delay``), picks up the maildrop every second, and delivers at
+once each message the listener accepted, whose queue id the listener
+writes, one line each, into a pipe to the master.
+
+SIGHUP: both re-read the configuration (and, through a new router, the
+aliases). SIGTERM: the listener stops accepting, answers 421 to idle
+sessions, lets a DATA in progress finish its commit and exits; the master
+waits for it and for deliveries in progress, removes the pidfile, exits 0.
+"""
+
+import concurrent.futures
+import errno
+import logging
+import os
+import pwd
+import select
+import signal
+import sys
+import threading
+import time
+
+from . import config as C
+from . import server
+from .spool import Spool
+from .status import EX_CONFIG, EX_OSERR, EX_TEMPFAIL, ConfigError
+
+log = logging.getLogger("pymta")
+
+
+def _owner(cfg):
+    """(name, uid, gid) to switch the listener to, or None for no switch."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pw = pwd.getpwnam(cfg.mail_owner)
+    except KeyError:
+        raise ConfigError(f"mail_owner {cfg.mail_owner!r}: no such user", cfg.path,
+                          param="mail_owner") from None
+    if pw.pw_uid == 0:
+        return None
+    return pw.pw_name, pw.pw_uid, pw.pw_gid
+
+
+def _drop_privileges(owner):
+    name, uid, gid = owner
+    os.setgroups([])
+    os.initgroups(name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def _bind_all(cfg):
+    socks = []
+    for specs, port, submission in ((cfg.smtpd_listen, 25, False), (cfg.submission_listen, 587, True)):
+        for spec in specs:
+            try:
+                socks.append((server.bind(spec, port), submission, spec))
+            except ValueError as e:
+                raise ConfigError(str(e), cfg.path, param="smtpd_listen") from None
+            except OSError as e:
+                raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from None
+    return socks
+
+
+class Listener:
+    """The listener process: SMTP on the inherited sockets, as mail_owner."""
+
+    def __init__(self, cfg, opts, socks, notify_fd):
+        self.cfg, self.opts, self.socks, self.notify_fd = cfg, opts, socks, notify_fd
+        self.reload = False
+
+    def notify(self, qid):
+        try:
+            os.write(self.notify_fd, qid.encode("ascii", "replace") + b"\n")
+        except OSError:
+            pass   # the master is busy or gone: the next queue run delivers it
+
+    def run(self):
+        server.STOPPING.clear()
+        signal.signal(signal.SIGTERM, lambda *a: server.STOPPING.set())
+        signal.signal(signal.SIGINT, lambda *a: server.STOPPING.set())
+        signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
+        services = server.Services(self.cfg, log, notify=self.notify)
+        servers = [server.make_server(sock, services, sub) for sock, sub, _ in self.socks]
+        for _, _, spec in self.socks:
+            log.info(f"daemon listening on {spec}" + (" (submission)" if _ else ""))
+
+        def tick():
+            if not self.reload:
+                return
+            self.reload = False
+            try:
+                cfg = C.load(self.cfg.path, self.opts.overrides)
+            except ConfigError as e:
+                log.error(f"reload failed, keeping the old configuration: {e}")
+                return
+            self.cfg = cfg
+            new = server.Services(cfg, log, notify=self.notify)
+            for s in servers:
+                s.services = new
+            log.info("listener: configuration reloaded")
+
+        server.serve(servers, tick=tick)
+        return 0
+
+
+class Master:
+    """The privileged parent: listener supervision, handoffs, queue runs."""
+
+    def __init__(self, cfg, opts, socks):
+        self.cfg, self.opts, self.socks = cfg, opts, socks
+        self.stop = False
+        self.reload = False
+        self.child = None
+        self.owner = _owner(cfg)
+        self.runner_mod = None
+        self.pool = None
+        self.run_thread = None
+
+    def _spawn(self):
+        rfd = self.rfd
+        pid = os.fork()
+        if pid:
+            self.child = pid
+            return
+        code = 1
+        try:
+            os.close(rfd)
+            if self.owner:
+                _drop_privileges(self.owner)
+            code = Listener(self.cfg, self.opts, self.socks, self.wfd).run()
+        except BaseException:   # noqa: B902 - the child must never return
+            log.exception("listener failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _prepare_spool(self):
+        spool = Spool.from_config(self.cfg)
+        if self.owner:
+            _, uid, gid = self.owner
+            spool.create(uid, gid)
+            st = os.stat(spool.dir)
+            if st.st_uid != uid:
+                os.chown(spool.dir, uid, gid)
+        else:
+            spool.create()
+        self.spool = spool
+
+    def _load_runner(self):
+        try:
+            from . import runner
+        except ImportError as e:
+            log.error(f"queue runner unavailable ({e}): messages are accepted and stay "
+                      "queued; no deliveries are made by this daemon")
+            return None
+        return runner
+
+    def run(self):
+        cfg = self.cfg
+        if os.geteuid() != 0:
+            me = pwd.getpwuid(os.getuid()).pw_name
+            log.info(f"not started as root: everything runs as {me} in one process tree")
+        elif self.owner is None:
+            log.info(f"mail_owner is {cfg.mail_owner}: the listener keeps root privileges")
+        self._prepare_spool()
+        self.rfd, self.wfd = os.pipe()
+        os.set_blocking(self.wfd, False)
+        os.set_blocking(self.rfd, False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
+        self.runner_mod = self._load_runner()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.delivery_process_limit),
+                                                          "pymta-handoff")
+        self._spawn()
+        log.info(f"daemon started (pid {os.getpid()}), listener pid {self.child}"
+                 + (f" as {self.owner[0]}" if self.owner else ""))
+        interval = self.opts.queue_interval or cfg.queue_run_delay
+        next_run = time.monotonic() + 1
+        next_pickup = 0
+        pending = b""
+        while not self.stop:
+            try:
+                ready, _, _ = select.select([self.rfd], [], [], 1.0)
+            except InterruptedError:
+                ready = []
+            if ready:
+                pending = self._read_ids(pending)
+            now = time.monotonic()
+            if now >= next_pickup:
+                next_pickup = now + 1
+                self._pickup()
+            if interval and now >= next_run and self.runner_mod and \
+                    (self.run_thread is None or not self.run_thread.is_alive()):
+                next_run = now + interval
+                self.run_thread = threading.Thread(target=self._queue_run, name="pymta-qrun")
+                self.run_thread.start()
+            self._reap()
+            if self.reload:
+                self.reload = False
+                self._reload()
+        return self._shutdown()
+
+    def _on_stop(self, *args):
+        self.stop = True
+
+    def _read_ids(self, pending):
+        try:
+            pending += os.read(self.rfd, 65536)
+        except BlockingIOError:
+            return pending
+        *lines, rest = pending.split(b"\n")
+        for line in lines:
+            qid = line.decode("ascii", "replace").strip()
+            if qid and self.runner_mod:
+                self.pool.submit(self._deliver, qid)
+        return rest
+
+    def _deliver(self, qid):
+        lock = self.spool.lock(qid)
+        if lock is None:
+            return
+        try:
+            with lock:
+                self.runner_mod.Runner(self.cfg, log=log).deliver_locked(lock)
+        except Exception as e:
+            log.exception(f"{qid}: delivery attempt failed: {e}")
+
+    def _pickup(self):
+        try:
+            ids = self.spool.pickup(log=log.info)
+        except OSError as e:
+            log.error(f"maildrop pickup failed: {e}")
+            return
+        if self.runner_mod:
+            for qid in ids:
+                self.pool.submit(self._deliver, qid)
+
+    def _queue_run(self):
+        try:
+            self.runner_mod.Runner(self.cfg, log=log).run_pass()
+        except Exception as e:
+            log.exception(f"queue run failed: {e}")
+
+    def _reap(self):
+        if self.child is None:
+            return
+        try:
+            pid, status = os.waitpid(self.child, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.child, 0
+        if pid == 0:
+            return
+        self.child = None
+        if self.stop:
+            return
+        log.error(f"listener pid {pid} died ({_status_text(status)}); restarting it")
+        time.sleep(1)
+        self._spawn()
+
+    def _reload(self):
+        try:
+            cfg = C.load(self.cfg.path, self.opts.overrides)
+        except ConfigError as e:
+            log.error(f"reload failed, keeping the old configuration: {e}")
+            return
+        self.cfg = cfg
+        if self.child:
+            os.kill(self.child, signal.SIGHUP)
+        log.info("configuration reloaded")
+
+    def _shutdown(self):
+        log.info("stopping: no new connections; waiting for sessions and deliveries")
+        if self.child:
+            try:
+                os.kill(self.child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            while True:
+                try:
+                    pid, status = os.waitpid(self.child, 0)
+                    break
+                except InterruptedError:
+                    continue
+                except ChildProcessError:
+                    break
+        self._read_ids(b"")
+        self.pool.shutdown(wait=True, cancel_futures=False)
+        if self.run_thread is not None:
+            self.run_thread.join()
+        log.info("daemon stopped")
+        return 0
+
+
+def _status_text(status):
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit {os.WEXITSTATUS(status)}"
+
+
+def _pidfile(cfg):
+    """A lockfile PIDLockFile for pid_file; a stale one (dead pid) is broken."""
+    from lockfile import pidlockfile
+    pf = pidlockfile.PIDLockFile(cfg.pid_file, timeout=0)
+    old = pf.read_pid()
+    if old:
+        try:
+            os.kill(old, 0)
+        except ProcessLookupError:
+            pf.break_lock()
+        except PermissionError:
+            pass
+    return pf
+
+
+def _preserved_fds(socks):
+    fds = [s.fileno() for s, _, _ in socks]
+    for h in log.handlers:
+        for attr in ("stream", "socket"):
+            obj = getattr(h, attr, None)
+            try:
+                fds.append(obj.fileno())
+            except (AttributeError, OSError, ValueError):
+                pass
+    return fds
+
+
+def main(cfg, opts):
+    """-bd (detached) and -bD (foreground): returns the exit code."""
+    if not os.path.isabs(cfg.path) and os.path.exists(cfg.path):
+        cfg = C.load(os.path.abspath(cfg.path), opts.overrides)   # for reloads after chdir
+    try:
+        socks = _bind_all(cfg)
+    except OSError as e:
+        print(f"sendmail: fatal: {e.strerror or e}", file=sys.stderr)
+        log.error(f"fatal: {e.strerror or e}")
+        return EX_OSERR
+    from lockfile import AlreadyLocked, LockFailed
+    pf = _pidfile(cfg)
+    if pf.is_locked():
+        print(f"sendmail: fatal: daemon already running (pid {pf.read_pid()}, {cfg.pid_file})",
+              file=sys.stderr)
+        return EX_TEMPFAIL
+    master = Master(cfg, opts, socks)
+    if opts.mode == "d":
+        import daemon as pydaemon
+        ctx = pydaemon.DaemonContext(files_preserve=_preserved_fds(socks), umask=0o022,
+                                     working_directory="/", signal_map={}, pidfile=pf,
+                                     prevent_core=True)
+        try:
+            ctx.open()
+        except (AlreadyLocked, LockFailed) as e:
+            print(f"sendmail: fatal: {cfg.pid_file}: {e or 'daemon already running'}",
+                  file=sys.stderr)
+            return EX_TEMPFAIL
+        try:
+            return master.run()
+        finally:
+            ctx.close()
+    try:
+        pf.acquire()
+    except (AlreadyLocked, LockFailed) as e:
+        print(f"sendmail: fatal: {cfg.pid_file}: daemon already running ({e})", file=sys.stderr)
+        return EX_TEMPFAIL
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            print(f"sendmail: fatal: {cfg.pid_file}: {e.strerror}", file=sys.stderr)
+            return EX_CONFIG
+        raise
+    try:
+        return master.run()
+    finally:
+        if pf.is_locked() and pf.read_pid() == os.getpid():
+            pf.release()
