@@ -8,6 +8,24 @@ any error truncate back so that no partial message is ever left behind.
 """
 
 from dataclasses import dataclass
+import errno
+import fcntl
+import json
+import logging
+import mailbox
+import os
+import pwd
+import signal
+import stat
+import subprocess
+import threading
+import time
+
+import lockfile
+from lockfile.linklockfile import LinkLockFile
+
+from . import spool as _spool
+from .status import Reply, EX_TEMPFAIL
 
 
 @dataclass
@@ -26,3 +44,444 @@ class Target:
     home: str = "/"
     path: str = ""
     command: str = ""
+
+
+LOCK_TIMEOUT = 60          # seconds to wait for a dot-lock or fcntl lock
+STALE_LOCK_AGE = 300       # a dot-lock older than this is broken
+OUTPUT_LINES = 5           # lines of a failed command's output kept for the bounce
+OUTPUT_BYTES = 4096
+_noted_unprivileged = []
+
+
+class _Deferred(Exception):
+    """A delivery problem carrying its Reply (raised inside the delivering process)."""
+
+    def __init__(self, reply):
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def _os_reply(e, what):
+    """An OSError during delivery as a Reply: storage and quota problems defer."""
+    text = f"{what}: {e.strerror or e}"
+    if e.errno == errno.EFBIG:
+        return Reply(552, "5.2.2", f"Mailbox full: {text}")
+    if e.errno == errno.EDQUOT:
+        return Reply(452, "4.2.2", f"Mailbox full: {text}")
+    if e.errno == errno.ENOSPC:
+        return Reply(452, "4.3.1", f"Insufficient system storage: {text}")
+    return Reply(451, "4.2.0", f"Cannot deliver: {text}")
+
+
+def _prefix(env, rcpt):
+    """The Return-Path: and Delivered-To: lines final delivery adds."""
+    to = rcpt.address
+    if to[:1] in ("|", "/") and rcpt.parent:
+        to = rcpt.parent
+    return (f"Return-Path: <{env.sender}>\nDelivered-To: {to}\n"
+            .encode("utf-8", "surrogateescape"))
+
+
+def _from_line(env):
+    sender = env.sender or "MAILER-DAEMON"
+    return f"From {sender} {time.asctime()}\n".encode("utf-8", "surrogateescape")
+
+
+class _Prefixed:
+    """A readline()-able stream: some bytes, then the df's lines (streamed)."""
+
+    def __init__(self, head, df):
+        self.head, self.df = head, df
+
+    def readline(self, size=-1):
+        if self.head:
+            i = self.head.find(b"\n")
+            line, self.head = self.head[: i + 1], self.head[i + 1:]
+            return line
+        return self.df.readline()
+
+    def read(self, size=-1):
+        raise NotImplementedError   # mailbox only uses readline()
+
+
+def _write_mbox(fd, env, rcpt, df, limit):
+    """Append one mboxrd message to the open, locked file ``fd``; all or nothing."""
+    start = os.lseek(fd, 0, os.SEEK_END)
+    st = os.fstat(df.fileno())
+    if limit and start + st.st_size + 200 > limit:
+        raise _Deferred(Reply(552, "5.2.2", f"Mailbox full (mailbox_size_limit {limit} bytes)"))
+    out = open(fd, "wb", buffering=256 * 1024, closefd=False)
+    try:
+        out.write(_from_line(env))
+        out.write(_prefix(env, rcpt))
+        last = b"\n"
+        for line in df:
+            if line.lstrip(b">").startswith(b"From "):
+                out.write(b">")
+            out.write(line)
+            last = line
+        if not last.endswith(b"\n"):
+            out.write(b"\n")
+        out.write(b"\n")
+        out.flush()
+        os.fsync(fd)
+    except BaseException as e:
+        try:
+            out.close()
+        except OSError:
+            pass
+        try:
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise _Deferred(_os_reply(e, "write")) from None
+        raise
+    else:
+        out.close()
+
+
+def _dot_lock(path, notes):
+    """The USER.lock dot-lock of mbox ``path`` (lockfile.LinkLockFile), or None
+    when its directory is not writable (fcntl alone protects then)."""
+    lock = LinkLockFile(path, threaded=True)
+    lock_path = path + ".lock"
+    deadline = time.time() + LOCK_TIMEOUT
+    while True:
+        try:
+            lock.acquire(timeout=min(5, max(0.1, deadline - time.time())))
+            return lock
+        except lockfile.LockFailed:
+            notes.append(f"cannot create a dot-lock beside {path}; using fcntl only")
+            return None
+        except lockfile.LockTimeout:
+            pass
+        try:
+            age = time.time() - os.stat(lock_path).st_mtime
+        except FileNotFoundError:
+            continue
+        if age > STALE_LOCK_AGE:
+            notes.append(f"{lock_path}: stale lock ({int(age)}s old) broken")
+            try:
+                os.unlink(lock_path)
+            except OSError:
+                pass
+            continue
+        if time.time() >= deadline:
+            raise _Deferred(Reply(450, "4.2.0", f"Mailbox {path} is locked (dot-lock)"))
+
+
+def _fcntl_lock(fd, path):
+    deadline = time.time() + LOCK_TIMEOUT
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.time() >= deadline:
+            raise _Deferred(Reply(450, "4.2.0", f"Mailbox {path} is locked (fcntl)"))
+        time.sleep(0.1)
+
+
+class _Ids:
+    """Switch the effective uid between root and the target user (mailbox child)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def root(self):
+        os.seteuid(0)
+        os.setegid(0)
+
+    def user(self):
+        os.setegid(self.target.gid)
+        os.seteuid(self.target.uid)
+
+
+def _root_only_dir(path):
+    """Whether the directory of ``path`` is writable by root alone (no symlink traps)."""
+    try:
+        st = os.stat(os.path.dirname(path) or ".")
+    except OSError:
+        return False
+    return st.st_uid == 0 and not st.st_mode & 0o022
+
+
+def _append(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_root=False):
+    """mbox delivery to target.path (mailbox or /file), locked, all or nothing.
+
+    ``ids`` (mailbox deliveries by root) lets the dot-lock be made and a new
+    mailbox be created with root's rights where only root can write the
+    directory; the mailbox itself is always opened and written as the user.
+    """
+    path = target.path
+    as_root = ids is not None and as_root
+    if as_root:
+        ids.root()
+    try:
+        lock = _dot_lock(path, notes)
+        if ids is not None:
+            if not as_root:
+                ids.root()
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                os.fchown(fd, target.uid, target.gid if create_gid is None else create_gid)
+                os.close(fd)
+            except FileExistsError:
+                pass
+    finally:
+        if ids is not None:
+            ids.user()
+    try:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise _Deferred(_os_reply(e, f"open {path}")) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise _Deferred(Reply(550, "5.2.0", f"{path} is not a plain file with one link"))
+            _fcntl_lock(fd, path)
+            _write_mbox(fd, env, rcpt, df, cfg.mailbox_size_limit)
+        finally:
+            os.close(fd)
+    finally:
+        if lock is not None:
+            if as_root:
+                ids.root()
+            try:
+                lock.release()
+            except (lockfile.Error, OSError):
+                pass
+            if as_root:
+                ids.user()
+    what = "file" if target.kind == "file" else "mailbox"
+    return Reply(250, "2.0.0", f"delivered to {what} {path}")
+
+
+def _maildir(env, rcpt, target, df):
+    """Maildir delivery through stdlib mailbox (streamed into tmp/, then new/)."""
+    try:
+        box = mailbox.Maildir(target.path, factory=None, create=True)
+        box.add(_Prefixed(_prefix(env, rcpt), df))
+        dfd = os.open(os.path.join(target.path, "new"), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise _Deferred(_os_reply(e, f"maildir {target.path}")) from None
+    return Reply(250, "2.0.0", f"delivered to maildir {target.path}/")
+
+
+def _command(cfg, env, rcpt, target, df):
+    """|command delivery: /bin/sh -c, message on stdin, a time limit, exit codes."""
+    to = rcpt.parent or rcpt.address
+    environ = {"SENDER": env.sender, "RECIPIENT": to, "HOME": target.home or "/",
+               "USER": target.user, "LOGNAME": target.user, "SHELL": "/bin/sh",
+               "PATH": cfg.command_path}
+    cwd = target.home if target.home and os.path.isdir(target.home) else "/"
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", target.command], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=environ, cwd=cwd, start_new_session=True, close_fds=True)
+    except OSError as e:
+        raise _Deferred(Reply(451, "4.3.0", f"cannot run /bin/sh: {e.strerror}")) from None
+    output = bytearray()
+
+    def reader():
+        while True:
+            chunk = proc.stdout.read(65536)
+            if not chunk:
+                return
+            if len(output) < OUTPUT_BYTES:
+                output.extend(chunk[: OUTPUT_BYTES - len(output)])
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    timed_out = []
+
+    def kill():
+        timed_out.append(True)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    timer = threading.Timer(cfg.command_time_limit, kill)
+    timer.start()
+    try:
+        try:
+            proc.stdin.write(_prefix(env, rcpt))
+            while True:
+                chunk = df.read(65536)
+                if not chunk:
+                    break
+                proc.stdin.write(chunk)
+            proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass   # a command need not read all of its input
+        rc = proc.wait()
+        t.join(5)
+    finally:
+        timer.cancel()
+    lines = [ln.strip() for ln in bytes(output).decode("utf-8", "replace").splitlines() if ln.strip()]
+    said = "; ".join(lines[:OUTPUT_LINES])
+    said = f": {said}" if said else ""
+    if timed_out:
+        return Reply(554, "5.3.0", f"command time limit exceeded ({cfg.command_time_limit}s): "
+                                   f"{target.command}{said}")
+    if rc == 0:
+        return Reply(250, "2.0.0", f"delivered to command: {target.command}")
+    if rc < 0:
+        return Reply(554, "5.3.0", f"command died with signal {-rc}: {target.command}{said}")
+    if rc == EX_TEMPFAIL:
+        return Reply(451, "4.3.0", f"command exit status {rc} (temporary): {target.command}{said}")
+    return Reply(554, "5.3.0", f"command exit status {rc}: {target.command}{said}")
+
+
+def _spool_group(target):
+    """The gid of the mailbox's directory when it is group-writable (mail), else None."""
+    try:
+        st = os.stat(os.path.dirname(target.path) or ".")
+    except OSError:
+        return None
+    return st.st_gid if st.st_mode & stat.S_IWGRP and st.st_gid != 0 else None
+
+
+def _drop(target, keep_root=False, extra_gid=None):
+    """Become the target user (groups, gid, uid). ``keep_root`` only sets the
+    effective ids, so the process can take back root to manage the dot-lock."""
+    groups = []
+    try:
+        groups = os.getgrouplist(target.user, target.gid)
+    except (OSError, KeyError):
+        groups = [target.gid]
+    if extra_gid is not None and extra_gid not in groups:
+        groups.append(extra_gid)
+    os.setgroups(groups)
+    if keep_root:
+        os.setegid(target.gid)
+        os.seteuid(target.uid)
+    else:
+        os.setgid(target.gid)
+        os.setuid(target.uid)
+
+
+def _run(cfg, env, rcpt, target, df, privileged, notes):
+    """The delivery itself, in the process that runs it (child or self)."""
+    kind = target.kind
+    if privileged:
+        os.umask(0o077)
+    if kind == "mailbox":
+        if privileged:
+            gid = _spool_group(target)
+            as_root = _root_only_dir(target.path)
+            _drop(target, keep_root=True, extra_gid=gid)
+            return _append(cfg, env, rcpt, target, df, notes, ids=_Ids(target), create_gid=gid,
+                           as_root=as_root)
+        return _append(cfg, env, rcpt, target, df, notes)
+    if privileged:
+        _drop(target)
+    if kind == "file":
+        return _append(cfg, env, rcpt, target, df, notes)
+    if kind == "maildir":
+        return _maildir(env, rcpt, target, df)
+    if kind == "command":
+        return _command(cfg, env, rcpt, target, df)
+    return Reply(550, "5.3.0", f"unknown local target kind {kind!r}")
+
+
+def _safe_target(cfg, target):
+    """Commands and files never run as root: map uid 0 to default_privs."""
+    if target.kind in ("command", "file") and target.uid <= 0:
+        try:
+            pw = pwd.getpwnam(cfg.default_privs)
+        except KeyError:
+            return None
+        return Target(target.kind, user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
+                      home=pw.pw_dir or "/", path=target.path, command=target.command)
+    return target
+
+
+def deliver(cfg, env, rcpt, target, log=None):
+    """Deliver message ``env`` to one local ``target`` for ``rcpt``; returns a Reply.
+
+    As root the work is done in a forked child with the target's privileges;
+    otherwise in this process, as this user.
+    """
+    log = log or logging.getLogger("pymta")
+    privileged = os.geteuid() == 0
+    target = _safe_target(cfg, target)
+    if target is None:
+        return Reply(451, "4.3.0", f"default_privs user {cfg.default_privs!r} does not exist")
+    try:
+        df = _spool.Spool.from_config(cfg).open_data(env.id)
+    except OSError as e:
+        return Reply(451, "4.3.0", f"cannot open df{env.id}: {e.strerror}")
+    with df:
+        if not privileged:
+            if not _noted_unprivileged:
+                _noted_unprivileged.append(True)
+                log.info(f"not running as root: local delivery as uid {os.getuid()}, "
+                         "to mailboxes, files and commands this user may use")
+            notes = []
+            try:
+                reply = _run(cfg, env, rcpt, target, df, False, notes)
+            except _Deferred as e:
+                reply = e.reply
+            except OSError as e:
+                reply = _os_reply(e, target.path or target.command)
+            for n in notes:
+                log.warning(f"{env.id}: {n}")
+            return reply
+        return _deliver_child(cfg, env, rcpt, target, df, log)
+
+
+def _deliver_child(cfg, env, rcpt, target, df, log):
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: never returns
+        code = 0
+        try:
+            os.close(rfd)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            notes = []
+            try:
+                reply = _run(cfg, env, rcpt, target, df, True, notes)
+            except _Deferred as e:
+                reply = e.reply
+            except OSError as e:
+                reply = _os_reply(e, target.path or target.command)
+            except BaseException as e:   # report, never escape into the parent's code
+                reply = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
+            data = json.dumps([reply.code, reply.enhanced, reply.text, notes]).encode()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(wfd, view):]
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(rfd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(rfd)
+        _, status = os.waitpid(pid, 0)
+    try:
+        code, enhanced, text, notes = json.loads(b"".join(chunks))
+    except ValueError:
+        return Reply(451, "4.3.0", f"local delivery process failed (wait status {status})")
+    for n in notes:
+        log.warning(f"{env.id}: {n}")
+    return Reply(code, enhanced, text)

@@ -1,0 +1,263 @@
+"""Local delivery: mbox format and locking, truncation on error, Maildir,
+commands and files, privileges."""
+
+import mailbox
+import os
+import pwd
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pymta import envelope as E
+from pymta import local, route
+from pymta import spool as S
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="needs root")
+BODY = b"Subject: test\nFrom: a@b.test\n\nhello\nFrom the start\n>From quoted\nlast line\n"
+
+
+def traversable(path):
+    """Let other users reach ``path`` (pytest's base temp directory is 0700)."""
+    path = os.path.abspath(str(path))
+    while path not in ("/", "/tmp"):
+        os.chmod(path, os.stat(path).st_mode | 0o011)
+        path = os.path.dirname(path)
+
+
+def queue(inst, body=BODY, sender="alice@remote.test", rcpt="me@mx.example.test", flags="p"):
+    """Commit a message through the spool; returns (cfg, env, recipient)."""
+    cfg = inst.cfg
+    env = E.Envelope(sender=sender)
+    r = env.add_recipient(rcpt, flags=flags)
+    with S.Spool.from_config(cfg).new_message() as w:
+        w.write(body)
+        w.commit(env)
+    return cfg, env, r
+
+
+def me_target(cfg, **kw):
+    pw = pwd.getpwuid(os.getuid())
+    t = route.Router(cfg).mailbox_target(pw)
+    for k, v in kw.items():
+        setattr(t, k, v)
+    return t
+
+
+def test_mbox_message_reads_back_with_from_quoting_and_headers(inst):
+    cfg, env, r = queue(inst)
+    t = me_target(cfg)
+    reply = local.deliver(cfg, env, r, t)
+    assert reply.code == 250, reply
+    cfg, env2, r2 = queue(inst, body=b"Subject: second\n\nno newline at end", sender="")
+    assert local.deliver(cfg, env2, r2, t).code == 250
+    raw = open(t.path, "rb").read()
+    assert raw.startswith(b"From alice@remote.test ")
+    assert b"\n>From the start\n>>From quoted\n" in raw
+    assert b"\nFrom MAILER-DAEMON " in raw
+    assert raw.endswith(b"no newline at end\n\n")
+    box = mailbox.mbox(t.path)
+    msgs = list(box)
+    assert len(msgs) == 2
+    assert msgs[0]["Return-Path"] == "<alice@remote.test>"
+    assert msgs[0]["Delivered-To"] == "me@mx.example.test"
+    assert msgs[0]["Subject"] == "test"
+    assert msgs[1]["Return-Path"] == "<>"
+    assert msgs[1]["Subject"] == "second"
+    assert os.stat(t.path).st_mode & 0o777 == 0o600
+
+
+@needs_root
+def test_mailbox_is_created_owned_by_the_user_mode_0600(inst):
+    traversable(inst.root + "/mail")
+    cfg, env, r = queue(inst)
+    pw = pwd.getpwnam("nobody")
+    t = route.Router(cfg).mailbox_target(pw)
+    assert local.deliver(cfg, env, r, t).code == 250
+    st = os.stat(t.path)
+    assert (st.st_uid, st.st_mode & 0o777) == (pw.pw_uid, 0o600)
+    assert not os.path.exists(t.path + ".lock")
+
+
+def test_delivery_waits_for_a_dot_lock_held_by_another_process(inst):
+    cfg, env, r = queue(inst)
+    t = me_target(cfg)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys, time
+        fd = os.open({t.path + '.lock'!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        print("locked", flush=True)
+        time.sleep(1.5)
+        size = os.path.getsize({t.path!r}) if os.path.exists({t.path!r}) else 0
+        print(size, flush=True)
+        os.unlink({t.path + '.lock'!r})
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        reply = local.deliver(cfg, env, r, t)
+        waited = time.monotonic() - t0
+        out, _ = holder.communicate(timeout=10)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert reply.code == 250
+    assert waited >= 1.0
+    assert out.strip() == "0"          # nothing was written while the lock was held
+    assert len(mailbox.mbox(t.path)) == 1
+
+
+def test_stale_dot_lock_is_broken(inst, caplog):
+    cfg, env, r = queue(inst)
+    t = me_target(cfg)
+    with open(t.path + ".lock", "w"):
+        pass
+    old = time.time() - local.STALE_LOCK_AGE - 60
+    os.utime(t.path + ".lock", (old, old))
+    t0 = time.monotonic()
+    assert local.deliver(cfg, env, r, t).code == 250
+    assert time.monotonic() - t0 < 30
+    assert not os.path.exists(t.path + ".lock")
+    assert len(mailbox.mbox(t.path)) == 1
+
+
+def test_write_error_truncates_the_mailbox_back(inst):
+    cfg, env, r = queue(inst)
+    t = me_target(cfg)
+    assert local.deliver(cfg, env, r, t).code == 250
+    before = open(t.path, "rb").read()
+    cfg, env2, r2 = queue(inst, body=b"Subject: big\n\n" + b"x" * 200 + b"\n" * 20000)
+    # A child with RLIMIT_FSIZE just above the mailbox's size: write() fails EFBIG.
+    script = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+        from pymta import config, envelope, local, spool
+        cfg = config.load({inst.conf_path!r})
+        env = spool.Spool.from_config(cfg).read({env2.id!r})
+        t = local.Target("mailbox", user={t.user!r}, uid={t.uid}, gid={t.gid}, home="/",
+                         path={t.path!r})
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 5000}, {len(before) + 5000}))
+        print(local.deliver(cfg, env, env.recipients[0], t))
+        """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("552 5.2.2"), res.stdout
+    assert open(t.path, "rb").read() == before
+
+
+def test_mailbox_size_limit_refuses_with_552(make_instance):
+    inst = make_instance(mailbox_size_limit=1000)
+    cfg, env, r = queue(inst, body=b"Subject: big\n\n" + b"y" * 2000 + b"\n")
+    t = me_target(cfg)
+    reply = local.deliver(cfg, env, r, t)
+    assert (reply.code, reply.enhanced) == (552, "5.2.2")
+    assert not os.path.exists(t.path) or os.path.getsize(t.path) == 0
+
+
+def test_maildir_delivery_goes_through_tmp_into_new(inst, tmp_path):
+    cfg, env, r = queue(inst)
+    pw = pwd.getpwuid(os.getuid())
+    t = local.Target("maildir", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
+                     home=str(tmp_path), path=str(tmp_path / "Maildir"))
+    assert local.deliver(cfg, env, r, t).code == 250
+    assert local.deliver(cfg, env, r, t).code == 250
+    box = mailbox.Maildir(t.path, create=False)
+    msgs = list(box)
+    assert len(msgs) == 2
+    assert msgs[0]["Return-Path"] == "<alice@remote.test>"
+    assert msgs[0].get_payload().startswith("hello\nFrom the start\n")   # no quoting in Maildir
+    assert os.listdir(os.path.join(t.path, "tmp")) == []
+    assert len(os.listdir(os.path.join(t.path, "new"))) == 2
+
+
+def command_target(cfg, command, uid=-1):
+    rcpt = E.Recipient("|" + command, flags="a", parent="list@mx.example.test", uid=uid)
+    return rcpt, route.Router(cfg).route(rcpt).target
+
+
+def test_pipe_gets_the_message_and_environment_on_stdin(inst, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chmod(out, 0o777)
+    traversable(out)
+    cfg, env, _ = queue(inst)
+    rcpt, t = command_target(cfg, f"cat > {out}/msg; env > {out}/env; id -u > {out}/uid")
+    assert t.kind == "command"
+    reply = local.deliver(cfg, env, rcpt, t)
+    assert reply.code == 250, reply
+    msg = (out / "msg").read_bytes()
+    assert msg.startswith(b"Return-Path: <alice@remote.test>\nDelivered-To: list@mx.example.test\n")
+    assert msg.endswith(BODY)                    # no From_ line, no >From quoting
+    environ = dict(line.split("=", 1) for line in (out / "env").read_text().splitlines()
+                   if "=" in line)
+    assert environ["SENDER"] == "alice@remote.test"
+    assert environ["RECIPIENT"] == "list@mx.example.test"
+    assert environ["PATH"] == cfg.command_path
+    assert environ["SHELL"] == "/bin/sh"
+    uid = int((out / "uid").read_text())
+    if ROOT:
+        assert uid == pwd.getpwnam(cfg.default_privs).pw_uid
+        assert environ["USER"] == environ["LOGNAME"] == cfg.default_privs
+    else:
+        assert uid == os.getuid()
+
+
+def test_pipe_exit_75_defers_and_exit_1_fails_with_its_output(inst):
+    cfg, env, _ = queue(inst)
+    rcpt, t = command_target(cfg, "cat >/dev/null; echo try later; exit 75")
+    reply = local.deliver(cfg, env, rcpt, t)
+    assert reply.code // 100 == 4 and "try later" in reply.text
+    rcpt, t = command_target(cfg, "cat >/dev/null; echo no such list >&2; echo second; exit 1")
+    reply = local.deliver(cfg, env, rcpt, t)
+    assert reply.code // 100 == 5 and reply.enhanced.startswith("5.")
+    assert "no such list" in reply.text and "second" in reply.text
+
+
+def test_pipe_that_ignores_its_input_is_delivered(inst):
+    cfg, env, _ = queue(inst, body=b"Subject: x\n\n" + b"z" * 1_000_000 + b"\n")
+    rcpt, t = command_target(cfg, "exit 0")
+    assert local.deliver(cfg, env, rcpt, t).code == 250
+
+
+def test_command_time_limit_kills_the_command(make_instance):
+    inst = make_instance(command_time_limit="1s")
+    cfg, env, _ = queue(inst)
+    rcpt, t = command_target(cfg, "sleep 30")
+    t0 = time.monotonic()
+    reply = local.deliver(cfg, env, rcpt, t)
+    assert time.monotonic() - t0 < 10
+    assert reply.code // 100 == 5 and "time limit" in reply.text
+
+
+def test_file_target_appends_in_mbox_format(inst, tmp_path):
+    d = tmp_path / "files"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    traversable(d)
+    cfg, env, _ = queue(inst)
+    rcpt = E.Recipient(str(d / "log"), flags="a", parent="archive@mx.example.test")
+    r = route.Router(cfg).route(rcpt)
+    assert r.kind == "local" and r.target.kind == "file"
+    assert local.deliver(cfg, env, rcpt, r.target).code == 250
+    assert local.deliver(cfg, env, rcpt, r.target).code == 250
+    msgs = list(mailbox.mbox(str(d / "log")))
+    assert [m["Delivered-To"] for m in msgs] == ["archive@mx.example.test"] * 2
+    if ROOT:
+        assert os.stat(d / "log").st_uid == pwd.getpwnam(cfg.default_privs).pw_uid
+
+
+@needs_root
+def test_pipe_named_by_root_still_never_runs_as_root(inst, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    os.chmod(out, 0o777)
+    traversable(out)
+    cfg, env, _ = queue(inst)
+    t = local.Target("command", user="root", uid=0, gid=0, home="/root",
+                     command=f"id -u > {out}/uid")
+    rcpt = E.Recipient("|x", flags="a")
+    assert local.deliver(cfg, env, rcpt, t).code == 250
+    assert int((out / "uid").read_text()) == pwd.getpwnam(cfg.default_privs).pw_uid
