@@ -50,6 +50,10 @@ def _default_domain():
     return name.split(".", 1)[1] if "." in name else "localdomain"
 
 
+# Every parameter is documented from this table: after adding or changing one,
+# regenerate the sample config and the man page (tests/test_config.py checks):
+#   python -m pymta.confdoc conf > etc/pymta.conf
+#   python -m pymta.confdoc man > man/pymta.conf.5
 _PARAMS = [
     P("config_directory", STR, "/etc/pymta", "Directory of the configuration file; set from -C, for use as $config_directory.", section="files"),
     # -- identity and addressing
@@ -110,6 +114,7 @@ _PARAMS = [
     P("minimal_backoff_time", TIME, "300s", "Shortest wait before a deferred message is tried again.", section="queue"),
     P("maximal_backoff_time", TIME, "4000s", "Longest wait between two tries of a deferred message.", section="queue"),
     P("queue_run_delay", TIME, "300s", "Interval of the daemon's queue runs when -q gives none.", section="queue"),
+    P("delivery_mode", ENUM, "background", "How sendmail delivers a submission without -od: background (-odb), interactive (-odi) or queue (-odq).", choices=("background", "interactive", "queue"), section="queue"),
     P("queue_sweep_age", TIME, "1d", "Age after which orphan tf and df files (no qf) are removed by a queue run.", unit="d", section="queue"),
     P("delivery_process_limit", INT, "4", "Most messages delivered at once by one queue run.", section="queue"),
     P("bounce_notice_recipient", STR, "postmaster", "Who receives the copy of a bounce that could not be returned (double bounce).", section="queue"),

@@ -14,7 +14,8 @@ class Options:
     ignore_dots: bool = False        # -i, -oi
     sender: str = None               # -f / -r
     fullname: str = None             # -F
-    delivery_mode: str = "b"         # -od: b background, i interactive, q queue only
+    delivery_mode: str = None        # -od: b background, i interactive, q queue only;
+                                     # None: the delivery_mode parameter
     error_mode: str = "p"            # -oe: p print, m mail, q quiet, w write, e
     body_type: str = ""              # -B 7BIT | 8BITMIME
     dsn_notify: str = None           # -N never | success,failure,delay

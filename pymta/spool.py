@@ -67,6 +67,7 @@ rewrite replaces. A queue runner skips a locked message; mailq marks it *.
 After the lock is taken, the qf is checked again (it may have just gone).
 """
 
+import calendar
 import errno
 import os
 import re
@@ -130,8 +131,7 @@ def id_time(qid):
     year_now = time.gmtime().tm_year
     year = year_now - ((year_now - idx[0]) % 60)
     try:
-        return int(time.mktime((year, idx[1] + 1, idx[2], idx[3], idx[4], idx[5], 0, 0, 0))
-                   - time.timezone)
+        return calendar.timegm((year, idx[1] + 1, idx[2], idx[3], idx[4], idx[5], 0, 0, 0))
     except (OverflowError, ValueError):
         return None
 
@@ -601,7 +601,8 @@ class Spool:
             prefix, qid = name[:2], name[2:]
             if prefix not in ("tf", "df") or not valid_id(qid):
                 continue
-            has_control = ("qf" + qid) in names or ("hf" + qid) in names
+            # A quarantined Qf keeps its df: the message is kept for a human.
+            has_control = any(p + qid in names for p in ("qf", "hf", "Qf"))
             if prefix == "df" and has_control:
                 continue
             path = os.path.join(self.dir, name)
@@ -613,6 +614,8 @@ class Spool:
                 continue
             if self.is_locked(qid):
                 continue
+            if prefix == "df" and any(os.path.exists(self.path(p, qid)) for p in ("qf", "hf", "Qf")):
+                continue    # committed since the listing
             try:
                 os.unlink(path)
                 removed.append(name)
@@ -645,23 +648,25 @@ class Spool:
             if self.fsync:
                 os.fsync(fd)
             os.fchmod(fd, 0o700)
-        except OSError as e:
+        except BaseException as e:
             os.close(fd)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            raise _disk_error(e, f"write {path}") from None
+            _unlink_quiet(path)
+            if isinstance(e, OSError):
+                raise _disk_error(e, f"write {path}") from None
+            raise
         os.close(fd)
         return name
 
-    def pickup(self, log=None, trusted_uids=()):
+    def pickup(self, log=None, trusted_uids=(), hostname=None, mail_name="pymta"):
         """Commit every complete maildrop file to queue/; returns new ids.
 
         Trust nothing in the file but its owner: the uid comes from fstat,
-        recipients lose every flag but DSN NOTIFY, states restart, and the
-        client fields are cleared. A file that fails to parse is removed and
-        logged (the user has their own copy of a message they typed).
+        recipients lose every flag but DSN NOTIFY and n, states restart, and
+        the client fields are cleared; program, file and :include: recipients
+        are dropped. A file that fails to parse is removed and logged (the user
+        has their own copy of a message they typed). The message gets its
+        ``Received:`` line here, with its queue id and the owner's login
+        (pass ``hostname=cfg.myhostname``). Must run as root to read the files.
         """
         try:
             names = os.listdir(self.maildrop)
@@ -675,7 +680,13 @@ class Spool:
             except OSError:
                 continue
             try:
-                st = os.fstat(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    st = os.fstat(fd)
+                    if os.stat(path, follow_symlinks=False).st_ino != st.st_ino:
+                        continue    # another pickup took it
+                except OSError:
+                    continue
                 if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                     if log:
                         log(f"maildrop/{name}: not a plain file, removed")
@@ -685,7 +696,7 @@ class Spool:
                     if time.time() - st.st_mtime > 86400:
                         _unlink_quiet(path)
                     continue
-                qid = self._pickup_one(fd, st, log, name, trusted_uids)
+                qid = self._pickup_one(fd, st, log, name, hostname, mail_name)
                 _unlink_quiet(path)
                 if qid:
                     ids.append(qid)
@@ -693,12 +704,13 @@ class Spool:
                 os.close(fd)
         return ids
 
-    def _pickup_one(self, fd, st, log, name, trusted_uids):
+    def _pickup_one(self, fd, st, log, name, hostname, mail_name):
         f = open(fd, "rb", closefd=False)
-        head = []
+        head, size = [], 0
         while True:
             line = f.readline(1 << 20)
-            if not line:
+            size += len(line)
+            if not line or size > MAILDROP_HEAD_MAX:
                 if log:
                     log(f"maildrop/{name}: torn submission from uid {st.st_uid}, removed")
                 return None
@@ -718,25 +730,55 @@ class Spool:
         env.created = int(time.time())
         env.extra = []
         env.held = env.warned = False
+        refused = [r.address for r in env.recipients
+                   if r.address.startswith(("|", "/", '"|', '"/'))
+                   or r.address.lower().lstrip('"').startswith(":include:")]
+        env.recipients = [r for r in env.recipients if r.address not in refused]
+        if refused and log:
+            log(f"maildrop/{name}: uid {st.st_uid}: refused recipients {refused!r}")
+        if not env.recipients:
+            return None
         for r in env.recipients:
-            r.flags = "".join(c for c in r.flags if c in "SFDN") + E.PRIMARY
+            r.flags = "".join(c for c in r.flags if c in "SFDNn") + E.PRIMARY
             r.state = E.QUEUED
             r.dsn = r.text = r.relay = r.parent = ""
             r.uid = -1
             r.extra = {}
         env.status = ""
         with self.new_message() as w:
+            w.write(_received(w.id, st.st_uid, hostname, mail_name))
+            eight_bit = False
             while True:
                 chunk = f.read(256 * 1024)
                 if not chunk:
                     break
+                eight_bit = eight_bit or not chunk.isascii()
                 w.write(chunk)
+            if eight_bit and not env.body_type:
+                env.body_type = "8BITMIME"
             env.priority = 0
             qid = w.commit(env)
         if log:
             log(f"{qid}: uid={st.st_uid} from=<{env.sender}>, size={w.size}, "
                 f"nrcpts={len(env.recipients)} (maildrop)")
         return qid
+
+
+MAILDROP_HEAD_MAX = 16 << 20
+
+
+def _received(qid, uid, hostname, mail_name):
+    """The Received: line of a message picked up from the maildrop."""
+    import pwd
+    import socket
+    from email.utils import formatdate
+    try:
+        login = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        login = f"uid{uid}"
+    host = hostname or socket.gethostname()
+    return (f"Received: (from {login}@localhost uid {uid})\n\tby {host} ({mail_name}) "
+            f"id {qid};\n\t{formatdate(localtime=True)}\n").encode("utf-8", "surrogateescape")
 
 
 def _unlink_quiet(path):
