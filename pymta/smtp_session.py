@@ -677,7 +677,7 @@ class Session:
             reply = data.error
         elif data.long_line:
             reply = R_LONG_LINE
-        elif data.hops() > self.cfg.hopcount_limit:
+        elif data.hops() + 1 > self.cfg.hopcount_limit:   # + the Received: added here
             reply = R_HOPS
         if reply is not None:
             writer.abort()
