@@ -150,12 +150,12 @@ def _dot_lock(path, notes):
     deadline = time.time() + LOCK_TIMEOUT
     while True:
         try:
-            lock.acquire(timeout=min(5, max(0.1, deadline - time.time())))
+            lock.acquire(timeout=0)
             return lock
         except lockfile.LockFailed:
             notes.append(f"cannot create a dot-lock beside {path}; using fcntl only")
             return None
-        except lockfile.LockTimeout:
+        except lockfile.AlreadyLocked:
             pass
         try:
             age = time.time() - os.stat(lock_path).st_mtime
@@ -170,6 +170,7 @@ def _dot_lock(path, notes):
             continue
         if time.time() >= deadline:
             raise _Deferred(Reply(450, "4.2.0", f"Mailbox {path} is locked (dot-lock)"))
+        time.sleep(0.2)
 
 
 def _fcntl_lock(fd, path):

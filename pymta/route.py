@@ -4,7 +4,10 @@ Local names (no domain, or a mydestination domain) go through the aliases,
 then the user's .forward, then the password file; ``user+tag`` falls back to
 ``user``. Expansion is done here in full (aliases, :include: files, .forward
 files, recursively) so the queue runner records the final recipients once:
-loops fail with 5.4.6, duplicates are dropped, depth is bounded.
+duplicates are dropped, a name reached again inside its own expansion is
+dropped as sendmail does, and when nothing is left (``a: b``, ``b: a``, or
+two .forward files naming each other) the recipient fails with 5.4.6, as it
+does beyond MAX_DEPTH levels.
 
 Pipes and files are only ever produced by expansion (flag ``a``); typed by a
 client they are refused with 550 5.7.1 before anything is run or written.
@@ -213,7 +216,7 @@ class Router:
         return self._expand_top(rcpt, name)
 
     def _expand_top(self, rcpt, name):
-        state = {"children": [], "seen": set()}
+        state = {"children": [], "seen": set(), "loops": []}
         try:
             if name is None:
                 self._include(rcpt.address[9:].strip(), rcpt, state, ("include",), 1)
@@ -232,7 +235,12 @@ class Router:
             owner = "owner-" + name.lower()
             if self.aliases.lookup(owner) is not None:
                 sender = f"{owner}@{self.cfg.myhostname}"
+        for chain in state["loops"]:
+            self.log.warning(f"<{rcpt.address}>: alias loop {' -> '.join(chain)} ignored")
         if not state["children"]:
+            if state["loops"]:
+                chain = " -> ".join(state["loops"][0])
+                return _fail(554, "5.4.6", f"Aliasing/forwarding loop broken: {chain}")
             return _fail(550, "5.1.1", f"<{rcpt.address}>: expands to no recipients")
         return Route("expand", children=state["children"], sender=sender)
 
@@ -253,7 +261,8 @@ class Router:
         'expanded' or 'unknown'. Raises _Loop."""
         key = name.lower()
         if key in stack:
-            raise _Loop(stack + (key,))
+            state["loops"].append(stack + (key,))
+            return "expanded"
         if depth > MAX_DEPTH:
             raise _Loop(stack + (key, f"... ({MAX_DEPTH} levels max)"))
         stack = stack + (key,)
@@ -272,7 +281,8 @@ class Router:
                     if top:
                         state["pw"] = pw
                         return "user"
-                    self._child(state, rcpt, self._qualify_user(name), E.NO_ALIAS)
+                    final = pw.pw_name + name[len(n):]
+                    self._child(state, rcpt, self._qualify_user(final), E.NO_ALIAS)
                     return "expanded"
                 self._targets(fwd, n.lower(), rcpt, state, stack, depth, "forward", pw.pw_uid)
                 return "expanded"
@@ -318,7 +328,8 @@ class Router:
     def _include(self, path, rcpt, state, stack, depth):
         key = ":include:" + path
         if key in stack:
-            raise _Loop(stack + (key,))
+            state["loops"].append(stack + (key,))
+            return
         if depth > MAX_DEPTH:
             raise _Loop(stack + (key, f"... ({MAX_DEPTH} levels max)"))
         try:

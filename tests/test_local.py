@@ -121,6 +121,7 @@ def test_stale_dot_lock_is_broken(inst, caplog):
     assert local.deliver(cfg, env, r, t).code == 250
     assert time.monotonic() - t0 < 30
     assert not os.path.exists(t.path + ".lock")
+    assert "stale lock" in caplog.text
     assert len(mailbox.mbox(t.path)) == 1
 
 
