@@ -78,7 +78,7 @@ class Connection:
 
     def __init__(self, smtp, host, ip, port, tls):
         self.smtp, self.host, self.ip, self.port, self.tls = smtp, host, ip, port, tls
-        self.relay = f"{host} [{ip}]:{port}"
+        self.relay = f"{host.strip('[]')} [{ip}]:{port}"
 
     def close(self, quit=True):
         try:
@@ -414,7 +414,7 @@ def deliver(cfg, env, rcpts, domain, log=None, resolver=None, cache=None, verbos
             if conn is None:
                 log.info(f"{env.id}: {why.text}" if why.text.startswith(("connect", "lost", "TLS"))
                          else f"{env.id}: {host.name}[{ip}]:{port} said: {why}")
-                last, relay = why, f"{host.name} [{ip}]:{port}"
+                last, relay = why, f"{host.name.strip('[]')} [{ip}]:{port}"
                 continue
             results, reusable = transaction(cfg, conn, env, rcpts, spool)
             _finish(cache, key, conn, reusable)

@@ -124,6 +124,9 @@ class _Handler(socketserver.StreamRequestHandler):
                     return
                 if not str(sink.mail).startswith("2"):
                     t = None
+                else:
+                    with sink._lock:
+                        sink.transactions.append(t)
             elif verb == "RCPT":
                 addr, params = _addr(arg.split(":", 1)[1] if ":" in arg else "")
                 if t is None:
@@ -133,8 +136,6 @@ class _Handler(socketserver.StreamRequestHandler):
                 t.rcpt_params[addr] = params
                 action = sink.rcpt.get(addr, sink.default_rcpt)
                 if not self.act(action):
-                    with sink._lock:
-                        sink.transactions.append(t)
                     return
                 if str(action).startswith("2"):
                     t.accepted.append(addr)
@@ -147,21 +148,18 @@ class _Handler(socketserver.StreamRequestHandler):
                 while True:
                     dline = self.rfile.readline()
                     if not dline:
-                        with sink._lock:
-                            sink.transactions.append(t)
                         return
                     raw.append(dline)
                     if dline == b".\r\n":
                         break
                 t.raw = b"".join(raw)
                 t.data = b"".join(l[1:] if l.startswith(b".") else l for l in raw[:-1])
-                with sink._lock:
-                    sink.transactions.append(t)
-                    sink.data_seen.set()
+                sink.data_seen.set()
                 action = sink.data
-                if not self.act(action, f"2.0.0 Ok: queued as SINK{len(sink.transactions)}"):
-                    return
                 t.complete = str(action).startswith("2")
+                if not self.act(action, f"2.0.0 Ok: queued as SINK{sink.transactions.index(t) + 1}"):
+                    t.complete = False
+                    return
                 t = None
             elif verb == "RSET":
                 t = None

@@ -1,0 +1,182 @@
+"""RFC 3464 delivery status notifications: bounces and delay warnings.
+
+``report()`` writes one ``multipart/report; report-type=delivery-status``
+message for a set of recipients that failed (or are delayed) together and
+commits it to the spool with the null sender, like any other message: a
+readable text part, the ``message/delivery-status`` part, then the
+original message (``message/rfc822``) or only its header
+(``text/rfc822-headers``, for RET=HDRS or a delay warning), streamed from
+the df. A message from ``<>`` is never bounced: its report goes to
+``bounce_notice_recipient`` from ``double_bounce_sender`` instead, and a
+failed double bounce is only logged.
+"""
+
+import email.utils
+import logging
+import secrets
+import time
+
+from . import envelope as E
+from .address import qualify
+from .spool import Spool
+
+CHUNK = 256 * 1024
+
+
+def _date(t):
+    return email.utils.formatdate(t, localtime=True)
+
+
+def double_bounce_address(cfg):
+    return qualify(cfg.double_bounce_sender, cfg.myorigin)
+
+
+def _relay_host(relay):
+    """'mx.example [192.0.2.1]:25' -> 'mx.example'."""
+    return relay.split(" ")[0].split("[")[0] if relay else ""
+
+
+def _diagnostic(r):
+    text = r.text or r.dsn
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def _status_fields(cfg, env, rcpts, action, now):
+    lines = [f"Reporting-MTA: dns; {cfg.myhostname}", f"X-Pymta-Queue-ID: {env.id}"]
+    if env.envid:
+        lines.append(f"Original-Envelope-Id: {env.envid}")
+    lines.append(f"Arrival-Date: {_date(env.created or now)}")
+    for r in rcpts:
+        lines.append("")
+        lines.append(f"Final-Recipient: rfc822; {r.address}")
+        if r.orcpt:
+            kind, _, value = r.orcpt.partition(";")
+            lines.append(f"Original-Recipient: {kind.strip()}; {value.strip()}")
+        lines.append(f"Action: {action}")
+        lines.append(f"Status: {r.dsn or ('5.0.0' if action == 'failed' else '4.0.0')}")
+        host = _relay_host(r.relay)
+        if host and not host.startswith("local"):
+            lines.append(f"Remote-MTA: dns; {host}")
+        diag = _diagnostic(r)
+        if diag:
+            lines.append(f"Diagnostic-Code: smtp; {diag}")
+        lines.append(f"Last-Attempt-Date: {_date(r.updated or env.last_attempt or now)}")
+        if action == "delayed":
+            until = env.created + (cfg.bounce_queue_lifetime if env.is_bounce
+                                   else cfg.maximal_queue_lifetime)
+            lines.append(f"Will-Retry-Until: {_date(until)}")
+    return "\n".join(lines) + "\n"
+
+
+def _text_part(cfg, env, rcpts, action, double, now):
+    who = "your message"
+    if double:
+        head = (f"This is the mail system at host {cfg.myhostname}.\n\n"
+                "A message with the null sender <> (a bounce or other notice) could\n"
+                "not be delivered. It is reported here instead of being returned.\n")
+    elif action == "failed":
+        head = (f"This is the mail system at host {cfg.myhostname}.\n\n"
+                f"I'm sorry to have to inform you that {who} could not\n"
+                "be delivered to one or more recipients. It's attached below.\n\n"
+                "For further assistance, please send mail to postmaster.\n")
+    else:
+        hours = max(1, int((now - env.created) // 3600)) if env.created else 0
+        head = (f"This is the mail system at host {cfg.myhostname}.\n\n"
+                f"#################################################################\n"
+                f"# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #\n"
+                f"#################################################################\n\n"
+                f"Your message could not be delivered for {hours} hour(s).\n"
+                "It will be retried until it is too old; the headers are attached.\n")
+    lines = [head, ""]
+    for r in rcpts:
+        relay = f" (relay {r.relay})" if r.relay else ""
+        lines.append(f"<{r.address}>: {_diagnostic(r)}{relay}")
+    return "\n".join(lines) + "\n"
+
+
+def report(cfg, env, rcpts, action="failed", now=None, log=None, spool=None):
+    """Commit the report about ``rcpts`` of ``env``; returns the new
+    message's MessageLock (the caller delivers it and releases the lock),
+    or None when no report is due (NOTIFY, or a double bounce that failed)."""
+    log = log or logging.getLogger("pymta")
+    now = int(now if now is not None else time.time())
+    spool = spool or Spool.from_config(cfg)
+    double = env.is_bounce
+    dbl_addr = double_bounce_address(cfg)
+    if env.sender.lower() == dbl_addr.lower():
+        log.info(f"{env.id}: double bounce to <{rcpts[0].address}> failed too; "
+                 "discarded (logged only)")
+        return None
+    if double:
+        if action != "failed":
+            return None
+        to, sender = qualify(cfg.bounce_notice_recipient, cfg.myorigin), dbl_addr
+    else:
+        what = "F" if action == "failed" else "D"
+        rcpts = [r for r in rcpts if r.notify(what)]
+        if not rcpts:
+            return None
+        to, sender = env.sender, ""
+    boundary = f"{env.id}.{now}.{secrets.token_hex(4)}/{cfg.myhostname}"
+    headers_only = action != "failed" or env.ret.upper() == "HDRS"
+    if action == "failed":
+        subject = ("Postmaster notify: see transcript for details" if double
+                   else "Undelivered Mail Returned to Sender")
+    else:
+        subject = "Delayed Mail (still being retried)"
+    head = (
+        f"Date: {_date(now)}\n"
+        f"From: Mail Delivery System <MAILER-DAEMON@{cfg.myhostname}>\n"
+        f"To: <{to}>\n"
+        f"Subject: {subject}\n"
+        f"Message-ID: <{env.id}.{now}.{secrets.token_hex(3)}@{cfg.myhostname}>\n"
+        f"Auto-Submitted: auto-replied\n"
+        f"MIME-Version: 1.0\n"
+        f"Content-Type: multipart/report; report-type=delivery-status;\n"
+        f"\tboundary=\"{boundary}\"\n"
+        f"Content-Transfer-Encoding: {'8bit' if env.body_type == '8BITMIME' else '7bit'}\n"
+        f"\n"
+        f"This is a MIME-encapsulated message.\n\n"
+        f"--{boundary}\n"
+        f"Content-Description: Notification\n"
+        f"Content-Type: text/plain; charset=us-ascii\n\n"
+        + _text_part(cfg, env, rcpts, action, double, now)
+        + f"\n--{boundary}\n"
+        f"Content-Description: Delivery report\n"
+        f"Content-Type: message/delivery-status\n\n"
+        + _status_fields(cfg, env, rcpts, action, now)
+        + f"\n--{boundary}\n"
+    )
+    if headers_only:
+        head += ("Content-Description: Undelivered Message Headers\n"
+                 "Content-Type: text/rfc822-headers\n\n")
+    else:
+        head += ("Content-Description: Undelivered Message\n"
+                 "Content-Type: message/rfc822\n\n")
+    new = E.Envelope(sender=sender, protocol="local", created=now,
+                     body_type="8BITMIME" if env.body_type == "8BITMIME" else "")
+    new.add_recipient(to, flags=E.PRIMARY)
+    with spool.new_message() as w:
+        w.write(head.encode("utf-8", "replace"))
+        last = b"\n"
+        with spool.open_data(env.id) as f:
+            if headers_only:
+                for line in f:
+                    if line in (b"\n", b"\r\n"):
+                        break
+                    w.write(line)
+                    last = line[-1:]
+            else:
+                while True:
+                    chunk = f.read(CHUNK)
+                    if not chunk:
+                        break
+                    w.write(chunk)
+                    last = chunk[-1:]
+        w.write((b"" if last == b"\n" else b"\n") + f"\n--{boundary}--\n".encode())
+        qid = w.commit(new)
+        lock = w.handoff()
+    kind = "postmaster notify" if double else ("DSN" if action == "failed" else "delay warning")
+    summary = ", ".join(f"<{r.address}> {r.dsn}" for r in rcpts)
+    log.info(f"{env.id}: {qid}: {kind}: {summary}")
+    return lock

@@ -1,0 +1,521 @@
+"""The queue runner: scan, lock, route, deliver, record, retry, expire, bounce.
+
+One pass (``sendmail -q``, the daemon's interval, cron) picks up the
+maildrop, sweeps orphans, then hands every due message to a bounded pool of
+threads. A worker takes the message's lock (a locked message is someone
+else's: skipped), reads the qf, routes each pending recipient and delivers:
+local targets through local.deliver(), remote ones grouped by next hop, one
+SMTP transaction per hop. It then rewrites the qf atomically with each
+recipient's outcome, the attempt count, the next try (exponential back-off
+between minimal_backoff_time and maximal_backoff_time) and the ``M`` status
+that mailq shows. Failed recipients get one RFC 3464 report; a message
+with no pending recipient left is removed, qf first, then df.
+
+Whether a message is due is read from its ``Y`` line in the qf's first
+bytes, so an idle pass costs one small read per queued message, not a parse.
+Crash safety: a qf is rewritten before the next step that depends on it
+(expansions before delivering the children); a crash between a delivery
+and the rewrite that records it means that recipient is tried again: at
+least once, never lost.
+"""
+
+import concurrent.futures
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from . import bounce, mx, remote
+from . import envelope as E
+from .address import domain_of
+from .spool import Spool
+from .status import (EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Outcome, PymtaError, Reply,
+                     SpoolCorrupt)
+
+MAX_EXPANSION_ROUNDS = 10
+
+
+def fmt_delay(seconds):
+    """sendmail's delay format: HH:MM:SS, with a D+ prefix past a day."""
+    seconds = max(0, int(seconds))
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    return (f"{d}+" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def backoff(cfg, attempts):
+    """Seconds to wait after the ``attempts``-th failed try: doubling from
+    minimal_backoff_time, capped at maximal_backoff_time."""
+    lo, hi = cfg.minimal_backoff_time, max(cfg.minimal_backoff_time, cfg.maximal_backoff_time)
+    return min(hi, lo * (2 ** min(max(attempts - 1, 0), 30)))
+
+
+def read_next_try(path):
+    """The Y value of a qf from its first bytes (0 when absent), or None if
+    the file is gone."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except FileNotFoundError:
+        return None
+    i = head.find(b"\nY")
+    if i < 0:
+        return 0
+    j = head.find(b"\n", i + 1)
+    try:
+        return int(head[i + 2:j if j > 0 else None])
+    except ValueError:
+        return 0
+
+
+@dataclass
+class Summary:
+    """How one delivery attempt of one message went."""
+
+    id: str = ""
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+    skipped: str = ""       # why nothing was tried ("locked", "not due", "held"...)
+
+    @property
+    def outcome(self):
+        """PERMFAIL if any recipient failed (a bounce went out), else
+        TEMPFAIL if any was deferred, else OK."""
+        if self.failed:
+            return Outcome.PERMFAIL
+        if self.deferred:
+            return Outcome.TEMPFAIL
+        return Outcome.OK
+
+    @property
+    def exit_code(self):
+        """0 all sent; EX_UNAVAILABLE (69) some failed; EX_TEMPFAIL (75)
+        some deferred and none failed."""
+        return {Outcome.OK: EX_OK, Outcome.TEMPFAIL: EX_TEMPFAIL,
+                Outcome.PERMFAIL: EX_UNAVAILABLE}[self.outcome]
+
+
+@dataclass
+class PassStats:
+    messages: int = 0
+    tried: int = 0
+    removed: int = 0
+    deferred: int = 0
+    locked: int = 0
+    not_due: int = 0
+    quarantined: int = 0
+    picked_up: int = 0
+
+
+def matches(filters, qid, env):
+    """sendmail's -qI/-qR/-qS/-qQ selection: filters of one kind are OR'ed,
+    kinds are AND'ed; '!' negates; R and S ignore case."""
+    by_kind = {}
+    for kind, sub, negate in filters:
+        by_kind.setdefault(kind, []).append((sub, negate))
+    for kind, items in by_kind.items():
+        if kind == "I":
+            values = [qid]
+        elif kind == "R":
+            values = [r.address.lower() for r in env.recipients if not r.done]
+        elif kind == "S":
+            values = [env.sender.lower()]
+        else:  # Q: the hold (quarantine) reason
+            values = [env.status.lower()] if env.held else []
+        ok = False
+        for sub, negate in items:
+            s = sub if kind == "I" else sub.lower()
+            hit = any(s in v for v in values)
+            if hit != negate:
+                ok = True
+        if not ok:
+            return False
+    return True
+
+
+class Runner:
+    """Delivers queued messages. ``now`` is the clock (tests move it)."""
+
+    def __init__(self, cfg, log=None, now=time.time, verbose=False):
+        self.cfg = cfg
+        self.log = log or logging.getLogger("pymta")
+        self.now = now
+        self.verbose = verbose
+        self.spool = Spool.from_config(cfg)
+        self.resolver = mx.make_resolver(cfg)
+        self.cache = remote.ConnectionCache(per_destination=max(1, cfg.delivery_process_limit))
+        self._router = None
+        self._router_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+
+    # -- a pass over the queue
+    def run_pass(self, filters=()):
+        """Deliver every due message once; returns PassStats."""
+        st = PassStats()
+        st.picked_up = len(self.spool.pickup(log=self.log.info))
+        self.spool.sweep(self.cfg.queue_sweep_age, now=self.now(), log=self.log.info)
+        now = self.now()
+        due = []
+        for qid in self.spool.ids("qf"):
+            st.messages += 1
+            if not self._id_selected(filters, qid):
+                continue
+            y = read_next_try(self.spool.path("qf", qid))
+            if y is None:
+                continue
+            if y > now:
+                st.not_due += 1
+                continue
+            due.append(qid)
+        workers = max(1, self.cfg.delivery_process_limit)
+        try:
+            if workers == 1 or len(due) <= 1:
+                for qid in due:
+                    self._one(qid, filters, st)
+            else:
+                with concurrent.futures.ThreadPoolExecutor(workers, "pymta-deliver") as ex:
+                    for fut in [ex.submit(self._one, qid, filters, st) for qid in due]:
+                        fut.result()
+        finally:
+            self.cache.close_all()
+        return st
+
+    @staticmethod
+    def _id_selected(filters, qid):
+        ids = [(s, n) for k, s, n in filters if k == "I"]
+        return not ids or any((s in qid) != n for s, n in ids)
+
+    def _one(self, qid, filters, st):
+        lock = self.spool.lock(qid)
+        if lock is None:
+            with self._stats_lock:
+                st.locked += 1
+            return
+        with lock:
+            try:
+                summ = self._deliver(lock, filters=filters, honour_next_try=True)
+            except Exception as e:  # one bad message must not stop the pass
+                self.log.exception(f"{qid}: delivery attempt failed: {e}")
+                return
+        with self._stats_lock:
+            if summ.skipped == "corrupt":
+                st.quarantined += 1
+            elif not summ.skipped:
+                st.tried += 1
+                if summ.deferred:
+                    st.deferred += 1
+                else:
+                    st.removed += 1
+
+    def deliver_locked(self, lock):
+        """Deliver the message whose MessageLock the caller holds (and keeps:
+        the caller releases it). Returns a Summary; ``.exit_code`` suits
+        ``sendmail -odi``."""
+        try:
+            return self._deliver(lock)
+        finally:
+            self.cache.close_all()
+
+    # -- one message
+    def _deliver(self, lock, filters=(), honour_next_try=False):
+        qid = lock.id
+        summ = Summary(id=qid)
+        try:
+            env = self.spool.read(qid)
+        except FileNotFoundError:
+            summ.skipped = "gone"
+            return summ
+        except SpoolCorrupt as e:
+            self.spool.quarantine(qid)
+            self.log.error(f"{qid}: unreadable control file, quarantined as Qf{qid}: {e}")
+            summ.skipped = "corrupt"
+            return summ
+        now = self.now()
+        if env.held:
+            summ.skipped = "held"
+            return summ
+        if honour_next_try and env.next_try > now:
+            summ.skipped = "not due"
+            return summ
+        if filters and not matches(filters, qid, env):
+            summ.skipped = "filtered"
+            return summ
+        later = []      # locks of messages made here (bounces, owner- copies)
+        try:
+            self._attempt(env, summ, now, later)
+        finally:
+            for new_lock in later:
+                with new_lock:
+                    try:
+                        self._deliver(new_lock)
+                    except Exception as e:
+                        self.log.exception(f"{new_lock.id}: delivery attempt failed: {e}")
+        return summ
+
+    def _attempt(self, env, summ, now, later):
+        cfg = self.cfg
+        env.tally = summ
+        lifetime = cfg.bounce_queue_lifetime if env.is_bounce else cfg.maximal_queue_lifetime
+        expired = now - env.created >= lifetime
+        if expired:
+            for r in env.pending:
+                why = r.text or "no attempt made"
+                self._record(env, r, Reply(554, "4.4.7", f"Message expired after "
+                                           f"{fmt_delay(now - env.created)}; last error: {why}"),
+                             now, now, "", relay=r.relay, state=E.FAILED)
+        else:
+            self._route_and_deliver(env, now, later)
+        self._notify(env, now, later)
+        if not env.pending:
+            self.spool.remove(env.id)
+            if not any(r.state == E.FAILED for r in env.recipients):
+                self.log.info(f"{env.id}: done")
+            return
+        env.attempts += 1
+        env.last_attempt = int(now)
+        env.next_try = int(now + backoff(cfg, env.attempts))
+        deferred = [r for r in env.pending if r.text]
+        env.status = f"Deferred: {deferred[-1].text}" if deferred else env.status
+        self.spool.rewrite(env)
+
+    def _notify(self, env, now, later):
+        """Bounce F recipients (then mark them B); send a delay warning once."""
+        failed = [r for r in env.recipients if r.state == E.FAILED]
+        if failed:
+            try:
+                lock = bounce.report(self.cfg, env, failed, "failed", now=now, log=self.log,
+                                     spool=self.spool)
+            except PymtaError as e:
+                self.log.error(f"{env.id}: could not queue the bounce: {e}")
+                return
+            if lock is not None:
+                later.append(lock)
+            for r in failed:
+                r.state = E.BOUNCED
+            if env.pending:
+                self.spool.rewrite(env)
+        dwt = self.cfg.delay_warning_time
+        if dwt and not env.warned and not env.is_bounce and now - env.created >= dwt:
+            delayed = [r for r in env.pending if r.state == E.DEFERRED]
+            if delayed:
+                try:
+                    lock = bounce.report(self.cfg, env, delayed, "delayed", now=now,
+                                         log=self.log, spool=self.spool)
+                except PymtaError as e:
+                    self.log.error(f"{env.id}: could not queue the delay warning: {e}")
+                    return
+                env.warned = True
+                if lock is not None:
+                    later.append(lock)
+
+    # -- routing
+    def _get_router(self):
+        with self._router_lock:
+            if self._router is None:
+                try:
+                    from . import route
+                except ImportError:
+                    return None
+                self._router = route.Router(self.cfg, log=self.log)
+            return self._router
+
+    def _route_and_deliver(self, env, now, later):
+        for _ in range(MAX_EXPANSION_ROUNDS):
+            pending = [r for r in env.recipients if r.pending]
+            if not pending:
+                return
+            router = self._get_router()
+            groups = {}
+            locals_ = []
+            expanded = False
+            for r in pending:
+                if router is None:
+                    if self.cfg.is_local_domain(domain_of(r.address)) or not domain_of(r.address):
+                        self.log.error(f"{env.id}: <{r.address}>: local delivery unavailable "
+                                       "(pymta.route is not installed)")
+                        self._record(env, r, Reply(451, "4.3.5", "local delivery unavailable"),
+                                     now, now, "local")
+                        continue
+                    groups.setdefault(remote.next_hop(self.cfg, r.address), []).append((r, r.address))
+                    continue
+                try:
+                    rt = router.route(r, env)
+                except PymtaError as e:
+                    self._record(env, r, e.reply, now, now, "local")
+                    continue
+                if rt.kind == "fail":
+                    self._record(env, r, rt.reply, now, now, "local")
+                elif rt.kind == "local":
+                    locals_.append((r, rt.target))
+                elif rt.kind == "remote":
+                    groups.setdefault(rt.domain, []).append((r, getattr(rt, "address", r.address)))
+                elif rt.kind == "expand":
+                    self._expand(env, r, rt, now, later)
+                    expanded = True
+            if expanded:
+                # The expansion is on disk before any child is delivered.
+                self.spool.rewrite(env)
+            for r, target in locals_:
+                self._deliver_local(env, r, target, now)
+            for domain, items in groups.items():
+                self._deliver_remote(env, domain, items, now)
+            if not expanded:
+                return
+        for r in env.pending:
+            if r.state == E.QUEUED:
+                self._record(env, r, Reply(554, "5.4.6", "alias expansion too deep"), now, now, "local")
+
+    def _expand(self, env, parent, rt, now, later):
+        children = list(rt.children)
+        parent.set_state(E.EXPANDED, "2.0.0", f"expanded to {len(children)} recipient(s)",
+                         now=now)
+        if not children:
+            return
+        if rt.sender:
+            # owner-LIST: the list's copy becomes its own message, so that
+            # its bounces go to the owner.
+            new = E.Envelope(sender=rt.sender, created=env.created, body_type=env.body_type,
+                             smtputf8=env.smtputf8, envid=env.envid, ret=env.ret,
+                             protocol=env.protocol, helo=env.helo, client_addr=env.client_addr,
+                             client_name=env.client_name, auth_user=env.auth_user, uid=env.uid)
+            new.recipients = children
+            with self.spool.new_message() as w, self.spool.open_data(env.id) as f:
+                while True:
+                    chunk = f.read(256 * 1024)
+                    if not chunk:
+                        break
+                    w.write(chunk)
+                qid = w.commit(new)
+                later.append(w.handoff())
+            self.log.info(f"{env.id}: {qid}: clone: owner={rt.sender}, "
+                          f"{len(children)} recipient(s) of <{parent.address}>")
+        else:
+            seen = {r.address.lower() for r in env.recipients if r.state != E.EXPANDED}
+            for c in children:
+                if c.address.lower() not in seen:
+                    env.recipients.append(c)
+                    seen.add(c.address.lower())
+
+    def _deliver_local(self, env, r, target, now):
+        from . import local
+        t0 = self.now()
+        try:
+            reply = local.deliver(self.cfg, env, r, target, log=self.log)
+        except PymtaError as e:
+            reply = e.reply
+        kind = getattr(target, "kind", "")
+        mailer = {"command": "prog", "file": "file"}.get(kind, "local")
+        self._record(env, r, reply, now, t0, mailer, relay="local")
+
+    def _deliver_remote(self, env, domain, items, now):
+        t0 = self.now()
+        rcpts = []
+        for r, addr in items:
+            if addr and addr != r.address:
+                copy = E.Recipient(addr, flags=r.flags, orcpt=r.orcpt or f"rfc822;{r.address}")
+                rcpts.append(copy)
+            else:
+                rcpts.append(r)
+        try:
+            results = remote.deliver(self.cfg, env, rcpts, domain, log=self.log,
+                                     resolver=self.resolver, cache=self.cache,
+                                     verbose=self.verbose)
+        except PymtaError as e:
+            results = remote.Results({x.address: e.reply for x in rcpts})
+        for (r, _), sent_as in zip(items, rcpts):
+            reply = results.get(sent_as.address,
+                                Reply(451, "4.3.0", "no result from remote delivery"))
+            self._record(env, r, reply, now, t0, "esmtp", relay=results.relay)
+
+    def _record(self, env, r, reply, now, t0, mailer, relay="", state=None):
+        """Set a recipient's outcome and write its maillog line."""
+        if state is None:
+            state = {"ok": E.SENT, "tempfail": E.DEFERRED, "permfail": E.FAILED}[reply.outcome.value]
+        r.set_state(state, reply.dsn, str(reply), relay=relay, now=now)
+        tally = getattr(env, "tally", None)
+        if tally is not None:
+            if state == E.SENT:
+                tally.sent += 1
+            elif state == E.DEFERRED:
+                tally.deferred += 1
+            else:
+                tally.failed += 1
+        end = self.now()
+        if state == E.SENT:
+            stat = f"Sent ({reply.text if reply.code == 250 else reply})"
+        elif state == E.DEFERRED:
+            stat = f"Deferred: {reply}"
+        else:
+            stat = str(reply)
+        parts = [f"to=<{r.address}>"]
+        if r.parent:
+            parts.append(f"ctladdr=<{r.parent}>")
+        parts += [f"delay={fmt_delay(end - env.created)}", f"xdelay={fmt_delay(end - t0)}"]
+        if mailer:
+            parts.append(f"mailer={mailer}")
+        parts.append(f"pri={env.priority}")
+        if relay:
+            parts.append(f"relay={relay}")
+        parts += [f"dsn={reply.dsn}", f"stat={stat}"]
+        self.log.info(f"{env.id}: " + ", ".join(parts))
+
+
+def _hold_or_release(cfg, opts, log):
+    """-Q[reason] with -q filters: hold the selected messages with the
+    reason (M text), or release them when the reason is empty."""
+    spool = Spool.from_config(cfg)
+    reason = opts.queue_hold
+    prefix = "qf" if reason else "hf"
+    count = 0
+    for qid in spool.ids(prefix):
+        lock = spool.lock(qid, wait=False)
+        if lock is None:
+            print(f"{qid}: locked, skipped", file=sys.stderr)
+            continue
+        with lock:
+            try:
+                env = spool.read(qid)
+            except (FileNotFoundError, SpoolCorrupt):
+                continue
+            if not matches(opts.queue_filters, qid, env):
+                continue
+            if reason:
+                spool.hold(env)
+                env.status = reason
+                spool.rewrite(env)
+                log.info(f"{qid}: quarantine: {reason}")
+            else:
+                spool.release(env)
+                env.status = ""
+                env.next_try = 0
+                spool.rewrite(env)
+                log.info(f"{qid}: released")
+            count += 1
+    what = "held" if reason else "released"
+    print(f"{count} message(s) {what}")
+    return EX_OK
+
+
+def main(cfg, opts):
+    """``sendmail -q[...]``: one pass (or one per interval, in the
+    foreground, when an interval is given without -bd)."""
+    log = logging.getLogger("pymta")
+    if opts.verbose:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    if opts.queue_hold is not None:
+        return _hold_or_release(cfg, opts, log)
+    runner = Runner(cfg, log=log, verbose=opts.verbose)
+    interval = opts.queue_interval or 0
+    while True:
+        st = runner.run_pass(opts.queue_filters)
+        if opts.verbose:
+            print(f"queue run: {st.messages} queued, {st.tried} tried, {st.removed} done, "
+                  f"{st.deferred} deferred, {st.locked} locked, {st.not_due} not due")
+        if not interval:
+            return EX_OK
+        time.sleep(interval)

@@ -1,0 +1,380 @@
+"""The queue runner against real sinks and a real DNS server: delivery,
+retries with back-off, expiry, bounces, concurrency and crashes."""
+
+import email
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pymta import cli
+from pymta import envelope as E
+from pymta import runner as R
+from pymta.spool import Spool
+
+from conftest import BIN
+from dnsserver import DNSServer
+from smtpsink import SMTPSink
+
+MSG = b"From: alice@sender.test\nTo: bob@remote.test\nSubject: %s\nMessage-ID: <%s@sender.test>\n\nHello.\n"
+
+
+class Clock:
+    def __init__(self, t=None):
+        self.t = t if t is not None else time.time()
+
+    def __call__(self):
+        return self.t
+
+
+def queue(inst, rcpts, sender="alice@sender.test", subject="test", created=None, **envkw):
+    env = E.Envelope(sender=sender, created=int(created or time.time()), **envkw)
+    for r in rcpts:
+        if isinstance(r, E.Recipient):
+            env.recipients.append(r)
+        else:
+            env.add_recipient(r)
+    with inst.spool.new_message() as w:
+        w.write(MSG % (subject.encode(), subject.encode()))
+        return w.commit(env)
+
+
+def make_runner(inst, **kw):
+    """A Runner on inst, logging to inst's maillog as the commands do."""
+    cli.setup_logging(inst.cfg)
+    return R.Runner(inst.cfg, **kw)
+
+
+def qf(inst, qid):
+    return inst.spool.read(qid)
+
+
+def parse(t):
+    return email.message_from_bytes(t.data.replace(b"\r\n", b"\n"))
+
+
+def dsn_fields(msg):
+    """The per-recipient field blocks of a delivery-status part."""
+    part = [p for p in msg.walk() if p.get_content_type() == "message/delivery-status"][0]
+    return [dict(block.items()) for block in part.get_payload()]
+
+
+@pytest.fixture
+def sink():
+    with SMTPSink("127.0.0.2") as s:
+        yield s
+
+
+@pytest.fixture
+def relay_inst(make_instance, sink):
+    return make_instance(relayhost=f"[127.0.0.2]:{sink.port}", smtp_connect_timeout="2s",
+                         smtp_helo_timeout="2s", smtp_command_timeout="2s",
+                         smtp_data_done_timeout="2s")
+
+
+def test_pass_delivers_logs_and_removes_the_message(relay_inst, sink):
+    qid = queue(relay_inst, ["bob@remote.test", "carol@remote.test"])
+    st = make_runner(relay_inst).run_pass()
+    assert (st.tried, st.removed) == (1, 1)
+    assert relay_inst.spool.ids() == [] and not os.path.exists(relay_inst.spool.path("df", qid))
+    assert len(sink.delivered) == 1 and sink.delivered[0].accepted == ["bob@remote.test", "carol@remote.test"]
+    log = relay_inst.maillog()
+    assert f"{qid}: to=<bob@remote.test>, delay=00:00:" in log
+    assert "mailer=esmtp" in log and f"relay=127.0.0.2 [127.0.0.2]:{sink.port}" in log
+    assert "dsn=2.0.0, stat=Sent (Ok: queued as SINK1)" in log
+
+
+def test_deferred_recipient_waits_for_its_backoff_and_done_ones_are_not_retried(relay_inst, sink):
+    sink.rcpt = {"later@remote.test": "451"}
+    clock = Clock()
+    run = make_runner(relay_inst, now=clock)
+    qid = queue(relay_inst, ["bob@remote.test", "later@remote.test"])
+    run.run_pass()
+    env = qf(relay_inst, qid)
+    states = {r.address: (r.state, r.dsn) for r in env.recipients}
+    assert states == {"bob@remote.test": ("S", "2.0.0"), "later@remote.test": ("D", "4.0.0")}
+    assert env.attempts == 1 and env.next_try == int(clock.t) + 300
+    assert env.status.startswith("Deferred: 451 4.0.0 Try again later")
+    assert "stat=Deferred: 451 4.0.0 Try again later" in relay_inst.maillog()
+
+    st = run.run_pass()                       # not due yet: nothing happens
+    assert st.not_due == 1 and len(sink.transactions) == 1
+    clock.t += 301
+    run.run_pass()
+    assert sink.transactions[-1].rcpts == ["later@remote.test"]
+    env = qf(relay_inst, qid)
+    assert env.attempts == 2 and env.next_try == int(clock.t) + 600   # doubled
+    sink.rcpt = {}
+    clock.t += 601
+    run.run_pass()
+    assert relay_inst.spool.ids() == []
+    assert [t.accepted for t in sink.delivered] == [["bob@remote.test"], ["later@remote.test"]]
+
+
+def test_backoff_doubles_up_to_the_maximum(relay_inst):
+    cfg = relay_inst.cfg
+    assert [R.backoff(cfg, n) for n in (1, 2, 3, 4, 5, 6)] == [300, 600, 1200, 2400, 4000, 4000]
+
+
+def test_failed_recipient_gets_one_rfc3464_bounce_with_the_original(relay_inst, sink):
+    sink.rcpt = {"nobody@remote.test": "550", "gone@remote.test": "550"}
+    orig = E.Recipient("gone@remote.test", orcpt="rfc822;Gone@remote.test")
+    qid = queue(relay_inst, ["bob@remote.test", "nobody@remote.test", orig], subject="partial",
+                envid="env-1")
+    make_runner(relay_inst).run_pass()
+    assert relay_inst.spool.ids() == []
+    assert len(sink.delivered) == 2          # the message, then the bounce
+    bounce = sink.delivered[1]
+    assert bounce.sender == "" and bounce.accepted == ["alice@sender.test"]
+    msg = parse(bounce)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@mx.example.test>"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    parts = [p.get_content_type() for p in msg.get_payload()]
+    assert parts == ["text/plain", "message/delivery-status", "message/rfc822"]
+    fields = dsn_fields(msg)
+    assert fields[0]["Reporting-MTA"] == "dns; mx.example.test"
+    assert fields[0]["Original-Envelope-Id"] == "env-1"
+    assert "Arrival-Date" in fields[0]
+    per = {f["Final-Recipient"]: f for f in fields[1:]}
+    assert set(per) == {"rfc822; nobody@remote.test", "rfc822; gone@remote.test"}
+    f = per["rfc822; gone@remote.test"]
+    assert f["Action"] == "failed" and f["Status"] == "5.0.0"
+    assert f["Original-Recipient"] == "rfc822; Gone@remote.test"
+    assert f["Remote-MTA"] == "dns; 127.0.0.2"
+    assert f["Diagnostic-Code"] == "smtp; 550 5.0.0 No thanks"
+    assert "Last-Attempt-Date" in f
+    original = msg.get_payload()[2].get_payload()[0]
+    assert original["Subject"] == "partial" and original.get_payload() == "Hello.\n"
+    assert "<nobody@remote.test>: 550 5.0.0 No thanks" in msg.get_payload()[0].get_payload()
+    log = relay_inst.maillog()
+    assert f"{qid}: to=<nobody@remote.test>" in log and "dsn=5.0.0, stat=550 5.0.0 No thanks" in log
+    assert ": DSN: <nobody@remote.test> 5.0.0, <gone@remote.test> 5.0.0" in log
+
+
+def test_ret_hdrs_returns_only_the_header(relay_inst, sink):
+    sink.rcpt = {"nobody@remote.test": "550"}
+    queue(relay_inst, ["nobody@remote.test"], ret="HDRS", subject="hdrs")
+    make_runner(relay_inst).run_pass()
+    msg = parse(sink.delivered[0])
+    part = msg.get_payload()[2]
+    assert part.get_content_type() == "text/rfc822-headers"
+    assert "Subject: hdrs" in part.get_payload() and "Hello." not in part.get_payload()
+
+
+def test_notify_never_means_no_bounce(relay_inst, sink):
+    sink.rcpt = {"nobody@remote.test": "550"}
+    queue(relay_inst, [E.Recipient("nobody@remote.test", flags="N" + E.PRIMARY)])
+    make_runner(relay_inst).run_pass()
+    assert sink.delivered == [] and relay_inst.spool.ids() == []
+
+
+def test_expired_message_bounces_with_4_4_7(relay_inst, sink):
+    sink.rcpt = {"later@remote.test": "451"}
+    clock = Clock()
+    queue(relay_inst, ["later@remote.test"], created=clock.t, subject="old")
+    run = make_runner(relay_inst, now=clock)
+    run.run_pass()
+    assert sink.delivered == []
+    clock.t += 5 * 86400 + 1
+    run.run_pass()
+    assert relay_inst.spool.ids() == []
+    msg = parse(sink.delivered[-1])
+    f = dsn_fields(msg)[1]
+    assert f["Status"] == "4.4.7" and f["Action"] == "failed"
+    assert "451 4.0.0 Try again later" in f["Diagnostic-Code"]
+    assert "dsn=4.4.7" in relay_inst.maillog()
+
+
+def test_bounce_that_fails_goes_to_postmaster_and_a_failed_double_bounce_is_dropped(make_instance, sink):
+    inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}",
+                         bounce_notice_recipient="pm@remote.test")
+    sink.rcpt = {"nobody@remote.test": "550", "pm@remote.test": "550"}
+    qid = queue(inst, ["nobody@remote.test"], sender="")
+    make_runner(inst).run_pass()
+    # The notice to the postmaster was tried (and refused); nothing bounces to <>.
+    t = sink.transactions[-1]
+    assert t.sender == "double-bounce@mx.example.test" and t.rcpts == ["pm@remote.test"]
+    assert inst.spool.ids() == []
+    log = inst.maillog()
+    assert f"{qid}: " in log and ": postmaster notify: <nobody@remote.test> 5.0.0" in log
+    assert "double bounce to <pm@remote.test> failed too; discarded" in log
+
+
+def test_delay_warning_is_sent_once_after_delay_warning_time(make_instance, sink):
+    inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}", delay_warning_time="1h")
+    sink.rcpt = {"later@remote.test": "451"}
+    clock = Clock()
+    qid = queue(inst, ["later@remote.test"], created=clock.t - 3700, subject="slow")
+    run = make_runner(inst, now=clock)
+    run.run_pass()
+    assert len(sink.delivered) == 1
+    msg = parse(sink.delivered[0])
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    f = dsn_fields(msg)[1]
+    assert f["Action"] == "delayed" and f["Status"] == "4.0.0" and "Will-Retry-Until" in f
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert qf(inst, qid).warned
+    clock.t += 5000
+    run.run_pass()
+    assert len(sink.delivered) == 1          # no second warning
+
+
+def test_corrupt_control_file_is_quarantined_and_the_pass_goes_on(relay_inst, sink):
+    bad = queue(relay_inst, ["x@remote.test"])
+    good = queue(relay_inst, ["bob@remote.test"], subject="good")
+    with open(relay_inst.spool.path("qf", bad), "w") as f:
+        f.write("V1\nT1\nY0\nSa@b\nRp Q\n.\n")
+    st = make_runner(relay_inst).run_pass()
+    assert st.quarantined == 1
+    assert os.path.exists(relay_inst.spool.path("Qf", bad))
+    assert [parse(t)["Subject"] for t in sink.delivered] == ["good"]
+    assert f"{bad}: unreadable control file, quarantined" in relay_inst.maillog()
+    assert good not in relay_inst.spool.ids()
+
+
+def test_two_runners_at_once_never_deliver_a_message_twice(make_instance):
+    with SMTPSink("127.0.0.2") as sink:
+        inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}", delivery_process_limit=4)
+        subjects = {f"m{i}" for i in range(40)}
+        for s in sorted(subjects):
+            queue(inst, ["bob@remote.test"], subject=s)
+        runners = [make_runner(inst), make_runner(inst)]
+        threads = [threading.Thread(target=r.run_pass) for r in runners]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        got = [parse(t)["Subject"] for t in sink.delivered]
+        assert sorted(got) == sorted(subjects)
+        assert inst.spool.ids() == []
+
+
+def test_runner_killed_during_delivery_delivers_on_the_next_run(relay_inst, sink):
+    sink.data, sink.stall_time = "stall", 30
+    qid = queue(relay_inst, ["bob@remote.test"], subject="killed")
+    relay_inst.write_config(smtp_data_done_timeout="60s")
+    proc = subprocess.Popen([sys.executable, os.path.join(BIN, "sendmail"), "-C",
+                             relay_inst.conf_path, "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert sink.data_seen.wait(20)
+        assert relay_inst.spool.is_locked(qid)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert relay_inst.spool.ids() == [qid]
+    sink.data = "250"
+    r = relay_inst.sendmail("-q")
+    assert r.returncode == 0, r.stderr
+    assert relay_inst.spool.ids() == []
+    assert parse(sink.delivered[-1])["Subject"] == "killed"
+
+
+def test_sendmail_q_filters_select_by_id_recipient_and_sender(relay_inst, sink):
+    a = queue(relay_inst, ["bob@remote.test"], sender="alice@sender.test", subject="a")
+    queue(relay_inst, ["carol@remote.test"], sender="dave@sender.test", subject="b")
+    queue(relay_inst, ["erin@remote.test"], sender="dave@sender.test", subject="c")
+    assert relay_inst.sendmail("-qRcarol").returncode == 0
+    assert [parse(t)["Subject"] for t in sink.delivered] == ["b"]
+    assert relay_inst.sendmail("-qS!dave").returncode == 0
+    assert [parse(t)["Subject"] for t in sink.delivered] == ["b", "a"]
+    assert a not in relay_inst.spool.ids()
+    c = relay_inst.spool.ids()[0]
+    assert relay_inst.sendmail(f"-qI{c[:12]}X").returncode == 0     # matches nothing
+    assert len(sink.delivered) == 2
+    assert relay_inst.sendmail(f"-qI{c}").returncode == 0
+    assert relay_inst.spool.ids() == []
+
+
+def test_hold_with_Q_and_release(relay_inst, sink):
+    qid = queue(relay_inst, ["bob@remote.test"])
+    r = relay_inst.sendmail(f"-qI{qid}", "-Qspam suspect")
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(relay_inst.spool.path("hf", qid))
+    assert qf(relay_inst, qid).status == "spam suspect"
+    relay_inst.sendmail("-q")
+    assert sink.transactions == []
+    r = relay_inst.sendmail("-qQspam", "-Q")
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(relay_inst.spool.path("qf", qid))
+    relay_inst.sendmail("-q")
+    assert len(sink.delivered) == 1
+
+
+def test_verbose_queue_run_prints_the_smtp_dialogue(relay_inst, sink):
+    queue(relay_inst, ["bob@remote.test"])
+    r = relay_inst.sendmail("-q", "-v")
+    assert r.returncode == 0
+    out = (r.stdout + r.stderr).decode()
+    assert "MAIL FROM:<alice@sender.test>" in out and "stat=Sent" in out
+
+
+def test_mailq_shows_why_a_message_is_deferred(relay_inst, sink):
+    sink.rcpt = {"later@remote.test": "451"}
+    queue(relay_inst, ["later@remote.test"])
+    relay_inst.sendmail("-q")
+    r = relay_inst.run("mailq")
+    assert "Deferred: 451 4.0.0 Try again later" in r.stdout.decode()
+
+
+def test_deliver_locked_summary_gives_sendmail_exit_codes(relay_inst, sink):
+    sink.rcpt = {"later@remote.test": "451", "nobody@remote.test": "550"}
+    run = make_runner(relay_inst)
+    for rcpts, code in ((["bob@remote.test"], 0), (["later@remote.test"], 75),
+                        (["nobody@remote.test", "later@remote.test"], 69)):
+        qid = queue(relay_inst, rcpts)
+        with relay_inst.spool.lock(qid) as lock:
+            assert run.deliver_locked(lock).exit_code == code
+
+
+ZONE = {
+    "remote.test": {"MX": [(10, "mx.remote.test")]},
+    "mx.remote.test": {"A": ["127.0.0.3"]},
+    "sender.test": {"MX": [(10, "mx.sender.test")]},
+    "mx.sender.test": {"A": ["127.0.0.3"]},
+    "nullmx.test": {"MX": [(0, ".")]},
+}
+
+
+def test_unknown_remote_domain_comes_back_as_a_readable_bounce(make_instance):
+    with SMTPSink("127.0.0.3") as sink, DNSServer(ZONE) as dns:
+        inst = make_instance(dns_nameservers=dns.address, smtp_port=sink.port, dns_timeout="2s")
+        qid = queue(inst, ["bob@remote.test", "x@no-such-domain.test", "y@nullmx.test"])
+        make_runner(inst).run_pass()
+        assert inst.spool.ids() == []
+        assert sink.delivered[0].accepted == ["bob@remote.test"]
+        msg = parse(sink.delivered[1])
+        assert sink.delivered[1].accepted == ["alice@sender.test"]
+        per = {f["Final-Recipient"]: f["Status"] for f in dsn_fields(msg)[1:]}
+        assert per == {"rfc822; x@no-such-domain.test": "5.1.2", "rfc822; y@nullmx.test": "5.1.10"}
+        text = msg.get_payload()[0].get_payload()
+        assert "x@no-such-domain.test" in text and "could not" in text
+        assert f"{qid}: to=<x@no-such-domain.test>" in inst.maillog()
+
+
+def test_dns_trouble_defers(make_instance):
+    with DNSServer({"broken.test": "SERVFAIL"}) as dns:
+        inst = make_instance(dns_nameservers=dns.address, dns_timeout="1s")
+        qid = queue(inst, ["x@broken.test"])
+        make_runner(inst).run_pass()
+        r = qf(inst, qid).recipients[0]
+        assert (r.state, r.dsn) == ("D", "4.4.3")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="local delivery as another user needs root")
+def test_local_and_remote_recipient_in_one_message(relay_inst, sink):
+    qid = queue(relay_inst, ["root@mx.example.test", "bob@remote.test"], subject="both")
+    make_runner(relay_inst).run_pass()
+    assert relay_inst.spool.ids() == []
+    assert sink.delivered[0].accepted == ["bob@remote.test"]
+    with open(os.path.join(relay_inst.root, "mail", "root"), "rb") as f:
+        box = f.read()
+    assert b"Subject: both" in box
+    log = relay_inst.maillog()
+    assert f"{qid}: to=<root@mx.example.test>" in log and "mailer=local" in log
