@@ -29,6 +29,7 @@ setup(
             "sendmail = pymta.cli:main",
             "mailq = pymta.cli:main",
             "newaliases = pymta.cli:main",
+            "pymta = pymta.admin:main",
         ],
     },
     scripts=[],
