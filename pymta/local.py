@@ -416,6 +416,9 @@ def deliver(cfg, env, rcpt, target, log=None):
     otherwise in this process, as this user.
     """
     log = log or logging.getLogger("pymta")
+    if target.kind in ("command", "file") and "a" not in rcpt.flags:
+        return Reply(550, "5.7.1", "Mail to programs and files is only allowed "
+                     "from aliases, included files and .forward")
     privileged = os.geteuid() == 0
     target = _safe_target(cfg, target)
     if target is None:

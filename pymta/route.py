@@ -362,7 +362,10 @@ def describe(router, rcpt, depth=0):
     r = router.route(rcpt)
     addr = rcpt.address
     if r.kind == "fail":
-        return [(False, f"{addr}... {r.reply.text}")]
+        text = r.reply.text
+        if text.startswith(f"<{addr}>: "):
+            text = text[len(addr) + 4:]
+        return [(False, f"{addr}... {text}")]
     if r.kind == "remote":
         return [(True, f"{addr}... deliverable: mailer esmtp, host {r.domain}, user {addr}")]
     if r.kind == "local":

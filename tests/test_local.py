@@ -82,6 +82,31 @@ def test_mailbox_is_created_owned_by_the_user_mode_0600(inst):
     assert not os.path.exists(t.path + ".lock")
 
 
+@needs_root
+def test_mailbox_in_a_group_mail_spool_gets_group_mail(inst):
+    import grp
+    mail_gid = grp.getgrnam("mail").gr_gid
+    spool = inst.root + "/mail"
+    os.chown(spool, 0, mail_gid)
+    os.chmod(spool, 0o2775)
+    traversable(spool)
+    cfg, env, r = queue(inst)
+    t = route.Router(cfg).mailbox_target(pwd.getpwnam("daemon"))
+    assert local.deliver(cfg, env, r, t).code == 250
+    st = os.stat(t.path)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (t.uid, mail_gid, 0o600)
+    assert [n for n in os.listdir(spool) if n != "daemon"] == []    # no lock left
+
+
+def test_pipe_without_the_alias_flag_is_never_run(inst, tmp_path):
+    cfg, env, _ = queue(inst)
+    t = local.Target("command", user="nobody", uid=65534, gid=65534,
+                     command=f"touch {tmp_path}/ran")
+    reply = local.deliver(cfg, env, E.Recipient("|x", flags="p"), t)
+    assert (reply.code, reply.enhanced) == (550, "5.7.1")
+    assert not os.path.exists(tmp_path / "ran")
+
+
 def test_delivery_waits_for_a_dot_lock_held_by_another_process(inst):
     cfg, env, r = queue(inst)
     t = me_target(cfg)
