@@ -354,14 +354,19 @@ def _spool_group(target):
     return st.st_gid if st.st_mode & stat.S_IWGRP and st.st_gid != 0 else None
 
 
-def _drop(target, keep_root=False, extra_gid=None):
+def _groups(target):
+    """The target user's group list, looked up before fork (NSS is not fork-safe
+    in a threaded process)."""
+    try:
+        return os.getgrouplist(target.user, target.gid)
+    except (OSError, KeyError):
+        return [target.gid]
+
+
+def _drop(target, groups, keep_root=False, extra_gid=None):
     """Become the target user (groups, gid, uid). ``keep_root`` only sets the
     effective ids, so the process can take back root to manage the dot-lock."""
-    groups = []
-    try:
-        groups = os.getgrouplist(target.user, target.gid)
-    except (OSError, KeyError):
-        groups = [target.gid]
+    groups = list(groups)
     if extra_gid is not None and extra_gid not in groups:
         groups.append(extra_gid)
     os.setgroups(groups)
@@ -373,7 +378,7 @@ def _drop(target, keep_root=False, extra_gid=None):
         os.setuid(target.uid)
 
 
-def _run(cfg, env, rcpt, target, df, privileged, notes):
+def _run(cfg, env, rcpt, target, df, privileged, notes, groups=()):
     """The delivery itself, in the process that runs it (child or self)."""
     kind = target.kind
     if privileged:
@@ -382,12 +387,12 @@ def _run(cfg, env, rcpt, target, df, privileged, notes):
         if privileged:
             gid = _spool_group(target)
             as_root = _root_only_dir(target.path)
-            _drop(target, keep_root=True, extra_gid=gid)
+            _drop(target, groups, keep_root=True, extra_gid=gid)
             return _append(cfg, env, rcpt, target, df, notes, ids=_Ids(target), create_gid=gid,
                            as_root=as_root)
         return _append(cfg, env, rcpt, target, df, notes)
     if privileged:
-        _drop(target)
+        _drop(target, groups)
     if kind == "file":
         return _append(cfg, env, rcpt, target, df, notes)
     if kind == "maildir":
@@ -447,6 +452,7 @@ def deliver(cfg, env, rcpt, target, log=None):
 
 
 def _deliver_child(cfg, env, rcpt, target, df, log):
+    groups = _groups(target)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:   # the child: never returns
@@ -456,7 +462,7 @@ def _deliver_child(cfg, env, rcpt, target, df, log):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             notes = []
             try:
-                reply = _run(cfg, env, rcpt, target, df, True, notes)
+                reply = _run(cfg, env, rcpt, target, df, True, notes, groups)
             except _Deferred as e:
                 reply = e.reply
             except OSError as e:

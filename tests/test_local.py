@@ -287,3 +287,21 @@ def test_pipe_named_by_root_still_never_runs_as_root(inst, tmp_path):
     rcpt = E.Recipient("|x", flags="a")
     assert local.deliver(cfg, env, rcpt, t).code == 250
     assert int((out / "uid").read_text()) == pwd.getpwnam(cfg.default_privs).pw_uid
+
+
+def test_sendmail_odi_delivers_through_aliases_to_mailbox_and_pipe(inst, tmp_path):
+    out = tmp_path / "pipe"
+    out.mkdir()
+    os.chmod(out, 0o777)
+    traversable(out)
+    with open(os.path.join(inst.root, "aliases"), "a") as f:
+        f.write(f'catcher: "|cat > {out}/got"\n')
+    me = pwd.getpwuid(os.getuid()).pw_name
+    with open(os.path.join(inst.root, "aliases"), "a") as f:
+        f.write(f"root: \\{me}\n" if me != "root" else "")
+    res = inst.sendmail("-odi", "postmaster", "catcher", input=b"Subject: t\n\nx\n")
+    assert res.returncode == 0, res.stderr
+    msgs = list(mailbox.mbox(os.path.join(inst.root, "mail", me)))
+    assert [m["Subject"] for m in msgs] == ["t"]
+    got = (out / "got").read_bytes()
+    assert got.startswith(b"Return-Path: <") and got.endswith(b"\n\nx\n")
