@@ -101,7 +101,13 @@ class _Prefixed:
         return self.df.readline()
 
     def read(self, size=-1):
-        raise NotImplementedError   # mailbox only uses readline()
+        if self.head:
+            if size is None or size < 0:
+                data, self.head = self.head + self.df.read(), b""
+                return data
+            data, self.head = self.head[:size], self.head[size:]
+            return data
+        return self.df.read(size)
 
 
 def _write_mbox(fd, env, rcpt, df, limit):
