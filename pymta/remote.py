@@ -51,6 +51,8 @@ class _SMTP(smtplib.SMTP):
 
     def _get_socket(self, host, port, timeout):
         sock = socket.create_connection((host, port), timeout, self.source_address)
+        # Commands go out in whole groups; Nagle would only delay them.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self._greet_timeout)
         return sock
 
@@ -298,8 +300,15 @@ def _encode_cmd(text, utf8):
     return (text + "\r\n").encode("utf-8" if utf8 else "ascii", "strict" if not utf8 else "replace")
 
 
-def transaction(cfg, conn, env, rcpts, spool):
-    """One MAIL/RCPT.../DATA on ``conn``. Returns (results, reusable)."""
+class _Stale(Exception):
+    """A cached connection that turned out to be dead before MAIL."""
+
+
+def transaction(cfg, conn, env, rcpts, spool, reset=False):
+    """One MAIL/RCPT.../DATA on ``conn`` (preceded by RSET when ``reset``,
+    for a reused connection). With PIPELINING, RSET, MAIL, every RCPT and
+    DATA go out in one write (RFC 2920). Returns (results, reusable);
+    raises _Stale if a reused connection is found dead at RSET."""
     smtp = conn.smtp
     results = Results()
     results.relay = conn.relay
@@ -309,57 +318,79 @@ def transaction(cfg, conn, env, rcpts, spool):
             results[r.address] = bad
         return results, True
     utf8 = env.smtputf8 and smtp.has_extn("smtputf8")
+    pipelining = smtp.has_extn("pipelining")
     stage = "MAIL FROM"
     try:
-        smtp.sock.settimeout(cfg.smtp_command_timeout)
-        mail_cmd = f"MAIL FROM:<{env.sender}>{_mail_params(conn, env)}"
-        rcpt_cmds = [f"RCPT TO:<{r.address}>{_rcpt_params(conn, r)}" for r in rcpts]
+        cmds = [f"MAIL FROM:<{env.sender}>{_mail_params(conn, env)}"]
+        cmds += [f"RCPT TO:<{r.address}>{_rcpt_params(conn, r)}" for r in rcpts]
         try:
-            if smtp.has_extn("pipelining"):
-                smtp.send(b"".join(_encode_cmd(c, utf8) for c in [mail_cmd] + rcpt_cmds))
-                answers = [smtp.getreply()]
-                stage = "RCPT TO"
-                for _ in rcpts:
-                    answers.append(smtp.getreply())
-            else:
-                smtp.send(_encode_cmd(mail_cmd, utf8))
-                answers = [smtp.getreply()]
-                if answers[0][0] == 250:
-                    stage = "RCPT TO"
-                    for c in rcpt_cmds:
-                        smtp.send(_encode_cmd(c, utf8))
-                        answers.append(smtp.getreply())
+            wire = [_encode_cmd(c, utf8) for c in cmds]
         except UnicodeEncodeError:
             for r in rcpts:
                 results[r.address] = Reply(553, "5.6.7", "non-ASCII address and no SMTPUTF8 support")
             return results, True
+        smtp.sock.settimeout(cfg.smtp_command_timeout)
+        if reset:
+            try:
+                if pipelining:
+                    smtp.send(b"RSET\r\n" + b"".join(wire) + b"DATA\r\n")
+                else:
+                    smtp.send(b"RSET\r\n")
+                code = smtp.getreply()[0]
+            except (smtplib.SMTPException, OSError):
+                raise _Stale() from None
+            if code != 250:
+                raise _Stale()
+        elif pipelining:
+            smtp.send(b"".join(wire) + b"DATA\r\n")
+        answers = []
+        if pipelining:
+            for _ in wire:
+                answers.append(smtp.getreply())
+                stage = "RCPT TO"
+            stage = "DATA"
+            data_answer = smtp.getreply()
+        else:
+            smtp.send(wire[0])
+            answers.append(smtp.getreply())
+            if answers[0][0] == 250:
+                stage = "RCPT TO"
+                for w in wire[1:]:
+                    smtp.send(w)
+                    answers.append(smtp.getreply())
+            data_answer = None
         code, msg = answers[0]
+        accepted = []
         if code != 250:
             reply = to_reply(code, msg)
             for r in rcpts:
                 results[r.address] = reply
-            return results, code != 421
-        accepted = []
-        for r, (code, msg) in zip(rcpts, answers[1:]):
-            if 200 <= code < 300:
-                accepted.append(r)
-            else:
-                results[r.address] = to_reply(code, msg)
-                if code == 421:
-                    for other in rcpts:
-                        results.setdefault(other.address, to_reply(code, msg))
-                    return results, False
+        else:
+            for r, (code, msg) in zip(rcpts, answers[1:]):
+                if 200 <= code < 300:
+                    accepted.append(r)
+                else:
+                    results[r.address] = to_reply(code, msg)
+        if any(a[0] == 421 for a in answers) or (data_answer and data_answer[0] == 421):
+            reply = to_reply(421, b"4.4.2 server closing the connection")
+            for r in rcpts:
+                results.setdefault(r.address, reply)
+            return results, False
         if not accepted:
-            smtp.rset()
+            if data_answer and data_answer[0] == 354:
+                smtp.send(b".\r\n")        # RFC 2920: end the empty DATA
+                smtp.getreply()
             return results, True
         stage = "DATA"
-        smtp.putcmd("data")
-        code, msg = smtp.getreply()
+        if data_answer is None:
+            smtp.putcmd("data")
+            data_answer = smtp.getreply()
+        code, msg = data_answer
         if code != 354:
             reply = to_reply(code, msg) if code >= 400 else _temp(f"unexpected reply to DATA: {code}", "4.5.0")
             for r in accepted:
                 results[r.address] = reply
-            return results, code != 421
+            return results, True
         stage = "end of data"
         with spool.open_data(env.id) as f:
             stream_data(smtp.sock, f)
@@ -391,14 +422,12 @@ def deliver(cfg, env, rcpts, domain, log=None, resolver=None, cache=None, verbos
             if conn is None:
                 break
             try:
-                conn.smtp.sock.settimeout(cfg.smtp_command_timeout)
-                if conn.smtp.rset()[0] == 250:
-                    results, reusable = transaction(cfg, conn, env, rcpts, spool)
-                    _finish(cache, key, conn, reusable)
-                    return results
-            except (smtplib.SMTPException, OSError):
-                pass
-            conn.close(quit=False)
+                results, reusable = transaction(cfg, conn, env, rcpts, spool, reset=True)
+            except _Stale:
+                conn.close(quit=False)
+                continue
+            _finish(cache, key, conn, reusable)
+            return results
     try:
         hosts = mx.lookup(cfg, name, resolver=resolver, port=port, use_mx=use_mx)
     except (TempFail, PermFail) as e:
