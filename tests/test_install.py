@@ -1,0 +1,142 @@
+"""make install / make uninstall into a temporary DESTDIR: the file list, the
+modes, the queue layout, config files kept, and a working installed mailq."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TOP
+
+ARGS = ["--prefix", "/usr", "--sbindir", "/usr/sbin", "--bindir", "/usr/bin",
+        "--mandir", "/usr/share/man", "--sysconfdir", "/etc/pymta"]
+
+
+def install(dest, *more):
+    r = subprocess.run([sys.executable, "-m", "pymta.install", "--destdir", str(dest), *ARGS,
+                        "--python", sys.executable, *more],
+                       cwd=TOP, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.decode()
+
+
+def tree(dest):
+    out = set()
+    for root, dirs, files in os.walk(dest):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if "__pycache__" not in path:
+                out.add(os.path.relpath(path, dest))
+    return out
+
+
+def test_install_puts_every_file_in_its_debian_place(tmp_path):
+    out = install(tmp_path)
+    files = tree(tmp_path)
+    for expected in ("usr/sbin/sendmail", "usr/sbin/pymta", "usr/bin/mailq", "usr/bin/newaliases",
+                     "usr/lib/sendmail", "usr/lib/pymta/pymta/cli.py",
+                     "usr/lib/pymta/pymta/spool.py", "usr/lib/pymta/pymta/admin.py",
+                     "usr/share/man/man8/sendmail.8", "usr/share/man/man5/pymta.conf.5",
+                     "etc/pymta/pymta.conf", "etc/aliases",
+                     "var/spool/pymta/queue", "var/spool/pymta/maildrop"):
+        assert expected in files, expected
+    sources = {f for f in os.listdir(os.path.join(TOP, "pymta")) if f.endswith(".py")}
+    assert {f for f in os.listdir(tmp_path / "usr/lib/pymta/pymta")} >= sources
+    for page in os.listdir(os.path.join(TOP, "man")):
+        section = page.rsplit(".", 1)[1]
+        assert f"usr/share/man/man{section}/{page}" in files
+    assert not [f for f in files if not f.startswith(("usr", "etc", "var"))]
+    # every action is printed
+    assert f"install -m 755 {tmp_path}/usr/sbin/sendmail" in out
+    assert f"ln -s ../sbin/sendmail {tmp_path}/usr/bin/mailq" in out
+
+
+def test_launchers_links_and_modes(tmp_path):
+    install(tmp_path)
+    sendmail = tmp_path / "usr/sbin/sendmail"
+    assert stat.S_IMODE(sendmail.stat().st_mode) == 0o755
+    text = sendmail.read_text()
+    assert text.startswith(f"#!{sys.executable} -s\n")
+    assert "sys.path.insert(0, '/usr/lib/pymta')" in text
+    for link in ("usr/bin/mailq", "usr/bin/newaliases", "usr/lib/sendmail"):
+        p = tmp_path / link
+        assert p.is_symlink() and os.readlink(p) == "../sbin/sendmail"
+        assert os.path.realpath(p) == str(sendmail)
+    assert "from pymta.admin import main" in (tmp_path / "usr/sbin/pymta").read_text()
+    queue = tmp_path / "var/spool/pymta"
+    assert stat.S_IMODE(queue.stat().st_mode) == 0o755
+    assert stat.S_IMODE((queue / "queue").stat().st_mode) == 0o700
+    assert stat.S_IMODE((queue / "maildrop").stat().st_mode) == 0o1733
+    if os.geteuid() == 0:
+        import pwd
+        try:
+            mail = pwd.getpwnam("mail")
+        except KeyError:
+            mail = None
+        if mail:
+            assert (queue / "queue").stat().st_uid == mail.pw_uid
+
+
+def test_installed_programs_run(tmp_path):
+    install(tmp_path)
+    lib = str(tmp_path / "usr/lib/pymta")
+    probe = subprocess.run([sys.executable, "-s", "-c",
+                            f"import sys; sys.path.insert(0, {lib!r}); import pymta.cli, "
+                            "pymta.admin, pymta.mailq; print(pymta.cli.__file__)"],
+                           capture_output=True, timeout=30)
+    assert probe.stdout.decode().startswith(lib), probe.stderr
+    conf = tmp_path / "etc/pymta/pymta.conf"
+    qdir = tmp_path / "var/spool/pymta"
+    r = subprocess.run([str(tmp_path / "usr/bin/mailq"), "-C", str(conf),
+                        "-O", f"queue_directory={qdir}", "-O", "maillog_file="],
+                       capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{qdir} is empty\n\t\tTotal requests: 0\n".encode()
+    r = subprocess.run([str(tmp_path / "usr/sbin/pymta"), "-C", str(conf),
+                        "-O", f"queue_directory={qdir}", "show", "kASHWR000001001"],
+                       capture_output=True, timeout=30)
+    assert r.returncode == 67
+
+
+def test_reinstall_keeps_edited_configuration(tmp_path):
+    install(tmp_path)
+    conf = tmp_path / "etc/pymta/pymta.conf"
+    conf.write_text("myhostname = edited.example.test\n")
+    (tmp_path / "etc/aliases").write_text("root: admin\n")
+    out = install(tmp_path)
+    assert conf.read_text() == "myhostname = edited.example.test\n"
+    assert (tmp_path / "etc/aliases").read_text() == "root: admin\n"
+    assert f"keep {conf}" in out
+
+
+def test_a_foreign_sendmail_is_kept_and_put_back(tmp_path):
+    sbin = tmp_path / "usr/sbin"
+    sbin.mkdir(parents=True)
+    (sbin / "sendmail").write_text("#!/bin/sh\necho exim\n")
+    install(tmp_path)
+    assert (sbin / "sendmail.pre-pymta").read_text() == "#!/bin/sh\necho exim\n"
+    assert "pymta launcher" in (sbin / "sendmail").read_text()
+    install(tmp_path, "--uninstall")
+    assert (sbin / "sendmail").read_text() == "#!/bin/sh\necho exim\n"
+    assert not (sbin / "sendmail.pre-pymta").exists()
+
+
+def test_uninstall_leaves_configuration_and_queue(tmp_path):
+    install(tmp_path)
+    msg = tmp_path / "var/spool/pymta/queue/dfkASHWR000001001"
+    msg.write_text("keep")
+    out = install(tmp_path, "--uninstall")
+    left = tree(tmp_path)
+    assert not [f for f in left if f.startswith("usr/") and not os.path.isdir(tmp_path / f)]
+    assert "etc/pymta/pymta.conf" in left and "etc/aliases" in left
+    assert msg.read_text() == "keep"
+    assert f"rm {tmp_path}/usr/sbin/sendmail" in out
+
+
+def test_relative_paths_are_refused(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pymta.install", "--destdir", str(tmp_path),
+                        "--prefix", "usr"], cwd=TOP, capture_output=True, timeout=30)
+    assert r.returncode == 2
+    assert b"absolute" in r.stderr
