@@ -279,6 +279,8 @@ class Submission:
         return A.qualify(s, self.cfg.myorigin)
 
     def add_list(self, text, exit_code):
+        if exit_code == EX_USAGE and _CTRL_RE.search(text):
+            raise InjectError(f"control character in recipient address {text!r}")
         try:
             items = split_addresses(text)
         except ValueError as e:
