@@ -378,3 +378,30 @@ def test_local_and_remote_recipient_in_one_message(relay_inst, sink):
     assert b"Subject: both" in box
     log = relay_inst.maillog()
     assert f"{qid}: to=<root@mx.example.test>" in log and "mailer=local" in log
+
+
+def test_list_with_an_owner_is_sent_as_a_new_message_from_the_owner(relay_inst, sink):
+    with open(os.path.join(relay_inst.root, "aliases"), "a") as f:
+        f.write("team: bob@remote.test, carol@remote.test\nowner-team: alice@sender.test\n")
+    relay_inst.sendmail("-bi")
+    qid = queue(relay_inst, ["team@mx.example.test"], sender="zed@sender.test", subject="list")
+    make_runner(relay_inst).run_pass()
+    assert relay_inst.spool.ids() == []
+    t = sink.delivered[0]
+    assert t.sender == "owner-team@mx.example.test"
+    assert sorted(t.accepted) == ["bob@remote.test", "carol@remote.test"]
+    assert parse(t)["Subject"] == "list"
+    assert f"{qid}: " in relay_inst.maillog() and "clone: owner=owner-team@mx.example.test" in relay_inst.maillog()
+
+
+def test_plain_alias_expansion_is_recorded_before_delivery(relay_inst, sink):
+    with open(os.path.join(relay_inst.root, "aliases"), "a") as f:
+        f.write("pair: bob@remote.test, later@remote.test\n")
+    relay_inst.sendmail("-bi")
+    sink.rcpt = {"later@remote.test": "451"}
+    qid = queue(relay_inst, ["pair@mx.example.test"])
+    make_runner(relay_inst).run_pass()
+    env = qf(relay_inst, qid)
+    states = {r.address: r.state for r in env.recipients}
+    assert states == {"pair@mx.example.test": "X", "bob@remote.test": "S", "later@remote.test": "D"}
+    assert sink.delivered[0].accepted == ["bob@remote.test"]
