@@ -56,7 +56,7 @@ def matches(qid, env, filters):
 
     Filters of one kind are alternatives (any may match); kinds combine with
     AND. I compares the id (case-sensitive); S the sender and R any recipient
-    (case-insensitive); Q selects held messages whose reason contains the
+    not yet delivered (case-insensitive), as the queue runner selects; Q selects held messages whose reason contains the
     substring (empty: every held message). ``!`` negates one filter. An
     entry whose control file cannot be read matches I filters only.
     """
@@ -73,7 +73,8 @@ def matches(qid, env, filters):
             elif kind == "S":
                 hit = _contains(env.sender, sub, True)
             elif kind == "R":
-                hit = any(_contains(r.address, sub, True) for r in env.recipients)
+                hit = any(_contains(r.address, sub, True) for r in env.recipients
+                          if not r.done)
             elif kind == "Q":
                 hit = env.held and _contains(env.status, sub, True)
             else:

@@ -259,3 +259,20 @@ def test_bounce_returns_the_message_to_its_sender_now(inst):
     log = inst.maillog()
     assert f"{ID3}: bounced by " in log
     assert ": DSN: <erin@remote.test> 5.0.0" in log
+
+
+@pytest.mark.skipif(not _runner_available(), reason="the runner is not built")
+def test_flush_without_ids_tries_every_queued_message(inst):
+    for qid in (ID1, ID2):
+        Q.put(inst.spool, qid, "root@mx.example.test", ["root@mx.example.test"],
+              next_try=Q.FAR_FUTURE, attempts=1)
+    Q.put(inst.spool, ID3, "root@mx.example.test", ["root@mx.example.test"], held=True,
+          status="keep")
+    r = pymta(inst, "flush")
+    assert r.returncode == 0, r.stderr
+    for qid in (ID1, ID2):
+        assert f"{qid}: flushed by " in inst.maillog()
+        if os.path.exists(inst.spool.path("qf", qid)):
+            assert inst.spool.read(qid).attempts == 2
+    assert inst.spool.read(ID3).held
+    assert f"{ID3}: flushed" not in inst.maillog()
