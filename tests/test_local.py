@@ -305,3 +305,35 @@ def test_sendmail_odi_delivers_through_aliases_to_mailbox_and_pipe(inst, tmp_pat
     assert [m["Subject"] for m in msgs] == ["t"]
     got = (out / "got").read_bytes()
     assert got.startswith(b"Return-Path: <") and got.endswith(b"\n\nx\n")
+
+
+@needs_root
+def test_unprivileged_pymta_delivers_as_itself_and_says_so(inst):
+    nobody = pwd.getpwnam("nobody")
+    cfg, env, r = queue(inst)
+    for top, dirs, files in os.walk(inst.root):
+        for name in dirs + files:
+            os.chown(os.path.join(top, name), nobody.pw_uid, nobody.pw_gid)
+    os.chown(inst.root, nobody.pw_uid, nobody.pw_gid)
+    traversable(inst.root)
+    script = textwrap.dedent(f"""
+        import os, pwd, sys
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+        from pymta import cli, config, local, route, spool
+        os.setgroups([])                 # everything is imported: now become nobody
+        os.setgid({nobody.pw_gid})
+        os.setuid({nobody.pw_uid})
+        cfg = config.load({inst.conf_path!r})
+        cli.setup_logging(cfg)
+        env = spool.Spool.from_config(cfg).read({env.id!r})
+        t = route.Router(cfg).mailbox_target(pwd.getpwuid(os.getuid()))
+        for _ in range(2):
+            print(local.deliver(cfg, env, env.recipients[0], t))
+        """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd="/")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0].startswith("250 2.0.0")
+    box = os.path.join(inst.root, "mail", "nobody")
+    assert len(mailbox.mbox(box)) == 2 and os.stat(box).st_uid == nobody.pw_uid
+    assert inst.maillog().count("not running as root") == 1
