@@ -458,7 +458,7 @@ def _commit(cfg, opts, sub, spool, fields, first, inp, traffic):
             return EX_OK
         lock = w.handoff()
     if mode == "i":
-        return _deliver_now(cfg, opts, runner, lock)
+        return _deliver_now(cfg, opts, runner, lock, sub.sender)
     return _deliver_background(cfg, runner, lock)
 
 
@@ -505,7 +505,7 @@ def _outcome(result):
     return getattr(result, "outcome", None) if result is not None else None
 
 
-def _deliver_now(cfg, opts, runner, lock):
+def _deliver_now(cfg, opts, runner, lock, sender):
     """-odi: deliver in the foreground; a permanent failure is reported."""
     from .status import Outcome
     try:
@@ -515,8 +515,9 @@ def _deliver_now(cfg, opts, runner, lock):
     outcome = _outcome(result)
     if outcome == Outcome.PERMFAIL:
         if opts.error_mode != "q":
-            print(f"sendmail: {lock.id}: delivery failed; see the bounce sent to "
-                  f"<{opts.sender or 'the sender'}>", file=sys.stderr)
+            told = f"a bounce went to <{sender}>" if sender else "no bounce to <>"
+            print(f"sendmail: {lock.id}: delivery to some recipients failed ({told}); "
+                  "see the mail log", file=sys.stderr)
         return EX_UNAVAILABLE if opts.error_mode in ("p", "q") else EX_OK
     if outcome == Outcome.TEMPFAIL and opts.verbose:
         print(f"{lock.id}: deferred; it stays queued", file=sys.stderr)

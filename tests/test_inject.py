@@ -472,3 +472,32 @@ def test_odb_returns_at_once_and_leaves_a_whole_message_or_a_delivery(make_insta
         time.sleep(0.05)
     for name in os.listdir(q.spool.dir):
         assert name[:2] in ("qf", "df"), name
+
+
+def test_odi_delivers_before_exit(make_instance):
+    q = make_instance()
+    r = q.sendmail("-odi", "root", input=b"Subject: now\n\nhello\n")
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(q.spool.dir) == []
+    with open(os.path.join(q.root, "mail", "root"), "rb") as f:
+        assert b"Subject: now" in f.read()
+
+
+def test_odi_permanent_failure_exits_69_and_says_so(make_instance):
+    q = make_instance()
+    r = q.sendmail("-odi", "no-such-user-here", input=b"Subject: x\n\nx\n")
+    assert r.returncode == 69
+    assert b"delivery to some recipients failed (a bounce went to <root@mx.example.test>)" \
+        in r.stderr
+
+
+def test_odb_delivers_in_the_background(make_instance):
+    q = make_instance()
+    r = q.sendmail("-odb", "root", input=b"Subject: later\n\nx\n")
+    assert r.returncode == 0
+    mbox = os.path.join(q.root, "mail", "root")
+    deadline = time.time() + 20
+    while time.time() < deadline and not (os.path.exists(mbox) and not os.listdir(q.spool.dir)):
+        time.sleep(0.05)
+    with open(mbox, "rb") as f:
+        assert b"Subject: later" in f.read()
