@@ -24,7 +24,7 @@ venv: $(VENV)/.installed
 
 # The development instance: everything under ./var, SMTP on 127.0.0.1:2525.
 dev-setup: venv
-	mkdir -p var/mail var/log
+	mkdir -p var/log
 	$(PY) -m pymta.devsetup $(DEVCONF)
 
 run: dev-setup

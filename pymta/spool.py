@@ -562,11 +562,16 @@ class Spool:
     # -- changing state (callers hold the lock)
     def remove(self, qid):
         """Delete a finished or deleted message: control file first, then data."""
-        for prefix in ("qf", "hf", "tf", "df"):
-            try:
-                os.unlink(self.path(prefix, qid))
-            except FileNotFoundError:
-                pass
+        # A tf is only ever left by a crash; sweep() removes it, so the common
+        # path costs two unlinks.
+        try:
+            os.unlink(self.path("qf", qid))
+        except FileNotFoundError:
+            _unlink_quiet(self.path("hf", qid))
+        try:
+            os.unlink(self.path("df", qid))
+        except FileNotFoundError:
+            pass
 
     def hold(self, env):
         if not env.held:
