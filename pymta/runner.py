@@ -155,7 +155,8 @@ class Runner:
     def run_pass(self, filters=()):
         """Deliver every due message once; returns PassStats."""
         st = PassStats()
-        st.picked_up = len(self.spool.pickup(log=self.log.info))
+        st.picked_up = len(self.spool.pickup(log=self.log.info, hostname=self.cfg.myhostname,
+                                                   mail_name=self.cfg.mail_name))
         self.spool.sweep(self.cfg.queue_sweep_age, now=self.now(), log=self.log.info)
         now = self.now()
         due = []
