@@ -681,8 +681,9 @@ class Session:
             reply = R_HOPS
         if reply is not None:
             writer.abort()
-            self.last_command = "END-OF-MESSAGE"
+            self.last_command, self.tx = "END-OF-MESSAGE", tx
             self._reject(reply)
+            self.tx = None
             return
         env = self._envelope(tx, data)
         try:

@@ -1,0 +1,439 @@
+"""The SMTP service over real sockets on 127.0.0.1, with smtplib and raw sockets."""
+
+import base64
+import contextlib
+import logging
+import os
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+from pymta import auth, server
+
+LOG = logging.getLogger("pymta")
+
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def text(self):
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def logs():
+    h = ListHandler()
+    LOG.addHandler(h)
+    LOG.setLevel(logging.INFO)
+    yield h
+    LOG.removeHandler(h)
+
+
+@contextlib.contextmanager
+def running(inst, submission=False, **params):
+    inst.write_config(**params)
+    services = server.Services(inst.cfg, LOG)
+    srv = server.make_server(server.bind("127.0.0.1:0"), services, submission)
+    stop = threading.Event()
+    t = threading.Thread(target=server.serve, args=([srv],), kwargs={"stop": stop.is_set})
+    t.start()
+    try:
+        yield srv.socket.getsockname()[1]
+    finally:
+        stop.set()
+        server.STOPPING.set()
+        t.join(30)
+        server.STOPPING.clear()
+        assert not t.is_alive()
+
+
+def queued(inst):
+    return [n for n in sorted(os.listdir(inst.spool.dir))]
+
+
+def raw(port, timeout=10):
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    f = s.makefile("rb")
+    return s, f
+
+
+def read_reply(f):
+    lines = []
+    while True:
+        line = f.readline()
+        if not line:
+            return lines
+        lines.append(line)
+        if line[3:4] == b" ":
+            return lines
+
+
+def test_smtplib_message_is_queued_with_received_header_and_logged(inst, logs):
+    with running(inst) as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            code, msg = c.ehlo("client.example")
+            assert code == 250 and b"PIPELINING" in msg and b"8BITMIME" in msg
+            refused = c.sendmail("a@b.example", ["root@example.test"],
+                                 b"Subject: hi\r\n\r\n.leading dot\r\nbody\r\n")
+            assert refused == {}
+    names = queued(inst)
+    assert [n[:2] for n in names] == ["df", "qf"]
+    qid = names[0][2:]
+    with open(inst.spool.path("df", qid), "rb") as f:
+        data = f.read()
+    assert data.startswith(b"Received: from client.example (unknown [127.0.0.1])\n\tby mx.example.test (pymta) with ESMTP id " + qid.encode())
+    assert data.endswith(b"Subject: hi\n\n.leading dot\nbody\n")
+    env = inst.spool.read(qid)
+    assert env.sender == "a@b.example" and env.client_addr == "127.0.0.1"
+    text = logs.text()
+    assert "connect from unknown[127.0.0.1]" in text
+    assert f"{qid}: from=<a@b.example>, size={len(data)}, nrcpts=1, proto=ESMTP, relay=unknown [127.0.0.1]" in text
+
+
+def test_pipelined_commands_get_all_replies_in_order(inst):
+    with running(inst) as port:
+        s, f = raw(port)
+        read_reply(f)
+        s.sendall(b"EHLO x\r\n")
+        read_reply(f)
+        s.sendall(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<root@example.test>\r\nRCPT TO:<nosuch-user-x@example.test>\r\n"
+                  b"RCPT TO:<postmaster@example.test>\r\nDATA\r\n")
+        replies = [read_reply(f)[-1][:3] for _ in range(5)]
+        assert replies == [b"250", b"250", b"550", b"250", b"354"]
+        s.sendall(b"Subject: p\r\n\r\nx\r\n.\r\nQUIT\r\n")
+        assert read_reply(f)[-1].startswith(b"250 2.0.0 Ok: queued as")
+        assert read_reply(f)[-1].startswith(b"221")
+        f.close()
+        s.close()
+    env = inst.spool.read(queued(inst)[0][2:])
+    assert [r.address for r in env.recipients] == ["root@example.test", "postmaster@example.test"]
+
+
+@pytest.mark.parametrize("ending", [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n"])
+def test_smuggled_second_transaction_never_becomes_a_message(inst, ending):
+    with running(inst) as port:
+        s, f = raw(port)
+        read_reply(f)
+        s.sendall(b"EHLO x\r\n")
+        read_reply(f)
+        s.sendall(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n")
+        for _ in range(3):
+            read_reply(f)
+        s.sendall(b"Subject: one\r\n\r\nfirst" + ending
+                  + b"MAIL FROM:<evil@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n"
+                  + b"Subject: smuggled\r\n\r\nsecond\r\n.\r\nQUIT\r\n")
+        replies = [read_reply(f)[-1][:3] for _ in range(2)]
+        f.close()
+        s.close()
+    assert replies == [b"550", b"221"]
+    assert len([n for n in queued(inst) if n.startswith("qf")]) <= 1
+    assert queued(inst) == []
+
+
+def test_relay_from_outside_mynetworks_is_denied_and_logged(inst, logs):
+    with running(inst, mynetworks="192.0.2.0/24") as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.ehlo()
+            c.mail("a@b.example")
+            assert c.rcpt("x@elsewhere.example") == (554, b"5.7.1 <x@elsewhere.example>: Relay access denied")
+            assert c.rcpt("user%elsewhere.example@example.test")[0] == 554
+            assert c.rcpt("root@example.test")[0] == 250
+    assert "reject: RCPT from unknown[127.0.0.1]: 554 5.7.1 <x@elsewhere.example>: Relay access denied" in logs.text()
+
+
+def test_relay_from_mynetworks_is_allowed(inst):
+    with running(inst, mynetworks="127.0.0.0/8") as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.ehlo()
+            c.mail("a@b.example")
+            assert c.rcpt("x@elsewhere.example")[0] == 250
+
+
+def test_unknown_local_recipient_is_550(inst):
+    with running(inst) as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.ehlo()
+            c.mail("a@b.example")
+            code, msg = c.rcpt("no-such-user-zz@example.test")
+            assert code == 550 and msg.startswith(b"5.1.1")
+
+
+def test_client_dropping_mid_data_leaves_nothing(inst, logs):
+    with running(inst) as port:
+        s, f = raw(port)
+        read_reply(f)
+        s.sendall(b"EHLO x\r\n")
+        read_reply(f)
+        s.sendall(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n")
+        for _ in range(3):
+            read_reply(f)
+        s.sendall(b"Subject: half\r\n\r\n" + b"x" * 100000)
+        time.sleep(0.3)
+        f.close()
+        s.close()
+        deadline = time.time() + 5
+        while queued(inst) and time.time() < deadline:
+            time.sleep(0.05)
+    assert queued(inst) == []
+    assert "lost connection after DATA from unknown[127.0.0.1]" in logs.text()
+
+
+def test_size_declared_over_limit_and_free_space_below_minfree(inst):
+    with running(inst, message_size_limit=1000) as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.ehlo()
+            assert c.mail("a@b.example", ["SIZE=1001"])[0] == 552
+            assert c.mail("a@b.example", ["SIZE=999"])[0] == 250
+            c.rcpt("root@example.test")
+            assert c.data(b"x" * 2000)[0] == 552
+    with running(inst, queue_minfree=10 ** 18) as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.ehlo()
+            assert c.mail("a@b.example") == (452, b"4.3.1 Insufficient system storage")
+    assert queued(inst) == []
+
+
+def test_session_limit_and_per_client_limit_answer_421(inst):
+    with running(inst, smtpd_session_limit=2) as port:
+        a, fa = raw(port)
+        b, fb = raw(port)
+        assert read_reply(fa)[0].startswith(b"220") and read_reply(fb)[0].startswith(b"220")
+        c, fc = raw(port)
+        assert read_reply(fc)[0].startswith(b"421 4.7.0")
+        for s, f in ((a, fa), (b, fb), (c, fc)):
+            f.close()
+            s.close()
+    with running(inst, smtpd_client_connection_count_limit=1) as port:
+        a, fa = raw(port)
+        read_reply(fa)
+        c, fc = raw(port)
+        assert read_reply(fc)[0].startswith(b"421 4.7.0")
+        a.sendall(b"QUIT\r\n")
+        read_reply(fa)
+        time.sleep(0.3)
+        d, fd = raw(port)
+        assert read_reply(fd)[0].startswith(b"220")
+        for s, f in ((a, fa), (d, fd), (c, fc)):
+            f.close()
+            s.close()
+
+
+def test_idle_client_gets_421_after_smtpd_timeout(inst, logs):
+    with running(inst, smtpd_timeout="1s") as port:
+        s, f = raw(port)
+        read_reply(f)
+        t0 = time.time()
+        assert read_reply(f)[0].startswith(b"421 4.4.2")
+        assert 0.8 < time.time() - t0 < 5
+        f.close()
+        s.close()
+    assert "timeout after CONNECT from unknown[127.0.0.1]" in logs.text()
+
+
+def test_slow_data_below_min_rate_gets_421(inst):
+    with running(inst, smtpd_timeout="1s", smtpd_min_data_rate=1000) as port:
+        s, f = raw(port)
+        read_reply(f)
+        s.sendall(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n")
+        for _ in range(4):
+            read_reply(f)
+        got = None
+        for _ in range(10):
+            try:
+                s.sendall(b"slow\r\n")
+            except OSError:
+                break
+            time.sleep(0.4)
+            s.settimeout(0.01)
+            try:
+                got = s.recv(1000)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if got:
+                break
+        f.close()
+        s.close()
+    assert got is not None and got.startswith(b"421 4.4.2")
+    assert queued(inst) == []
+
+
+def test_early_talker_before_greeting_gets_554(inst):
+    with running(inst, smtpd_greet_pause="1s") as port:
+        s, f = raw(port)
+        s.sendall(b"EHLO early\r\n")
+        assert read_reply(f)[0].startswith(b"554 5.5.1")
+        f.close()
+        s.close()
+        s, f = raw(port)
+        assert read_reply(f)[0].startswith(b"220")
+        f.close()
+        s.close()
+
+
+def test_megabyte_line_and_binary_flood_do_not_stop_the_server(inst):
+    with running(inst) as port:
+        s, f = raw(port)
+        read_reply(f)
+        s.sendall(b"x" * (1 << 20))
+        s.sendall(b"\r\nNOOP\r\n")
+        assert read_reply(f)[0].startswith(b"500 5.5.2")
+        assert read_reply(f)[0].startswith(b"250")
+        f.close()
+        s.close()
+        s, f = raw(port)
+        read_reply(f)
+        try:
+            s.sendall(os.urandom(300000).replace(b"\n", b"\r\n"))
+        except OSError:
+            pass
+        replies = []
+        while True:
+            r = read_reply(f)
+            if not r:
+                break
+            replies.append(r[-1][:3])
+        assert replies[-1] == b"421"
+        f.close()
+        s.close()
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            assert c.noop()[0] == 250
+
+
+def test_two_hundred_concurrent_sessions(inst):
+    with running(inst, smtpd_session_limit=250, smtpd_client_connection_count_limit=250) as port:
+        results = []
+
+        def one(i):
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:
+                    c.sendmail("a@b.example", ["root@example.test"], b"Subject: %d\r\n\r\nx\r\n" % i)
+                results.append(True)
+            except Exception as e:  # noqa: BLE001 - reported below
+                results.append(e)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(200)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert results.count(True) == 200, [r for r in results if r is not True][:3]
+    assert len([n for n in queued(inst) if n.startswith("qf")]) == 200
+
+
+def test_forking_process_model_accepts_mail(inst):
+    with running(inst, smtpd_process_model="fork") as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: f\r\n\r\nx\r\n") == {}
+    assert len([n for n in queued(inst) if n.startswith("qf")]) == 1
+
+
+@pytest.fixture
+def cert(tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl command not available")
+    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(crt), "-days", "2", "-subj", "/CN=mx.example.test"],
+                   check=True, capture_output=True, timeout=60)
+    return str(crt), str(key)
+
+
+def _client_ctx():
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def test_starttls_then_auth_then_relay(inst, cert, logs):
+    pwfile = os.path.join(inst.root, "passwd")
+    tmp, _ = auth.set_password(pwfile, "alice", "s3cret")
+    os.rename(tmp, pwfile)
+    with running(inst, smtpd_tls_cert_file=cert[0], smtpd_tls_key_file=cert[1],
+                 smtpd_sasl_password_file=pwfile, mynetworks="192.0.2.0/24") as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.ehlo()
+            assert c.has_extn("starttls") and not c.has_extn("auth")
+            assert c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0alice\0s3cret").decode())[0] == 538
+            c.starttls(context=_client_ctx())
+            c.ehlo()
+            assert c.has_extn("auth") and not c.has_extn("starttls")
+            assert c.docmd("STARTTLS")[0] == 503
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                c.login("alice", "wrong")
+            c.login("alice", "s3cret")
+            assert c.sendmail("alice@example.test", ["x@elsewhere.example"], b"Subject: r\r\n\r\nx\r\n") == {}
+    env = inst.spool.read(queued(inst)[0][2:])
+    assert env.protocol == "ESMTPSA" and env.auth_user == "alice"
+    text = logs.text()
+    assert "TLS connection established from unknown[127.0.0.1]" in text
+    assert "sasl_method=PLAIN, sasl_username=alice" in text or "sasl_method=LOGIN, sasl_username=alice" in text
+    assert "authentication failed" in text
+
+
+def test_plaintext_pipelined_after_starttls_is_discarded(inst, cert):
+    with running(inst, smtpd_tls_cert_file=cert[0], smtpd_tls_key_file=cert[1]) as port:
+        s, f = raw(port)
+        read_reply(f)
+        s.sendall(b"EHLO x\r\n")
+        read_reply(f)
+        s.sendall(b"STARTTLS\r\nMAIL FROM:<injected@b.example>\r\n")
+        assert read_reply(f)[0].startswith(b"220 2.0.0")
+        tls = _client_ctx().wrap_socket(s, server_hostname="mx.example.test")
+        tf = tls.makefile("rb")
+        tls.sendall(b"MAIL FROM:<a@b.example>\r\n")
+        assert read_reply(tf)[0].startswith(b"503")   # state reset: EHLO again first
+        tls.sendall(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\n")
+        read_reply(tf)
+        assert read_reply(tf)[0].startswith(b"250 2.1.0")
+        tf.close()
+        tls.close()
+        f.close()
+
+
+def test_submission_requires_auth_before_mail(inst, cert):
+    with running(inst, submission=True, smtpd_tls_cert_file=cert[0], smtpd_tls_key_file=cert[1]) as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.ehlo()
+            assert c.mail("a@b.example")[0] == 530
+            c.starttls(context=_client_ctx())
+            c.ehlo()
+            assert c.mail("a@b.example") == (530, b"5.7.0 Authentication required")
+
+
+def test_encrypt_level_requires_tls_before_mail(inst, cert):
+    with running(inst, smtpd_tls_cert_file=cert[0], smtpd_tls_key_file=cert[1],
+                 smtpd_tls_security_level="encrypt") as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.ehlo()
+            assert c.mail("a@b.example") == (530, b"5.7.0 Must issue a STARTTLS command first")
+            c.starttls(context=_client_ctx())
+            c.ehlo()
+            assert c.mail("a@b.example")[0] == 250
+
+
+def test_sendmail_bs_speaks_smtp_on_stdin(inst):
+    dialogue = (b"EHLO local\r\nMAIL FROM:<me@example.test>\r\nRCPT TO:<root@example.test>\r\n"
+                b"RCPT TO:<x@elsewhere.example>\r\nDATA\r\nSubject: bs\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+    p = inst.sendmail("-bs", input=dialogue)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert out.startswith(b"220 mx.example.test")
+    assert b"250 2.0.0 Ok: queued as " in out and out.endswith(b"221 2.0.0 Bye\r\n")
+    qid = queued(inst)[0][2:]
+    env = inst.spool.read(qid)
+    assert env.uid == os.getuid() and [r.address for r in env.recipients] == ["root@example.test", "x@elsewhere.example"]
+    with open(inst.spool.path("df", qid), "rb") as f:
+        assert b"@localhost uid=%d)" % os.getuid() in f.readline()
