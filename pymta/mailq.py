@@ -124,6 +124,12 @@ def _probe_locked(path):
     return False
 
 
+def count(spool):
+    """The number of messages (qf, hf and Qf control files), reading none."""
+    return len({name[2:] for name in os.listdir(spool.dir)
+                if name[:2] in ("qf", "hf", "Qf") and S.valid_id(name[2:])})
+
+
 def scan(spool, filters=(), include_lost=True):
     """Entries of every message in ``spool`` (oldest first) that match ``filters``.
 
@@ -352,7 +358,10 @@ def main(cfg, opts, out=None):
     spool = S.Spool.from_config(cfg)
     qdir = cfg.queue_directory
     try:
-        entries = scan(spool, opts.queue_filters)
+        if opts.count_only and not opts.queue_filters:
+            entries = [None] * count(spool)
+        else:
+            entries = scan(spool, opts.queue_filters)
     except PermissionError:
         print(f"{prog}: {spool.dir}: Permission denied: only root and {cfg.mail_owner} "
               f"may list the queue", file=sys.stderr)
