@@ -10,11 +10,13 @@ any error truncate back so that no partial message is ever left behind.
 from dataclasses import dataclass
 import errno
 import fcntl
+import gc
 import json
 import logging
 import mailbox
 import os
 import pwd
+import select
 import signal
 import stat
 import subprocess
@@ -457,6 +459,46 @@ def deliver(cfg, env, rcpt, target, log=None):
         return _deliver_child(cfg, env, rcpt, target, df, log)
 
 
+def _close_other_fds(keep):
+    """In a delivery child: close every descriptor but stdio and ``keep``, so
+    that no lock or pipe of another thread of the parent lives on in it."""
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+
+
+def _read_reply(rfd, pid):
+    """The child's length-prefixed reply; stops at the child's exit even if some
+    other process still holds a copy of the pipe's write end."""
+    buf = b""
+    reaped = None
+    while True:
+        if b"\n" in buf:
+            size, _, body = buf.partition(b"\n")
+            if size.isdigit() and len(body) >= int(size):
+                break
+        ready, _, _ = select.select([rfd], [], [], 0.5)
+        if ready:
+            chunk = os.read(rfd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+            continue
+        if reaped is None:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                reaped = status
+                continue      # one more look for what it wrote before exiting
+        else:
+            break
+    if reaped is None:
+        _, reaped = os.waitpid(pid, 0)
+    return buf, reaped
+
+
 def _deliver_child(cfg, env, rcpt, target, df, log):
     groups = _groups(target)
     rfd, wfd = os.pipe()
@@ -464,8 +506,9 @@ def _deliver_child(cfg, env, rcpt, target, df, log):
     if pid == 0:   # the child: never returns
         code = 0
         try:
-            os.close(rfd)
+            gc.disable()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _close_other_fds({wfd, df.fileno()})
             notes = []
             try:
                 reply = _run(cfg, env, rcpt, target, df, True, notes, groups)
@@ -475,8 +518,8 @@ def _deliver_child(cfg, env, rcpt, target, df, log):
                 reply = _os_reply(e, target.path or target.command)
             except BaseException as e:   # report, never escape into the parent's code
                 reply = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
-            data = json.dumps([reply.code, reply.enhanced, reply.text, notes]).encode()
-            view = memoryview(data)
+            body = json.dumps([reply.code, reply.enhanced, reply.text, notes]).encode()
+            view = memoryview(b"%d\n" % len(body) + body)
             while view:
                 view = view[os.write(wfd, view):]
         except BaseException:
@@ -484,18 +527,12 @@ def _deliver_child(cfg, env, rcpt, target, df, log):
         finally:
             os._exit(code)
     os.close(wfd)
-    chunks = []
     try:
-        while True:
-            chunk = os.read(rfd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        buf, status = _read_reply(rfd, pid)
     finally:
         os.close(rfd)
-        _, status = os.waitpid(pid, 0)
     try:
-        code, enhanced, text, notes = json.loads(b"".join(chunks))
+        code, enhanced, text, notes = json.loads(buf.partition(b"\n")[2])
     except ValueError:
         return Reply(451, "4.3.0", f"local delivery process failed (wait status {status})")
     for n in notes:

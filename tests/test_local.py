@@ -3,14 +3,18 @@ commands and files, privileges."""
 
 import mailbox
 import os
+import pathlib
 import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
 import pytest
 
+from conftest import Instance
 from pymta import envelope as E
 from pymta import local, route
 from pymta import spool as S
@@ -20,12 +24,26 @@ needs_root = pytest.mark.skipif(not ROOT, reason="needs root")
 BODY = b"Subject: test\nFrom: a@b.test\n\nhello\nFrom the start\n>From quoted\nlast line\n"
 
 
-def traversable(path):
-    """Let other users reach ``path`` (pytest's base temp directory is 0700)."""
-    path = os.path.abspath(str(path))
-    while path not in ("/", "/tmp"):
-        os.chmod(path, os.stat(path).st_mode | 0o011)
-        path = os.path.dirname(path)
+@pytest.fixture
+def open_dir():
+    """A directory other users can reach (pytest's base temp is 0700, and each
+    xdist worker resets it), removed afterwards."""
+    path = tempfile.mkdtemp(prefix="pymta-local-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def open_inst(open_dir):
+    """A pymta instance under open_dir."""
+    return Instance(open_dir / "inst")
+
+
+def writable_dir(path):
+    path.mkdir()
+    os.chmod(path, 0o777)
+    return path
 
 
 def queue(inst, body=BODY, sender="alice@remote.test", rcpt="me@mx.example.test", flags="p"):
@@ -71,8 +89,8 @@ def test_mbox_message_reads_back_with_from_quoting_and_headers(inst):
 
 
 @needs_root
-def test_mailbox_is_created_owned_by_the_user_mode_0600(inst):
-    traversable(inst.root + "/mail")
+def test_mailbox_is_created_owned_by_the_user_mode_0600(open_inst):
+    inst = open_inst
     cfg, env, r = queue(inst)
     pw = pwd.getpwnam("nobody")
     t = route.Router(cfg).mailbox_target(pw)
@@ -83,13 +101,13 @@ def test_mailbox_is_created_owned_by_the_user_mode_0600(inst):
 
 
 @needs_root
-def test_mailbox_in_a_group_mail_spool_gets_group_mail(inst):
+def test_mailbox_in_a_group_mail_spool_gets_group_mail(open_inst):
+    inst = open_inst
     import grp
     mail_gid = grp.getgrnam("mail").gr_gid
     spool = inst.root + "/mail"
     os.chown(spool, 0, mail_gid)
     os.chmod(spool, 0o2775)
-    traversable(spool)
     cfg, env, r = queue(inst)
     t = route.Router(cfg).mailbox_target(pwd.getpwnam("daemon"))
     assert local.deliver(cfg, env, r, t).code == 250
@@ -98,13 +116,16 @@ def test_mailbox_in_a_group_mail_spool_gets_group_mail(inst):
     assert [n for n in os.listdir(spool) if n != "daemon"] == []    # no lock left
 
 
-def test_pipe_without_the_alias_flag_is_never_run(inst, tmp_path):
+def test_pipe_without_the_alias_flag_is_never_run(inst, open_dir):
+    out = writable_dir(open_dir / "o")
     cfg, env, _ = queue(inst)
     t = local.Target("command", user="nobody", uid=65534, gid=65534,
-                     command=f"touch {tmp_path}/ran")
+                     command=f"touch {out}/ran")
     reply = local.deliver(cfg, env, E.Recipient("|x", flags="p"), t)
     assert (reply.code, reply.enhanced) == (550, "5.7.1")
-    assert not os.path.exists(tmp_path / "ran")
+    assert not os.path.exists(out / "ran")
+    assert local.deliver(cfg, env, E.Recipient("|x", flags="a"), t).code == 250
+    assert os.path.exists(out / "ran")     # the same target with the flag does run
 
 
 def test_delivery_waits_for_a_dot_lock_held_by_another_process(inst):
@@ -204,11 +225,8 @@ def command_target(cfg, command, uid=-1):
     return rcpt, route.Router(cfg).route(rcpt).target
 
 
-def test_pipe_gets_the_message_and_environment_on_stdin(inst, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    os.chmod(out, 0o777)
-    traversable(out)
+def test_pipe_gets_the_message_and_environment_on_stdin(inst, open_dir):
+    out = writable_dir(open_dir / "out")
     cfg, env, _ = queue(inst)
     rcpt, t = command_target(cfg, f"cat > {out}/msg; env > {out}/env; id -u > {out}/uid")
     assert t.kind == "command"
@@ -258,11 +276,8 @@ def test_command_time_limit_kills_the_command(make_instance):
     assert reply.code // 100 == 5 and "time limit" in reply.text
 
 
-def test_file_target_appends_in_mbox_format(inst, tmp_path):
-    d = tmp_path / "files"
-    d.mkdir()
-    os.chmod(d, 0o777)
-    traversable(d)
+def test_file_target_appends_in_mbox_format(inst, open_dir):
+    d = writable_dir(open_dir / "files")
     cfg, env, _ = queue(inst)
     rcpt = E.Recipient(str(d / "log"), flags="a", parent="archive@mx.example.test")
     r = route.Router(cfg).route(rcpt)
@@ -276,11 +291,8 @@ def test_file_target_appends_in_mbox_format(inst, tmp_path):
 
 
 @needs_root
-def test_pipe_named_by_root_still_never_runs_as_root(inst, tmp_path):
-    out = tmp_path / "o"
-    out.mkdir()
-    os.chmod(out, 0o777)
-    traversable(out)
+def test_pipe_named_by_root_still_never_runs_as_root(inst, open_dir):
+    out = writable_dir(open_dir / "o")
     cfg, env, _ = queue(inst)
     t = local.Target("command", user="root", uid=0, gid=0, home="/root",
                      command=f"id -u > {out}/uid")
@@ -289,11 +301,8 @@ def test_pipe_named_by_root_still_never_runs_as_root(inst, tmp_path):
     assert int((out / "uid").read_text()) == pwd.getpwnam(cfg.default_privs).pw_uid
 
 
-def test_sendmail_odi_delivers_through_aliases_to_mailbox_and_pipe(inst, tmp_path):
-    out = tmp_path / "pipe"
-    out.mkdir()
-    os.chmod(out, 0o777)
-    traversable(out)
+def test_sendmail_odi_delivers_through_aliases_to_mailbox_and_pipe(inst, open_dir):
+    out = writable_dir(open_dir / "pipe")
     with open(os.path.join(inst.root, "aliases"), "a") as f:
         f.write(f'catcher: "|cat > {out}/got"\n')
     me = pwd.getpwuid(os.getuid()).pw_name
@@ -308,14 +317,14 @@ def test_sendmail_odi_delivers_through_aliases_to_mailbox_and_pipe(inst, tmp_pat
 
 
 @needs_root
-def test_unprivileged_pymta_delivers_as_itself_and_says_so(inst):
+def test_unprivileged_pymta_delivers_as_itself_and_says_so(open_inst):
+    inst = open_inst
     nobody = pwd.getpwnam("nobody")
     cfg, env, r = queue(inst)
     for top, dirs, files in os.walk(inst.root):
         for name in dirs + files:
             os.chown(os.path.join(top, name), nobody.pw_uid, nobody.pw_gid)
     os.chown(inst.root, nobody.pw_uid, nobody.pw_gid)
-    traversable(inst.root)
     script = textwrap.dedent(f"""
         import os, pwd, sys
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
