@@ -166,6 +166,8 @@ def _parse_name(line):
         raise ValueError("empty alias name")
     if re.search(r"\s", name):
         raise ValueError(f"white space in alias name {name!r} (quote it)")
+    if "@" in name:
+        raise ValueError(f"alias name {name!r} has a domain (only local names are aliased)")
     return name, rest
 
 
