@@ -231,8 +231,8 @@ class Router:
         if kind == "user":
             return Route("local", target=self.mailbox_target(state["pw"]))
         sender = None
-        if name is not None and self.aliases.lookup(name) is not None:
-            owner = "owner-" + name.lower()
+        if state.get("alias"):
+            owner = "owner-" + state["alias"]
             if self.aliases.lookup(owner) is not None:
                 sender = f"{owner}@{self.cfg.myhostname}"
         for chain in state["loops"]:
@@ -272,6 +272,8 @@ class Router:
                 continue
             targets = self.aliases.lookup(n)
             if targets is not None:
+                if top:
+                    state["alias"] = n.lower()
                 self._targets(targets, n.lower(), rcpt, state, stack, depth, "alias", -1)
                 return "expanded"
             pw = self.user(n)

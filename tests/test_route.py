@@ -101,6 +101,7 @@ def test_depth_is_bounded(make_instance):
 def test_owner_list_becomes_the_envelope_sender(make_instance):
     _, rt = setup(make_instance, "list: root, daemon\nowner-list: root\nlist-request: root\n")
     assert go(rt, "list@localhost").sender == f"owner-list@{HOST}"
+    assert go(rt, "list+tag@localhost").sender == f"owner-list@{HOST}"
     assert go(rt, "list-request@localhost").sender is None
 
 
