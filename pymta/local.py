@@ -72,7 +72,7 @@ def _os_reply(e, what):
         return Reply(452, "4.2.2", f"Mailbox full: {text}")
     if e.errno == errno.ENOSPC:
         return Reply(452, "4.3.1", f"Insufficient system storage: {text}")
-    return Reply(451, "4.2.0", f"Cannot deliver: {text}")
+    return Reply(451, "4.3.0", f"Cannot deliver: {text}")
 
 
 def _prefix(env, rcpt):
