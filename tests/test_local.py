@@ -304,7 +304,7 @@ def test_pipe_named_by_root_still_never_runs_as_root(inst, open_dir):
 def test_sendmail_odi_delivers_through_aliases_to_mailbox_and_pipe(inst, open_dir):
     out = writable_dir(open_dir / "pipe")
     with open(os.path.join(inst.root, "aliases"), "a") as f:
-        f.write(f'catcher: "|cat > {out}/got"\n')
+        f.write(f'catcher: "|cat > {out}/got; id -u > {out}/uid"\n')
     me = pwd.getpwuid(os.getuid()).pw_name
     with open(os.path.join(inst.root, "aliases"), "a") as f:
         f.write(f"root: \\{me}\n" if me != "root" else "")
@@ -314,6 +314,8 @@ def test_sendmail_odi_delivers_through_aliases_to_mailbox_and_pipe(inst, open_di
     assert [m["Subject"] for m in msgs] == ["t"]
     got = (out / "got").read_bytes()
     assert got.startswith(b"Return-Path: <") and got.endswith(b"\n\nx\n")
+    if ROOT:
+        assert int((out / "uid").read_text()) == pwd.getpwnam("nobody").pw_uid
 
 
 @needs_root
