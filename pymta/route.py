@@ -234,7 +234,7 @@ class Router:
         if state.get("alias"):
             owner = "owner-" + state["alias"]
             if self.aliases.lookup(owner) is not None:
-                sender = f"{owner}@{self.cfg.myhostname}"
+                sender = f"{owner}@{self.local_domain}"
         for chain in state["loops"]:
             self.log.warning(f"<{rcpt.address}>: alias loop {' -> '.join(chain)} ignored")
         if not state["children"]:
@@ -253,8 +253,16 @@ class Router:
         state["children"].append(E.Recipient(addr, flags=notify + flags, state=E.QUEUED,
                                               orcpt=rcpt.orcpt, parent=rcpt.address, uid=uid))
 
+    @property
+    def local_domain(self):
+        """The domain given to final local users: myhostname when it is local."""
+        cfg = self.cfg
+        if cfg.is_local_domain(cfg.myhostname) or not cfg.mydestination:
+            return cfg.myhostname
+        return cfg.mydestination[0]
+
     def _qualify_user(self, name):
-        return f"{name}@{self.cfg.myhostname}"
+        return f"{name}@{self.local_domain}"
 
     def _name(self, name, rcpt, state, stack, depth, top=False):
         """Expand a local name; returns 'user' (only at top: deliver directly),

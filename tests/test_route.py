@@ -251,3 +251,9 @@ def test_verify_prints_where_addresses_go(make_instance):
     res = inst.sendmail("-bv", "nosuch", "root")
     assert res.returncode == 67
     assert "nosuch... User unknown\n" in res.stdout.decode()
+
+
+def test_final_users_stay_in_a_local_domain(make_instance):
+    _, rt = setup(make_instance, "x: root\nowner-x: root\n", mydestination="example.test")
+    r = go(rt, "x@example.test")
+    assert kids(r) == [("root@example.test", "n")] and r.sender == "owner-x@example.test"
