@@ -55,8 +55,8 @@ OUTPUT_BYTES = 4096
 _noted_unprivileged = []
 
 
-class _Deferred(Exception):
-    """A delivery problem carrying its Reply (raised inside the delivering process)."""
+class _DeliveryError(Exception):
+    """A delivery that ends with ``reply`` (4xx or 5xx), raised where it is decided."""
 
     def __init__(self, reply):
         super().__init__(str(reply))
@@ -117,7 +117,7 @@ def _write_mbox(fd, env, rcpt, df, limit):
     start = os.lseek(fd, 0, os.SEEK_END)
     st = os.fstat(df.fileno())
     if limit and start + st.st_size + 200 > limit:
-        raise _Deferred(Reply(552, "5.2.2", f"Mailbox full (mailbox_size_limit {limit} bytes)"))
+        raise _DeliveryError(Reply(552, "5.2.2", f"Mailbox full (mailbox_size_limit {limit} bytes)"))
     out = open(fd, "wb", buffering=256 * 1024, closefd=False)
     try:
         out.write(_from_line(env))
@@ -144,7 +144,7 @@ def _write_mbox(fd, env, rcpt, df, limit):
         except OSError:
             pass
         if isinstance(e, OSError):
-            raise _Deferred(_os_reply(e, "write")) from None
+            raise _DeliveryError(_os_reply(e, "write")) from None
         raise
     else:
         out.close()
@@ -177,7 +177,7 @@ def _dot_lock(path, notes):
                 pass
             continue
         if time.time() >= deadline:
-            raise _Deferred(Reply(450, "4.2.0", f"Mailbox {path} is locked (dot-lock)"))
+            raise _DeliveryError(Reply(450, "4.2.0", f"Mailbox {path} is locked (dot-lock)"))
         time.sleep(0.2)
 
 
@@ -191,7 +191,7 @@ def _fcntl_lock(fd, path):
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
         if time.time() >= deadline:
-            raise _Deferred(Reply(450, "4.2.0", f"Mailbox {path} is locked (fcntl)"))
+            raise _DeliveryError(Reply(450, "4.2.0", f"Mailbox {path} is locked (fcntl)"))
         time.sleep(0.1)
 
 
@@ -249,11 +249,11 @@ def _append(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_roo
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            raise _Deferred(_os_reply(e, f"open {path}")) from None
+            raise _DeliveryError(_os_reply(e, f"open {path}")) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                raise _Deferred(Reply(550, "5.2.0", f"{path} is not a plain file with one link"))
+                raise _DeliveryError(Reply(550, "5.2.0", f"{path} is not a plain file with one link"))
             _fcntl_lock(fd, path)
             _write_mbox(fd, env, rcpt, df, cfg.mailbox_size_limit)
         finally:
@@ -283,7 +283,7 @@ def _maildir(env, rcpt, target, df):
         finally:
             os.close(dfd)
     except OSError as e:
-        raise _Deferred(_os_reply(e, f"maildir {target.path}")) from None
+        raise _DeliveryError(_os_reply(e, f"maildir {target.path}")) from None
     return Reply(250, "2.0.0", f"delivered to maildir {target.path}/")
 
 
@@ -299,7 +299,7 @@ def _command(cfg, env, rcpt, target, df):
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=environ, cwd=cwd, start_new_session=True, close_fds=True)
     except OSError as e:
-        raise _Deferred(Reply(451, "4.3.0", f"cannot run /bin/sh: {e.strerror}")) from None
+        raise _DeliveryError(Reply(451, "4.3.0", f"cannot run /bin/sh: {e.strerror}")) from None
     output = bytearray()
 
     def reader():
@@ -449,7 +449,7 @@ def deliver(cfg, env, rcpt, target, log=None):
             notes = []
             try:
                 reply = _run(cfg, env, rcpt, target, df, False, notes)
-            except _Deferred as e:
+            except _DeliveryError as e:
                 reply = e.reply
             except OSError as e:
                 reply = _os_reply(e, target.path or target.command)
@@ -512,7 +512,7 @@ def _deliver_child(cfg, env, rcpt, target, df, log):
             notes = []
             try:
                 reply = _run(cfg, env, rcpt, target, df, True, notes, groups)
-            except _Deferred as e:
+            except _DeliveryError as e:
                 reply = e.reply
             except OSError as e:
                 reply = _os_reply(e, target.path or target.command)
