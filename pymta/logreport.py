@@ -8,6 +8,7 @@ each behind a syslog prefix ``Mon DD HH:MM:SS host pymta[pid]: ``:
     ID: NEWID: DSN: <rcpt> 5.1.1, ...                     a bounce was sent
     reject: CMD from host[ip]: 550 5.1.1 text; from=<..> to=<..> ...
     ID: held by USER: reason / ID: removed by USER        administration
+    ID: quarantine: reason / ID: released                 sendmail -Q[reason]
 
 and prints totals, rejections by reason, top senders and recipients (by
 count and bytes), delivery delay percentiles and per-hour counts. The
@@ -33,6 +34,7 @@ _DSN_SENT = re.compile(_ID + r": (?P<new>[0-9A-Za-x]{9}[0-9]{6,10}): "
                        r"(?P<kind>DSN|delay warning|postmaster notify): (?P<rest>.*)$")
 _REJECT = re.compile(r"^reject: (?P<cmd>\S+) from (?P<peer>[^:]*): (?P<reply>[^;]*)(?:;(?P<rest>.*))?$")
 _ADMIN = re.compile(_ID + r": (?P<what>held|released|removed|requeued|bounced|flushed) by (?P<user>\S+?)(?::.*)?$")
+_RUNNER_HOLD = re.compile(_ID + r": (?:(?P<held>quarantine): .*|(?P<released>released))$")
 _FIELD = re.compile(r"(\w+)=(<[^>]*>|[^,]*)")
 _DELAY = re.compile(r"^(?:(\d+)\+)?(\d+):(\d\d):(\d\d)$")
 _ADDR_IN_TEXT = re.compile(r"<[^>]*>")
@@ -149,6 +151,10 @@ class Stats:
         ma = _ADMIN.match(msg)
         if ma:
             self.admin[ma.group("what")] += 1
+            return
+        mh = _RUNNER_HOLD.match(msg)     # sendmail -qI... -Q[reason]
+        if mh:
+            self.admin["held" if mh.group("held") else "released"] += 1
 
     def _to(self, mt, hour):
         fields = dict(_FIELD.findall(mt.group("rest")))

@@ -38,7 +38,7 @@ def test_counts_from_the_fixture_log():
     assert st.recipient_bytes["bob@example.test"] == 301000
     assert sorted(st.delays) == [1, 1, 3, 3900]
     assert st.hours[10]["rejected"] == 4 and st.hours[9]["received"] == 2
-    assert st.admin["held"] == 1 and st.admin["removed"] == 1
+    assert st.admin["held"] == 2 and st.admin["removed"] == 1 and st.admin["released"] == 1
 
 
 def test_delay_parsing_and_percentiles():
@@ -55,14 +55,14 @@ def test_text_report_through_the_command(inst):
     r = report(inst, SAMPLE)
     assert r.returncode == 0, r.stderr
     text = r.stdout.decode()
-    assert "Period: Nov 28 09:00:01 to Nov 28 12:05:00" in text
+    assert "Period: Nov 28 09:00:01 to Nov 28 12:11:00" in text
     assert "         5  received (594.8k bytes)" in text
     assert "         4  rejected" in text
     assert "         2  550 5.1.1 <>: Recipient address rejected: User unknown" in text
     assert "p50=1s  p90=1h05m  p95=1h05m  p99=1h05m  max=1h05m  (4 deliveries)" in text
     assert "         2     3.0k  alice@example.test" in text
     assert "  10:00         0         1         0         0         4         1h05m" in text
-    assert "         1  held by an administrator" in text
+    assert "         2  held by an administrator" in text
 
 
 def test_svg_chart_is_well_formed(inst, tmp_path):
