@@ -21,6 +21,7 @@ least once, never lost.
 
 import concurrent.futures
 import logging
+import os
 import sys
 import threading
 import time
@@ -192,6 +193,13 @@ class Runner:
     def _one(self, qid, filters, st):
         lock = self.spool.lock(qid)
         if lock is None:
+            # The commit makes the df before the qf and removal unlinks the qf
+            # first, so a qf without its df is damage: kept aside, not "locked".
+            if not os.path.exists(self.spool.path("df", qid)) and self.spool.quarantine(qid):
+                self.log.error(f"{qid}: control file without data file, quarantined as Qf{qid}")
+                with self._stats_lock:
+                    st.quarantined += 1
+                return
             with self._stats_lock:
                 st.locked += 1
             return

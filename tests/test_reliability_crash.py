@@ -104,6 +104,8 @@ def test_torn_spool_files_are_never_delivered_and_never_crash_a_pass(inst, tmp_p
     names = set(os.listdir(sp.dir))
     assert "QfkASHWR000009002" in names and "QfkASHWR000009004" in names
     assert "QfkASHWR000009006" in names
+    # A qf without its df cannot come from a crash: it is set aside, not left "locked".
+    assert "QfkASHWR000009005" in names and "qfkASHWR000009005" not in names
     assert not names & {"qfkASHWR000009001", "qfkASHWR000009003"}
     # A sweep with no age limit removes the orphans, never a quarantined df.
     inst.write_config(queue_sweep_age="0s")
