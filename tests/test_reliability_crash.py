@@ -343,12 +343,26 @@ def test_sigterm_under_load_gives_421_to_every_open_session_and_loses_nothing(ma
                 assert r.reply()[0] == 220
                 assert r.cmd(b"EHLO idle.test\r\n")[0] == 250
                 idle.append(r)
+            mid = Raw(d.port)           # a session in the middle of its DATA
+            idle.append(mid)
+            assert mid.reply()[0] == 220
+            for cmd in (b"EHLO mid.test\r\n", b"MAIL FROM:<a@b.example>\r\n",
+                        b"RCPT TO:<user@remote.test>\r\n"):
+                assert mid.cmd(cmd)[0] == 250
+            assert mid.cmd(b"DATA\r\n")[0] == 354
+            mid.send(b"Message-ID: <middata@crash.test>\r\n\r\nfirst half\r\n")
             flood = Flood(d.port, 3000, clients=4).start()
             flood.wait_for(100)
             d.signal(signal.SIGTERM)
-            for r in idle:
+            for r in idle[:-1]:
                 code, text = r.reply()
                 assert code == 421 and b"4.3.2" in text, text
+            time.sleep(0.3)
+            code, text = mid.cmd(b"second half\r\n.\r\n")
+            assert code == 250, text          # a DATA in progress is finished and committed
+            code, text = mid.reply()
+            assert code == 421 and b"4.3.2" in text, text
+            flood.accepted.add("middata@crash.test")
             assert d.proc.wait(30) == 0
             flood.stopping.set()
             flood.join()
@@ -362,6 +376,27 @@ def test_sigterm_under_load_gives_421_to_every_open_session_and_loses_nothing(ma
         got = set(sink_msgids(sink))
     assert not accepted - got
     assert "daemon stopped" in inst.maillog()
+
+
+def test_concurrent_queue_runners_deliver_each_message_exactly_once(inst):
+    with SlowSink(delay=0.02) as sink:
+        inst.write_config(relayhost=f"[127.0.0.1]:{sink.port}", delivery_process_limit=2)
+        ids = _queue_messages(inst, 40)
+        runs = [subprocess.Popen([sys.executable, os.path.join(TOP, "bin", "sendmail"), "-C",
+                                  inst.conf_path, "-q"], start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                for _ in range(3)]
+        try:
+            errs = [p.communicate(timeout=60)[1] for p in runs]
+        finally:
+            for p in runs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(10)
+        assert all(p.returncode == 0 for p in runs), errs
+        got = collections.Counter(sink_msgids(sink))
+    assert got == collections.Counter(ids)
+    assert queue_files(inst) == []
 
 
 def test_sighup_under_load_reloads_and_loses_nothing(make_instance):
