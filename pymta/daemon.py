@@ -48,7 +48,35 @@ def _owner(cfg):
     return pw.pw_name, pw.pw_uid, pw.pw_gid
 
 
+# Modules the listener may import late (reloads, lookups, TLS), loaded while
+# the master can still read every file of the Python installation.
+_PRELOAD = ("json", "email.utils", "ssl", "encodings.idna", "getpass", "hashlib", "base64",
+            "ipaddress", "tempfile", "concurrent.futures", "logging.handlers")
+
+
+def _preload():
+    import importlib
+    for name in _PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    for name in ("route", "aliases", "auth", "smtp_session", "server"):
+        try:
+            importlib.import_module(f"pymta.{name}")
+        except ImportError:
+            pass
+
+
 def _drop_privileges(owner):
+    # The mail log may be a root-owned file: open it while we still can.
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler) and h.stream is None:
+            h.acquire()
+            try:
+                h.stream = h._open()
+            finally:
+                h.release()
     name, uid, gid = owner
     os.setgroups([])
     os.initgroups(name, gid)
@@ -75,6 +103,7 @@ class Listener:
     def __init__(self, cfg, opts, socks, notify_fd):
         self.cfg, self.opts, self.socks, self.notify_fd = cfg, opts, socks, notify_fd
         self.reload = False
+        self.services = None
 
     def notify(self, qid):
         try:
@@ -84,10 +113,11 @@ class Listener:
 
     def run(self):
         server.STOPPING.clear()
+        threading.stack_size(1 << 20)   # many idle sessions must not cost 8 MB each
         signal.signal(signal.SIGTERM, lambda *a: server.STOPPING.set())
         signal.signal(signal.SIGINT, lambda *a: server.STOPPING.set())
         signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
-        services = server.Services(self.cfg, log, notify=self.notify)
+        services = self.services or server.Services(self.cfg, log, notify=self.notify)
         servers = [server.make_server(sock, services, sub) for sock, sub, _ in self.socks]
         for _, _, spec in self.socks:
             log.info(f"daemon listening on {spec}" + (" (submission)" if _ else ""))
@@ -133,9 +163,13 @@ class Master:
         code = 1
         try:
             os.close(rfd)
+            listener = Listener(self.cfg, self.opts, self.socks, self.wfd)
+            # Built before the switch: the router, the TLS context and the
+            # modules they import may live where mail_owner cannot read.
+            listener.services = server.Services(self.cfg, log, notify=listener.notify)
             if self.owner:
                 _drop_privileges(self.owner)
-            code = Listener(self.cfg, self.opts, self.socks, self.wfd).run()
+            code = listener.run()
         except BaseException:   # noqa: B902 - the child must never return
             log.exception("listener failed")
         finally:
@@ -171,6 +205,7 @@ class Master:
         elif self.owner is None:
             log.info(f"mail_owner is {cfg.mail_owner}: the listener keeps root privileges")
         self._prepare_spool()
+        _preload()
         self.rfd, self.wfd = os.pipe()
         os.set_blocking(self.wfd, False)
         os.set_blocking(self.rfd, False)

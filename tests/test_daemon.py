@@ -1,0 +1,227 @@
+"""sendmail -bD / -bd as real subprocesses: signals, pidfile, handoff, privileges."""
+
+import contextlib
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import BIN, Instance
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout=15, step=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    return pred()
+
+
+def can_connect(port, host="127.0.0.1"):
+    try:
+        with socket.create_connection((host, port), timeout=1) as s:
+            return s.recv(100).startswith(b"220")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def daemon(inst, *args, mode="-bD", port=None, **params):
+    port = port or free_port()
+    params.setdefault("mail_owner", "root")
+    params.setdefault("smtpd_listen", f"127.0.0.1:{port}")
+    inst.write_config(**params)
+    cmd = [sys.executable, os.path.join(BIN, "sendmail"), "-C", inst.conf_path, mode, *args]
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert wait_for(lambda: can_connect(port) or p.poll() is not None), "daemon did not start"
+        assert p.poll() is None or mode == "-bd", p.stderr.read()
+        yield p, port
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)   # anything left of the group we started
+        p.wait(5)
+        p.stdout.close()
+        p.stderr.close()
+
+
+def listener_pids(inst):
+    return [int(x) for x in re.findall(r"listener pid (\d+)", inst.maillog())]
+
+
+def mailbox(inst, user="root"):
+    try:
+        with open(os.path.join(inst.root, "mail", user), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def test_accepted_message_is_delivered_at_once_through_the_handoff(inst):
+    with daemon(inst) as (p, port):
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: handoff\r\n\r\nhi\r\n") == {}
+        assert wait_for(lambda: b"Subject: handoff" in mailbox(inst), 20)
+    log = inst.maillog()
+    assert "daemon started" in log and "from=<a@b.example>" in log and "stat=Sent" in log
+    assert p.returncode == 0
+    assert not os.path.exists(inst.params["pid_file"])
+
+
+def test_pidfile_holds_the_master_pid_and_a_second_daemon_is_refused(inst):
+    with daemon(inst) as (p, port):
+        with open(inst.params["pid_file"]) as f:
+            assert int(f.read().split()[0]) == p.pid
+        second = inst.sendmail("-bD", "-O", f"smtpd_listen=127.0.0.1:{free_port()}", timeout=20)
+        assert second.returncode == 75 and b"already running" in second.stderr
+
+
+def test_sigterm_during_data_lets_the_commit_finish_then_421(inst):
+    with daemon(inst) as (p, port):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"EHLO x\r\n")
+        while f.readline()[3:4] != b" ":
+            pass
+        s.sendall(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n")
+        assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        s.sendall(b"Subject: during term\r\n\r\nfirst half\r\n")
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        idle_f = idle.makefile("rb")
+        idle_f.readline()
+        p.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        s.sendall(b"second half\r\n.\r\n")
+        assert f.readline().startswith(b"250 2.0.0 Ok: queued as")
+        s.sendall(b"NOOP\r\n")
+        assert f.readline().startswith(b"421 4.3.2")
+        assert idle_f.readline().startswith(b"421 4.3.2")
+        for x in (f, s, idle_f, idle):
+            x.close()
+        assert p.wait(30) == 0
+        assert not can_connect(port)
+    assert not os.path.exists(inst.params["pid_file"])
+    assert b"second half" in mailbox(inst) or any(n.startswith("qf") for n in os.listdir(inst.spool.dir))
+
+
+def test_sighup_rereads_the_configuration(inst):
+    with daemon(inst) as (p, port):
+        inst.write_config(smtpd_banner="$myhostname ESMTP reloaded")
+        p.send_signal(signal.SIGHUP)
+
+        def banner():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                return b"reloaded" in s.recv(200)
+        assert wait_for(banner, 10)
+    assert "configuration reloaded" in inst.maillog()
+
+
+def test_listener_that_dies_is_restarted(inst):
+    with daemon(inst) as (p, port):
+        first = wait_for(lambda: listener_pids(inst))[0]
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: len(listener_pids(inst)) >= 2, 10)
+        assert wait_for(lambda: can_connect(port), 10)
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            assert c.noop()[0] == 250
+    assert "restarting it" in inst.maillog()
+
+
+def test_ipv4_and_ipv6_listeners(inst):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no ::1 here")
+    port = free_port()
+    with daemon(inst, port=port, smtpd_listen=f"127.0.0.1:{port}, [::1]:{port}") as (p, _):
+        assert can_connect(port, "::1")
+        with smtplib.SMTP("::1", port) as c:
+            assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: v6\r\n\r\nx\r\n") == {}
+    assert "relay=unknown [::1]" in inst.maillog()
+
+
+def test_a_thousand_idle_connections_do_not_stop_service(inst):
+    with daemon(inst, smtpd_session_limit=1100, smtpd_client_connection_count_limit=1100) as (p, port):
+        conns = []
+        try:
+            for _ in range(1000):
+                conns.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            assert conns[-1].recv(100).startswith(b"220")
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+                assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: busy\r\n\r\nx\r\n") == {}
+            assert p.poll() is None
+        finally:
+            for c in conns:
+                c.close()
+
+
+def test_bd_detaches_and_stops_on_sigterm(inst):
+    with daemon(inst, mode="-bd") as (p, port):
+        assert p.wait(10) == 0
+        pid = wait_for(lambda: open(inst.params["pid_file"]).read().strip()
+                       if os.path.exists(inst.params["pid_file"]) else None)
+        pid = int(pid)
+        assert pid != p.pid
+        try:
+            with smtplib.SMTP("127.0.0.1", port) as c:
+                assert c.noop()[0] == 250
+        finally:
+            os.kill(pid, signal.SIGTERM)
+        assert wait_for(lambda: not os.path.exists(inst.params["pid_file"]), 20)
+        assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
+
+
+def test_maildrop_is_picked_up_by_the_daemon(inst):
+    from pymta import envelope
+    with daemon(inst) as (p, port):
+        env = envelope.Envelope(sender="u@example.test")
+        env.add_recipient("root@example.test")
+        inst.spool.drop(env, [b"Subject: dropped\n\nx\n"])
+        assert wait_for(lambda: b"Subject: dropped" in mailbox(inst), 20)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_listener_runs_as_mail_owner_and_master_as_root():
+    top = tempfile.mkdtemp(prefix="pymta-priv-", dir="/tmp")
+    os.chmod(top, 0o755)
+    try:
+        inst = Instance(top)
+        with daemon(inst, mail_owner="mail") as (p, port):
+            child = wait_for(lambda: listener_pids(inst))[-1]
+            with open(f"/proc/{child}/status") as f:
+                uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)", f.read(), re.M).groups()
+            import pwd
+            assert uids == (str(pwd.getpwnam("mail").pw_uid),) * 2
+            with open(f"/proc/{p.pid}/status") as f:
+                assert re.search(r"^Uid:\s+0\s", f.read(), re.M)
+            with smtplib.SMTP("127.0.0.1", port) as c:
+                assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: priv\r\n\r\nx\r\n") == {}
+            assert wait_for(lambda: b"Subject: priv" in mailbox(inst), 20)
+    finally:
+        subprocess.run(["rm", "-rf", top])
