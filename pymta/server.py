@@ -14,6 +14,7 @@ import logging
 import os
 import pwd
 import select
+import signal
 import socket
 import socketserver
 import ssl
@@ -377,6 +378,13 @@ def serve(servers, stop=None, tick=None):
         if tick:
             tick()
     for s in servers:
+        if s.forking:
+            # Session processes: each answers 421 at its next command.
+            for pid in list(s.active_children or ()):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         s.server_close()   # closes the socket, then waits for the sessions
 
 

@@ -437,3 +437,31 @@ def test_sendmail_bs_speaks_smtp_on_stdin(inst):
     assert env.uid == os.getuid() and [r.address for r in env.recipients] == ["root@example.test", "x@elsewhere.example"]
     with open(inst.spool.path("df", qid), "rb") as f:
         assert b"@localhost uid=%d)" % os.getuid() in f.readline()
+
+
+def test_auth_adduser_and_deluser_commands(inst):
+    import sys
+    pwfile = os.path.join(inst.root, "sasl-passwd")
+    cmd = [sys.executable, "-m", "pymta.auth", "-C", inst.conf_path, "-f", pwfile]
+    p = subprocess.run(cmd + ["adduser", "bob"], input=b"hunter2\n", capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    with open(pwfile) as f:
+        text = f.read()
+    assert text.startswith("bob:$scrypt$") and "hunter2" not in text
+    verify = auth.PasswordFile(pwfile)
+    assert verify("bob", "hunter2") and not verify("bob", "hunter3") and not verify("eve", "hunter2")
+    p = subprocess.run(cmd + ["deluser", "bob"], capture_output=True, timeout=60)
+    assert p.returncode == 0 and not verify("bob", "hunter2")
+
+
+def test_expn_lists_an_alias_when_enabled(inst):
+    with open(os.path.join(inst.root, "aliases"), "a") as f:
+        f.write("staff: root, postmaster\n")
+    inst.sendmail("-bi")
+    with running(inst) as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            assert c.expn("staff")[0] == 502
+    with running(inst, smtpd_enable_expn="yes") as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            code, text = c.expn("staff")
+            assert code == 250 and b"root@" in text
