@@ -304,10 +304,14 @@ def _drain(inst, rounds=3):
             return
 
 
-def test_daemon_killed_repeatedly_under_load_loses_no_accepted_message(make_instance):
+MODELS = ["threads", "fork"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_daemon_killed_repeatedly_under_load_loses_no_accepted_message(make_instance, model):
     with SMTPSink() as sink:
         inst = daemon_instance(make_instance, relayhost=f"[127.0.0.1]:{sink.port}",
-                               delivery_process_limit=2)
+                               delivery_process_limit=2, smtpd_process_model=model)
         d = Daemon(inst).start()
         try:
             flood = Flood(d.port, 300).start()
@@ -332,9 +336,12 @@ def test_daemon_killed_repeatedly_under_load_loses_no_accepted_message(make_inst
           f"client errors {dict(flood.errors)}")
 
 
-def test_sigterm_under_load_gives_421_to_every_open_session_and_loses_nothing(make_instance):
+@pytest.mark.parametrize("model", MODELS)
+def test_sigterm_under_load_gives_421_to_every_open_session_and_loses_nothing(make_instance,
+                                                                            model):
     with SMTPSink() as sink:
-        inst = daemon_instance(make_instance, relayhost=f"[127.0.0.1]:{sink.port}")
+        inst = daemon_instance(make_instance, relayhost=f"[127.0.0.1]:{sink.port}",
+                               smtpd_process_model=model, smtpd_timeout="4s")
         d = Daemon(inst).start()
         idle = []
         try:
