@@ -465,3 +465,28 @@ def test_expn_lists_an_alias_when_enabled(inst):
         with smtplib.SMTP("127.0.0.1", port) as c:
             code, text = c.expn("staff")
             assert code == 250 and b"root@" in text
+
+
+def test_limits_on_the_wire_hops_recipients_long_lines_and_errors(inst):
+    with running(inst, hopcount_limit=5, smtpd_recipient_limit=2,
+                 smtpd_long_line_action="reject", smtpd_hard_error_limit=5) as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.ehlo()
+            c.mail("a@b.example")
+            assert c.rcpt("root@example.test")[0] == 250
+            assert c.rcpt("postmaster@example.test")[0] == 250
+            assert c.rcpt("root@example.test") == (452, b"4.5.3 Error: too many recipients")
+            assert c.data(b"Received: x\r\n" * 5 + b"Subject: loop\r\n\r\nx\r\n")[0:1] == (554,)
+            c.mail("a@b.example")
+            c.rcpt("root@example.test")
+            code, msg = c.data(b"Subject: long\r\n\r\n" + b"y" * 1200 + b"\r\n")
+            assert (code, msg[:5]) == (550, b"5.6.0")
+        s, f = raw(port)
+        read_reply(f)
+        s.sendall(b"BAD\r\n" * 6)
+        replies = [read_reply(f)[-1][:3] for _ in range(6)]
+        assert replies == [b"500"] * 5 + [b"421"]
+        assert f.readline() == b""
+        f.close()
+        s.close()
+    assert queued(inst) == []

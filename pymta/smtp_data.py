@@ -1,0 +1,128 @@
+"""The DATA stream of an SMTP session, decoded chunk by chunk.
+
+Only CRLF.CRLF ends the data. Whole chunks are handled with bytes
+operations (find, count, replace), never a Python loop per line: dot-
+unstuffing and CRLF -> LF are two ``bytes.replace`` calls. A bare CR or LF
+anywhere marks the message as refused (SMTP smuggling); the caller decides
+the reply once the real end has come.
+"""
+
+import re
+
+from .status import PymtaError, Reply
+
+DATA_SPLIT = 64 * 1024
+_RECEIVED_RE = re.compile(rb"^received:", re.I | re.M)
+
+
+class DataReceiver:
+    """Turns the DATA stream into the stored message, chunk by chunk.
+
+    ``feed(buf)`` consumes what it can and returns the number of bytes used
+    and whether the final ``.`` line was seen. Stored bytes are unstuffed
+    and have LF line ends.
+    """
+
+    def __init__(self, writer, size_limit, line_limit, header_limit):
+        self.writer = writer
+        self.size_limit = size_limit
+        self.line_limit = line_limit    # 0: long lines are kept as they are
+        self.header_limit = header_limit
+        self.at_bol = True
+        self.line_len = 0          # bytes of the current unfinished line
+        self.size = 0              # bytes stored (after conversion)
+        self.received = 0          # raw bytes consumed
+        self.bare = False
+        self.long_line = False
+        self.too_big = False
+        self.error = None          # a Reply from a failed write
+        self.header = bytearray()  # the header section, for the hop count
+        self.in_header = True
+
+    @property
+    def failed(self):
+        return self.bare or self.long_line or self.too_big or self.error is not None
+
+    def feed(self, buf):
+        if self.at_bol:
+            if buf[:3] == b".\r\n":
+                self.received += 3
+                return 3, True
+            if len(buf) < 3 and b".\r\n".startswith(bytes(buf)):
+                return 0, False
+        end = buf.find(b"\r\n.\r\n")
+        if end >= 0:
+            used = end + 5
+            self._segment(buf[:end + 2])
+            self.received += used
+            return used, True
+        cut = buf.rfind(b"\r\n")
+        if cut >= 0:
+            used = cut + 2
+            self._segment(buf[:used])
+        elif len(buf) > DATA_SPLIT:
+            # A long line without CRLF: store all but the last byte, which
+            # may be the CR of a CRLF.
+            used = len(buf) - 1
+            self._segment(buf[:used], mid_line=True)
+        else:
+            return 0, False
+        self.received += used
+        return used, False
+
+    def _segment(self, seg, mid_line=False):
+        seg = bytes(seg)
+        crlf = seg.count(b"\r\n")
+        if seg.count(b"\r") != crlf or seg.count(b"\n") != crlf:
+            self.bare = True
+        if self.line_limit and not self.failed:
+            self._check_lines(seg)
+        if self.failed:
+            self.at_bol = not mid_line
+            return
+        data = seg.replace(b"\r\n", b"\n")
+        if self.at_bol and data[:1] == b".":
+            data = data[1:]
+        data = data.replace(b"\n.", b"\n")
+        self.at_bol = not mid_line
+        if self.in_header:
+            self._scan_header(data)
+        self.size += len(data)
+        if self.size_limit and self.size > self.size_limit:
+            self.too_big = True
+            return
+        try:
+            self.writer.write(data)
+        except PymtaError as e:
+            self.error = e.reply
+        except OSError:
+            self.error = Reply(451, "4.3.0", "Error: queue file write error")
+
+    def _check_lines(self, seg):
+        longest = self.line_limit - 2   # the limit counts the CRLF
+        first = seg.find(b"\n")
+        if first < 0:
+            self.line_len += len(seg)
+        else:
+            last = seg.rfind(b"\n")
+            if self.line_len + first - 1 > longest or (
+                    last > first and re.search(rb"[^\r\n]{%d}" % (longest + 1), seg[first:last])):
+                self.long_line = True
+            self.line_len = len(seg) - last - 1
+        if self.line_len > longest:
+            self.long_line = True
+
+    def _scan_header(self, data):
+        start = len(self.header)
+        self.header += data
+        blank = self.header.find(b"\n\n", max(0, start - 1))
+        if self.header[:1] == b"\n":
+            blank = 0
+        if blank >= 0:
+            del self.header[blank + 1:]
+            self.in_header = False
+        elif len(self.header) > self.header_limit:
+            self.in_header = False
+
+    def hops(self):
+        return len(_RECEIVED_RE.findall(bytes(self.header)))
