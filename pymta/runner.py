@@ -278,10 +278,11 @@ class Runner:
         else:
             self._route_and_deliver(env, now, later)
         self._notify(env, now, later)
-        if not env.pending:
+        # A recipient still F means its bounce could not be queued (a full
+        # disk): the message stays, and the next pass tries the bounce again.
+        if not env.pending and not any(r.state == E.FAILED for r in env.recipients):
             self.spool.remove(env.id)
-            if not any(r.state == E.FAILED for r in env.recipients):
-                self.log.info(f"{env.id}: done")
+            self.log.info(f"{env.id}: done")
             return
         env.attempts += 1
         env.last_attempt = int(now)

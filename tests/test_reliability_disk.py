@@ -210,3 +210,25 @@ def test_smtp_250_only_after_the_commit_queue_made_immutable(make_instance):
         assert r.returncode == 0 and b"Traceback" not in r.stderr
         assert queue_files(inst) == []
         assert "commit order" not in _mbox(inst)
+
+
+def test_a_bounce_that_cannot_be_queued_for_lack_of_space_is_not_lost(inst):
+    top = inst.params["queue_directory"]
+    inst.write_config(delivery_mode="queue", minimal_backoff_time="0s", maximal_backoff_time="0s")
+    with tmpfs(top, size="1m"):
+        inst.spool.create()
+        body = b"Message-ID: <lost@bounce>\nSubject: to nobody\n\n" + b"b" * 79 * 3000 + b"\n"
+        r = inst.sendmail("-f", "root@example.test", "nosuchuser@example.test", input=body)
+        assert r.returncode == 0, r.stderr
+        qid = queue_files(inst, ("qf",))[0][2:]
+        filler = fill(top, leave=48 * 1024)        # room for no bounce of a 240 kB message
+        q = inst.sendmail("-q")
+        assert q.returncode == 0 and b"Traceback" not in q.stderr, q.stderr
+        assert "could not queue the bounce" in inst.maillog()
+        assert queue_files(inst, ("qf",)) == ["qf" + qid], "the failed message and its bounce are gone"
+        os.unlink(filler)
+        q = inst.sendmail("-q")
+        assert q.returncode == 0
+        assert queue_files(inst) == []
+    msgs = list(mailbox.mbox(os.path.join(inst.root, "mail", "root")))
+    assert len(msgs) == 1 and "nosuchuser@example.test" in msgs[0].as_string()
