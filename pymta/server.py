@@ -42,14 +42,32 @@ def client_ip(addr):
     return ip
 
 
-def peername(ip):
-    """The client's verified host name (reverse, then forward confirmed), or 'unknown'."""
+def peername(ip, resolver=None):
+    """The client's verified host name: PTR, then A/AAAA of that name must
+    give ``ip`` back; else 'unknown'. ``resolver`` is a dnspython resolver
+    (dns_nameservers, dns_timeout); None uses the system's."""
+    if resolver is None:
+        try:
+            name = socket.gethostbyaddr(ip)[0]
+            addrs = {a[4][0] for a in socket.getaddrinfo(name, None)}
+        except (OSError, UnicodeError):
+            return "unknown"
+        return name if ip in addrs else "unknown"
+    import dns.exception
     try:
-        name = socket.gethostbyaddr(ip)[0]
-        addrs = {a[4][0] for a in socket.getaddrinfo(name, None)}
-    except (OSError, UnicodeError):
+        names = [str(r.target).rstrip(".") for r in resolver.resolve_address(ip)]
+    except dns.exception.DNSException:
         return "unknown"
-    return name if ip in addrs else "unknown"
+    want = ipaddress.ip_address(ip)
+    for name in names[:5]:
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = resolver.resolve(name, rdtype)
+            except dns.exception.DNSException:
+                continue
+            if any(ipaddress.ip_address(r.address) == want for r in answer):
+                return name
+    return "unknown"
 
 
 def make_ssl_context(cfg, log=None):
@@ -110,6 +128,10 @@ class Services:
             self.expand = None
         from . import auth
         self.auth = auth.PasswordFile(cfg.smtpd_sasl_password_file, self.log)
+        self.resolver = None
+        if cfg.smtpd_peername_lookup:
+            from . import mx
+            self.resolver = mx.make_resolver(cfg)
 
     @staticmethod
     def _expander(route, router):
@@ -142,7 +164,7 @@ class SMTPHandler(socketserver.BaseRequestHandler):
         cfg, log = services.cfg, services.log
         sock = self.request
         ip = client_ip(self.client_address)
-        name = peername(ip) if cfg.smtpd_peername_lookup else "unknown"
+        name = peername(ip, services.resolver) if services.resolver else "unknown"
         peer = f"{name}[{ip}]"
         log.info(f"connect from {peer}")
         if cfg.smtpd_greet_pause and self._early_talker(sock, cfg.smtpd_greet_pause):

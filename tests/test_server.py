@@ -490,3 +490,23 @@ def test_limits_on_the_wire_hops_recipients_long_lines_and_errors(inst):
         f.close()
         s.close()
     assert queued(inst) == []
+
+
+def test_client_name_is_the_forward_confirmed_ptr(inst, logs):
+    from dnsserver import DNSServer
+    zone = {"1.0.0.127.in-addr.arpa": {"PTR": ["client.example.test."]},
+            "client.example.test": {"A": ["127.0.0.1"]}}
+    with DNSServer(zone) as dns_server:
+        with running(inst, smtpd_peername_lookup="yes", dns_nameservers=dns_server.address) as port:
+            with smtplib.SMTP("127.0.0.1", port) as c:
+                c.sendmail("a@b.example", ["root@example.test"], b"Subject: n\r\n\r\nx\r\n")
+        dns_server.zone["client.example.test"] = {"A": ["127.0.0.9"]}   # PTR no longer confirmed
+        with running(inst, smtpd_peername_lookup="yes", dns_nameservers=dns_server.address) as port:
+            with smtplib.SMTP("127.0.0.1", port) as c:
+                c.noop()
+    text = logs.text()
+    assert "connect from client.example.test[127.0.0.1]" in text
+    assert "relay=client.example.test [127.0.0.1]" in text
+    assert "connect from unknown[127.0.0.1]" in text
+    env = inst.spool.read([n for n in queued(inst) if n.startswith("qf")][0][2:])
+    assert env.client_name == "client.example.test"
