@@ -119,8 +119,8 @@ class Listener:
         signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
         services = self.services or server.Services(self.cfg, log, notify=self.notify)
         servers = [server.make_server(sock, services, sub) for sock, sub, _ in self.socks]
-        for _, _, spec in self.socks:
-            log.info(f"daemon listening on {spec}" + (" (submission)" if _ else ""))
+        for _, submission, spec in self.socks:
+            log.info(f"daemon listening on {spec}" + (" (submission)" if submission else ""))
 
         def tick():
             if not self.reload:

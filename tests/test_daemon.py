@@ -226,3 +226,16 @@ def test_listener_runs_as_mail_owner_and_master_as_root():
             assert wait_for(lambda: b"Subject: priv" in mailbox(inst), 20)
     finally:
         subprocess.run(["rm", "-rf", top])
+
+
+def test_submission_listener_requires_auth(inst):
+    sub = free_port()
+    with daemon(inst, submission_listen=f"127.0.0.1:{sub}") as (p, port):
+        assert wait_for(lambda: can_connect(sub))
+        with smtplib.SMTP("127.0.0.1", sub) as c:
+            c.ehlo()
+            assert c.mail("a@b.example") == (530, b"5.7.0 Authentication required")
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.ehlo()
+            assert c.mail("a@b.example")[0] == 250
+    assert f"daemon listening on 127.0.0.1:{sub} (submission)" in inst.maillog()
