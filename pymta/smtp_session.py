@@ -265,7 +265,8 @@ class Session:
     def cmd_EHLO(self, arg, esmtp=True):
         if not arg:
             return self._error(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
-        self.helo, self.esmtp, self.tx = arg.split()[0][:255], esmtp, None
+        helo = "".join(c if " " < c != "\x7f" else "?" for c in arg.split()[0][:255])
+        self.helo, self.esmtp, self.tx = helo, esmtp, None
         host = self.cfg.myhostname
         if not esmtp:
             return self._send(Reply(250, "", host))
