@@ -346,8 +346,9 @@ def test_a_thousand_idle_connections_get_421_past_the_session_limit(hostile):
                 socks.append(s)
             for s in socks:
                 greetings.append(s.recv(512)[:3])
-            assert greetings.count(b"220") == 50
-            assert greetings.count(b"421") == 950
+            # (The start-up probe's session may not have ended yet: 49 or 50.)
+            assert greetings.count(b"220") in (49, 50)
+            assert greetings.count(b"220") + greetings.count(b"421") == 1000
             assert vmrss_kb(pid) < 200 * 1024
         finally:
             for s in socks:
