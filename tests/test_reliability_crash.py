@@ -21,8 +21,8 @@ import pytest
 
 from pymta import envelope as E
 from queuefixture import put
-from reliability_util import (TOP, Daemon, Raw, SlowSink, daemon_instance, message, msgids_in,
-                              queue_files)
+from reliability_util import (TOP, Daemon, Raw, SlowSink, daemon_instance, group_alive, message,
+                              msgids_in, queue_files)
 from smtpsink import SMTPSink
 
 RNG = random.Random(int(os.environ.get("PYMTA_TEST_SEED", "0")) or None)
@@ -430,3 +430,38 @@ def test_sighup_under_load_reloads_and_loses_nothing(make_instance):
         got = set(sink_msgids(sink))
     assert flood.accepted <= got
     assert "listener: configuration reloaded" in inst.maillog()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug: when only the master is killed (kill -9 of the pid in pid_file, the OOM "
+    "killer), the listener lives on as an orphan holding the port, so a restarted daemon "
+    "exits 71 'Address already in use'; the listener should exit when its master is gone"))
+def test_master_killed_alone_the_listener_exits_and_a_restart_serves(make_instance):
+    with SMTPSink() as sink:
+        inst = daemon_instance(make_instance, relayhost=f"[127.0.0.1]:{sink.port}")
+        d = Daemon(inst).start()
+        pgid = d.pid
+        try:
+            with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as c:
+                c.sendmail("a@b.example", ["user@remote.test"], message("before@master"))
+            os.kill(d.pid, signal.SIGKILL)
+            d.proc.wait(10)
+            d.proc.stderr.close()
+            deadline = time.monotonic() + 5
+            while group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            orphans = group_alive(pgid)
+            d.proc = None
+            assert not orphans, f"listener {orphans} outlived its master"
+            d.start()
+            time.sleep(1.5)
+            assert d.proc.poll() is None
+            with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as c:
+                c.sendmail("a@b.example", ["user@remote.test"], message("after@master"))
+        finally:
+            for pid in group_alive(pgid):
+                os.kill(pid, signal.SIGKILL)
+            d.stop()
+        _drain(inst)
+        got = set(sink_msgids(sink))
+    assert {"before@master", "after@master"} <= got
