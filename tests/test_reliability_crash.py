@@ -333,6 +333,7 @@ def test_daemon_killed_repeatedly_under_load_loses_no_accepted_message(make_inst
         _drain(inst)
         got = collections.Counter(sink_msgids(sink))
     assert len(flood.accepted) == 300
+    assert all(t.data.endswith(b"\r\n\r\nhello\r\n") for t in sink.delivered)  # all whole
     assert flood.errors, "the kills should have been felt by the clients"
     lost = flood.accepted - set(got)
     assert not lost, f"{len(lost)} accepted messages lost"
