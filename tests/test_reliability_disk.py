@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 
-
 from reliability_util import (TOP, Daemon, Raw, daemon_instance, fill, message, queue_files,
                               root_only, tmpfs, use_inodes)
 
