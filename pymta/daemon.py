@@ -122,7 +122,14 @@ class Listener:
         for _, submission, spec in self.socks:
             log.info(f"daemon listening on {spec}" + (" (submission)" if submission else ""))
 
+        master = os.getppid()
+
         def tick():
+            if os.getppid() != master and not server.STOPPING.is_set():
+                # The master is gone (kill -9, the OOM killer): stop taking mail
+                # so that a restarted daemon can bind the port again.
+                log.error("listener: master process gone, stopping")
+                server.STOPPING.set()
             if not self.reload:
                 return
             self.reload = False

@@ -433,10 +433,6 @@ def test_sighup_under_load_reloads_and_loses_nothing(make_instance):
     assert "listener: configuration reloaded" in inst.maillog()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: when only the master is killed (kill -9 of the pid in pid_file, the OOM "
-    "killer), the listener lives on as an orphan holding the port, so a restarted daemon "
-    "exits 71 'Address already in use'; the listener should exit when its master is gone"))
 def test_master_killed_alone_the_listener_exits_and_a_restart_serves(make_instance):
     with SMTPSink() as sink:
         inst = daemon_instance(make_instance, relayhost=f"[127.0.0.1]:{sink.port}")
