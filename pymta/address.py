@@ -15,10 +15,13 @@ LOCAL_PART_MAX = 64
 DOMAIN_MAX = 255
 PATH_MAX = 256
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]"
+# Written as negated ASCII classes: the same sets as "atext plus any
+# non-ASCII character", but they compile in microseconds, not milliseconds
+# (sendmail's start-up time is its latency).
+_ATEXT = r'[^\x00-\x20\x7f"(),.:;<>@\[\\\]]'
 _DOT_ATOM_RE = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
-_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9\-\x80-\U0010ffff]{1,63}(?<!-)")
-_PARAM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+))?")
+_LABEL_RE = re.compile(r"(?!-)[^\x00-\x2c\x2e\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]{1,63}(?<!-)")
+_PARAM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([^\x00-\x20=\x7f]+))?")
 
 
 def _bad(text, code=501, enhanced="5.1.3"):

@@ -158,6 +158,7 @@ class Master:
         self.child = None
         self.owner = _owner(cfg)
         self.runner_mod = None
+        self.handoff_runner = None
         self.pool = None
         self.run_thread = None
 
@@ -266,19 +267,30 @@ class Master:
                 self.pool.submit(self._deliver, qid)
         return rest
 
+    def _runner(self):
+        """One Runner for the handoffs (its router, alias map, resolver and idle
+        connections are kept between messages); a new one after a reload."""
+        runner = self.handoff_runner
+        if runner is None or runner.cfg is not self.cfg:
+            runner = self.handoff_runner = self.runner_mod.Runner(self.cfg, log=log)
+        return runner
+
     def _deliver(self, qid):
         lock = self.spool.lock(qid)
         if lock is None:
             return
         try:
             with lock:
-                self.runner_mod.Runner(self.cfg, log=log).deliver_locked(lock)
+                self._runner().deliver_locked(lock, keep_connections=True)
         except Exception as e:
             log.exception(f"{qid}: delivery attempt failed: {e}")
 
     def _pickup(self):
+        if self.handoff_runner is not None:
+            self.handoff_runner._close_connections()   # idle SMTP connections live ~1 s
         try:
-            ids = self.spool.pickup(log=log.info)
+            ids = self.spool.pickup(log=log.info, hostname=self.cfg.myhostname,
+                                    mail_name=self.cfg.mail_name)
         except OSError as e:
             log.error(f"maildrop pickup failed: {e}")
             return

@@ -1,8 +1,9 @@
 """Local delivery: mbox, Maildir, |command and /file, as the recipient.
 
-Every delivery runs in a forked child that drops to the target's uid and
-gids before it opens the mailbox or runs the command (when pymta is root);
-the child sends its Reply back through a pipe. mbox delivery follows dma and
+Every delivery runs in a process that has dropped to the target's uid and
+gids before it opens the mailbox or runs the command (when pymta is root):
+a long-lived worker per identity for mailboxes, files and Maildirs
+(pymta.workers), a fresh child for each |command. mbox delivery follows dma and
 Postfix: dot-lock plus fcntl lock, remember the size, append, fsync, and on
 any error truncate back so that no partial message is ever left behind.
 """
@@ -27,6 +28,7 @@ import lockfile
 from lockfile.linklockfile import LinkLockFile
 
 from . import spool as _spool
+from . import workers as _workers
 from .status import Reply, EX_TEMPFAIL
 
 
@@ -456,18 +458,63 @@ def deliver(cfg, env, rcpt, target, log=None):
             for n in notes:
                 log.warning(f"{env.id}: {n}")
             return reply
+        if target.kind in _POOLED_KINDS:
+            return _deliver_pooled(cfg, env, rcpt, target, df, log)
         return _deliver_child(cfg, env, rcpt, target, df, log)
 
 
-def _close_other_fds(keep):
-    """In a delivery child: close every descriptor but stdio and ``keep``, so
-    that no lock or pipe of another thread of the parent lives on in it."""
-    low = 3
-    for fd in sorted(keep):
-        if fd >= low:
-            os.closerange(low, fd)
-            low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+# Mailbox, file and Maildir deliveries go to a long-lived worker per identity
+# (pymta.workers); a |command gets a fresh child each time, so that no program
+# a user's .forward runs can linger in a process that later delivers for others.
+_POOLED_KINDS = frozenset({"mailbox", "file", "maildir"})
+
+
+def _pool_setup(target, groups, extra_gid):
+    def setup():
+        gc.collect()
+        gc.freeze()     # the inherited heap stays shared with the parent
+        os.umask(0o077)
+        _drop(target, groups, keep_root=target.kind == "mailbox", extra_gid=extra_gid)
+    return setup
+
+
+def _pool_handle(cfg):
+    def handle(payload, fd):
+        env, rcpt, target, as_root, gid = payload
+        notes = []
+        try:
+            with os.fdopen(os.dup(fd), "rb") as df:
+                if target.kind == "mailbox":
+                    reply = _append(cfg, env, rcpt, target, df, notes, ids=_Ids(target),
+                                    create_gid=gid, as_root=as_root)
+                elif target.kind == "file":
+                    reply = _append(cfg, env, rcpt, target, df, notes)
+                else:
+                    reply = _maildir(env, rcpt, target, df)
+        except _DeliveryError as e:
+            reply = e.reply
+        except OSError as e:
+            reply = _os_reply(e, target.path)
+        except Exception as e:   # report, never kill the worker's loop
+            reply = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
+        return [reply.code, reply.enhanced, reply.text, notes]
+    return handle
+
+
+def _deliver_pooled(cfg, env, rcpt, target, df, log):
+    gid = _spool_group(target) if target.kind == "mailbox" else None
+    as_root = target.kind == "mailbox" and _root_only_dir(target.path)
+    groups = tuple(_groups(target))
+    key = (cfg, target.kind, target.uid, target.gid, groups, gid)
+    try:
+        code, enhanced, text, notes = _workers.POOL.call(
+            key, _pool_setup(target, groups, gid), _pool_handle(cfg),
+            (env, rcpt, target, as_root, gid), df.fileno())
+    except _workers.WorkerGone as e:
+        return Reply(451, "4.3.0", f"local delivery process failed: {e}")
+    for n in notes:
+        log.warning(f"{env.id}: {n}")
+    return Reply(code, enhanced, text)
 
 
 def _read_reply(rfd, pid):
@@ -508,7 +555,7 @@ def _deliver_child(cfg, env, rcpt, target, df, log):
         try:
             gc.disable()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _close_other_fds({wfd, df.fileno()})
+            _workers.close_other_fds({wfd, df.fileno()})
             notes = []
             try:
                 reply = _run(cfg, env, rcpt, target, df, True, notes, groups)

@@ -26,13 +26,26 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-
-from . import bounce, mx, remote
+import importlib
 from . import envelope as E
 from .address import domain_of
 from .spool import Spool
 from .status import (EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Outcome, PymtaError, Reply,
                      SpoolCorrupt)
+
+
+class _LazyModule:
+    """A module imported on first use: `sendmail -odi` and local-only queue
+    runs never pay for dnspython, smtplib and email."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name, __package__), attr)
+
+
+bounce, mx, remote = _LazyModule(".bounce"), _LazyModule(".mx"), _LazyModule(".remote")
 
 MAX_EXPANSION_ROUNDS = 10
 
@@ -146,11 +159,29 @@ class Runner:
         self.now = now
         self.verbose = verbose
         self.spool = Spool.from_config(cfg)
-        self.resolver = mx.make_resolver(cfg)
-        self.cache = remote.ConnectionCache(per_destination=max(1, cfg.delivery_process_limit))
+        self._resolver = None
+        self._cache = None
         self._router = None
         self._router_lock = threading.Lock()
         self._stats_lock = threading.Lock()
+
+    @property
+    def cache(self):
+        """Idle SMTP connections for reuse, made on first use."""
+        if self._cache is None:
+            self._cache = remote.ConnectionCache(per_destination=max(1, self.cfg.delivery_process_limit))
+        return self._cache
+
+    def _close_connections(self):
+        if self._cache is not None:
+            self._cache.close_all()
+
+    @property
+    def resolver(self):
+        """The DNS resolver, made on first use: local-only work never needs it."""
+        if self._resolver is None:
+            self._resolver = mx.make_resolver(self.cfg)
+        return self._resolver
 
     # -- a pass over the queue
     def run_pass(self, filters=()):
@@ -182,7 +213,7 @@ class Runner:
                     for fut in [ex.submit(self._one, qid, filters, st) for qid in due]:
                         fut.result()
         finally:
-            self.cache.close_all()
+            self._close_connections()
         return st
 
     @staticmethod
@@ -219,14 +250,16 @@ class Runner:
                 else:
                     st.removed += 1
 
-    def deliver_locked(self, lock):
+    def deliver_locked(self, lock, keep_connections=False):
         """Deliver the message whose MessageLock the caller holds (and keeps:
         the caller releases it). Returns a Summary; ``.exit_code`` suits
-        ``sendmail -odi``."""
+        ``sendmail -odi``. ``keep_connections`` leaves idle SMTP connections
+        in the cache for the next message (the daemon closes them)."""
         try:
             return self._deliver(lock)
         finally:
-            self.cache.close_all()
+            if not keep_connections:
+                self._close_connections()
 
     # -- one message
     def _deliver(self, lock, filters=(), honour_next_try=False):

@@ -1,0 +1,200 @@
+"""Long-lived delivery processes, one set per identity (uid, gids, mode).
+
+A delivery as another user needs a process with that user's ids. Forking one
+per message costs 2-3 ms of CPU in a daemon-sized parent (page tables, then
+copy-on-write faults in the child); a worker forked once per identity and
+kept while there is work costs one round trip on a socket pair.
+
+The parent sends a request (pickled: the worker is the parent's own code,
+forked from it) with the message's df descriptor attached (SCM_RIGHTS); the
+worker answers in JSON, because the parent, often root, must never unpickle
+what a lower-privileged process wrote. A worker exits when it has been idle
+for IDLE_EXIT seconds or when its parent goes away (EOF); the parent stops
+using a worker well before that, so an EOF while waiting for an answer means
+the worker died during the delivery, and the caller defers the message.
+"""
+
+import json
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+
+IDLE_EXIT = 60.0          # a worker with no request for this long exits
+REUSE_WINDOW = 45.0       # the parent retires workers idle for longer
+MAX_IDLE_PER_KEY = 4
+MAX_REQUESTS = 5000       # then the worker is retired (bounded growth)
+_HDR = struct.Struct("!I")
+
+
+class WorkerGone(Exception):
+    """The worker died or broke the protocol; the delivery's fate is unknown."""
+
+
+def close_other_fds(keep):
+    """In a fresh child: close every descriptor but stdio and ``keep``."""
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def _serve(sock, handle):
+    """The worker's loop: one request at a time until idle or EOF."""
+    while True:
+        ready, _, _ = select.select([sock], [], [], IDLE_EXIT)
+        if not ready:
+            return
+        msg, fds, _, _ = socket.recv_fds(sock, _HDR.size, 4)
+        if not msg:
+            return
+        try:
+            if len(msg) < _HDR.size:
+                msg += _recv_exact(sock, _HDR.size - len(msg))
+            (n,) = _HDR.unpack(msg)
+            payload = pickle.loads(_recv_exact(sock, n))
+            result = handle(payload, fds[0] if fds else -1)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        body = json.dumps(result).encode()
+        sock.sendall(_HDR.pack(len(body)) + body)
+
+
+class Worker:
+    """One forked worker. ``setup()`` runs once in the child (drop privileges);
+    ``handle(payload, fd)`` runs per request and returns something JSON can hold."""
+
+    def __init__(self, setup, handle):
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:   # the worker: never returns
+            code = 0
+            try:
+                parent.close()
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                close_other_fds({child.fileno()})
+                setup()
+                _serve(child, handle)
+            except BaseException:   # noqa: B902 - the child must never return
+                code = 1
+            finally:
+                os._exit(code)
+        child.close()
+        self.pid, self.sock = pid, parent
+        self.requests = 0
+        self.last_used = time.monotonic()
+
+    def call(self, payload, fd):
+        data = pickle.dumps(payload)
+        try:
+            socket.send_fds(self.sock, [_HDR.pack(len(data))], [fd])
+            self.sock.sendall(data)
+        except OSError as e:
+            raise BrokenPipeError(str(e)) from None   # nothing was done: retry elsewhere
+        try:
+            (n,) = _HDR.unpack(_recv_exact(self.sock, _HDR.size))
+            result = json.loads(_recv_exact(self.sock, n))
+        except (OSError, EOFError, ValueError, struct.error) as e:
+            raise WorkerGone(f"delivery process {self.pid} failed: {e}") from None
+        self.requests += 1
+        self.last_used = time.monotonic()
+        return result
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        # It sees EOF and exits at once; reap it without blocking the caller long.
+        for _ in range(50):
+            try:
+                done, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if done:
+                return
+            time.sleep(0.01)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+class Pool:
+    """Idle workers by key; a busy key simply gets another worker."""
+
+    def __init__(self):
+        self._idle = {}
+        self._lock = threading.Lock()
+        self._owner = os.getpid()
+
+    def _take(self, key):
+        with self._lock:
+            if self._owner != os.getpid():     # we were forked: not our workers
+                self._idle, self._owner = {}, os.getpid()
+            now = time.monotonic()
+            lst = self._idle.get(key) or []
+            fresh = [w for w in lst if now - w.last_used < REUSE_WINDOW and w.requests < MAX_REQUESTS]
+            stale = [w for w in lst if w not in fresh]
+            worker = fresh.pop() if fresh else None
+            self._idle[key] = fresh
+            return worker, stale
+
+    def _give(self, key, worker):
+        with self._lock:
+            lst = self._idle.setdefault(key, [])
+            if len(lst) < MAX_IDLE_PER_KEY:
+                lst.append(worker)
+                return
+        worker.close()
+
+    def call(self, key, setup, handle, payload, fd):
+        """Run ``handle(payload, fd)`` in a worker for ``key``; raises WorkerGone."""
+        for attempt in (1, 2):
+            worker, stale = self._take(key)
+            for w in stale:
+                w.close()
+            if worker is None:
+                worker = Worker(setup, handle)
+            try:
+                result = worker.call(payload, fd)
+            except BrokenPipeError:
+                worker.close()
+                if attempt == 2:
+                    raise WorkerGone("delivery process unavailable") from None
+                continue
+            except WorkerGone:
+                worker.close()
+                raise
+            self._give(key, worker)
+            return result
+        raise AssertionError("unreachable")
+
+    def close_all(self):
+        with self._lock:
+            workers = [w for lst in self._idle.values() for w in lst]
+            self._idle.clear()
+        for w in workers:
+            w.close()
+
+
+POOL = Pool()

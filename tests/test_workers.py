@@ -1,0 +1,84 @@
+"""Long-lived delivery workers: reused per identity, replaced when they die,
+and a death during a delivery is reported, never taken for success."""
+
+import os
+import pwd
+import signal
+import tempfile
+
+import pytest
+
+from pymta import workers
+
+
+def _noop():
+    pass
+
+
+def _whoami(payload, fd):
+    data = os.read(fd, 100).decode() if fd >= 0 else ""
+    if payload == "die":
+        os._exit(3)
+    return {"pid": os.getpid(), "uid": os.geteuid(), "data": data, "echo": payload}
+
+
+def _call(pool, key, payload="x", setup=_noop, content=b"message"):
+    with tempfile.TemporaryFile() as f:
+        f.write(content)
+        f.seek(0)
+        return pool.call(key, setup, _whoami, payload, f.fileno())
+
+
+def test_same_identity_reuses_one_process_and_reads_the_passed_descriptor():
+    pool = workers.Pool()
+    try:
+        a = _call(pool, "k1", content=b"first")
+        b = _call(pool, "k1", content=b"second")
+        c = _call(pool, "k2")
+        assert a["pid"] == b["pid"] != os.getpid()
+        assert c["pid"] != a["pid"]
+        assert (a["data"], b["data"]) == ("first", "second")
+        assert b["echo"] == "x"
+    finally:
+        pool.close_all()
+
+
+def test_a_worker_killed_while_idle_is_replaced_transparently():
+    pool = workers.Pool()
+    try:
+        a = _call(pool, "k")
+        os.kill(a["pid"], signal.SIGKILL)
+        os.waitpid(a["pid"], 0)
+        b = _call(pool, "k")
+        assert b["pid"] != a["pid"]
+    finally:
+        pool.close_all()
+
+
+def test_a_worker_dying_during_a_delivery_is_an_error_not_a_success():
+    pool = workers.Pool()
+    try:
+        with pytest.raises(workers.WorkerGone):
+            _call(pool, "k", payload="die")
+        assert _call(pool, "k")["echo"] == "x"     # the next one works
+    finally:
+        pool.close_all()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_setup_drops_privileges_once_for_every_request():
+    nobody = pwd.getpwnam("nobody")
+
+    def setup():
+        os.setgroups([])
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+
+    pool = workers.Pool()
+    try:
+        a = _call(pool, "nobody", setup=setup)
+        b = _call(pool, "nobody", setup=setup)
+        assert a["uid"] == b["uid"] == nobody.pw_uid
+        assert a["pid"] == b["pid"]
+    finally:
+        pool.close_all()
