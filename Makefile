@@ -32,7 +32,7 @@ run: dev-setup
 	$(PY) bin/sendmail -C $(DEVCONF) -bD -q1m
 
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --timeout 600 -p no:cacheprovider $(PYTEST_ARGS) tests
 
 man: check-man
 check-man:

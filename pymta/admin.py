@@ -416,7 +416,7 @@ def main(argv=None):
     except SystemExit as e:
         return EX_USAGE if e.code else EX_OK
     from . import config
-    from .cli import setup_logging
+    from .maillog import setup_logging
     try:
         cfg = config.load(args.config, args.overrides)
     except ConfigError as e:
