@@ -117,7 +117,9 @@ class Pymta:
             for k, v in p.items():
                 f.write(f"{k} = {v}\n")
         self.proc = None
-        self.run_cmd("-bi")
+        from pymta import spool as sp
+        sp.Spool(p["queue_directory"]).create()
+        self.run_cmd("-bi", check=True)
 
     def run_cmd(self, *args, input=b"", check=False):
         return subprocess.run([PY, SENDMAIL, "-C", self.conf, *args], input=input,
