@@ -84,6 +84,7 @@ class Pymta:
 
     def __init__(self, root, port, **params):
         self.root, self.port = root, port
+        os.chmod(root, 0o755)       # file deliveries run as nobody
         os.makedirs(os.path.join(root, "mail"), exist_ok=True)
         self.mbox = os.path.join(root, "mail", "catchall")
         with open(os.path.join(root, "aliases"), "w") as f:
@@ -220,7 +221,9 @@ def case_accept(work, sessions, msgs, size, reps, with_postfix, deliver=True):
         pm.start("-q30m") if deliver else pm.start()
         try:
             res["pymta"].append(load(port, sessions, msgs, size))
-            pm.wait_empty(300)
+            if not pm.wait_empty(120):
+                print(f"  pymta: {pm.queue_count()} messages still queued; see {root}/maillog",
+                      file=sys.stderr)
             res["rss"] = max(res["rss"], tree_hwm_kb(pm.proc.pid))
         finally:
             pm.stop()
