@@ -71,7 +71,6 @@ import calendar
 import errno
 import os
 import re
-import secrets
 import stat
 import threading
 import time
@@ -638,7 +637,7 @@ class Spool:
         written, fsync'd, and then marked complete by its owner-execute bit
         (0700); pickup() ignores files without it. Returns the file's name.
         """
-        name = secrets.token_hex(16)
+        name = os.urandom(16).hex()
         path = os.path.join(self.maildrop, name)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
