@@ -6,7 +6,6 @@ the empty string. Limits (RFC 5321 section 4.5.3.1): local part 64 octets,
 domain 255, path 256.
 """
 
-import ipaddress
 import re
 
 from .status import AddressError, Reply
@@ -77,6 +76,7 @@ def check_domain(domain):
         if not domain.endswith("]"):
             raise _bad("Bad address literal", 501, "5.1.3")
         literal = domain[1:-1]
+        import ipaddress   # only for literals: most runs never need it
         try:
             if literal.lower().startswith("ipv6:"):
                 ipaddress.IPv6Address(literal[5:])

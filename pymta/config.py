@@ -13,7 +13,6 @@ The result is a frozen :class:`Config` passed explicitly; there is no global.
 
 import os
 import re
-import socket
 
 from .status import ConfigError
 
@@ -37,7 +36,7 @@ class P:
 
 
 def _host():
-    return socket.gethostname() or "localhost"
+    return os.uname().nodename or "localhost"   # gethostname(), without importing socket
 
 
 def _default_hostname():

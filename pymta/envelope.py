@@ -4,7 +4,7 @@ The envelope decides delivery; the headers are payload. Each recipient keeps
 its own state so that a recipient delivered once is never tried again.
 """
 
-from dataclasses import dataclass, field
+from .record import REQUIRED, Record
 import time
 
 # Recipient states, as written in the qf (see spool.py).
@@ -28,19 +28,20 @@ PRIMARY = "p"        # named by the client (SMTP RCPT, command line, -t header)
 NO_ALIAS = "n"       # \user: deliver to the user, no further aliasing
 
 
-@dataclass
-class Recipient:
-    address: str
-    flags: str = PRIMARY
-    state: str = QUEUED
-    dsn: str = ""          # RFC 3463 status of the last attempt
-    text: str = ""         # the last attempt's status text
-    orcpt: str = ""        # DSN ORCPT, as received ("rfc822;user@dom")
-    parent: str = ""       # the recipient it was expanded from
-    uid: int = -1          # whose privileges a |cmd or /file runs with (-1: default_privs)
-    relay: str = ""        # host [ip] of the last attempt
-    updated: int = 0       # time of the last change of state
-    extra: dict = field(default_factory=dict)  # unknown keys, kept on rewrite
+class Recipient(Record):
+    _fields = (
+        ("address", REQUIRED),
+        ("flags", PRIMARY),
+        ("state", QUEUED),
+        ("dsn", ""),                  # RFC 3463 status of the last attempt
+        ("text", ""),                 # the last attempt's status text
+        ("orcpt", ""),                # DSN ORCPT, as received ("rfc822;user@dom")
+        ("parent", ""),               # the recipient it was expanded from
+        ("uid", -1),                  # whose privileges a |cmd or /file runs with (-1: default_privs)
+        ("relay", ""),                # host [ip] of the last attempt
+        ("updated", 0),               # time of the last change of state
+        ("extra", dict),              # unknown keys, kept on rewrite
+    )
 
     @property
     def pending(self):
@@ -66,32 +67,33 @@ class Recipient:
         self.updated = int(now if now is not None else time.time())
 
 
-@dataclass
-class Envelope:
-    id: str = ""
-    sender: str = ""                 # "" is the null sender <>
-    recipients: list = field(default_factory=list)
-    created: int = 0                 # T: arrival time
-    last_attempt: int = 0            # K
-    attempts: int = 0                # N
-    next_try: int = 0                # Y: not before this time
-    priority: int = 0                # P
-    flags: str = ""                  # F: see spool.py
-    body_type: str = ""              # B: 7BIT / 8BITMIME / BINARYMIME
-    smtputf8: bool = False
-    envid: str = ""                  # DSN ENVID
-    ret: str = ""                    # DSN RET: FULL or HDRS
-    protocol: str = ""               # $r: SMTP, ESMTP, ESMTPS, ESMTPA, local
-    helo: str = ""                   # $s: the client's HELO name
-    client_addr: str = ""            # the peer's IP
-    client_name: str = ""            # the peer's verified host name
-    auth_user: str = ""              # the SASL login, if any
-    uid: int = -1                    # the submitting user's uid (local submissions)
-    size: int = 0                    # bytes in the df
-    status: str = ""                 # M: the last status text, shown by mailq
-    warned: bool = False             # a delay warning was sent
-    held: bool = False               # on hold (the control file is hf<ID>)
-    extra: list = field(default_factory=list)   # unknown lines, kept on rewrite
+class Envelope(Record):
+    _fields = (
+        ("id", ""),
+        ("sender", ""),               # "" is the null sender <>
+        ("recipients", list),
+        ("created", 0),               # T: arrival time
+        ("last_attempt", 0),          # K
+        ("attempts", 0),              # N
+        ("next_try", 0),              # Y: not before this time
+        ("priority", 0),              # P
+        ("flags", ""),                # F: see spool.py
+        ("body_type", ""),            # B: 7BIT / 8BITMIME / BINARYMIME
+        ("smtputf8", False),
+        ("envid", ""),                # DSN ENVID
+        ("ret", ""),                  # DSN RET: FULL or HDRS
+        ("protocol", ""),             # $r: SMTP, ESMTP, ESMTPS, ESMTPA, local
+        ("helo", ""),                 # $s: the client's HELO name
+        ("client_addr", ""),          # the peer's IP
+        ("client_name", ""),          # the peer's verified host name
+        ("auth_user", ""),            # the SASL login, if any
+        ("uid", -1),                  # the submitting user's uid (local submissions)
+        ("size", 0),                  # bytes in the df
+        ("status", ""),               # M: the last status text, shown by mailq
+        ("warned", False),            # a delay warning was sent
+        ("held", False),              # on hold (the control file is hf<ID>)
+        ("extra", list),              # unknown lines, kept on rewrite
+    )
 
     def add_recipient(self, address, **kw):
         r = Recipient(address, **kw)

@@ -28,6 +28,30 @@ _CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 log = logging.getLogger("pymta")
 
 
+_SPECIALS = re.compile(r'[][\\()<>@,:;".]')
+
+
+def rfc5322_date(t=None):
+    """email.utils.formatdate(localtime=True), without importing the email
+    package (socket, urllib, datetime...) into every sendmail run."""
+    lt = time.localtime(time.time() if t is None else t)
+    off = lt.tm_gmtoff
+    sign = "+" if off >= 0 else "-"
+    off = abs(off)
+    return time.strftime("%a, %d %b %Y %H:%M:%S ", lt) + f"{sign}{off // 3600:02d}{off % 3600 // 60:02d}"
+
+
+def format_from(name, address):
+    """email.utils.formataddr((name, address)); non-ASCII names take the
+    email package's RFC 2047 encoding."""
+    if not name.isascii():
+        from email.utils import formataddr
+        return formataddr((name, address))
+    if _SPECIALS.search(name):
+        name = '"%s"' % name.replace("\\", "\\\\").replace('"', '\\"')
+    return f"{name} <{address}>"
+
+
 class InjectError(PymtaError):
     """A submission refused before commit; ``exit_code`` is its sysexits code."""
 
@@ -316,8 +340,7 @@ class Submission:
         """The header section to store: Received first, Return-Path and Bcc
         gone, Date, From and Message-ID added when missing."""
         cfg = self.cfg
-        from email.utils import formatdate, formataddr
-        now = formatdate(localtime=True)
+        now = rfc5322_date()
         names = {field_name(f) for f in fields}
         out = []
         if qid:
@@ -332,7 +355,7 @@ class Submission:
         if "date" not in names:
             out.append(f"Date: {now}\n".encode())
         if "from" not in names:
-            from_ = formataddr((self.fullname, self.own_address)) if self.fullname \
+            from_ = format_from(self.fullname, self.own_address) if self.fullname \
                 else self.own_address
             out.append(f"From: {from_}\n".encode("utf-8", "surrogateescape"))
         self.msgid = ""

@@ -75,7 +75,6 @@ import stat
 import threading
 import time
 import fcntl
-from urllib.parse import quote, unquote
 
 from . import envelope as E
 from .status import SpoolCorrupt, SpoolError, Reply
@@ -89,8 +88,11 @@ _CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
 _id_lock = threading.Lock()
 _id_state = {"sec": 0, "seq": 0, "pid": 0}
 
-_SAFE_VALUE = "".join(chr(c) for c in range(33, 127) if chr(c) not in "%") + " "
-_SAFE_FIELD = "".join(chr(c) for c in range(33, 127) if chr(c) not in "% ")
+# Percent-encoding of qf values (what urllib.parse.quote does with these safe
+# sets, without its import): '%', controls, non-ASCII, and in R fields spaces.
+_ENC_VALUE = re.compile(r"[^\x21-\x24\x26-\x7e ]+")
+_ENC_FIELD = re.compile(r"[^\x21-\x24\x26-\x7e]+")
+_DEC = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
 
 
 def new_id(now=None):
@@ -137,12 +139,16 @@ def id_time(qid):
 
 # -- the control file format -------------------------------------------------
 
-def _enc(value, safe=_SAFE_VALUE):
-    return quote(value, safe=safe, encoding="utf-8", errors="surrogateescape")
+def _enc(value, pattern=_ENC_VALUE):
+    return pattern.sub(lambda m: "".join(
+        "%%%02X" % b for b in m.group().encode("utf-8", "surrogateescape")), value)
 
 
 def _dec(value):
-    return unquote(value, encoding="utf-8", errors="surrogateescape")
+    if "%" not in value:
+        return value
+    return _DEC.sub(lambda m: bytes.fromhex(m.group().replace("%", "")).decode(
+        "utf-8", "surrogateescape"), value)
 
 
 def format_control(env):
@@ -169,17 +175,17 @@ def format_control(env):
     out.extend(env.extra)
     out.append(f"S{_enc(env.sender)}")
     for r in env.recipients:
-        fields = [f"R{r.flags or '-'}", r.state, _enc(r.address, _SAFE_FIELD)]
+        fields = [f"R{r.flags or '-'}", r.state, _enc(r.address, _ENC_FIELD)]
         for key, val in (("dsn", r.dsn), ("text", r.text), ("orcpt", r.orcpt),
                          ("parent", r.parent), ("relay", r.relay)):
             if val:
-                fields.append(f"{key}={_enc(val, _SAFE_FIELD)}")
+                fields.append(f"{key}={_enc(val, _ENC_FIELD)}")
         if r.uid >= 0:
             fields.append(f"uid={r.uid}")
         if r.updated:
             fields.append(f"time={r.updated}")
         for key, val in r.extra.items():
-            fields.append(f"{key}={_enc(val, _SAFE_FIELD)}")
+            fields.append(f"{key}={_enc(val, _ENC_FIELD)}")
         out.append(" ".join(fields))
     if env.status:
         out.append(f"M{_enc(env.status)}")

@@ -5,7 +5,6 @@ RFC 3463 enhanced status code and a text. The same Reply travels from the
 protocol to the log line, the qf ``M`` status and the bounce.
 """
 
-from dataclasses import dataclass
 import enum
 
 # sysexits.h, the exit codes sendmail's callers understand.
@@ -27,13 +26,35 @@ EX_NOPERM = 77
 EX_CONFIG = 78
 
 
-@dataclass(frozen=True)
 class Reply:
-    """An SMTP reply: ``code`` (e.g. 250), ``enhanced`` ("2.0.0" or ""), ``text``."""
+    """An SMTP reply: ``code`` (e.g. 250), ``enhanced`` ("2.0.0" or ""), ``text``.
 
-    code: int
-    enhanced: str
-    text: str
+    Immutable and hashable (a plain class: dataclasses would cost every
+    sendmail run the import of inspect)."""
+
+    __slots__ = ("code", "enhanced", "text")
+
+    def __init__(self, code, enhanced, text):
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "enhanced", enhanced)
+        object.__setattr__(self, "text", text)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Reply is immutable")
+
+    def __eq__(self, other):
+        if type(other) is not Reply:
+            return NotImplemented
+        return (self.code, self.enhanced, self.text) == (other.code, other.enhanced, other.text)
+
+    def __hash__(self):
+        return hash((self.code, self.enhanced, self.text))
+
+    def __repr__(self):
+        return f"Reply(code={self.code!r}, enhanced={self.enhanced!r}, text={self.text!r})"
+
+    def __reduce__(self):
+        return (Reply, (self.code, self.enhanced, self.text))
 
     def lines(self, enhanced=True):
         """The reply as wire lines (bytes, CRLF-terminated), multi-line if needed."""
