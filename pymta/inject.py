@@ -476,13 +476,16 @@ def _commit(cfg, opts, sub, spool, fields, first, inp, traffic):
             print(f"{qid}: queued", file=sys.stderr)
         if mode == "q":
             return EX_OK
-        runner = _runner()
-        if runner is None:
-            return EX_OK
         lock = w.handoff()
     if mode == "i":
+        runner = _runner()
+        if runner is None:
+            lock.release()
+            return EX_OK
         return _deliver_now(cfg, opts, runner, lock, sub.sender)
-    return _deliver_background(cfg, runner, lock)
+    # The queue runner is imported in the background child, not here: its
+    # import is not the submitter's to wait for.
+    return _deliver_background(cfg, lock)
 
 
 def _drop(cfg, opts, sub, spool, fields, first, inp, traffic):
@@ -547,7 +550,7 @@ def _deliver_now(cfg, opts, runner, lock, sender):
     return EX_OK
 
 
-def _deliver_background(cfg, runner, lock):
+def _deliver_background(cfg, lock):
     """-odb: a detached grandchild delivers while holding the message's lock."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -561,7 +564,9 @@ def _deliver_background(cfg, runner, lock):
             for n in (0, 1, 2):
                 os.dup2(fd, n)
             try:
-                runner.Runner(cfg).deliver_locked(lock)
+                runner = _runner()
+                if runner is not None:
+                    runner.Runner(cfg).deliver_locked(lock)
             except BaseException as e:  # noqa: BLE001 - the queue run retries
                 log.error(f"{lock.id}: background delivery failed: {e!r}")
             lock.release()
