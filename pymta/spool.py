@@ -67,7 +67,6 @@ rewrite replaces. A queue runner skips a locked message; mailq marks it *.
 After the lock is taken, the qf is checked again (it may have just gone).
 """
 
-import calendar
 import errno
 import os
 import re
@@ -125,6 +124,7 @@ def valid_id(qid):
 
 def id_time(qid):
     """The arrival time encoded in an id (UTC, to the second), or None."""
+    import calendar   # only mailq and admin need it: not every sendmail run
     try:
         idx = [_CHARS.index(ch) for ch in qid[:6]]
     except ValueError:
