@@ -26,8 +26,7 @@ from . import envelope as E
 from . import mailq
 from .spool import Spool, valid_id
 from .status import (EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK, EX_SOFTWARE, EX_TEMPFAIL,
-                     EX_UNAVAILABLE, EX_USAGE, EX_CONFIG, ConfigError, PymtaError,
-                     SpoolCorrupt)
+                     EX_UNAVAILABLE, EX_USAGE, SpoolCorrupt, run_program)
 
 PROG = "pymta"
 BOUNCE_REPLY = ("5.0.0", "Message bounced by the administrator")
@@ -415,24 +414,15 @@ def main(argv=None):
         args = _parser().parse_args(argv)
     except SystemExit as e:
         return EX_USAGE if e.code else EX_OK
+    return run_program(PROG, _run, args)
+
+
+def _run(args):
     from . import config
     from .maillog import setup_logging
-    try:
-        cfg = config.load(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"{PROG}: fatal: {e}", file=sys.stderr)
-        return EX_CONFIG
+    cfg = config.load(args.config, args.overrides)
     setup_logging(cfg)
-    try:
-        return run(cfg, args)
-    except PymtaError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return EX_TEMPFAIL
-    except BrokenPipeError:
-        return EX_SOFTWARE
-
+    return run(cfg, args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ import sys
 
 from .maillog import setup_logging
 from .options import Options
-from .status import EX_USAGE, EX_CONFIG, EX_SOFTWARE, EX_TEMPFAIL, ConfigError, PymtaError
+from .status import EX_USAGE, PymtaError, run_program
 
 USAGE = """\
 usage: sendmail [-t] [-i] [-f sender] [-F name] [-odb|-odi|-odq] [-oem|-oep|-oeq]
@@ -34,8 +34,10 @@ _ATTACHED_ONLY = set("bqQe")
 _PLAIN = set("tivnmsUGx")
 
 
-class UsageError(Exception):
-    pass
+class UsageError(PymtaError):
+    """A bad command line: ``sendmail: message``, exit 64."""
+
+    exit_code = EX_USAGE
 
 
 def parse_time_arg(text):
@@ -254,29 +256,14 @@ def main(argv=None):
         print(f"{program}: {e}", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return EX_USAGE
-    from . import config
-    try:
-        cfg = config.load(opts.config_path, opts.overrides)
-    except ConfigError as e:
-        print(f"{program}: fatal: {e}", file=sys.stderr)
-        return EX_CONFIG
-    setup_logging(cfg, foreground=opts.mode == "D", tag=opts.log_tag, verbose=opts.verbose)
-    try:
-        return _dispatch(cfg, opts)
-    except UsageError as e:
-        print(f"{program}: {e}", file=sys.stderr)
-        return EX_USAGE
-    except ConfigError as e:
-        print(f"{program}: fatal: {e}", file=sys.stderr)
-        return EX_CONFIG
-    except PymtaError as e:
-        print(f"{program}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return EX_TEMPFAIL
-    except BrokenPipeError:
-        return EX_SOFTWARE
+    return run_program(program, _run, opts)
 
+
+def _run(opts):
+    from . import config
+    cfg = config.load(opts.config_path, opts.overrides)
+    setup_logging(cfg, foreground=opts.mode == "D", tag=opts.log_tag, verbose=opts.verbose)
+    return _dispatch(cfg, opts)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -243,7 +243,7 @@ def format_report(st, top=10):
                    + f"  max={fmt_seconds(delays[-1])}  ({len(delays)} deliveries)")
     else:
         out.append("  none")
-    out += ["", f"Top senders by count", "--------------------", "     count    bytes  sender"]
+    out += ["", "Top senders by count", "--------------------", "     count    bytes  sender"]
     out += _top(st.senders, st.sender_bytes, top)
     out += ["", "Top senders by size", "-------------------", "     bytes    count  sender"]
     out += _top_bytes(st.sender_bytes, st.senders, top)

@@ -164,3 +164,23 @@ class SpoolCorrupt(PymtaError):
     """A queue file that cannot be parsed."""
 
     exit_code = EX_DATAERR
+
+
+def run_program(program, body, *args):
+    """Run a program's ``body(*args)`` and map pymta's exceptions to what the
+    user sees: ``program: message`` on stderr (``program: fatal: ...`` for a
+    configuration error) and the sysexits code; ^C is EX_TEMPFAIL and a
+    closed output EX_SOFTWARE."""
+    import sys
+    try:
+        return body(*args)
+    except ConfigError as e:
+        print(f"{program}: fatal: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except PymtaError as e:
+        print(f"{program}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return EX_TEMPFAIL
+    except BrokenPipeError:
+        return EX_SOFTWARE
