@@ -262,7 +262,8 @@ def main(argv=None):
 def _run(opts):
     from . import config
     cfg = config.load(opts.config_path, opts.overrides)
-    setup_logging(cfg, foreground=opts.mode == "D", tag=opts.log_tag, verbose=opts.verbose)
+    setup_logging(cfg, foreground=opts.mode == "D", tag=opts.log_tag, verbose=opts.verbose,
+                  light=opts.mode == "m")
     return _dispatch(cfg, opts)
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import time
 
 from . import config as C
 from . import server
-from .spool import Spool
+from .spool import Spool, valid_id
 from .status import EX_CONFIG, EX_OSERR, EX_TEMPFAIL, ConfigError
 
 log = logging.getLogger("pymta")
@@ -159,6 +159,7 @@ class Master:
         self.owner = _owner(cfg)
         self.runner_mod = None
         self.handoff_runner = None
+        self.notify_fds = ()
         self.pool = None
         self.run_thread = None
 
@@ -171,6 +172,8 @@ class Master:
         code = 1
         try:
             os.close(rfd)
+            for fd in self.notify_fds:
+                os.close(fd)
             listener = Listener(self.cfg, self.opts, self.socks, self.wfd)
             # Built before the switch: the router, the TLS context and the
             # modules they import may live where mail_owner cannot read.
@@ -217,6 +220,13 @@ class Master:
         self.rfd, self.wfd = os.pipe()
         os.set_blocking(self.wfd, False)
         os.set_blocking(self.rfd, False)
+        try:
+            owner = self.owner[1:] if self.owner else (None, None)
+            self.notify_fds = self.spool.open_notify(*owner)
+        except OSError as e:
+            log.warning(f"cannot open {self.spool.notify_path} ({e.strerror}): sendmail "
+                        "submissions are delivered by their own background process")
+            self.notify_fds = ()
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
@@ -229,14 +239,16 @@ class Master:
         interval = self.opts.queue_interval or cfg.queue_run_delay
         next_run = time.monotonic() + 1
         next_pickup = 0
-        pending = b""
+        pending = {self.rfd: b""}
+        if self.notify_fds:
+            pending[self.notify_fds[0]] = b""
         while not self.stop:
             try:
-                ready, _, _ = select.select([self.rfd], [], [], 1.0)
+                ready, _, _ = select.select(list(pending), [], [], 1.0)
             except InterruptedError:
                 ready = []
-            if ready:
-                pending = self._read_ids(pending)
+            for fd in ready:
+                pending[fd] = self._read_ids(fd, pending[fd])
             now = time.monotonic()
             if now >= next_pickup:
                 next_pickup = now + 1
@@ -255,15 +267,16 @@ class Master:
     def _on_stop(self, *args):
         self.stop = True
 
-    def _read_ids(self, pending):
+    def _read_ids(self, fd, pending):
+        """Queue ids from the listener's pipe or queue/notify, one a line."""
         try:
-            pending += os.read(self.rfd, 65536)
+            pending += os.read(fd, 65536)
         except BlockingIOError:
             return pending
         *lines, rest = pending.split(b"\n")
         for line in lines:
             qid = line.decode("ascii", "replace").strip()
-            if qid and self.runner_mod:
+            if valid_id(qid) and self.runner_mod:
                 self.pool.submit(self._deliver, qid)
         return rest
 
@@ -346,7 +359,12 @@ class Master:
                     continue
                 except ChildProcessError:
                     break
-        self._read_ids(b"")
+        # Last handoffs from the listener and sendmail; later ones wait for a queue run.
+        self._read_ids(self.rfd, b"")
+        for fd in self.notify_fds[:1]:
+            self._read_ids(fd, b"")
+        for fd in self.notify_fds:
+            os.close(fd)
         self.pool.shutdown(wait=True, cancel_futures=False)
         if self.run_thread is not None:
             self.run_thread.join()

@@ -8,7 +8,6 @@ queue by Spool's one commit (root and mail_owner), or through the maildrop
 (everyone else); exit 0 means it is durable. See sendmail(8).
 """
 
-import logging
 import os
 import pwd
 import re
@@ -17,6 +16,7 @@ import time
 
 from . import address as A
 from . import envelope as E
+from .maillog import full_logging, log
 from .spool import Spool
 from .status import (EX_DATAERR, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE,
                      EX_USAGE, PymtaError, AddressError)
@@ -25,7 +25,6 @@ BLOCK = 64 * 1024
 _HEADER_NAME_RE = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
 _CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
-log = logging.getLogger("pymta")
 
 
 _SPECIALS = re.compile(r'[][\\()<>@,:;".]')
@@ -478,11 +477,23 @@ def _commit(cfg, opts, sub, spool, fields, first, inp, traffic):
             return EX_OK
         lock = w.handoff()
     if mode == "i":
+        full_logging()
         runner = _runner()
         if runner is None:
             lock.release()
             return EX_OK
         return _deliver_now(cfg, opts, runner, lock, sub.sender)
+    # A running daemon delivers it (told through queue/notify); else a
+    # background child does. The lock goes first, so the daemon can take it.
+    nfd = spool.notify_open()
+    if nfd is not None:
+        qid = lock.id
+        lock.release()
+        if spool.notify_send(nfd, qid):
+            return EX_OK
+        lock = spool.lock(qid)
+        if lock is None:       # someone else is on it already
+            return EX_OK
     # The queue runner is imported in the background child, not here: its
     # import is not the submitter's to wait for.
     return _deliver_background(cfg, lock)
@@ -564,6 +575,7 @@ def _deliver_background(cfg, lock):
             for n in (0, 1, 2):
                 os.dup2(fd, n)
             try:
+                full_logging()
                 runner = _runner()
                 if runner is not None:
                     runner.Runner(cfg).deliver_locked(lock)

@@ -41,8 +41,8 @@ sys.path.insert(0, {libdir!r})
 from {module} import main  # noqa: E402
 
 _code = main({argv})
-import logging  # noqa: E402
-logging.shutdown()
+if "logging" in sys.modules:
+    sys.modules["logging"].shutdown()
 sys.stdout.flush()
 sys.stderr.flush()
 os._exit(_code if isinstance(_code, int) else 1)   # skip the interpreter's teardown

@@ -2,42 +2,119 @@
 
 Every module logs through ``logging.getLogger("pymta")``; the programs
 (cli.py, admin.py) call :func:`setup_logging` once.
+
+The sendmail submission path is the exception: importing the logging
+package is a quarter of what a ``sendmail`` run costs, and it writes one or
+two lines. With ``setup_logging(..., light=True)`` the modules of that path
+log through :data:`log`, which writes the same lines straight to syslog or
+the maillog file; :func:`full_logging` sets up the logging package when the
+same process goes on to deliver (``-odi``, ``-odb``).
 """
 
-import logging
 import os
 import sys
+import time
+
+_LEVELS = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+_light = None       # (write(level, text), verbose) while the light logger is in use
+_params = None      # setup_logging's arguments, for full_logging()
 
 
-class SyslogHandler(logging.Handler):
-    """Log records to syslog through the C library (the stdlib syslog module):
-    cheaper to import than logging.handlers, which a sendmail run would pay
-    for on every message."""
+def _format_file_line(cfg, name, text):
+    return (f"{time.strftime('%b %d %H:%M:%S')} {cfg.myhostname.split('.')[0]} "
+            f"{name}[{os.getpid()}]: {text}\n")
 
-    _PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
-    def __init__(self, ident, facility):
-        super().__init__()
+def _light_writer(cfg, name):
+    """write(level, text) for the configured destination, without logging."""
+    if cfg.maillog_file:
+        def write(level, text):
+            try:
+                with open(cfg.maillog_file, "a", encoding="utf-8", errors="replace") as f:
+                    f.write(_format_file_line(cfg, name, text))
+            except OSError:
+                pass
+        return write
+    if os.path.exists("/dev/log"):
         import syslog
-        self._syslog = syslog
-        syslog.openlog(ident, syslog.LOG_PID, facility)
+        facility = getattr(syslog, "LOG_" + cfg.syslog_facility.upper(), syslog.LOG_MAIL)
+        syslog.openlog(name, syslog.LOG_PID, facility)
 
-    def emit(self, record):
-        try:
-            self._syslog.syslog(self._PRIORITY.get(record.levelname, 6), self.format(record))
-        except Exception:
-            self.handleError(record)
+        def write(level, text):
+            syslog.syslog(_LEVELS.get(level, 6), text)
+        return write
+    return lambda level, text: None   # no syslog here: stay quiet (see setup_logging)
 
 
-def setup_logging(cfg, foreground=False, tag=None, verbose=False):
-    """The mail log: maillog_file, else stderr in the foreground, else syslog."""
+class _Log:
+    """The submission path's logger: light until full_logging() is called."""
+
+    def _emit(self, level, msg, args, exc_info=False):
+        if _light is None:
+            import logging
+            getattr(logging.getLogger("pymta"), level)(msg, *args, exc_info=exc_info)
+            return
+        write, verbose = _light
+        if level == "debug" and not verbose:
+            return
+        write(level, msg % args if args else msg)
+
+    def debug(self, msg, *args):
+        self._emit("debug", msg, args)
+
+    def info(self, msg, *args):
+        self._emit("info", msg, args)
+
+    def warning(self, msg, *args):
+        self._emit("warning", msg, args)
+
+    def error(self, msg, *args):
+        self._emit("error", msg, args)
+
+    def exception(self, msg, *args):
+        self._emit("error", msg, args, exc_info=True)
+
+
+log = _Log()
+
+
+def _syslog_handler(name, facility):
+    """A logging handler that writes through the C library (the stdlib syslog
+    module): cheaper to import than logging.handlers."""
+    import logging
+    import syslog
+
+    class Handler(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            syslog.openlog(name, syslog.LOG_PID, facility)
+
+        def emit(self, record):
+            try:
+                syslog.syslog(_LEVELS.get(record.levelname.lower(), 6), self.format(record))
+            except Exception:
+                self.handleError(record)
+
+    return Handler()
+
+
+def setup_logging(cfg, foreground=False, tag=None, verbose=False, light=False):
+    """The mail log: maillog_file, else stderr in the foreground, else syslog.
+    ``light`` (sendmail's submission path) defers the logging package."""
+    global _light, _params
+    name = tag or cfg.syslog_name
+    _params = (cfg, foreground, tag, verbose)
+    if light and not foreground:
+        _light = (_light_writer(cfg, name), verbose)
+        return log
+    _light = None
+    import logging
     logging.raiseExceptions = False
     logger = logging.getLogger("pymta")
     for h in list(logger.handlers):
         logger.removeHandler(h)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
-    name = tag or cfg.syslog_name
     if cfg.maillog_file:
         handler = logging.FileHandler(cfg.maillog_file, delay=True)
         handler.setFormatter(logging.Formatter(
@@ -51,7 +128,7 @@ def setup_logging(cfg, foreground=False, tag=None, verbose=False):
         import syslog
         facility = getattr(syslog, "LOG_" + cfg.syslog_facility.upper(), syslog.LOG_MAIL)
         if os.path.exists("/dev/log"):
-            handler = SyslogHandler(name, facility)
+            handler = _syslog_handler(name, facility)
             handler.setFormatter(logging.Formatter("%(message)s"))
         else:
             # No syslog here: say nothing rather than write to the stderr of
@@ -59,3 +136,11 @@ def setup_logging(cfg, foreground=False, tag=None, verbose=False):
             handler = logging.NullHandler()
     logger.addHandler(handler)
     return logger
+
+
+def full_logging():
+    """Switch from the light logger to the logging package (before a delivery
+    in this process: the runner and its modules log through logging)."""
+    if _light is not None and _params is not None:
+        cfg, foreground, tag, verbose = _params
+        setup_logging(cfg, foreground, tag, verbose)

@@ -635,6 +635,47 @@ class Spool:
                 pass
         return removed
 
+    # -- queue/notify: new messages handed to a running daemon
+    @property
+    def notify_path(self):
+        return os.path.join(self.dir, "notify")
+
+    def open_notify(self, owner_uid=None, owner_gid=None):
+        """The daemon's end of queue/notify, a FIFO on which sendmail writes the
+        ids of messages it has just queued, so that the daemon delivers them at
+        once (as Postfix's pickup service is told). Returns (read_fd, write_fd):
+        the daemon keeps a write end open so its reads never see end-of-file."""
+        path = self.notify_path
+        try:
+            if not stat.S_ISFIFO(os.lstat(path).st_mode):
+                os.unlink(path)
+                raise FileNotFoundError(path)
+        except FileNotFoundError:
+            os.mkfifo(path, 0o600)
+            if owner_uid is not None and os.geteuid() == 0:
+                os.chown(path, owner_uid, owner_gid if owner_gid is not None else -1)
+        rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return rfd, wfd
+
+    def notify_open(self):
+        """A descriptor to tell a running daemon about a message, or None when
+        no daemon reads queue/notify (then the caller delivers by itself)."""
+        try:
+            return os.open(self.notify_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:    # ENOENT: no daemon has run; ENXIO: none is reading
+            return None
+
+    @staticmethod
+    def notify_send(fd, qid):
+        """Write one id (an atomic write, under PIPE_BUF); False if it failed."""
+        try:
+            return os.write(fd, qid.encode("ascii") + b"\n") > 0
+        except OSError:    # EAGAIN: the daemon is behind; EPIPE: it just died
+            return False
+        finally:
+            os.close(fd)
+
     # -- the maildrop: submissions by users who cannot write queue/
     def drop(self, env, chunks):
         """Write a complete submission into maildrop/ as this (unprivileged) user.

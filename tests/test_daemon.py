@@ -239,3 +239,17 @@ def test_submission_listener_requires_auth(inst):
             c.ehlo()
             assert c.mail("a@b.example")[0] == 250
     assert f"daemon listening on 127.0.0.1:{sub} (submission)" in inst.maillog()
+
+
+def test_sendmail_hands_a_new_message_to_the_running_daemon(inst):
+    with daemon(inst) as (p, port):
+        r = inst.sendmail("-i", "root", input=b"Subject: via notify\n\nhello\n")
+        assert r.returncode == 0, r.stderr
+        assert wait_for(lambda: b"Subject: via notify" in mailbox(inst), 20)
+        qid = re.search(r"(\w+): from=<[^>]*>, size=\d+, class=0", inst.maillog()).group(1)
+        sent = re.search(rf"(\d+)\]: {qid}: to=<root@[^>]*>.*stat=Sent", inst.maillog())
+        assert sent and int(sent.group(1)) == p.pid       # delivered by the daemon's master
+    # With no daemon reading queue/notify, sendmail's own background child delivers.
+    r = inst.sendmail("-i", "root", input=b"Subject: no daemon\n\nhello\n")
+    assert r.returncode == 0, r.stderr
+    assert wait_for(lambda: b"Subject: no daemon" in mailbox(inst), 20)
