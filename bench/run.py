@@ -306,8 +306,8 @@ def _inject_median(cmd, n, size):
 
 
 # The interpreter `make install` writes into the launchers; the venv's python
-# elsewhere. pymta's injection runs with its default delivery mode (background),
-# as the reference case `sendmail -i rcpt` does.
+# elsewhere. pymta's injection runs with its default delivery mode (background)
+# and its daemon up, as the reference case `sendmail -i rcpt` runs Postfix's.
 INSTALLED_PY = ["/usr/bin/python3", "-s"] if os.path.exists("/usr/bin/python3") else [PY]
 
 
@@ -316,8 +316,13 @@ def case_inject(work, n, size, reps, with_postfix):
     for rep in range(reps):
         root = tempfile.mkdtemp(prefix="pymta-", dir=work)
         pm = Pymta(root, free_port())
-        res["pymta"].append(_inject_median([*INSTALLED_PY, SENDMAIL, "-C", pm.conf, "-f", "a@example.test",
-                                            "-i", "user@example.test"], n, size))
+        pm.start()      # as Postfix's daemons run: sendmail hands each message to it
+        try:
+            res["pymta"].append(_inject_median([*INSTALLED_PY, SENDMAIL, "-C", pm.conf, "-f",
+                                                "a@example.test", "-i", "user@example.test"], n, size))
+            pm.wait_empty(120)
+        finally:
+            pm.stop()
         shutil.rmtree(root, ignore_errors=True)
         if with_postfix:
             pf = Postfix(os.path.join(work, "pfxi"), free_port(), "discard")
