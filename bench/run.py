@@ -445,7 +445,7 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    lines = [f"# pymta benchmark results", "",
+    lines = ["# pymta benchmark results", "",
              f"Run {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({os.cpu_count()} cores, "
              f"{platform.machine()}, Python {platform.python_version()}); load generator: "
              f"{'smtp-source' if SMTP_SOURCE else 'bench/loadgen.py'}; repetitions: {reps} (medians)"

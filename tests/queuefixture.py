@@ -5,7 +5,6 @@ Messages are written through the spool's own control-file writer
 are known in advance and the listing can be compared with a file.
 """
 
-import os
 
 from pymta import envelope as E
 

@@ -9,7 +9,6 @@ import pytest
 
 import queuefixture as Q
 from conftest import BIN
-from pymta import envelope as E
 
 ID1, ID2, ID3 = "kASHWR000003001", "kASHWR000003002", "kASHWR000003003"
 

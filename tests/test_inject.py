@@ -10,7 +10,6 @@ import pytest
 
 from conftest import BIN
 
-from pymta import spool as S
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import stat
 import subprocess
 import sys
 
-import pytest
 
 from conftest import TOP
 

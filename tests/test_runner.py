@@ -14,7 +14,6 @@ import pytest
 from pymta import cli
 from pymta import envelope as E
 from pymta import runner as R
-from pymta.spool import Spool
 
 from conftest import BIN
 from dnsserver import DNSServer
