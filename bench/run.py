@@ -278,9 +278,12 @@ def case_drain(work, n, size, reps, with_postfix):
             res["pymta"].append((n - left) / elapsed)
             shutil.rmtree(root, ignore_errors=True)
             if with_postfix:
+                pfx_sink = free_port()
                 out = subprocess.run([os.path.join(PEERS, "bench-relay.sh"), str(free_port()),
-                                      os.path.join(work, "pfxr"), str(free_port()), str(n), str(size)],
+                                      os.path.join(work, "pfxr"), str(pfx_sink), str(n), str(size)],
                                      capture_output=True, text=True).stdout
+                # bench-relay.sh leaves its smtp-sink running: stop it.
+                subprocess.run([os.path.join(PEERS, "sink.sh"), "stop", str(pfx_sink)], capture_output=True)
                 for line in out.splitlines():
                     if line.startswith("drain:"):
                         res["postfix"].append(float(line.split()[1]))
@@ -289,7 +292,6 @@ def case_drain(work, n, size, reps, with_postfix):
     finally:
         os.killpg(sink.pid, signal.SIGTERM)
         sink.wait()
-        subprocess.run([os.path.join(PEERS, "sink.sh"), "stop", "0"], capture_output=True)
     return res
 
 
