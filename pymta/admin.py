@@ -62,14 +62,18 @@ class Admin:
     def _exists(self, qid, prefixes=("qf", "hf")):
         return any(os.path.exists(self.spool.path(p, qid)) for p in prefixes)
 
-    def locked(self, qid):
-        """The message's lock (waiting for it with --wait); raises Refused."""
+    def _check(self, qid):
+        """Refuse a malformed id, or a queue this user may not read."""
         if not valid_id(qid):
             raise Refused(f"{qid!r}: not a queue id", EX_DATAERR)
         try:
             os.listdir(self.spool.dir)
         except PermissionError:
             raise Refused(f"{self.spool.dir}: Permission denied", EX_NOPERM) from None
+
+    def locked(self, qid):
+        """The message's lock (waiting for it with --wait); raises Refused."""
+        self._check(qid)
         lock = self.spool.lock(qid, wait=self.wait)
         if lock is not None:
             return lock
@@ -212,12 +216,7 @@ class Admin:
     def show(self, qid, header_limit=64 * 1024):
         """The envelope, each recipient's state and the message header (no lock:
         reading is safe while a delivery runs, and shows what it last wrote)."""
-        if not valid_id(qid):
-            raise Refused(f"{qid!r}: not a queue id", EX_DATAERR)
-        try:
-            os.listdir(self.spool.dir)
-        except PermissionError:
-            raise Refused(f"{self.spool.dir}: Permission denied", EX_NOPERM) from None
+        self._check(qid)
         lines = []
         lost = not self._exists(qid) and self._exists(qid, ("Qf",))
         if lost:

@@ -97,6 +97,16 @@ def _bind_all(cfg):
     return socks
 
 
+def _reload_config(cfg, opts):
+    """The configuration read again (SIGHUP), or None, logged, if it is bad:
+    the daemon then keeps the one it has."""
+    try:
+        return C.load(cfg.path, opts.overrides)
+    except ConfigError as e:
+        log.error(f"reload failed, keeping the old configuration: {e}")
+        return None
+
+
 class Listener:
     """The listener process: SMTP on the inherited sockets, as mail_owner."""
 
@@ -133,10 +143,8 @@ class Listener:
             if not self.reload:
                 return
             self.reload = False
-            try:
-                cfg = C.load(self.cfg.path, self.opts.overrides)
-            except ConfigError as e:
-                log.error(f"reload failed, keeping the old configuration: {e}")
+            cfg = _reload_config(self.cfg, self.opts)
+            if cfg is None:
                 return
             self.cfg = cfg
             new = server.Services(cfg, log, notify=self.notify)
@@ -334,10 +342,8 @@ class Master:
         self._spawn()
 
     def _reload(self):
-        try:
-            cfg = C.load(self.cfg.path, self.opts.overrides)
-        except ConfigError as e:
-            log.error(f"reload failed, keeping the old configuration: {e}")
+        cfg = _reload_config(self.cfg, self.opts)
+        if cfg is None:
             return
         self.cfg = cfg
         if self.child:

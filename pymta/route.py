@@ -157,6 +157,19 @@ class Router:
                      port=self.cfg.smtp_port, mx=lit is None)
 
     # -- .forward
+    def _file_targets(self, path, text):
+        """The targets of a .forward or :include: file: one or more a line,
+        comments and blank lines skipped, bad lines logged with their number."""
+        targets = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            got, errors = aliases.parse_targets(line)
+            for msg in errors:
+                self.log.warning(f"{path}:{lineno}: {msg}")
+            targets.extend(got)
+        return targets
+
     def forward_targets(self, pw):
         """The targets of the user's .forward, or None (none, unsafe, empty)."""
         for tmpl in self.cfg.forward_path:
@@ -179,15 +192,7 @@ class Router:
             except OSError as e:
                 self.log.warning(f"{pw.pw_name}: cannot read {path}: {e.strerror}")
                 continue
-            targets = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip() or line.lstrip().startswith("#"):
-                    continue
-                got, errors = aliases.parse_targets(line)
-                for msg in errors:
-                    self.log.warning(f"{path}:{lineno}: {msg}")
-                targets.extend(got)
-            return targets or None
+            return self._file_targets(path, text) or None
         return None
 
     # -- expansion
@@ -352,18 +357,12 @@ class Router:
         uid = st.st_uid
         safe = not st.st_mode & 0o022
         targets = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip() or line.lstrip().startswith("#"):
+        for t in self._file_targets(path, text):
+            if not safe and t.startswith(("|", "/")):
+                self.log.warning(f"{path}: group/world-writable; {t} not allowed")
+                self._child(state, rcpt, t, "", -1)   # fails 5.7.1 when routed
                 continue
-            got, errors = aliases.parse_targets(line)
-            for msg in errors:
-                self.log.warning(f"{path}:{lineno}: {msg}")
-            for t in got:
-                if not safe and t.startswith(("|", "/")):
-                    self.log.warning(f"{path}: group/world-writable; {t} not allowed")
-                    self._child(state, rcpt, t, "", -1)   # fails 5.7.1 when routed
-                    continue
-                targets.append(t)
+            targets.append(t)
         self._targets(targets, key, rcpt, state, stack + (key,), depth, "include", uid)
 
 
