@@ -133,13 +133,19 @@ class Listener:
             log.info(f"daemon listening on {spec}" + (" (submission)" if submission else ""))
 
         master = os.getppid()
+        next_check = [0.0]
 
         def tick():
-            if os.getppid() != master and not server.STOPPING.is_set():
-                # The master is gone (kill -9, the OOM killer): stop taking mail
-                # so that a restarted daemon can bind the port again.
-                log.error("listener: master process gone, stopping")
-                server.STOPPING.set()
+            # Called at every turn of the event loop: the reload flag is
+            # looked at each time, the master twice a second.
+            now = time.monotonic()
+            if now >= next_check[0] and not server.STOPPING.is_set():
+                next_check[0] = now + 0.5
+                if os.getppid() != master:
+                    # The master is gone (kill -9, the OOM killer): stop taking
+                    # mail so that a restarted daemon can bind the port again.
+                    log.error("listener: master process gone, stopping")
+                    server.STOPPING.set()
             if not self.reload:
                 return
             self.reload = False

@@ -1,8 +1,9 @@
 """The SMTP service: a socketserver TCP server whose handler pumps a socket
 through an :class:`~pymta.smtp_session.Session`, and ``sendmail -bs``.
 
-Sessions run in threads (``smtpd_process_model = threads``) or in a child
-process each (``fork``). The server admits at most ``smtpd_session_limit``
+Sessions run in one event loop with threads beside it for what blocks
+(``smtpd_process_model = threads``, :mod:`pymta.eventloop`) or in a child
+process each (``fork``, the blocking :func:`pump`). The server admits at most ``smtpd_session_limit``
 sessions and ``smtpd_client_connection_count_limit`` per client address;
 the rest get 421 at once. STARTTLS is done here with the stdlib ``ssl``
 module. ``STOPPING`` is set by the daemon on SIGTERM: idle sessions get 421
@@ -156,7 +157,7 @@ class Services:
 
 
 class SMTPHandler(socketserver.BaseRequestHandler):
-    """Pumps one connection through a Session, with the timeouts and TLS."""
+    """One connection in a process of its own (``smtpd_process_model = fork``)."""
 
     def handle(self):
         srv = self.server
@@ -167,96 +168,122 @@ class SMTPHandler(socketserver.BaseRequestHandler):
         name = peername(ip, services.resolver) if services.resolver else "unknown"
         peer = f"{name}[{ip}]"
         log.info(f"connect from {peer}")
-        if cfg.smtpd_greet_pause and self._early_talker(sock, cfg.smtpd_greet_pause):
+        if cfg.smtpd_greet_pause and _early_talker(sock, cfg.smtpd_greet_pause):
             log.info(f"reject: CONNECT from {peer}: 554 5.5.1 Error: SMTP protocol "
                      "synchronization (client talked before the greeting)")
-            self._send(sock, Reply(554, "5.5.1", "Error: SMTP protocol synchronization").lines(), cfg)
+            _send(sock, R_EARLY.lines(), cfg)
             log.info(f"disconnect from {peer}")
             return
         session = services.session(ip, name, submission=srv.submission,
                                    tls_available=services.ssl_ctx is not None)
         try:
-            self._send(sock, session.greeting(), cfg)
-            self._pump(sock, session, services, peer)
-        except OSError as e:
-            log.info(f"lost connection after {session.last_command} from {peer}"
-                     + (f" ({e.strerror or e})" if not isinstance(e, ConnectionResetError) else ""))
+            sock = pump(sock, session, services, peer, first=session.greeting())
+            if sock is not None:
+                self.request = sock
         finally:
             session.close()
         log.info(f"disconnect from {peer}")
 
-    @staticmethod
-    def _early_talker(sock, pause):
-        try:
-            ready, _, _ = select.select([sock], [], [], pause)
-        except (OSError, ValueError):
-            return False
-        return bool(ready)
 
-    @staticmethod
-    def _send(sock, data, cfg):
-        if data:
-            sock.settimeout(cfg.smtpd_timeout)
-            sock.sendall(data)
+R_EARLY = Reply(554, "5.5.1", "Error: SMTP protocol synchronization")
 
-    def _pump(self, sock, session, services, peer):
-        cfg, log = services.cfg, services.log
-        idle_since = time.monotonic()
-        data_start = None
-        while not session.closed:
-            now = time.monotonic()
-            if session.in_data:
-                if data_start is None:
-                    data_start = now
-                limit = data_start + cfg.smtpd_timeout
-                if cfg.smtpd_min_data_rate:
-                    limit += session.data_received / cfg.smtpd_min_data_rate
-                limit = min(limit, idle_since + cfg.smtpd_timeout)
-            else:
-                data_start = None
-                limit = idle_since + cfg.smtpd_timeout
-            if now >= limit:
-                if session.in_data and now < idle_since + cfg.smtpd_timeout:
-                    log.info(f"data rate too low after DATA from {peer}")
-                    session.close()
-                    self._send(sock, Reply(421, "4.4.2", f"{cfg.myhostname} Error: data rate "
-                                           "too low, closing connection").lines(), cfg)
-                else:
-                    log.info(f"timeout after {session.last_command} from {peer}")
-                    self._send(sock, session.timeout(), cfg)
-                return
-            if STOPPING.is_set() and not session.in_data:
-                self._send(sock, session.shutdown_reply(), cfg)
-                return
-            sock.settimeout(min(_POLL, limit - now))
-            try:
-                data = sock.recv(65536)
-            except (socket.timeout, ssl.SSLWantReadError):
-                continue
-            if not data:
-                if session.last_command != "QUIT":
-                    log.info(f"lost connection after {session.last_command} from {peer}")
-                return
-            idle_since = time.monotonic()
-            out = session.feed(data)
-            self._send(sock, out, cfg)
-            if session.starttls_wanted:
-                sock = self._starttls(sock, session, services, peer)
-                if sock is None:
-                    return
-                self.request = sock
 
-    def _starttls(self, sock, session, services, peer):
-        sock.settimeout(services.cfg.smtpd_timeout)
-        try:
-            tls = services.ssl_ctx.wrap_socket(sock, server_side=True)
-        except (ssl.SSLError, OSError) as e:
-            services.log.info(f"SSL_accept error from {peer}: {e}")
-            session.close()
+def _early_talker(sock, pause):
+    try:
+        ready, _, _ = select.select([sock], [], [], pause)
+    except (OSError, ValueError):
+        return False
+    return bool(ready)
+
+
+def _send(sock, data, cfg):
+    if data:
+        sock.settimeout(cfg.smtpd_timeout)
+        sock.sendall(data)
+
+
+def pump(sock, session, services, peer, first=b""):
+    """Run a session over a blocking socket until it ends, after sending
+    ``first``; returns the socket last used (a TLS one after STARTTLS), or
+    None if a TLS handshake failed. Network errors are logged."""
+    try:
+        _send(sock, first, services.cfg)
+        return _pump(sock, session, services, peer)
+    except OSError as e:
+        services.log.info(f"lost connection after {session.last_command} from {peer}"
+                          + (f" ({e.strerror or e})" if not isinstance(e, ConnectionResetError) else ""))
+        return sock
+
+
+def _pump(sock, session, services, peer):
+    cfg, log = services.cfg, services.log
+    idle_since = time.monotonic()
+    data_start = None
+    if session.starttls_wanted:
+        sock = starttls(sock, session, services, peer)
+        if sock is None:
             return None
-        cipher = tls.cipher()
-        session.tls_started(f"{tls.version()} with cipher {cipher[0] if cipher else '?'}")
-        return tls
+    while not session.closed:
+        now = time.monotonic()
+        if session.in_data:
+            if data_start is None:
+                data_start = now
+            limit = data_start + cfg.smtpd_timeout
+            if cfg.smtpd_min_data_rate:
+                limit += session.data_received / cfg.smtpd_min_data_rate
+            limit = min(limit, idle_since + cfg.smtpd_timeout)
+        else:
+            data_start = None
+            limit = idle_since + cfg.smtpd_timeout
+        if now >= limit:
+            if session.in_data and now < idle_since + cfg.smtpd_timeout:
+                log.info(f"data rate too low after DATA from {peer}")
+                session.close()
+                _send(sock, _rate_reply(cfg), cfg)
+            else:
+                log.info(f"timeout after {session.last_command} from {peer}")
+                _send(sock, session.timeout(), cfg)
+            return sock
+        if STOPPING.is_set() and not session.in_data:
+            _send(sock, session.shutdown_reply(), cfg)
+            return sock
+        sock.settimeout(min(_POLL, limit - now))
+        try:
+            data = sock.recv(65536)
+        except (socket.timeout, ssl.SSLWantReadError):
+            continue
+        if not data:
+            if session.last_command != "QUIT":
+                log.info(f"lost connection after {session.last_command} from {peer}")
+            return sock
+        idle_since = time.monotonic()
+        out = session.feed(data)
+        while session.pending is not None:      # a session moved from the event loop
+            out += session.commit_done(session.run_commit())
+        _send(sock, out, cfg)
+        if session.starttls_wanted:
+            sock = starttls(sock, session, services, peer)
+            if sock is None:
+                return None
+    return sock
+
+
+def _rate_reply(cfg):
+    return Reply(421, "4.4.2", f"{cfg.myhostname} Error: data rate too low, closing connection").lines()
+
+
+def starttls(sock, session, services, peer):
+    """The TLS handshake after STARTTLS's 220; None (session closed) if it fails."""
+    sock.settimeout(services.cfg.smtpd_timeout)
+    try:
+        tls = services.ssl_ctx.wrap_socket(sock, server_side=True)
+    except (ssl.SSLError, OSError) as e:
+        services.log.info(f"SSL_accept error from {peer}: {e}")
+        session.close()
+        return None
+    cipher = tls.cipher()
+    session.tls_started(f"{tls.version()} with cipher {cipher[0] if cipher else '?'}")
+    return tls
 
 
 class _Admission:
@@ -292,47 +319,10 @@ class _Admission:
     def sessions(self):
         return self._total
 
-    def process_request(self, request, client_address):
-        ip = client_ip(client_address)
-        refusal = self._admit(ip)
-        if refusal is not None:
-            self.services.log.info(f"warning: {ip}: {refusal}")
-            try:
-                request.settimeout(2)
-                request.sendall(refusal.lines())
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        if self.forking:
-            before = set(self.active_children or ())
-            try:
-                super().process_request(request, client_address)
-            except OSError:
-                self._leave(ip)
-                raise
-            for pid in set(self.active_children or ()) - before:
-                self._pid_client[pid] = ip
-        else:
-            super().process_request(request, client_address)
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._leave(client_ip(client_address))
+class _Forking(_Admission):
+    """socketserver's ForkingMixIn with the admission limits."""
 
-    def collect_children(self, *, blocking=False):
-        super().collect_children(blocking=blocking)
-        for pid in list(self._pid_client):
-            if pid not in (self.active_children or ()):
-                self._leave(self._pid_client.pop(pid))
-
-    def handle_error(self, request, client_address):
-        self.services.log.exception(f"error in session with {client_address}")
-
-
-class _Base(_Admission):
     allow_reuse_address = True
     request_queue_size = 256
 
@@ -349,14 +339,38 @@ class _Base(_Admission):
         self.max_children = services.cfg.smtpd_session_limit + 16
         self._admit_init()
 
+    def process_request(self, request, client_address):
+        ip = client_ip(client_address)
+        refusal = self._admit(ip)
+        if refusal is not None:
+            self.services.log.info(f"warning: {ip}: {refusal}")
+            try:
+                request.settimeout(2)
+                request.sendall(refusal.lines())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        before = set(self.active_children or ())
+        try:
+            super().process_request(request, client_address)
+        except OSError:
+            self._leave(ip)
+            raise
+        for pid in set(self.active_children or ()) - before:
+            self._pid_client[pid] = ip
 
-class ThreadingSMTPServer(_Base, socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = False
-    block_on_close = True
-    forking = False
+    def collect_children(self, *, blocking=False):
+        super().collect_children(blocking=blocking)
+        for pid in list(self._pid_client):
+            if pid not in (self.active_children or ()):
+                self._leave(self._pid_client.pop(pid))
+
+    def handle_error(self, request, client_address):
+        self.services.log.exception(f"error in session with {client_address}")
 
 
-class ForkingSMTPServer(_Base, socketserver.ForkingMixIn, socketserver.TCPServer):
+class ForkingSMTPServer(_Forking, socketserver.ForkingMixIn, socketserver.TCPServer):
     block_on_close = True
     forking = True
 
@@ -379,35 +393,27 @@ def bind(spec, default_port=25):
 
 
 def make_server(sock, services, submission=False):
-    cls = ForkingSMTPServer if services.cfg.smtpd_process_model == "fork" else ThreadingSMTPServer
-    return cls(sock, services, submission)
+    if services.cfg.smtpd_process_model == "fork":
+        return ForkingSMTPServer(sock, services, submission)
+    from .eventloop import LoopServer
+    return LoopServer(sock, services, submission)
 
 
 def serve(servers, stop=None, tick=None):
-    """Accept on every server until ``stop()`` is true; ``tick()`` runs about
-    once a second (the daemon's reload check)."""
-    stop = stop or STOPPING.is_set
-    sel = {s.socket.fileno(): s for s in servers}
-    while not stop():
+    """Run the sessions of every server until ``stop()`` is true, then let
+    those in progress end (see :mod:`pymta.eventloop`); ``tick()`` runs
+    about twice a second (the daemon's reload check)."""
+    from .eventloop import Loop
+    Loop(servers, stop or STOPPING.is_set, tick).run()
+
+
+def stop_children(srv):
+    """Session processes of a forking server: each answers 421 at its next command."""
+    for pid in list(srv.active_children or ()):
         try:
-            ready, _, _ = select.select(list(sel), [], [], 0.5)
-        except InterruptedError:
-            ready = []
-        for fd in ready:
-            sel[fd]._handle_request_noblock()
-        for s in servers:
-            s.service_actions()
-        if tick:
-            tick()
-    for s in servers:
-        if s.forking:
-            # Session processes: each answers 421 at its next command.
-            for pid in list(s.active_children or ()):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        s.server_close()   # closes the socket, then waits for the sessions
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 class _MaildropWriter:

@@ -128,6 +128,12 @@ class Session:
         self._data = None            # a DataReceiver during DATA
         self._auth = None            # (mechanism, step, user) during AUTH
         self._out = []
+        # With defer_commit set, the end of DATA does not commit the message:
+        # it leaves (writer, envelope, transaction) in ``pending`` and input
+        # waits until the server has run :meth:`run_commit` (in a thread of
+        # its own) and handed its result to :meth:`commit_done`.
+        self.defer_commit = False
+        self.pending = None
 
     # -- the interface to the server ---------------------------------------
     @property
@@ -151,7 +157,10 @@ class Session:
         """Consume client bytes; return the reply bytes to send (maybe b"")."""
         self._out = []
         self._buf += data
-        while self._buf and not self.closed and not self.starttls_wanted:
+        return self._run()
+
+    def _run(self):
+        while self._buf and not self.closed and not self.starttls_wanted and self.pending is None:
             if self._data is not None:
                 used, done = self._data.feed(self._buf)
                 if used:
@@ -181,6 +190,21 @@ class Session:
             del self._buf[:]   # plaintext after STARTTLS is discarded
         out, self._out = b"".join(self._out), []
         return out
+
+    def run_commit(self):
+        """Commit the pending message (blocking: the fsyncs); returns the
+        queue id, or the Reply to give. Safe to run in another thread."""
+        writer, env, _ = self.pending
+        return self._commit(writer, env)
+
+    def commit_done(self, result):
+        """The result of :meth:`run_commit`: returns the reply bytes, with
+        those of any commands the client pipelined after the message."""
+        writer, env, tx = self.pending
+        self.pending = None
+        self._out = []
+        self._committed(writer, env, tx, result)
+        return self._run()
 
     def timeout(self):
         """The reply for a client that went silent (the server then closes)."""
@@ -573,18 +597,26 @@ class Session:
             self.tx = None
             return
         env = self._envelope(tx, data)
+        if self.defer_commit:
+            self.pending = (writer, env, tx)
+            return
+        self._committed(writer, env, tx, self._commit(writer, env))
+
+    def _commit(self, writer, env):
         try:
-            qid = writer.commit(env)
+            return writer.commit(env)
         except PymtaError as e:
             writer.abort()
             self._logi(f"warning: {self.peer}: queue commit failed: {e}")
-            self._send(e.reply)
-            return
+            return e.reply
         except OSError as e:
             writer.abort()
             self._logi(f"warning: {self.peer}: queue commit failed: {e}")
-            self._send(R_LOCAL_ERROR)
-            return
+            return R_LOCAL_ERROR
+
+    def _committed(self, writer, env, tx, qid):
+        if isinstance(qid, Reply):
+            return self._send(qid)
         (getattr(writer, "close", None) or writer.abort)()
         self.messages += 1
         relay = f"{self.client_name} [{self.client_addr}]" if self.local_uid < 0 else self.peer

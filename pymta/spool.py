@@ -50,6 +50,7 @@ R lines) spaces. Lines with unknown letters are kept on rewrite.
 Commit (the only way a message enters the queue)::
 
     step                                 crash here leaves     what happens
+    0 data arrives, held in memory       nothing               (no file until 256 KB or commit)
     1 create df<ID> O_EXCL, flock it     df only               swept after queue_sweep_age
     2 write df, fsync df                 df only               swept
     3 write tf<ID>, fsync tf             df + tf               both swept
@@ -324,42 +325,67 @@ class MessageLock:
 class MessageWriter:
     """Streams one new message into df<ID> and commits it.
 
+    The df is created when the first 256 KB have arrived, or at commit: a
+    small message costs one create, one write and one fsync, all in
+    commit(), which an SMTP server runs away from its event loop. The id is
+    chosen at once (the Received: header names it); should its df exist by
+    then, commit() takes a fresh id.
+
     Use as a context manager: leaving it without commit() removes the df.
     After commit() the writer still holds the message's lock; ``handoff()``
     passes that lock to the caller (to deliver at once), ``close()`` drops it.
     """
+
+    SPILL = 256 * 1024
 
     def __init__(self, spool):
         self.spool = spool
         self.size = 0
         self.committed = False
         self._lock_fd = None
+        self._buf = []
+        self._buffered = 0
+        self.id = new_id()
+
+    def _create(self):
         for _ in range(1000):
-            qid = new_id()
-            path = spool.path("df", qid)
+            path = self.spool.path("df", self.id)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
+                self.id = new_id()
                 continue
             except OSError as e:
                 raise _disk_error(e, f"create {path}") from None
             break
         else:
             raise SpoolError("could not allocate a queue id")
-        self.id = qid
         self._lock_fd = fd
         fcntl.flock(fd, fcntl.LOCK_EX)
-        self.file = open(fd, "wb", buffering=256 * 1024, closefd=False)
+
+    def _spill(self):
+        if self._lock_fd is None:
+            self._create()
+        if self._buf:
+            data = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
+            self._buf, self._buffered = [], 0
+            try:
+                _write_all(self._lock_fd, data)
+            except OSError as e:
+                raise _disk_error(e, f"write df{self.id}") from None
 
     def write(self, data):
-        try:
-            self.file.write(data)
-        except OSError as e:
-            raise _disk_error(e, f"write df{self.id}") from None
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        self._buf.append(data)
+        self._buffered += len(data)
         self.size += len(data)
+        if self._buffered >= self.SPILL:
+            self._spill()
 
     def commit(self, env):
         """Make the message durable (steps 2-5 above); returns its id."""
+        self._spill()
         env.id = self.id
         env.size = self.size
         if not env.created:
@@ -367,7 +393,6 @@ class MessageWriter:
         if not env.priority:
             env.priority = self.size
         try:
-            self.file.flush()
             if self.spool.fsync:
                 os.fsync(self._lock_fd)
         except OSError as e:
@@ -391,18 +416,11 @@ class MessageWriter:
         """The committed message's lock, now owned by the caller."""
         assert self.committed
         lock = MessageLock(self.spool, self.id, self._lock_fd)
-        self._close_file()
         self._lock_fd = None
         return lock
 
-    def _close_file(self):
-        try:
-            self.file.close()
-        except OSError:
-            pass
-
     def close(self):
-        self._close_file()
+        self._buf = []
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -127,6 +127,11 @@ def _mbox(inst):
 
 # -- commit order: the control file step fails after the data file exists ---------
 
+# A writer keeps the first 256 KB in memory: these bodies are larger, so
+# that the df exists before the end of the data, as it does for big mail.
+SPILLED = 60000
+
+
 def _eat_inodes_after_df(inst, top):
     """Once a df is in queue/, use up every free inode of the file system."""
     assert _wait(lambda: queue_files(inst, ("df",))), "no df appeared"
@@ -139,7 +144,7 @@ def test_sendmail_exit_0_only_after_the_commit_inodes_run_out(inst):
     with tmpfs(top, size="4m", nr_inodes=64):
         inst.spool.create()
         p = _sendmail_popen(inst, "root@example.test")
-        p.stdin.write(b"Subject: commit order\n\n" + b"body\n" * 1000)
+        p.stdin.write(b"Subject: commit order\n\n" + b"body\n" * SPILLED)
         p.stdin.flush()
         eaten = _eat_inodes_after_df(inst, top)
         assert eaten and os.statvfs(top).f_favail == 0
@@ -165,8 +170,36 @@ def test_smtp_250_only_after_the_commit_inodes_run_out(make_instance):
             assert c.cmd(b"MAIL FROM:<a@b.example>\r\n")[0] == 250
             assert c.cmd(b"RCPT TO:<root@example.test>\r\n")[0] == 250
             assert c.cmd(b"DATA\r\n")[0] == 354
-            c.send(b"Subject: commit order\r\n\r\n" + b"body\r\n" * 1000)
+            c.send(b"Subject: commit order\r\n\r\n" + b"body\r\n" * SPILLED)
             eaten = _eat_inodes_after_df(inst, top)
+            code, text = c.cmd(b".\r\n")
+            assert code in (451, 452) and text[4:5] == b"4", text
+            assert queue_files(inst) == []
+            for path in eaten:
+                os.unlink(path)
+            assert c.cmd(b"MAIL FROM:<a@b.example>\r\n")[0] == 250
+            assert c.cmd(b"RCPT TO:<root@example.test>\r\n")[0] == 250
+            assert c.cmd(b"DATA\r\n")[0] == 354
+            code, text = c.cmd(b"Subject: again\r\n\r\nok\r\n.\r\n")
+            assert code == 250, text
+            c.cmd(b"QUIT\r\n")
+
+
+def test_small_message_whose_data_file_cannot_be_created_at_commit_gets_4xx(make_instance):
+    # Under 256 KB the df is only created at the end of the data: with no
+    # inode left by then, the client gets 4xx and the queue stays empty.
+    inst = daemon_instance(make_instance, queue_minfree="0")
+    top = inst.params["queue_directory"]
+    with tmpfs(top, size="4m", nr_inodes=64), Daemon(inst) as d:
+        with Raw(d.port) as c:
+            assert c.reply()[0] == 220
+            c.cmd(b"EHLO client.test\r\n")
+            assert c.cmd(b"MAIL FROM:<a@b.example>\r\n")[0] == 250
+            assert c.cmd(b"RCPT TO:<root@example.test>\r\n")[0] == 250
+            assert c.cmd(b"DATA\r\n")[0] == 354
+            c.send(b"Subject: small\r\n\r\nbody\r\n")
+            assert queue_files(inst) == []
+            eaten = use_inodes(top)
             code, text = c.cmd(b".\r\n")
             assert code in (451, 452) and text[4:5] == b"4", text
             assert queue_files(inst) == []
@@ -191,7 +224,7 @@ def test_smtp_250_only_after_the_commit_queue_made_immutable(make_instance):
             assert c.cmd(b"MAIL FROM:<a@b.example>\r\n")[0] == 250
             assert c.cmd(b"RCPT TO:<root@example.test>\r\n")[0] == 250
             assert c.cmd(b"DATA\r\n")[0] == 354
-            c.send(b"Subject: commit order\r\n\r\n" + b"body\r\n" * 100)
+            c.send(b"Subject: commit order\r\n\r\n" + b"body\r\n" * SPILLED)
             assert _wait(lambda: queue_files(inst, ("df",)))
             subprocess.run(["chattr", "+i", qdir], check=True, timeout=10)
             try:

@@ -120,6 +120,28 @@ def test_pipelined_commands_get_all_replies_in_order(inst):
     assert [r.address for r in env.recipients] == ["root@example.test", "postmaster@example.test"]
 
 
+def test_two_messages_in_one_write_are_committed_and_answered_in_order(inst):
+    # The commit of the first runs away from the event loop; what the client
+    # sent after its end waits, then is answered in order.
+    with running(inst) as port:
+        s, f = raw(port)
+        read_reply(f)
+        s.sendall(b"EHLO x\r\n")
+        read_reply(f)
+        tx = (b"MAIL FROM:<a@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n"
+              b"Subject: %d\r\n\r\nx\r\n.\r\n")
+        s.sendall(tx % 1 + tx % 2 + b"QUIT\r\n")
+        replies = [read_reply(f)[-1] for _ in range(9)]
+        assert [r[:3] for r in replies] == [b"250", b"250", b"354", b"250", b"250", b"250", b"354",
+                                            b"250", b"221"]
+        ids = [replies[i].split()[-1].decode() for i in (3, 7)]
+        f.close()
+        s.close()
+    assert sorted(n[2:] for n in queued(inst) if n.startswith("qf")) == sorted(ids)
+    subjects = sorted(open(inst.spool.path("df", i), "rb").read().split(b"Subject: ")[1][:1] for i in ids)
+    assert subjects == [b"1", b"2"]
+
+
 @pytest.mark.parametrize("ending", [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n"])
 def test_smuggled_second_transaction_never_becomes_a_message(inst, ending):
     with running(inst) as port:
