@@ -1,8 +1,10 @@
 """The queue runner: scan, lock, route, deliver, record, retry, expire, bounce.
 
 One pass (``sendmail -q``, the daemon's interval, cron) picks up the
-maildrop, sweeps orphans, then hands every due message to a bounded pool of
-threads. A worker takes the message's lock (a locked message is someone
+maildrop, sweeps orphans, then hands every due message, one at a time, to
+up to delivery_process_limit forked delivery processes (threads would
+serialise on the GIL: Python work per message is what a queue run spends).
+A process takes the message's lock (a locked message is someone
 else's: skipped), reads the qf, routes each pending recipient and delivers:
 local targets through local.deliver(), remote ones grouped by next hop, one
 SMTP transaction per hop. It then rewrites the qf atomically with each
@@ -20,8 +22,10 @@ least once, never lost.
 """
 
 import concurrent.futures
+import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -124,6 +128,9 @@ class PassStats:
     picked_up: int = 0
 
 
+_COUNTS = ("tried", "removed", "deferred", "locked", "quarantined")
+
+
 def matches(filters, qid, env):
     """sendmail's -qI/-qR/-qS/-qQ selection: filters of one kind are OR'ed,
     kinds are AND'ed; '!' negates; R and S ignore case."""
@@ -153,8 +160,9 @@ def matches(filters, qid, env):
 class Runner:
     """Delivers queued messages. ``now`` is the clock (tests move it)."""
 
-    def __init__(self, cfg, log=None, now=time.time, verbose=False):
+    def __init__(self, cfg, log=None, now=time.time, verbose=False, processes=True):
         self.cfg = cfg
+        self.processes = processes
         self.log = log or logging.getLogger("pymta")
         self.now = now
         self.verbose = verbose
@@ -203,18 +211,113 @@ class Runner:
                 st.not_due += 1
                 continue
             due.append(qid)
-        workers = max(1, self.cfg.delivery_process_limit)
+        workers = min(max(1, self.cfg.delivery_process_limit), len(due))
         try:
-            if workers == 1 or len(due) <= 1:
+            if workers <= 1:
                 for qid in due:
                     self._one(qid, filters, st)
-            else:
+            elif not self.processes or not self._run_forked(due, filters, st, workers):
                 with concurrent.futures.ThreadPoolExecutor(workers, "pymta-deliver") as ex:
                     for fut in [ex.submit(self._one, qid, filters, st) for qid in due]:
                         fut.result()
         finally:
             self._close_connections()
         return st
+
+    # -- several delivery processes
+    def _run_forked(self, due, filters, st, count):
+        """Deliver ``due`` with ``count`` forked, single-threaded children that
+        take ids one at a time from a shared SOCK_SEQPACKET socket (so a slow
+        message holds up one child only) and report their PassStats through
+        a pipe. Threads in one process would serialise on the GIL for the
+        Python work of every message. Returns False, nothing done, if no
+        child could be started; a child that dies leaves its message locked
+        for nobody and queued for the next pass."""
+        self._before_fork()
+        feed, feed_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        rfd, wfd = os.pipe()
+        pids = []
+        try:
+            for _ in range(count):
+                try:
+                    pid = os.fork()
+                except OSError as e:
+                    self.log.warning(f"queue run: cannot fork a delivery process: {e.strerror}")
+                    break
+                if pid == 0:
+                    code = 1
+                    try:
+                        feed.close()
+                        os.close(rfd)
+                        code = self._child(feed_child, wfd, filters)
+                    finally:
+                        os._exit(code)
+                pids.append(pid)
+        finally:
+            feed_child.close()
+            os.close(wfd)
+        if not pids:
+            feed.close()
+            os.close(rfd)
+            return False
+        try:
+            for qid in due:
+                feed.send(qid.encode("ascii"))
+        except OSError as e:     # every child is gone: the rest waits for the next pass
+            self.log.error(f"queue run: delivery processes gone ({e.strerror}); "
+                           "the remaining messages stay queued")
+        finally:
+            feed.close()
+        for pid in pids:
+            while True:
+                try:
+                    _, status = os.waitpid(pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+                except ChildProcessError:
+                    status = 0
+                    break
+            if status:
+                self.log.error(f"queue run: delivery process {pid} ended abnormally "
+                               f"(status {status:#x}); its messages stay queued")
+        with os.fdopen(rfd, "rb") as f:
+            for line in f:
+                try:
+                    counts = json.loads(line)
+                except ValueError:
+                    continue
+                for k, v in counts.items():
+                    if k in _COUNTS:
+                        setattr(st, k, getattr(st, k) + int(v))
+        return True
+
+    def _before_fork(self):
+        """Load what every child needs once, in the parent: the router (alias
+        maps) and the SMTP client modules."""
+        self._get_router()
+        remote.deliver   # noqa: B018 - the import itself is the point
+
+    def _child(self, sock, wfd, filters):
+        """A delivery process's loop: ids from ``sock`` until end-of-file."""
+        self._cache = None       # the parent's idle connections are not ours
+        st = PassStats()
+        try:
+            while True:
+                data = sock.recv(256)
+                if not data:
+                    break
+                self._one(data.decode("ascii", "replace"), filters, st)
+        finally:
+            self._close_connections()
+            counts = {k: getattr(st, k) for k in _COUNTS}
+            os.write(wfd, json.dumps(counts).encode() + b"\n")
+            for h in self.log.handlers:
+                try:
+                    h.flush()
+                except Exception:   # noqa: BLE001 - exiting anyway
+                    pass
+        return 0
 
     @staticmethod
     def _id_selected(filters, qid):
