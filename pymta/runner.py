@@ -16,9 +16,13 @@ with no pending recipient left is removed, qf first, then df.
 Whether a message is due is read from its ``Y`` line in the qf's first
 bytes, so an idle pass costs one small read per queued message, not a parse.
 Crash safety: a qf is rewritten before the next step that depends on it
-(expansions before delivering the children); a crash between a delivery
-and the rewrite that records it means that recipient is tried again: at
-least once, never lost.
+(an owner- list's clone, once queued, before anything else); a crash
+between a delivery and the rewrite that records it means that recipient is
+tried again: at least once, never lost. A plain alias or .forward
+expansion is not written before its children are delivered: after a crash
+the parent is expanded again and the children tried again, which is what
+a recorded expansion would have led to as well, so the attempt's one
+rewrite (or the removal) records it.
 """
 
 import concurrent.futures
@@ -476,7 +480,7 @@ class Runner:
             router = self._get_router()
             groups = {}
             locals_ = []
-            expanded = False
+            expanded = cloned = False
             for r in pending:
                 if router is None:
                     if self.cfg.is_local_domain(domain_of(r.address)) or not domain_of(r.address):
@@ -499,10 +503,10 @@ class Runner:
                 elif rt.kind == "remote":
                     groups.setdefault(rt.domain, []).append((r, getattr(rt, "address", r.address)))
                 elif rt.kind == "expand":
-                    self._expand(env, r, rt, now, later)
+                    cloned = self._expand(env, r, rt, now, later) or cloned
                     expanded = True
-            if expanded:
-                # The expansion is on disk before any child is delivered.
+            if cloned:
+                # The clone is queued: the parent must not make another one.
                 self.spool.rewrite(env)
             for r, target in locals_:
                 self._deliver_local(env, r, target, now)
@@ -515,11 +519,13 @@ class Runner:
                 self._record(env, r, Reply(554, "5.4.6", "alias expansion too deep"), now, now, "local")
 
     def _expand(self, env, parent, rt, now, later):
+        """Mark ``parent`` expanded and add its children, or queue them as a
+        new message (owner- lists): then returns True."""
         children = list(rt.children)
         parent.set_state(E.EXPANDED, "2.0.0", f"expanded to {len(children)} recipient(s)",
                          now=now)
         if not children:
-            return
+            return False
         if rt.sender:
             # owner-LIST: the list's copy becomes its own message, so that
             # its bounces go to the owner.
@@ -544,6 +550,7 @@ class Runner:
                 if c.address.lower() not in seen:
                     env.recipients.append(c)
                     seen.add(c.address.lower())
+        return bool(rt.sender)
 
     def _deliver_local(self, env, r, target, now):
         from . import local
