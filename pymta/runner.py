@@ -78,10 +78,13 @@ def read_next_try(path):
     """The Y value of a qf from its first bytes (0 when absent), or None if
     the file is gone."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(512)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    try:
+        head = os.read(fd, 512)
+    finally:
+        os.close(fd)
     i = head.find(b"\nY")
     if i < 0:
         return 0
@@ -572,9 +575,11 @@ class Runner:
                 rcpts.append(copy)
             else:
                 rcpts.append(r)
+        # An address literal (a bracketed relayhost) needs no resolver, nor dnspython.
+        literal = remote.destination(self.cfg, domain)[0].startswith("[")
         try:
             results = remote.deliver(self.cfg, env, rcpts, domain, log=self.log,
-                                     resolver=self.resolver, cache=self.cache,
+                                     resolver=None if literal else self.resolver, cache=self.cache,
                                      verbose=self.verbose)
         except PymtaError as e:
             results = remote.Results({x.address: e.reply for x in rcpts})

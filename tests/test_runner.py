@@ -16,7 +16,7 @@ from pymta import cli
 from pymta import envelope as E
 from pymta import runner as R
 
-from conftest import BIN
+from conftest import BIN, TOP
 from dnsserver import DNSServer
 from smtpsink import SMTPSink
 
@@ -281,6 +281,18 @@ def test_several_delivery_processes_add_up_their_counts(make_instance):
         assert (st.tried, st.removed, st.deferred) == (8, 5, 3)
         assert len(inst.spool.ids()) == 3
         assert len(sink.delivered) == 5
+
+
+def test_delivery_to_a_bracketed_relayhost_never_loads_the_dns_resolver(relay_inst, sink):
+    queue(relay_inst, ["bob@remote.test"], subject="no-dns")
+    script = ("import sys; from pymta import cli, config, runner; "
+              f"cfg = config.load({relay_inst.conf_path!r}); cli.setup_logging(cfg); "
+              "st = runner.Runner(cfg).run_pass(); "
+              "print(st.removed, 'dns.resolver' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=TOP, timeout=60)
+    assert r.stdout.split() == ["1", "False"], r.stderr
+    assert parse(sink.delivered[0])["Subject"] == "no-dns"
 
 
 def test_runner_killed_during_delivery_delivers_on_the_next_run(relay_inst, sink):
