@@ -327,7 +327,9 @@ class Master:
 
     def _queue_run(self):
         try:
-            self.runner_mod.Runner(self.cfg, log=log).run_pass()
+            # Threads, not forked processes: this process has other threads,
+            # whose locks a fork would copy held.
+            self.runner_mod.Runner(self.cfg, log=log, processes=False).run_pass()
         except Exception as e:
             log.exception(f"queue run failed: {e}")
 

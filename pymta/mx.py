@@ -12,11 +12,6 @@ import ipaddress
 import random
 from dataclasses import dataclass, field
 
-import dns.exception
-import dns.nameserver
-import dns.rdatatype
-import dns.resolver
-
 from . import config as C
 from .address import literal_ip
 from .status import PermFail, Reply, TempFail
@@ -32,7 +27,12 @@ class Host:
 
 
 def make_resolver(cfg):
-    """A dnspython Resolver per ``dns_nameservers`` (empty: /etc/resolv.conf)."""
+    """A dnspython Resolver per ``dns_nameservers`` (empty: /etc/resolv.conf).
+
+    dnspython is imported here, not with this module: delivery to an address
+    literal or a bracketed relayhost never needs it."""
+    import dns.nameserver
+    import dns.resolver
     if cfg.dns_nameservers:
         res = dns.resolver.Resolver(configure=False)
         servers = []
@@ -60,6 +60,8 @@ def _query(resolver, name, rdtype):
     """Answer records, [] for no data; raises on NXDOMAIN and trouble.
 
     Returns (records, nxdomain)."""
+    import dns.exception
+    import dns.resolver
     try:
         ans = resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
     except dns.resolver.NXDOMAIN:
@@ -130,7 +132,6 @@ def lookup(cfg, domain, resolver=None, port=None, use_mx=True):
     ``domain`` may be an address literal ``[192.0.2.1]``. With ``use_mx``
     False (a bracketed relayhost) the name's own addresses are used.
     """
-    resolver = resolver or make_resolver(cfg)
     port = port or cfg.smtp_port
     ip = literal_ip(domain)
     if ip is not None:
@@ -143,6 +144,7 @@ def lookup(cfg, domain, resolver=None, port=None, use_mx=True):
             raise _perm(f"mail for {domain} loops back to myself", "5.4.6", 554)
         return [host]
     domain = domain.rstrip(".")
+    resolver = resolver or make_resolver(cfg)
     if not use_mx:
         addrs = addresses(resolver, domain)
         if not addrs:

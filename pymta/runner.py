@@ -1,8 +1,10 @@
 """The queue runner: scan, lock, route, deliver, record, retry, expire, bounce.
 
 One pass (``sendmail -q``, the daemon's interval, cron) picks up the
-maildrop, sweeps orphans, then hands every due message to a bounded pool of
-threads. A worker takes the message's lock (a locked message is someone
+maildrop, sweeps orphans, then hands every due message, one at a time, to
+up to delivery_process_limit forked delivery processes (threads would
+serialise on the GIL: Python work per message is what a queue run spends).
+A process takes the message's lock (a locked message is someone
 else's: skipped), reads the qf, routes each pending recipient and delivers:
 local targets through local.deliver(), remote ones grouped by next hop, one
 SMTP transaction per hop. It then rewrites the qf atomically with each
@@ -14,14 +16,20 @@ with no pending recipient left is removed, qf first, then df.
 Whether a message is due is read from its ``Y`` line in the qf's first
 bytes, so an idle pass costs one small read per queued message, not a parse.
 Crash safety: a qf is rewritten before the next step that depends on it
-(expansions before delivering the children); a crash between a delivery
-and the rewrite that records it means that recipient is tried again: at
-least once, never lost.
+(an owner- list's clone, once queued, before anything else); a crash
+between a delivery and the rewrite that records it means that recipient is
+tried again: at least once, never lost. A plain alias or .forward
+expansion is not written before its children are delivered: after a crash
+the parent is expanded again and the children tried again, which is what
+a recorded expansion would have led to as well, so the attempt's one
+rewrite (or the removal) records it.
 """
 
 import concurrent.futures
+import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -70,10 +78,13 @@ def read_next_try(path):
     """The Y value of a qf from its first bytes (0 when absent), or None if
     the file is gone."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(512)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    try:
+        head = os.read(fd, 512)
+    finally:
+        os.close(fd)
     i = head.find(b"\nY")
     if i < 0:
         return 0
@@ -124,6 +135,9 @@ class PassStats:
     picked_up: int = 0
 
 
+_COUNTS = ("tried", "removed", "deferred", "locked", "quarantined")
+
+
 def matches(filters, qid, env):
     """sendmail's -qI/-qR/-qS/-qQ selection: filters of one kind are OR'ed,
     kinds are AND'ed; '!' negates; R and S ignore case."""
@@ -153,8 +167,9 @@ def matches(filters, qid, env):
 class Runner:
     """Delivers queued messages. ``now`` is the clock (tests move it)."""
 
-    def __init__(self, cfg, log=None, now=time.time, verbose=False):
+    def __init__(self, cfg, log=None, now=time.time, verbose=False, processes=True):
         self.cfg = cfg
+        self.processes = processes
         self.log = log or logging.getLogger("pymta")
         self.now = now
         self.verbose = verbose
@@ -203,18 +218,113 @@ class Runner:
                 st.not_due += 1
                 continue
             due.append(qid)
-        workers = max(1, self.cfg.delivery_process_limit)
+        workers = min(max(1, self.cfg.delivery_process_limit), len(due))
         try:
-            if workers == 1 or len(due) <= 1:
+            if workers <= 1:
                 for qid in due:
                     self._one(qid, filters, st)
-            else:
+            elif not self.processes or not self._run_forked(due, filters, st, workers):
                 with concurrent.futures.ThreadPoolExecutor(workers, "pymta-deliver") as ex:
                     for fut in [ex.submit(self._one, qid, filters, st) for qid in due]:
                         fut.result()
         finally:
             self._close_connections()
         return st
+
+    # -- several delivery processes
+    def _run_forked(self, due, filters, st, count):
+        """Deliver ``due`` with ``count`` forked, single-threaded children that
+        take ids one at a time from a shared SOCK_SEQPACKET socket (so a slow
+        message holds up one child only) and report their PassStats through
+        a pipe. Threads in one process would serialise on the GIL for the
+        Python work of every message. Returns False, nothing done, if no
+        child could be started; a child that dies leaves its message locked
+        for nobody and queued for the next pass."""
+        self._before_fork()
+        feed, feed_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        rfd, wfd = os.pipe()
+        pids = []
+        try:
+            for _ in range(count):
+                try:
+                    pid = os.fork()
+                except OSError as e:
+                    self.log.warning(f"queue run: cannot fork a delivery process: {e.strerror}")
+                    break
+                if pid == 0:
+                    code = 1
+                    try:
+                        feed.close()
+                        os.close(rfd)
+                        code = self._child(feed_child, wfd, filters)
+                    finally:
+                        os._exit(code)
+                pids.append(pid)
+        finally:
+            feed_child.close()
+            os.close(wfd)
+        if not pids:
+            feed.close()
+            os.close(rfd)
+            return False
+        try:
+            for qid in due:
+                feed.send(qid.encode("ascii"))
+        except OSError as e:     # every child is gone: the rest waits for the next pass
+            self.log.error(f"queue run: delivery processes gone ({e.strerror}); "
+                           "the remaining messages stay queued")
+        finally:
+            feed.close()
+        for pid in pids:
+            while True:
+                try:
+                    _, status = os.waitpid(pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+                except ChildProcessError:
+                    status = 0
+                    break
+            if status:
+                self.log.error(f"queue run: delivery process {pid} ended abnormally "
+                               f"(status {status:#x}); its messages stay queued")
+        with os.fdopen(rfd, "rb") as f:
+            for line in f:
+                try:
+                    counts = json.loads(line)
+                except ValueError:
+                    continue
+                for k, v in counts.items():
+                    if k in _COUNTS:
+                        setattr(st, k, getattr(st, k) + int(v))
+        return True
+
+    def _before_fork(self):
+        """Load what every child needs once, in the parent: the router (alias
+        maps) and the SMTP client modules."""
+        self._get_router()
+        remote.deliver   # noqa: B018 - the import itself is the point
+
+    def _child(self, sock, wfd, filters):
+        """A delivery process's loop: ids from ``sock`` until end-of-file."""
+        self._cache = None       # the parent's idle connections are not ours
+        st = PassStats()
+        try:
+            while True:
+                data = sock.recv(256)
+                if not data:
+                    break
+                self._one(data.decode("ascii", "replace"), filters, st)
+        finally:
+            self._close_connections()
+            counts = {k: getattr(st, k) for k in _COUNTS}
+            os.write(wfd, json.dumps(counts).encode() + b"\n")
+            for h in self.log.handlers:
+                try:
+                    h.flush()
+                except Exception:   # noqa: BLE001 - exiting anyway
+                    pass
+        return 0
 
     @staticmethod
     def _id_selected(filters, qid):
@@ -373,7 +483,7 @@ class Runner:
             router = self._get_router()
             groups = {}
             locals_ = []
-            expanded = False
+            expanded = cloned = False
             for r in pending:
                 if router is None:
                     if self.cfg.is_local_domain(domain_of(r.address)) or not domain_of(r.address):
@@ -396,10 +506,10 @@ class Runner:
                 elif rt.kind == "remote":
                     groups.setdefault(rt.domain, []).append((r, getattr(rt, "address", r.address)))
                 elif rt.kind == "expand":
-                    self._expand(env, r, rt, now, later)
+                    cloned = self._expand(env, r, rt, now, later) or cloned
                     expanded = True
-            if expanded:
-                # The expansion is on disk before any child is delivered.
+            if cloned:
+                # The clone is queued: the parent must not make another one.
                 self.spool.rewrite(env)
             for r, target in locals_:
                 self._deliver_local(env, r, target, now)
@@ -412,11 +522,13 @@ class Runner:
                 self._record(env, r, Reply(554, "5.4.6", "alias expansion too deep"), now, now, "local")
 
     def _expand(self, env, parent, rt, now, later):
+        """Mark ``parent`` expanded and add its children, or queue them as a
+        new message (owner- lists): then returns True."""
         children = list(rt.children)
         parent.set_state(E.EXPANDED, "2.0.0", f"expanded to {len(children)} recipient(s)",
                          now=now)
         if not children:
-            return
+            return False
         if rt.sender:
             # owner-LIST: the list's copy becomes its own message, so that
             # its bounces go to the owner.
@@ -441,6 +553,7 @@ class Runner:
                 if c.address.lower() not in seen:
                     env.recipients.append(c)
                     seen.add(c.address.lower())
+        return bool(rt.sender)
 
     def _deliver_local(self, env, r, target, now):
         from . import local
@@ -462,9 +575,11 @@ class Runner:
                 rcpts.append(copy)
             else:
                 rcpts.append(r)
+        # An address literal (a bracketed relayhost) needs no resolver, nor dnspython.
+        literal = remote.destination(self.cfg, domain)[0].startswith("[")
         try:
             results = remote.deliver(self.cfg, env, rcpts, domain, log=self.log,
-                                     resolver=self.resolver, cache=self.cache,
+                                     resolver=None if literal else self.resolver, cache=self.cache,
                                      verbose=self.verbose)
         except PymtaError as e:
             results = remote.Results({x.address: e.reply for x in rcpts})

@@ -3,6 +3,7 @@ retries with back-off, expiry, bounces, concurrency and crashes."""
 
 import email
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pymta import cli
 from pymta import envelope as E
 from pymta import runner as R
 
-from conftest import BIN
+from conftest import BIN, TOP
 from dnsserver import DNSServer
 from smtpsink import SMTPSink
 
@@ -252,6 +253,46 @@ def test_two_runners_at_once_never_deliver_a_message_twice(make_instance):
         got = [parse(t)["Subject"] for t in sink.delivered]
         assert sorted(got) == sorted(subjects)
         assert inst.spool.ids() == []
+
+
+def test_a_pass_with_several_delivery_processes_delivers_each_message_once(make_instance):
+    with SMTPSink("127.0.0.2") as sink:
+        inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}", delivery_process_limit=3)
+        subjects = [f"m{i}" for i in range(12)]
+        for s in subjects:
+            queue(inst, ["bob@remote.test"], subject=s)
+        st = make_runner(inst).run_pass()
+        assert (st.messages, st.tried, st.removed, st.deferred) == (12, 12, 12, 0)
+        assert sorted(parse(t)["Subject"] for t in sink.delivered) == sorted(subjects)
+        assert inst.spool.ids() == []
+        pids = set(re.findall(r"\[(\d+)\]: \w+: done", inst.maillog()))
+        assert 1 <= len(pids) <= 3 and str(os.getpid()) not in pids
+        assert sink.connections <= 3          # each process keeps its connection
+
+
+def test_several_delivery_processes_add_up_their_counts(make_instance):
+    with SMTPSink("127.0.0.2", rcpt={"later@remote.test": "451"}) as sink:
+        inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}", delivery_process_limit=4)
+        for i in range(5):
+            queue(inst, ["bob@remote.test"], subject=f"ok{i}")
+        for i in range(3):
+            queue(inst, ["later@remote.test"], subject=f"later{i}")
+        st = make_runner(inst).run_pass()
+        assert (st.tried, st.removed, st.deferred) == (8, 5, 3)
+        assert len(inst.spool.ids()) == 3
+        assert len(sink.delivered) == 5
+
+
+def test_delivery_to_a_bracketed_relayhost_never_loads_the_dns_resolver(relay_inst, sink):
+    queue(relay_inst, ["bob@remote.test"], subject="no-dns")
+    script = ("import sys; from pymta import cli, config, runner; "
+              f"cfg = config.load({relay_inst.conf_path!r}); cli.setup_logging(cfg); "
+              "st = runner.Runner(cfg).run_pass(); "
+              "print(st.removed, 'dns.resolver' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=TOP, timeout=60)
+    assert r.stdout.split() == ["1", "False"], r.stderr
+    assert parse(sink.delivered[0])["Subject"] == "no-dns"
 
 
 def test_runner_killed_during_delivery_delivers_on_the_next_run(relay_inst, sink):
