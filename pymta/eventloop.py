@@ -32,11 +32,15 @@ import threading
 import time
 
 from . import server as S
+from .spool import SYNC_DIR
+from .status import PymtaError
+from .syncer import DirSync, Syncers
 
 _SCAN = 0.25
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 COMMIT_THREADS = 16
 LOOKUP_THREADS = 16
+SYNCERS = 8
 
 
 class Pool:
@@ -123,7 +127,7 @@ class Conn:
 
 
 class Loop:
-    def __init__(self, servers, stop, tick=None):
+    def __init__(self, servers, stop, tick=None, use_syncers=True):
         self.servers = list(servers)
         self.stop, self.tick = stop, tick
         self.sel = selectors.DefaultSelector()
@@ -136,6 +140,14 @@ class Loop:
         self.sel.register(self.wake_r, _READ, None)
         self.commits = Pool(COMMIT_THREADS, self._post, "commit")
         self.lookups = Pool(LOOKUP_THREADS, self._post, "lookup")
+        # Forked now, while this process has no other thread.
+        log = self.servers[0].services.log if self.servers else None
+        use_syncers = use_syncers and any(not s.forking for s in self.servers)
+        self.syncers = Syncers(SYNCERS if use_syncers else 0, log)
+        self.syncers.on_lost = self.sel.unregister
+        self.dirsyncs = {}
+        for sock in self.syncers.socks:
+            self.sel.register(sock, _READ, self.syncers)
         for s in self.servers:
             self.sel.register(s.socket, _READ, s)
 
@@ -175,6 +187,8 @@ class Loop:
                 obj = key.data
                 if obj is None:
                     self._drain_done()
+                elif obj is self.syncers:
+                    obj.ready(key.fileobj)
                 elif isinstance(obj, Conn):
                     if mask & _WRITE:
                         self._writable(obj)
@@ -196,6 +210,9 @@ class Loop:
             t.join()
         self.commits.close()
         self.lookups.close()
+        for sock in self.syncers.socks:
+            self.sel.unregister(sock)
+        self.syncers.close()
         self.sel.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
@@ -301,13 +318,44 @@ class Loop:
         session = c.session
         if session.pending is not None:
             c.state = "commit"
-            self.commits.submit(session.run_commit, lambda r, c=c: self._committed(c, r))
+            self._start_commit(c)
         elif session.starttls_wanted:
             self._hand_off(c)
             return
         elif session.closed:
             c.state = "closing"
         self._update(c)
+
+    # -- commits: the fsyncs go to the syncer processes
+    def _start_commit(self, c):
+        session = c.session
+        writer, env, _ = session.pending
+        if not hasattr(writer, "commit_steps"):
+            return self.commits.submit(session.run_commit, lambda r, c=c: self._committed(c, r))
+        self._step(c, writer, writer.commit_steps(env), None)
+
+    def _step(self, c, writer, steps, err):
+        try:
+            step = steps.send(None) if err is None else steps.throw(err)
+        except StopIteration as done:
+            return self._committed(c, done.value)
+        except (PymtaError, OSError) as e:
+            return self._committed(c, c.session.commit_error(e))
+        except Exception as e:   # noqa: BLE001 - a bug: the client gets 451, the loop goes on
+            c.services.log.exception(f"error: commit for {c.peer}")
+            return self._committed(c, c.session.commit_error(e))
+
+        def go_on(e, c=c, writer=writer, steps=steps):
+            self._step(c, writer, steps, e)
+        if step is SYNC_DIR:
+            spool = writer.spool
+            ds = self.dirsyncs.get(spool.dir)
+            if ds is None or ds.spool is not spool:
+                ds = self.dirsyncs[spool.dir] = DirSync(self.syncers, spool.dir_fd())
+                ds.spool = spool
+            ds.request(go_on)
+        else:
+            self.syncers.submit(step, go_on)
 
     def _committed(self, c, result):
         if isinstance(result, Exception):   # a bug: treat as a local error

@@ -605,14 +605,18 @@ class Session:
     def _commit(self, writer, env):
         try:
             return writer.commit(env)
-        except PymtaError as e:
-            writer.abort()
-            self._logi(f"warning: {self.peer}: queue commit failed: {e}")
-            return e.reply
-        except OSError as e:
-            writer.abort()
-            self._logi(f"warning: {self.peer}: queue commit failed: {e}")
-            return R_LOCAL_ERROR
+        except (PymtaError, OSError) as e:
+            return self._commit_error(writer, e)
+
+    def commit_error(self, e):
+        """The pending message's commit failed with ``e``: the message is
+        removed; returns the Reply to hand to :meth:`commit_done`."""
+        return self._commit_error(self.pending[0], e)
+
+    def _commit_error(self, writer, e):
+        writer.abort()
+        self._logi(f"warning: {self.peer}: queue commit failed: {e}")
+        return e.reply if isinstance(e, PymtaError) else R_LOCAL_ERROR
 
     def _committed(self, writer, env, tx, qid):
         if isinstance(qid, Reply):

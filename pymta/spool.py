@@ -53,9 +53,16 @@ Commit (the only way a message enters the queue)::
     0 data arrives, held in memory       nothing               (no file until 256 KB or commit)
     1 create df<ID> O_EXCL, flock it     df only               swept after queue_sweep_age
     2 write df, fsync df                 df only               swept
-    3 write tf<ID>, fsync tf             df + tf               both swept
-    4 rename tf<ID> -> qf<ID>            df + qf               the message is queued
+    3 write tf<ID> whole                 df + tf               both swept
+    4 rename tf<ID> -> qf<ID>, fsync qf  df + qf, or a torn qf queued (a torn qf is quarantined)
     5 fsync queue/                       df + qf, durable      reply 250 / exit 0
+
+The control file is renamed before its fsync, not after: nobody ever reads
+a partial one (it is written whole under the tf name), the df is durable
+before the qf name exists, and one fsync makes both the qf's content and,
+with step 5, its name durable. A crash before step 5 leaves a message that
+was never acknowledged: at worst it is delivered and the client sends it
+again.
 
 A rewrite (after a delivery attempt, hold, release) is tf, fsync, rename,
 never an edit in place; a crash leaves the old or the new qf, both whole.
@@ -86,6 +93,9 @@ ID_RE = re.compile(r"^[0-9A-Za-x]{9}[0-9]{6,10}$")
 
 _CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
 _id_lock = threading.Lock()
+# A child forked while another thread held the lock must not inherit it held.
+os.register_at_fork(after_in_child=lambda: globals().update(_id_lock=threading.Lock()))
+SYNC_DIR = "queue directory"     # MessageWriter.commit_steps: fsync the queue directory
 _id_state = {"sec": 0, "seq": 0, "pid": 0}
 
 # Percent-encoding of qf values (what urllib.parse.quote does with these safe
@@ -345,6 +355,7 @@ class MessageWriter:
         self._lock_fd = None
         self._buf = []
         self._buffered = 0
+        self._tf = self._final = None
         self.id = new_id()
 
     def _create(self):
@@ -384,7 +395,30 @@ class MessageWriter:
             self._spill()
 
     def commit(self, env):
-        """Make the message durable (steps 2-5 above); returns its id."""
+        """Make the message durable (steps 1-5 above); returns its id."""
+        steps = self.commit_steps(env)
+        step = None
+        try:
+            while True:
+                step = steps.send(None) if step is None else step
+                try:
+                    if step is SYNC_DIR:
+                        self.spool._sync_dir()
+                    else:
+                        os.fsync(step)
+                except OSError as e:
+                    step = steps.throw(e)
+                    continue
+                step = None
+        except StopIteration as done:
+            return done.value
+
+    def commit_steps(self, env):
+        """The commit as a generator that yields each file descriptor to
+        fsync (SYNC_DIR: the queue directory) and goes on once the caller
+        has fsync'd it (or throws the OSError in); it returns the id.
+        commit() fsyncs in its own thread; the SMTP server's event loop
+        hands the descriptors to its syncer processes."""
         self._spill()
         env.id = self.id
         env.size = self.size
@@ -392,20 +426,44 @@ class MessageWriter:
             env.created = int(time.time())
         if not env.priority:
             env.priority = self.size
+        fsync = self.spool.fsync
+        if fsync:
+            try:
+                yield self._lock_fd
+            except OSError as e:
+                raise _disk_error(e, f"write df{self.id}") from None
+        tf = self.spool.path("tf", self.id)
+        final = self.spool.path("hf" if env.held else "qf", self.id)
+        data = format_control(env).encode("utf-8", "surrogateescape")
         try:
-            if self.spool.fsync:
-                os.fsync(self._lock_fd)
+            fd = os.open(tf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._tf = tf
+            try:
+                os.write(fd, data) if len(data) < 65536 else _write_all(fd, data)
+                # The control file is complete before it gets its name and
+                # is fsync'd under it: nobody reads a partial one, and the
+                # name is made durable with it (and with the directory).
+                os.rename(tf, final)
+                self._final = final
+                if fsync:
+                    yield fd
+            finally:
+                os.close(fd)
+            if fsync:
+                yield SYNC_DIR
         except OSError as e:
-            raise _disk_error(e, f"write df{self.id}") from None
-        self.spool.write_control(env, sync_dir=True)
+            raise _disk_error(e, f"write {final}") from None
         self.committed = True
         return self.id
 
     def abort(self):
         if not self.committed and self._lock_fd is not None:
-            for prefix in ("tf", "df"):
+            # The control file first: a df without one is never delivered.
+            for path in (self._final, self._tf, self.spool.path("df", self.id)):
+                if not path:
+                    continue
                 try:
-                    os.unlink(self.spool.path(prefix, self.id))
+                    os.unlink(path)
                 except FileNotFoundError:
                     pass
                 except OSError:
@@ -473,14 +531,16 @@ class Spool:
     def path(self, prefix, qid):
         return os.path.join(self.dir, prefix + qid)
 
-    def _sync_dir(self):
-        if not self.fsync:
-            return
+    def dir_fd(self):
+        """A descriptor of queue/, opened once, for its fsyncs."""
         with self._dirfd_lock:
             if self._dirfd is None:
                 self._dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            fd = self._dirfd
-        os.fsync(fd)
+            return self._dirfd
+
+    def _sync_dir(self):
+        if self.fsync:
+            os.fsync(self.dir_fd())
 
     def free_space(self):
         st = os.statvfs(self.dir if self.exists() else self.top)

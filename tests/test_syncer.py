@@ -1,0 +1,103 @@
+"""The syncer processes that fsync for the SMTP event loop, with real
+processes, sockets and files."""
+
+import os
+import select
+import signal
+import smtplib
+import time
+
+from pymta import syncer
+from test_daemon import daemon, listener_pids, wait_for
+
+
+def _run_until(syncers, done, timeout=10):
+    deadline = time.time() + timeout
+    while not done() and time.time() < deadline:
+        ready, _, _ = select.select(list(syncers.socks), [], [], 0.2)
+        for sock in ready:
+            syncers.ready(sock)
+    assert done()
+
+
+def test_syncers_fsync_descriptors_and_answer(tmp_path):
+    s = syncer.Syncers(2)
+    try:
+        assert len(s.pids) == 2
+        results = []
+        fds = []
+        for i in range(5):       # more than there are syncers: the rest wait their turn
+            fd = os.open(tmp_path / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, b"x" * 100)
+            fds.append(fd)
+            s.submit(fd, results.append)
+        _run_until(s, lambda: len(results) == 5)
+        assert results == [None] * 5
+        for fd in fds:
+            os.fstat(fd)        # the caller's descriptors stay open
+            os.close(fd)
+    finally:
+        s.close()
+    assert s.pids == []
+
+
+def test_a_dead_syncer_is_dropped_and_fsync_goes_on_in_the_caller(tmp_path):
+    s = syncer.Syncers(1)
+    try:
+        os.kill(s.pids[0], signal.SIGKILL)
+        os.waitpid(s.pids[0], 0)
+        fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+        results = []
+        s.submit(fd, results.append)     # EPIPE: dropped, and fsync'd here
+        assert results == [None]
+        assert s.socks == []
+        later = []
+        s.submit(fd, later.append)      # no syncer left: fsync'd at once, here
+        assert later == [None]
+        os.close(fd)
+    finally:
+        s.pids = []
+        s.close()
+
+
+class CountingSyncers(syncer.Syncers):
+    def __init__(self, n):
+        super().__init__(n)
+        self.submitted = 0
+
+    def submit(self, fd, callback):
+        self.submitted += 1
+        super().submit(fd, callback)
+
+
+def test_requests_made_during_a_directory_fsync_share_the_next_one(tmp_path):
+    s = CountingSyncers(2)
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ds = syncer.DirSync(s, dfd)
+        results = []
+        ds.request(results.append)          # starts a fsync at once
+        for _ in range(10):                 # all wait for, and share, a second one
+            ds.request(results.append)
+        _run_until(s, lambda: len(results) == 11)
+        assert results == [None] * 11
+        assert s.submitted == 2
+    finally:
+        os.close(dfd)
+        s.close()
+
+
+def test_daemon_accepts_mail_after_its_syncers_are_killed(inst):
+    with daemon(inst) as (p, port):
+        listener = wait_for(lambda: listener_pids(inst))[-1]
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+            assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: one\r\n\r\nx\r\n") == {}
+        kids = [int(x) for x in open(f"/proc/{listener}/task/{listener}/children").read().split()]
+        assert kids, "the listener has no syncer processes"
+        for pid in kids:
+            os.kill(pid, signal.SIGKILL)
+        for n in range(3):
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+                assert c.sendmail("a@b.example", ["root@example.test"],
+                                  b"Subject: after %d\r\n\r\nx\r\n" % n) == {}
+        assert wait_for(lambda: "a syncer process is gone" in inst.maillog())
