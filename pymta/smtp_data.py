@@ -53,37 +53,44 @@ class DataReceiver:
         end = buf.find(b"\r\n.\r\n")
         if end >= 0:
             used = end + 5
-            self._segment(buf[:end + 2])
+            with memoryview(buf) as view:
+                self._segment(view[:end + 2])
             self.received += used
             return used, True
         cut = buf.rfind(b"\r\n")
         if cut >= 0:
             used = cut + 2
-            self._segment(buf[:used])
+            mid_line = False
         elif len(buf) > DATA_SPLIT:
             # A long line without CRLF: store all but the last byte, which
             # may be the CR of a CRLF.
             used = len(buf) - 1
-            self._segment(buf[:used], mid_line=True)
+            mid_line = True
         else:
             return 0, False
+        with memoryview(buf) as view:
+            self._segment(view[:used], mid_line)
         self.received += used
         return used, False
 
-    def _segment(self, seg, mid_line=False):
-        seg = bytes(seg)
-        crlf = seg.count(b"\r\n")
-        if seg.count(b"\r") != crlf or seg.count(b"\n") != crlf:
+    def _segment(self, view, mid_line=False):
+        seg = bytes(view)
+        view.release()
+        # One pass to turn CRLF into LF; what is left of CR or is more LF
+        # than there were CRLFs is a bare line end.
+        data = seg.replace(b"\r\n", b"\n")
+        crlf = len(seg) - len(data)
+        if b"\r" in data or data.count(b"\n") != crlf:
             self.bare = True
         if self.line_limit and not self.failed:
             self._check_lines(seg)
         if self.failed:
             self.at_bol = not mid_line
             return
-        data = seg.replace(b"\r\n", b"\n")
         if self.at_bol and data[:1] == b".":
             data = data[1:]
-        data = data.replace(b"\n.", b"\n")
+        if b"\n." in data:
+            data = data.replace(b"\n.", b"\n")
         self.at_bol = not mid_line
         if self.in_header:
             self._scan_header(data)

@@ -378,10 +378,9 @@ class MessageWriter:
         if self._lock_fd is None:
             self._create()
         if self._buf:
-            data = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
-            self._buf, self._buffered = [], 0
+            chunks, self._buf, self._buffered = self._buf, [], 0
             try:
-                _write_all(self._lock_fd, data)
+                _writev_all(self._lock_fd, chunks)
             except OSError as e:
                 raise _disk_error(e, f"write df{self.id}") from None
 
@@ -915,6 +914,18 @@ def _unlink_quiet(path):
         os.unlink(path)
     except OSError:
         pass
+
+
+def _writev_all(fd, chunks):
+    """Write the byte strings of ``chunks`` in order, with as few calls as may be."""
+    i = 0
+    while i < len(chunks):
+        n = os.writev(fd, chunks[i:i + 1024])
+        while i < len(chunks) and n >= len(chunks[i]):
+            n -= len(chunks[i])
+            i += 1
+        if n:
+            chunks[i] = chunks[i][n:]
 
 
 def _write_all(fd, data):

@@ -332,3 +332,28 @@ def test_unprivileged_user_submits_through_the_maildrop(public_instance):
     assert b"X-Authentication-Warning: mx.example.test: nobody set sender to " \
            b"forged@example.com using -f" in data
     assert data.endswith(b"\nhello\n")
+
+
+def test_writev_all_writes_every_chunk_in_order_through_partial_writes():
+    # A pipe takes at most its buffer per call: the writes come back partial.
+    import random
+    import threading
+    from pymta.spool import _writev_all
+    rnd = random.Random(7)
+    chunks = [bytes([i % 251]) * rnd.randint(0, 3000) for i in range(3000)]
+    r, w = os.pipe()
+    got = bytearray()
+
+    def reader():
+        while True:
+            b = os.read(r, 65536)
+            if not b:
+                return
+            got.extend(b)
+    t = threading.Thread(target=reader)
+    t.start()
+    _writev_all(w, list(chunks))
+    os.close(w)
+    t.join(10)
+    os.close(r)
+    assert bytes(got) == b"".join(chunks)
