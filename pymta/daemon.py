@@ -84,17 +84,26 @@ def _drop_privileges(owner):
     os.setuid(uid)
 
 
-def _bind_all(cfg):
-    socks = []
+def listener_count(cfg):
+    n = cfg.smtpd_listeners
+    return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
+def _bind_all(cfg, copies=1):
+    """For each listener process, its list of (socket, submission, spec):
+    with several, each address has a SO_REUSEPORT socket per process."""
+    sets = [[] for _ in range(copies)]
     for specs, port, submission in ((cfg.smtpd_listen, 25, False), (cfg.submission_listen, 587, True)):
         for spec in specs:
             try:
-                socks.append((server.bind(spec, port), submission, spec))
+                socks = server.bind(spec, port, copies)
             except ValueError as e:
                 raise ConfigError(str(e), cfg.path, param="smtpd_listen") from None
             except OSError as e:
                 raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from None
-    return socks
+            for i, sock in enumerate(socks if copies > 1 else [socks]):
+                sets[i].append((sock, submission, spec))
+    return sets
 
 
 def _reload_config(cfg, opts):
@@ -110,8 +119,9 @@ def _reload_config(cfg, opts):
 class Listener:
     """The listener process: SMTP on the inherited sockets, as mail_owner."""
 
-    def __init__(self, cfg, opts, socks, notify_fd):
+    def __init__(self, cfg, opts, socks, notify_fd, share=1):
         self.cfg, self.opts, self.socks, self.notify_fd = cfg, opts, socks, notify_fd
+        self.share = share
         self.reload = False
         self.services = None
 
@@ -129,6 +139,8 @@ class Listener:
         signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
         services = self.services or server.Services(self.cfg, log, notify=self.notify)
         servers = [server.make_server(sock, services, sub) for sock, sub, _ in self.socks]
+        for s in servers:
+            s.share = self.share
         for _, submission, spec in self.socks:
             log.info(f"daemon listening on {spec}" + (" (submission)" if submission else ""))
 
@@ -165,11 +177,11 @@ class Listener:
 class Master:
     """The privileged parent: listener supervision, handoffs, queue runs."""
 
-    def __init__(self, cfg, opts, socks):
-        self.cfg, self.opts, self.socks = cfg, opts, socks
+    def __init__(self, cfg, opts, sock_sets):
+        self.cfg, self.opts, self.sock_sets = cfg, opts, sock_sets
         self.stop = False
         self.reload = False
-        self.child = None
+        self.children = {}          # listener pid -> its slot
         self.owner = _owner(cfg)
         self.runner_mod = None
         self.handoff_runner = None
@@ -177,18 +189,25 @@ class Master:
         self.pool = None
         self.run_thread = None
 
-    def _spawn(self):
+    def _spawn(self, slot):
         rfd = self.rfd
         pid = os.fork()
         if pid:
-            self.child = pid
-            return
+            self.children[pid] = slot
+            return pid
         code = 1
         try:
             os.close(rfd)
             for fd in self.notify_fds:
                 os.close(fd)
-            listener = Listener(self.cfg, self.opts, self.socks, self.wfd)
+            # Only this listener's sockets stay open in it.
+            for i, socks in enumerate(self.sock_sets):
+                if i != slot:
+                    for sock, _, _ in socks:
+                        if all(sock is not mine for mine, _, _ in self.sock_sets[slot]):
+                            sock.close()
+            listener = Listener(self.cfg, self.opts, self.sock_sets[slot], self.wfd,
+                                share=self.nlisteners)
             # Built before the switch: the router, the TLS context and the
             # modules they import may live where mail_owner cannot read.
             listener.services = server.Services(self.cfg, log, notify=listener.notify)
@@ -247,8 +266,10 @@ class Master:
         self.runner_mod = self._load_runner()
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.delivery_process_limit),
                                                           "pymta-handoff")
-        self._spawn()
-        log.info(f"daemon started (pid {os.getpid()}), listener pid {self.child}"
+        self.nlisteners = len(self.sock_sets)
+        pids = [self._spawn(slot) for slot in range(self.nlisteners)]
+        log.info(f"daemon started (pid {os.getpid()}), "
+                 + ", ".join(f"listener pid {pid}" for pid in pids)
                  + (f" as {self.owner[0]}" if self.owner else ""))
         interval = self.opts.queue_interval or cfg.queue_run_delay
         next_run = time.monotonic() + 1
@@ -334,45 +355,50 @@ class Master:
             log.exception(f"queue run failed: {e}")
 
     def _reap(self):
-        if self.child is None:
-            return
-        try:
-            pid, status = os.waitpid(self.child, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = self.child, 0
-        if pid == 0:
-            return
-        self.child = None
-        if self.stop:
-            return
-        log.error(f"listener pid {pid} died ({_status_text(status)}); restarting it")
-        time.sleep(1)
-        self._spawn()
+        for child in list(self.children):
+            try:
+                pid, status = os.waitpid(child, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = child, 0
+            if pid == 0:
+                continue
+            slot = self.children.pop(child)
+            if self.stop:
+                continue
+            log.error(f"listener pid {pid} died ({_status_text(status)}); restarting it")
+            time.sleep(1)
+            new = self._spawn(slot)
+            log.info(f"listener pid {new} started")
 
     def _reload(self):
         cfg = _reload_config(self.cfg, self.opts)
         if cfg is None:
             return
         self.cfg = cfg
-        if self.child:
-            os.kill(self.child, signal.SIGHUP)
+        for child in self.children:
+            try:
+                os.kill(child, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
         log.info("configuration reloaded")
 
     def _shutdown(self):
         log.info("stopping: no new connections; waiting for sessions and deliveries")
-        if self.child:
+        for child in self.children:
             try:
-                os.kill(self.child, signal.SIGTERM)
+                os.kill(child, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        for child in list(self.children):
             while True:
                 try:
-                    pid, status = os.waitpid(self.child, 0)
+                    os.waitpid(child, 0)
                     break
                 except InterruptedError:
                     continue
                 except ChildProcessError:
                     break
+        self.children.clear()
         # Last handoffs from the listener and sendmail; later ones wait for a queue run.
         self._read_ids(self.rfd, b"")
         for fd in self.notify_fds[:1]:
@@ -407,8 +433,8 @@ def _pidfile(cfg):
     return pf
 
 
-def _preserved_fds(socks):
-    fds = [s.fileno() for s, _, _ in socks]
+def _preserved_fds(sock_sets):
+    fds = [s.fileno() for socks in sock_sets for s, _, _ in socks]
     for h in log.handlers:
         for attr in ("stream", "socket"):
             obj = getattr(h, attr, None)
@@ -424,7 +450,7 @@ def main(cfg, opts):
     if not os.path.isabs(cfg.path) and os.path.exists(cfg.path):
         cfg = C.load(os.path.abspath(cfg.path), opts.overrides)   # for reloads after chdir
     try:
-        socks = _bind_all(cfg)
+        socks = _bind_all(cfg, listener_count(cfg))
     except OSError as e:
         print(f"sendmail: fatal: {e.strerror or e}", file=sys.stderr)
         log.error(f"fatal: {e.strerror or e}")

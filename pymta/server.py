@@ -295,12 +295,15 @@ class _Admission:
         self._per_client = {}
         self._pid_client = {}
 
+    share = 1      # listener processes that divide the limits between them
+
     def _admit(self, ip):
         cfg = self.services.cfg
+        n = self.share
         with self._count_lock:
-            if self._total >= cfg.smtpd_session_limit:
+            if self._total >= -(-cfg.smtpd_session_limit // n):
                 return Reply(421, "4.7.0", f"{cfg.myhostname} Error: too many sessions, try again later")
-            if self._per_client.get(ip, 0) >= cfg.smtpd_client_connection_count_limit:
+            if self._per_client.get(ip, 0) >= -(-cfg.smtpd_client_connection_count_limit // n):
                 return Reply(421, "4.7.0", f"{cfg.myhostname} Error: too many connections from {ip}")
             self._total += 1
             self._per_client[ip] = self._per_client.get(ip, 0) + 1
@@ -375,21 +378,48 @@ class ForkingSMTPServer(_Forking, socketserver.ForkingMixIn, socketserver.TCPSer
     forking = True
 
 
-def bind(spec, default_port=25):
-    """A listening socket for 'addr:port' or '[v6]:port' (IPv6 only on v6)."""
+def bind(spec, default_port=25, copies=1):
+    """A listening socket for 'addr:port' or '[v6]:port' (IPv6 only on v6);
+    with ``copies`` > 1, a list of that many SO_REUSEPORT sockets on the
+    address (the kernel spreads connections among them), after a plain bind
+    has shown that nobody else listens there."""
     from .config import parse_hostport
     host, port = parse_hostport(spec, default_port)
     infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
                                0, socket.AI_PASSIVE)
     family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind(addr)
-    sock.listen(256)
-    sock.set_inheritable(True)
-    return sock
+
+    def one(reuseport, listen=True):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            if listen:
+                sock.listen(256)
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        return sock
+    if copies <= 1 or not hasattr(socket, "SO_REUSEPORT"):
+        sock = one(False)
+        return sock if copies <= 1 else [sock] * copies
+    one(False, listen=False).close()     # EADDRINUSE if anyone listens there
+    if addr[1] == 0:
+        raise ValueError(f"{spec}: several listeners need a fixed port")
+    socks = []
+    try:
+        for _ in range(copies):
+            socks.append(one(True))
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def make_server(sock, services, submission=False):

@@ -144,11 +144,36 @@ def test_listener_that_dies_is_restarted(inst):
     with daemon(inst) as (p, port):
         first = wait_for(lambda: listener_pids(inst))[0]
         os.kill(first, signal.SIGKILL)
-        assert wait_for(lambda: len(listener_pids(inst)) >= 2, 10)
+        assert wait_for(lambda: re.search(r"listener pid \d+ started", inst.maillog()), 10)
         assert wait_for(lambda: can_connect(port), 10)
         with smtplib.SMTP("127.0.0.1", port) as c:
             assert c.noop()[0] == 250
     assert "restarting it" in inst.maillog()
+
+
+def test_several_listener_processes_share_the_work_and_the_limits(inst):
+    with daemon(inst, smtpd_listeners=2, smtpd_session_limit=40,
+                smtpd_client_connection_count_limit=40) as (p, port):
+        pids = wait_for(lambda: listener_pids(inst))
+        assert len(pids) == 2
+        conns = []
+        try:
+            for _ in range(200):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                conns.append((s, s.recv(200)))
+            served = [c for c, banner in conns if banner.startswith(b"220")]
+            refused = [c for c, banner in conns if banner.startswith(b"421")]
+            # Each listener admits 20: 40 in all, whatever the kernel's spread.
+            assert len(served) + len(refused) == 200
+            assert 20 <= len(served) <= 40
+        finally:
+            for c, _ in conns:
+                c.close()
+        for n in range(10):
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+                assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: %d\r\n\r\nx\r\n" % n) == {}
+    log = inst.maillog()
+    assert len(set(re.findall(r"pymta\[(\d+)\]: connect from", log))) == 2, "one listener did all the work"
 
 
 def test_ipv4_and_ipv6_listeners(inst):
