@@ -152,9 +152,17 @@ def _write_mbox(fd, env, rcpt, df, limit):
         out.close()
 
 
+_NO_DOT_LOCK = {}     # directory -> until when its dot-locks are not tried again
+NO_DOT_LOCK_RETRY = 60
+
+
 def _dot_lock(path, notes):
     """The USER.lock dot-lock of mbox ``path`` (lockfile.LinkLockFile), or None
-    when its directory is not writable (fcntl alone protects then)."""
+    when its directory is not writable (fcntl alone protects then). Such a
+    directory is tried again, and logged, once a minute per process."""
+    folder = os.path.dirname(path)
+    if _NO_DOT_LOCK.get(folder, 0) > time.monotonic():
+        return None
     lock = LinkLockFile(path, threaded=True)
     lock_path = path + ".lock"
     deadline = time.time() + LOCK_TIMEOUT
@@ -163,7 +171,9 @@ def _dot_lock(path, notes):
             lock.acquire(timeout=0)
             return lock
         except lockfile.LockFailed:
-            notes.append(f"cannot create a dot-lock beside {path}; using fcntl only")
+            _NO_DOT_LOCK[folder] = time.monotonic() + NO_DOT_LOCK_RETRY
+            notes.append(f"cannot create a dot-lock beside {path}; using fcntl only "
+                         f"(for a minute, in {folder})")
             return None
         except lockfile.AlreadyLocked:
             pass

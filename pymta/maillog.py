@@ -110,6 +110,11 @@ def setup_logging(cfg, foreground=False, tag=None, verbose=False, light=False):
     _light = None
     import logging
     logging.raiseExceptions = False
+    # No line of the mail log names a source file, a thread or a
+    # multiprocessing process: skip finding them for every record.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     logger = logging.getLogger("pymta")
     for h in list(logger.handlers):
         logger.removeHandler(h)

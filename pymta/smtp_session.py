@@ -18,6 +18,7 @@ real end arrives, so a smuggled second transaction never becomes a message.
 import base64
 import binascii
 import email.utils
+import functools
 import ipaddress
 import re
 import time
@@ -64,14 +65,18 @@ def in_networks(ip, networks):
         return False
     if getattr(addr, "ipv4_mapped", None):
         addr = addr.ipv4_mapped
+    return any(addr in net for net in _networks(tuple(networks)))
+
+
+@functools.lru_cache(maxsize=16)
+def _networks(networks):
+    parsed = []
     for net in networks:
-        net = net.replace("[", "").replace("]", "")
         try:
-            if addr in ipaddress.ip_network(net, strict=False):
-                return True
+            parsed.append(ipaddress.ip_network(net.replace("[", "").replace("]", ""), strict=False))
         except (ValueError, TypeError):
             continue
-    return False
+    return tuple(parsed)
 
 
 class _Transaction:

@@ -348,3 +348,20 @@ def test_unprivileged_pymta_delivers_as_itself_and_says_so(open_inst):
     box = os.path.join(inst.root, "mail", "nobody")
     assert len(mailbox.mbox(box)) == 2 and os.stat(box).st_uid == nobody.pw_uid
     assert inst.maillog().count("not running as root") == 1
+
+
+@needs_root
+def test_dot_lock_refused_by_the_directory_is_logged_once_a_minute(inst, open_dir, caplog):
+    # Files are delivered as default_privs: it may write the file, not its
+    # directory, so no dot-lock; the fcntl lock does, and it is said once.
+    cfg, env, _ = queue(inst)
+    log = open_dir / "log"
+    log.touch()
+    nobody = pwd.getpwnam(cfg.default_privs)
+    os.chown(log, nobody.pw_uid, nobody.pw_gid)
+    rcpt = E.Recipient(str(log), flags="a", parent="archive@mx.example.test")
+    target = route.Router(cfg).route(rcpt).target
+    for _ in range(3):
+        assert local.deliver(cfg, env, rcpt, target).code == 250
+    assert len(list(mailbox.mbox(str(log)))) == 3
+    assert caplog.text.count("cannot create a dot-lock") == 1
