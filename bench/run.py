@@ -307,10 +307,12 @@ def _inject_median(cmd, n, size):
     return median(lat)
 
 
-# The interpreter `make install` writes into the launchers; the venv's python
-# elsewhere. pymta's injection runs with its default delivery mode (background)
-# and its daemon up, as the reference case `sendmail -i rcpt` runs Postfix's.
-INSTALLED_PY = ["/usr/bin/python3", "-s"] if os.path.exists("/usr/bin/python3") else [PY]
+# The interpreter and flag `make install` writes into the launchers (-S: no
+# site module; the launcher adds the directories itself, as bin/sendmail
+# adds the tree's .venv); the venv's python elsewhere. pymta's injection runs
+# with its default delivery mode (background) and its daemon up, as the
+# reference case `sendmail -i rcpt` runs Postfix's.
+INSTALLED_PY = ["/usr/bin/python3", "-S"] if os.path.exists("/usr/bin/python3") else [PY]
 
 
 def case_inject(work, n, size, reps, with_postfix):

@@ -57,7 +57,10 @@ def test_launchers_links_and_modes(tmp_path):
     sendmail = tmp_path / "usr/sbin/sendmail"
     assert stat.S_IMODE(sendmail.stat().st_mode) == 0o755
     text = sendmail.read_text()
-    assert text.startswith(f"#!{sys.executable} -s\n")
+    assert text.startswith(f"#!{sys.executable} -S\n")
+    # What the site module would have added, found at install time:
+    site_line = next(line for line in text.splitlines() if line.startswith("sys.path.extend("))
+    assert any("site-packages" in d or "dist-packages" in d for d in eval(site_line[16:-1]))
     assert "sys.path.insert(0, '/usr/lib/pymta')" in text
     for link in ("usr/bin/mailq", "usr/bin/newaliases", "usr/lib/sendmail"):
         p = tmp_path / link
@@ -88,14 +91,16 @@ def test_installed_programs_run(tmp_path):
     assert probe.stdout.decode().startswith(lib), probe.stderr
     conf = tmp_path / "etc/pymta/pymta.conf"
     qdir = tmp_path / "var/spool/pymta"
+    # The launchers look in /usr/lib/pymta; here it is under DESTDIR.
+    env = dict(os.environ, PYTHONPATH=lib)
     r = subprocess.run([str(tmp_path / "usr/bin/mailq"), "-C", str(conf),
                         "-O", f"queue_directory={qdir}", "-O", "maillog_file="],
-                       capture_output=True, timeout=30)
+                       capture_output=True, timeout=30, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{qdir} is empty\n\t\tTotal requests: 0\n".encode()
     r = subprocess.run([str(tmp_path / "usr/sbin/pymta"), "-C", str(conf),
                         "-O", f"queue_directory={qdir}", "show", "kASHWR000001001"],
-                       capture_output=True, timeout=30)
+                       capture_output=True, timeout=30, env=env)
     assert r.returncode == 67
 
 
