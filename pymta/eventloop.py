@@ -347,15 +347,28 @@ class Loop:
 
         def go_on(e, c=c, writer=writer, steps=steps):
             self._step(c, writer, steps, e)
-        if step is SYNC_DIR:
-            spool = writer.spool
+        if not isinstance(step, tuple):
+            return self._sync(writer.spool, step, go_on)
+        # Several fsyncs at once: go on when the last one is done.
+        left = [len(step), None]
+
+        def one_done(e):
+            left[0] -= 1
+            left[1] = left[1] or e
+            if left[0] == 0:
+                go_on(left[1])
+        for one in sorted(step, key=lambda one: one is not SYNC_DIR):   # the directory's first
+            self._sync(writer.spool, one, one_done)
+
+    def _sync(self, spool, what, callback):
+        if what is SYNC_DIR:
             ds = self.dirsyncs.get(spool.dir)
             if ds is None or ds.spool is not spool:
                 ds = self.dirsyncs[spool.dir] = DirSync(self.syncers, spool.dir_fd())
                 ds.spool = spool
-            ds.request(go_on)
+            ds.request(callback)
         else:
-            self.syncers.submit(step, go_on)
+            self.syncers.submit(what, callback)
 
     def _committed(self, c, result):
         if isinstance(result, Exception):   # a bug: treat as a local error

@@ -57,7 +57,9 @@ Commit (the only way a message enters the queue)::
     4 rename tf<ID> -> qf<ID>, fsync qf  df + qf, or a torn qf queued (a torn qf is quarantined)
     5 fsync queue/                       df + qf, durable      reply 250 / exit 0
 
-The control file is renamed before its fsync, not after: nobody ever reads
+The fsyncs of steps 4 and 5 are independent and may run at once (the SMTP
+server's event loop does so). The control file is renamed before its
+fsync, not after: nobody ever reads
 a partial one (it is written whole under the tf name), the df is durable
 before the qf name exists, and one fsync makes both the qf's content and,
 with step 5, its name durable. A crash before step 5 leaves a message that
@@ -401,10 +403,11 @@ class MessageWriter:
             while True:
                 step = steps.send(None) if step is None else step
                 try:
-                    if step is SYNC_DIR:
-                        self.spool._sync_dir()
-                    else:
-                        os.fsync(step)
+                    for one in step if isinstance(step, tuple) else (step,):
+                        if one is SYNC_DIR:
+                            self.spool._sync_dir()
+                        else:
+                            os.fsync(one)
                 except OSError as e:
                     step = steps.throw(e)
                     continue
@@ -414,8 +417,9 @@ class MessageWriter:
 
     def commit_steps(self, env):
         """The commit as a generator that yields each file descriptor to
-        fsync (SYNC_DIR: the queue directory) and goes on once the caller
-        has fsync'd it (or throws the OSError in); it returns the id.
+        fsync (SYNC_DIR: the queue directory), or a tuple of them that may be
+        fsync'd at once, and goes on once the caller has fsync'd them (or
+        throws the first OSError in); it returns the id.
         commit() fsyncs in its own thread; the SMTP server's event loop
         hands the descriptors to its syncer processes."""
         self._spill()
@@ -445,11 +449,9 @@ class MessageWriter:
                 os.rename(tf, final)
                 self._final = final
                 if fsync:
-                    yield fd
+                    yield (fd, SYNC_DIR)     # independent: may run at once
             finally:
                 os.close(fd)
-            if fsync:
-                yield SYNC_DIR
         except OSError as e:
             raise _disk_error(e, f"write {final}") from None
         self.committed = True
