@@ -15,11 +15,11 @@ sessions, lets a DATA in progress finish its commit and exits; the master
 waits for it and for deliveries in progress, removes the pidfile, exits 0.
 """
 
-import concurrent.futures
 import errno
 import logging
 import os
 import pwd
+import queue
 import select
 import signal
 import sys
@@ -264,8 +264,7 @@ class Master:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
         self.runner_mod = self._load_runner()
-        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.delivery_process_limit),
-                                                          "pymta-handoff")
+        self.pool = _Handoffs(max(1, cfg.delivery_process_limit))
         self.nlisteners = len(self.sock_sets)
         pids = [self._spawn(slot) for slot in range(self.nlisteners)]
         log.info(f"daemon started (pid {os.getpid()}), "
@@ -405,11 +404,53 @@ class Master:
             self._read_ids(fd, b"")
         for fd in self.notify_fds:
             os.close(fd)
-        self.pool.shutdown(wait=True, cancel_futures=False)
+        self.pool.shutdown()
         if self.run_thread is not None:
             self.run_thread.join()
         log.info("daemon stopped")
         return 0
+
+
+class _Handoffs:
+    """Up to ``n`` threads, started as work comes, that run ``fn(arg)`` jobs
+    in order (concurrent.futures' futures cost more than the job needs)."""
+
+    def __init__(self, n):
+        self.n = n
+        self.jobs = queue.SimpleQueue()
+        self.threads = []
+        self.idle = 0
+        self.lock = threading.Lock()
+
+    def submit(self, fn, arg):
+        with self.lock:
+            if self.idle == 0 and len(self.threads) < self.n:
+                t = threading.Thread(target=self._work, name=f"pymta-handoff-{len(self.threads)}")
+                self.threads.append(t)
+                self.idle += 1
+                t.start()
+        self.jobs.put((fn, arg))
+
+    def _work(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            with self.lock:
+                self.idle -= 1
+            try:
+                job[0](job[1])
+            except Exception:   # noqa: BLE001 - one bad job must not end the thread
+                log.exception(f"handoff {job[1]} failed")
+            with self.lock:
+                self.idle += 1
+
+    def shutdown(self):
+        """Run what is queued, then end the threads."""
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
 
 
 def _status_text(status):
