@@ -19,7 +19,6 @@ import errno
 import logging
 import os
 import pwd
-import queue
 import select
 import signal
 import sys
@@ -264,7 +263,8 @@ class Master:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
         self.runner_mod = self._load_runner()
-        self.pool = _Handoffs(max(1, cfg.delivery_process_limit))
+        from .eventloop import Pool
+        self.pool = Pool(max(1, cfg.delivery_process_limit), None, "pymta-handoff")
         self.nlisteners = len(self.sock_sets)
         pids = [self._spawn(slot) for slot in range(self.nlisteners)]
         log.info(f"daemon started (pid {os.getpid()}), "
@@ -311,7 +311,7 @@ class Master:
         for line in lines:
             qid = line.decode("ascii", "replace").strip()
             if valid_id(qid) and self.runner_mod:
-                self.pool.submit(self._deliver, qid)
+                self.pool.submit(lambda qid=qid: self._deliver(qid))
         return rest
 
     def _runner(self):
@@ -323,10 +323,10 @@ class Master:
         return runner
 
     def _deliver(self, qid):
-        lock = self.spool.lock(qid)
-        if lock is None:
-            return
         try:
+            lock = self.spool.lock(qid)
+            if lock is None:
+                return
             with lock:
                 self._runner().deliver_locked(lock, keep_connections=True)
         except Exception as e:
@@ -343,7 +343,7 @@ class Master:
             return
         if self.runner_mod:
             for qid in ids:
-                self.pool.submit(self._deliver, qid)
+                self.pool.submit(lambda qid=qid: self._deliver(qid))
 
     def _queue_run(self):
         try:
@@ -404,53 +404,11 @@ class Master:
             self._read_ids(fd, b"")
         for fd in self.notify_fds:
             os.close(fd)
-        self.pool.shutdown()
+        self.pool.close()
         if self.run_thread is not None:
             self.run_thread.join()
         log.info("daemon stopped")
         return 0
-
-
-class _Handoffs:
-    """Up to ``n`` threads, started as work comes, that run ``fn(arg)`` jobs
-    in order (concurrent.futures' futures cost more than the job needs)."""
-
-    def __init__(self, n):
-        self.n = n
-        self.jobs = queue.SimpleQueue()
-        self.threads = []
-        self.idle = 0
-        self.lock = threading.Lock()
-
-    def submit(self, fn, arg):
-        with self.lock:
-            if self.idle == 0 and len(self.threads) < self.n:
-                t = threading.Thread(target=self._work, name=f"pymta-handoff-{len(self.threads)}")
-                self.threads.append(t)
-                self.idle += 1
-                t.start()
-        self.jobs.put((fn, arg))
-
-    def _work(self):
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            with self.lock:
-                self.idle -= 1
-            try:
-                job[0](job[1])
-            except Exception:   # noqa: BLE001 - one bad job must not end the thread
-                log.exception(f"handoff {job[1]} failed")
-            with self.lock:
-                self.idle += 1
-
-    def shutdown(self):
-        """Run what is queued, then end the threads."""
-        for _ in self.threads:
-            self.jobs.put(None)
-        for t in self.threads:
-            t.join()
 
 
 def _status_text(status):

@@ -44,8 +44,10 @@ SYNCERS = 8
 
 
 class Pool:
-    """Up to ``size`` threads, started as work arrives; ``post(callback,
-    result)`` returns each job's result to the loop."""
+    """Up to ``size`` threads, started as work arrives, that run jobs in
+    order; ``post(callback, result)`` returns each job's result (or
+    exception) to the loop. Without ``post`` or a callback the result is
+    dropped: the job handles its own errors (the daemon's handoffs)."""
 
     def __init__(self, size, post, name):
         self.size, self.post, self.name = size, post, name
@@ -54,7 +56,7 @@ class Pool:
         self.idle = 0
         self.lock = threading.Lock()
 
-    def submit(self, fn, callback):
+    def submit(self, fn, callback=None):
         with self.lock:
             if self.idle == 0 and len(self.threads) < self.size:
                 t = threading.Thread(target=self._work, name=f"{self.name}-{len(self.threads)}",
@@ -78,9 +80,11 @@ class Pool:
                 result = e
             with self.lock:
                 self.idle += 1
-            self.post(callback, result)
+            if self.post is not None and callback is not None:
+                self.post(callback, result)
 
     def close(self):
+        """Run what is queued, then end the threads."""
         for _ in self.threads:
             self.jobs.put(None)
         for t in self.threads:
