@@ -1,5 +1,5 @@
 """The ``threads`` process model: one thread runs every SMTP session through
-a selector, and what would block it runs in threads beside it.
+a selector, and what would block it runs beside it.
 
 A thread per connection costs a thread start per message and, under load,
 a storm of GIL hand-offs (every send, recv and fsync releases the lock to
@@ -8,16 +8,21 @@ reads what a client sent, feeds it to the connection's
 :class:`~pymta.smtp_session.Session` (a pure state machine) and writes the
 replies without blocking. Three things leave the loop:
 
-- the commit at the end of DATA (the fsyncs): the session is created with
-  ``defer_commit``, and the loop hands ``run_commit`` to a pool of commit
-  threads; several commits then wait on the disk together, and the
-  session reads nothing more until its 250 (or 4xx) is out;
+- the fsyncs of the commit at the end of DATA: the session is created with
+  ``defer_commit``; the loop runs the writer's ``commit_steps`` generator
+  and hands each descriptor it yields to one of the syncer processes
+  (:mod:`pymta.syncer`: processes, as threads would take the GIL back at
+  each of their system calls); many commits then wait on the disk
+  together, one fsync of the queue directory serves all that are ready
+  for it, and a session reads nothing more until its 250 (or 4xx) is out.
+  A writer without ``commit_steps`` commits in a pool thread;
 - the reverse lookup of the client (``smtpd_peername_lookup``), in a pool
   of lookup threads, before the greeting;
 - a session that starts TLS: after the 220 to STARTTLS it moves to a
   thread of its own, which runs the blocking :func:`pymta.server.pump`.
 
-Results come back to the loop through a queue and a wake-up pipe. The
+Thread results come back to the loop through a queue and a wake-up pipe,
+syncer answers on their sockets. The
 timeouts (``smtpd_timeout``, ``smtpd_min_data_rate``, ``smtpd_greet_pause``)
 and the shutdown (idle sessions get 421, a DATA in progress finishes) are
 checked by a scan of the sessions four times a second.

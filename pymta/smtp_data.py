@@ -53,8 +53,7 @@ class DataReceiver:
         end = buf.find(b"\r\n.\r\n")
         if end >= 0:
             used = end + 5
-            with memoryview(buf) as view:
-                self._segment(view[:end + 2])
+            self._segment(_prefix(buf, end + 2))
             self.received += used
             return used, True
         cut = buf.rfind(b"\r\n")
@@ -68,14 +67,11 @@ class DataReceiver:
             mid_line = True
         else:
             return 0, False
-        with memoryview(buf) as view:
-            self._segment(view[:used], mid_line)
+        self._segment(_prefix(buf, used), mid_line)
         self.received += used
         return used, False
 
-    def _segment(self, view, mid_line=False):
-        seg = bytes(view)
-        view.release()
+    def _segment(self, seg, mid_line=False):
         # One pass to turn CRLF into LF; what is left of CR or is more LF
         # than there were CRLFs is a bare line end.
         data = seg.replace(b"\r\n", b"\n")
@@ -133,3 +129,11 @@ class DataReceiver:
 
     def hops(self):
         return len(_RECEIVED_RE.findall(bytes(self.header)))
+
+
+def _prefix(buf, n):
+    """The first ``n`` bytes of ``buf`` as bytes, copied once at most."""
+    if n == len(buf) and type(buf) is bytes:
+        return buf
+    with memoryview(buf) as view, view[:n] as part:
+        return bytes(part)

@@ -161,7 +161,15 @@ class Session:
     def feed(self, data):
         """Consume client bytes; return the reply bytes to send (maybe b"")."""
         self._out = []
-        self._buf += data
+        if self._data is not None and not self._buf and self.pending is None and not self.closed:
+            # Message data with nothing held back: straight to the receiver,
+            # and only what it leaves (a part line) is kept.
+            used, done = self._data.feed(data)
+            self._buf += data[used:] if used else data
+            if done:
+                self._finish_data()
+        else:
+            self._buf += data
         return self._run()
 
     def _run(self):
