@@ -84,8 +84,10 @@ def _drop_privileges(owner):
 
 
 def listener_count(cfg):
+    """smtpd_listeners, or by default one per CPU but one (kept for the
+    master's deliveries), at least one, at most four."""
     n = cfg.smtpd_listeners
-    return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
+    return n if n > 0 else max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 def _bind_all(cfg, copies=1):
