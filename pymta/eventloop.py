@@ -155,6 +155,7 @@ class Loop:
         self.syncers = Syncers(SYNCERS if use_syncers else 0, log)
         self.syncers.on_lost = self.sel.unregister
         self.dirsyncs = {}
+        self.paused = {}          # listening sockets not watched until then
         for sock in self.syncers.socks:
             self.sel.register(sock, _READ, self.syncers)
         for s in self.servers:
@@ -229,7 +230,8 @@ class Loop:
     def _close_listeners(self):
         for s in self.servers:
             try:
-                self.sel.unregister(s.socket)
+                if s not in self.paused:
+                    self.sel.unregister(s.socket)
             except (KeyError, ValueError):
                 pass
             if s.forking:
@@ -244,7 +246,13 @@ class Loop:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                srv.services.log.warning(f"warning: accept: {e.strerror or e}")
+                # Out of descriptors or memory: the connection stays queued and
+                # the socket readable; stop watching it for a second instead
+                # of spinning (and logging) until something is freed.
+                srv.services.log.warning(f"warning: accept: {e.strerror or e}; "
+                                         "not accepting for a second")
+                self.sel.unregister(srv.socket)
+                self.paused[srv] = time.monotonic() + 1.0
                 return
             ip = S.client_ip(addr)
             refusal = srv._admit(ip)
@@ -474,6 +482,11 @@ class Loop:
 
     # -- timeouts and shutdown
     def _scan(self, now, stopping):
+        for srv, until in list(self.paused.items()):
+            if now >= until or stopping:
+                del self.paused[srv]
+                if not stopping:
+                    self.sel.register(srv.socket, _READ, srv)
         for c in list(self.conns):
             if c.state == "pause":
                 if now >= c.pause_until:

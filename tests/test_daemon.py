@@ -278,3 +278,43 @@ def test_sendmail_hands_a_new_message_to_the_running_daemon(inst):
     r = inst.sendmail("-i", "root", input=b"Subject: no daemon\n\nhello\n")
     assert r.returncode == 0, r.stderr
     assert wait_for(lambda: b"Subject: no daemon" in mailbox(inst), 20)
+
+
+def test_out_of_descriptors_the_listener_pauses_then_serves_again(inst):
+    import resource
+    port = free_port()
+    inst.write_config(mail_owner="root", smtpd_listen=f"127.0.0.1:{port}", smtpd_listeners=1)
+
+    def few_fds():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+    p = subprocess.Popen([sys.executable, os.path.join(BIN, "sendmail"), "-C", inst.conf_path, "-bD"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, preexec_fn=few_fds)
+    conns = []
+    try:
+        assert wait_for(lambda: can_connect(port)), "daemon did not start"
+        for _ in range(80):      # more than the listener can hold open
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        assert wait_for(lambda: "Too many open files" in inst.maillog(), 10)
+        time.sleep(2.5)          # paused, not spinning: a line a second at most
+        assert inst.maillog().count("Too many open files") <= 5
+        for c in conns:
+            c.close()
+        conns = []
+        def served():
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=5) as c:
+                    return c.noop()[0] == 250
+            except (OSError, smtplib.SMTPException):
+                return False
+        assert wait_for(served, 20)
+    finally:
+        for c in conns:
+            c.close()
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(20)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
