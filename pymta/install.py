@@ -170,19 +170,17 @@ class Installer:
         self.say(f"compile {pkg}" + ("" if ok else "  (failed: modules will be compiled at each start)"))
 
     def _site_dirs(self):
-        """The directories the site module adds to the launchers' interpreter
-        (site-packages, dist-packages; not the user's)."""
-        code = "import sys; print(repr(sys.path))"
+        """The site-packages directories of the launchers' interpreter (not
+        the user's), whether or not they exist yet: a dependency installed
+        there later is found."""
+        code = "import site; print(repr(site.getsitepackages()))"
         try:
-            with_site = subprocess.run([self.a.python, "-s", "-c", code], capture_output=True,
-                                       text=True, check=True).stdout
-            without = subprocess.run([self.a.python, "-S", "-c", code], capture_output=True,
-                                     text=True, check=True).stdout
+            out = subprocess.run([self.a.python, "-s", "-c", code], capture_output=True,
+                                 text=True, check=True).stdout
         except (OSError, subprocess.CalledProcessError):
             return []
         import ast
-        bare = set(ast.literal_eval(without))
-        return [d for d in ast.literal_eval(with_site) if d and d not in bare]
+        return [d for d in ast.literal_eval(out) if d]
 
     # -- the two actions
     def install(self):
