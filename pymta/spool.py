@@ -57,8 +57,8 @@ Commit (the only way a message enters the queue)::
     4 rename tf<ID> -> qf<ID>, fsync qf  df + qf, or a torn qf queued (a torn qf is quarantined)
     5 fsync queue/                       df + qf, durable      reply 250 / exit 0
 
-The fsyncs of steps 4 and 5 are independent and may run at once (the SMTP
-server's event loop does so). The control file is renamed before its
+Step 3 is done while the fsync of step 2 runs; the fsyncs of steps 4 and 5
+are independent and may run at once (the SMTP server's event loop does so). The control file is renamed before its
 fsync, not after: nobody ever reads
 a partial one (it is written whole under the tf name), the df is durable
 before the qf name exists, and one fsync makes both the qf's content and,
@@ -430,19 +430,27 @@ class MessageWriter:
         if not env.priority:
             env.priority = self.size
         fsync = self.spool.fsync
-        if fsync:
-            try:
-                yield self._lock_fd
-            except OSError as e:
-                raise _disk_error(e, f"write df{self.id}") from None
         tf = self.spool.path("tf", self.id)
         final = self.spool.path("hf" if env.held else "qf", self.id)
         data = format_control(env).encode("utf-8", "surrogateescape")
+        # The tf is written while the df's fsync runs; it gets its name only
+        # once the df is durable.
         try:
             fd = os.open(tf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            self._tf = tf
+        except OSError as e:
+            raise _disk_error(e, f"write {tf}") from None
+        self._tf = tf
+        try:
             try:
                 os.write(fd, data) if len(data) < 65536 else _write_all(fd, data)
+            except OSError as e:
+                raise _disk_error(e, f"write {tf}") from None
+            if fsync:
+                try:
+                    yield self._lock_fd
+                except OSError as e:
+                    raise _disk_error(e, f"write df{self.id}") from None
+            try:
                 # The control file is complete before it gets its name and
                 # is fsync'd under it: nobody reads a partial one, and the
                 # name is made durable with it (and with the directory).
@@ -450,10 +458,10 @@ class MessageWriter:
                 self._final = final
                 if fsync:
                     yield (fd, SYNC_DIR)     # independent: may run at once
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise _disk_error(e, f"write {final}") from None
+            except OSError as e:
+                raise _disk_error(e, f"write {final}") from None
+        finally:
+            os.close(fd)
         self.committed = True
         return self.id
 
