@@ -97,12 +97,12 @@ def _bind_all(cfg, copies=1):
     for specs, port, submission in ((cfg.smtpd_listen, 25, False), (cfg.submission_listen, 587, True)):
         for spec in specs:
             try:
-                socks = server.bind(spec, port, copies)
+                socks = server.bind_copies(spec, port, copies)
             except ValueError as e:
                 raise ConfigError(str(e), cfg.path, param="smtpd_listen") from None
             except OSError as e:
                 raise OSError(e.errno, f"cannot listen on {spec}: {e.strerror}") from None
-            for i, sock in enumerate(socks if copies > 1 else [socks]):
+            for i, sock in enumerate(socks):
                 sets[i].append((sock, submission, spec))
     return sets
 

@@ -302,9 +302,7 @@ class Loop:
 
     def _readable(self, c):
         if c.state == "pause":
-            log = c.services.log
-            log.info(f"reject: CONNECT from {c.peer}: 554 5.5.1 Error: SMTP protocol "
-                     "synchronization (client talked before the greeting)")
+            c.services.log.info(S.early_line(c.peer))
             c.state = "closing"
             self._emit(c, S.R_EARLY.lines())
             return
@@ -319,7 +317,7 @@ class Loop:
             return self._lost(c, e)
         if not data:
             if session.last_command != "QUIT":
-                c.services.log.info(f"lost connection after {session.last_command} from {c.peer}")
+                c.services.log.info(S.lost_line(session.last_command, c.peer))
             return self._close(c)
         c.idle_since = time.monotonic()
         out = session.feed(data)
@@ -439,8 +437,7 @@ class Loop:
 
     def _lost(self, c, e):
         last = c.session.last_command if c.session else "CONNECT"
-        c.services.log.info(f"lost connection after {last} from {c.peer}"
-                            + (f" ({e.strerror or e})" if not isinstance(e, ConnectionResetError) else ""))
+        c.services.log.info(S.lost_line(last, c.peer, e))
         self._close(c)
 
     def _close(self, c, log_disconnect=True):
@@ -496,24 +493,11 @@ class Loop:
                 continue
             session = c.session
             cfg = c.services.cfg
-            if session.in_data:
-                if c.data_start is None:
-                    c.data_start = now
-                limit = c.data_start + cfg.smtpd_timeout
-                if cfg.smtpd_min_data_rate:
-                    limit += session.data_received / cfg.smtpd_min_data_rate
-                limit = min(limit, c.idle_since + cfg.smtpd_timeout)
-            else:
-                limit = c.idle_since + cfg.smtpd_timeout
-            if now >= limit:
+            if session.in_data and c.data_start is None:
+                c.data_start = now
+            if now >= S.deadline(cfg, session, c.idle_since, c.data_start):
                 c.state = "closing"
-                if session.in_data and now < c.idle_since + cfg.smtpd_timeout:
-                    c.services.log.info(f"data rate too low after DATA from {c.peer}")
-                    session.close()
-                    self._emit(c, S._rate_reply(cfg))
-                else:
-                    c.services.log.info(f"timeout after {session.last_command} from {c.peer}")
-                    self._emit(c, session.timeout())
+                self._emit(c, S.expire(cfg, c.services.log, session, c.peer, now, c.idle_since))
                 self._close_soon(c)
             elif stopping and not session.in_data:
                 c.state = "closing"

@@ -20,9 +20,22 @@ _light = None       # (write(level, text), verbose) while the light logger is in
 _params = None      # setup_logging's arguments, for full_logging()
 
 
+_stamp = (0, "")     # (second, its time stamp), replaced whole: threads share it
+
+
+def _prefix(name, host=None):
+    """'Nov 28 19:36:49 host name[pid]: ', the start of a maillog line."""
+    global _stamp
+    now = int(time.time())
+    sec, text = _stamp
+    if now != sec:
+        text = time.strftime("%b %d %H:%M:%S", time.localtime(now))
+        _stamp = (now, text)
+    return f"{text} {host} {name}[{os.getpid()}]: " if host else f"{text} {name}[{os.getpid()}]: "
+
+
 def _format_file_line(cfg, name, text):
-    return (f"{time.strftime('%b %d %H:%M:%S')} {cfg.myhostname.split('.')[0]} "
-            f"{name}[{os.getpid()}]: {text}\n")
+    return f"{_prefix(name, cfg.myhostname.split('.')[0])}{text}\n"
 
 
 def _light_writer(cfg, name):
@@ -153,16 +166,10 @@ def _fast_methods(logger, handler, cfg, name, foreground):
     import logging
     import threading
     import traceback
-    host = cfg.myhostname.split(".")[0]
-    stamp = [0, ""]
+    host = cfg.myhostname.split(".")[0] if isinstance(handler, logging.FileHandler) else None
 
     def prefix():
-        now = int(time.time())
-        if now != stamp[0]:
-            stamp[0], stamp[1] = now, time.strftime("%b %d %H:%M:%S", time.localtime(now))
-        if isinstance(handler, logging.FileHandler):
-            return f"{stamp[1]} {host} {name}[{os.getpid()}]: "
-        return f"{stamp[1]} {name}[{os.getpid()}]: "
+        return _prefix(name, host)
 
     if isinstance(handler, logging.FileHandler):
         def emit(level, text):

@@ -169,8 +169,7 @@ class SMTPHandler(socketserver.BaseRequestHandler):
         peer = f"{name}[{ip}]"
         log.info(f"connect from {peer}")
         if cfg.smtpd_greet_pause and _early_talker(sock, cfg.smtpd_greet_pause):
-            log.info(f"reject: CONNECT from {peer}: 554 5.5.1 Error: SMTP protocol "
-                     "synchronization (client talked before the greeting)")
+            log.info(early_line(peer))
             _send(sock, R_EARLY.lines(), cfg)
             log.info(f"disconnect from {peer}")
             return
@@ -210,8 +209,7 @@ def pump(sock, session, services, peer, first=b""):
         _send(sock, first, services.cfg)
         return _pump(sock, session, services, peer)
     except OSError as e:
-        services.log.info(f"lost connection after {session.last_command} from {peer}"
-                          + (f" ({e.strerror or e})" if not isinstance(e, ConnectionResetError) else ""))
+        services.log.info(lost_line(session.last_command, peer, e))
         return sock
 
 
@@ -225,24 +223,10 @@ def _pump(sock, session, services, peer):
             return None
     while not session.closed:
         now = time.monotonic()
-        if session.in_data:
-            if data_start is None:
-                data_start = now
-            limit = data_start + cfg.smtpd_timeout
-            if cfg.smtpd_min_data_rate:
-                limit += session.data_received / cfg.smtpd_min_data_rate
-            limit = min(limit, idle_since + cfg.smtpd_timeout)
-        else:
-            data_start = None
-            limit = idle_since + cfg.smtpd_timeout
+        data_start = (now if data_start is None else data_start) if session.in_data else None
+        limit = deadline(cfg, session, idle_since, data_start)
         if now >= limit:
-            if session.in_data and now < idle_since + cfg.smtpd_timeout:
-                log.info(f"data rate too low after DATA from {peer}")
-                session.close()
-                _send(sock, _rate_reply(cfg), cfg)
-            else:
-                log.info(f"timeout after {session.last_command} from {peer}")
-                _send(sock, session.timeout(), cfg)
+            _send(sock, expire(cfg, log, session, peer, now, idle_since), cfg)
             return sock
         if STOPPING.is_set() and not session.in_data:
             _send(sock, session.shutdown_reply(), cfg)
@@ -254,7 +238,7 @@ def _pump(sock, session, services, peer):
             continue
         if not data:
             if session.last_command != "QUIT":
-                log.info(f"lost connection after {session.last_command} from {peer}")
+                log.info(lost_line(session.last_command, peer))
             return sock
         idle_since = time.monotonic()
         out = session.feed(data)
@@ -268,8 +252,40 @@ def _pump(sock, session, services, peer):
     return sock
 
 
-def _rate_reply(cfg):
-    return Reply(421, "4.4.2", f"{cfg.myhostname} Error: data rate too low, closing connection").lines()
+def deadline(cfg, session, idle_since, data_start):
+    """When the session times out: ``smtpd_timeout`` after the client last
+    sent something, and during DATA (begun at ``data_start``) also when it
+    is slower than ``smtpd_min_data_rate``."""
+    limit = idle_since + cfg.smtpd_timeout
+    if data_start is not None:
+        slow = data_start + cfg.smtpd_timeout
+        if cfg.smtpd_min_data_rate:
+            slow += session.data_received / cfg.smtpd_min_data_rate
+        limit = min(limit, slow)
+    return limit
+
+
+def expire(cfg, log, session, peer, now, idle_since):
+    """Close a session past its deadline; the 421 to send, logged."""
+    if session.in_data and now < idle_since + cfg.smtpd_timeout:
+        log.info(f"data rate too low after DATA from {peer}")
+        session.close()
+        return Reply(421, "4.4.2", f"{cfg.myhostname} Error: data rate too low, "
+                     "closing connection").lines()
+    log.info(f"timeout after {session.last_command} from {peer}")
+    return session.timeout()
+
+
+def lost_line(last_command, peer, e=None):
+    """The log line for a connection that closed or failed under us."""
+    return (f"lost connection after {last_command} from {peer}"
+            + (f" ({e.strerror or e})" if e is not None and not isinstance(e, ConnectionResetError)
+               else ""))
+
+
+def early_line(peer):
+    return (f"reject: CONNECT from {peer}: 554 5.5.1 Error: SMTP protocol "
+            "synchronization (client talked before the greeting)")
 
 
 def starttls(sock, session, services, peer):
@@ -378,11 +394,16 @@ class ForkingSMTPServer(_Forking, socketserver.ForkingMixIn, socketserver.TCPSer
     forking = True
 
 
-def bind(spec, default_port=25, copies=1):
-    """A listening socket for 'addr:port' or '[v6]:port' (IPv6 only on v6);
-    with ``copies`` > 1, a list of that many SO_REUSEPORT sockets on the
-    address (the kernel spreads connections among them), after a plain bind
-    has shown that nobody else listens there."""
+def bind(spec, default_port=25):
+    """A listening socket for 'addr:port' or '[v6]:port' (IPv6 only on v6)."""
+    return bind_copies(spec, default_port, 1)[0]
+
+
+def bind_copies(spec, default_port, copies):
+    """``copies`` listening sockets on one address, one per listener
+    process: with more than one, SO_REUSEPORT sockets (the kernel spreads
+    connections among them), after a plain bind has shown that nobody else
+    listens there."""
     from .config import parse_hostport
     host, port = parse_hostport(spec, default_port)
     infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
@@ -406,8 +427,7 @@ def bind(spec, default_port=25, copies=1):
         sock.set_inheritable(True)
         return sock
     if copies <= 1 or not hasattr(socket, "SO_REUSEPORT"):
-        sock = one(False)
-        return sock if copies <= 1 else [sock] * copies
+        return [one(False)] * max(1, copies)
     one(False, listen=False).close()     # EADDRINUSE if anyone listens there
     if addr[1] == 0:
         raise ValueError(f"{spec}: several listeners need a fixed port")

@@ -135,8 +135,9 @@ class Session:
         self._out = []
         # With defer_commit set, the end of DATA does not commit the message:
         # it leaves (writer, envelope, transaction) in ``pending`` and input
-        # waits until the server has run :meth:`run_commit` (in a thread of
-        # its own) and handed its result to :meth:`commit_done`.
+        # waits until the server has committed it (the event loop through
+        # the writer's commit_steps, else :meth:`run_commit`) and handed the
+        # result to :meth:`commit_done` (or :meth:`commit_error`'s reply).
         self.defer_commit = False
         self.pending = None
 

@@ -58,8 +58,8 @@ Commit (the only way a message enters the queue)::
     5 fsync queue/                       df + qf, durable      reply 250 / exit 0
 
 Step 3 is done while the fsync of step 2 runs; the fsyncs of steps 4 and 5
-are independent and may run at once (the SMTP server's event loop does so). The control file is renamed before its
-fsync, not after: nobody ever reads
+are independent and may run at once (the SMTP server's event loop does so).
+The control file is renamed before its fsync, not after: nobody ever reads
 a partial one (it is written whole under the tf name), the df is durable
 before the qf name exists, and one fsync makes both the qf's content and,
 with step 5, its name durable. A crash before step 5 leaves a message that
@@ -560,8 +560,9 @@ class Spool:
         """A MessageWriter for a new message (creates and locks its df)."""
         return MessageWriter(self)
 
-    def write_control(self, env, sync_dir=False):
-        """Write env's control file: tf, fsync, rename over qf (or hf if held)."""
+    def write_control(self, env):
+        """Write env's control file: tf, fsync, rename over qf (or hf if held).
+        (A new message's first one is written by MessageWriter.commit_steps.)"""
         tf = self.path("tf", env.id)
         final = self.path("hf" if env.held else "qf", env.id)
         data = format_control(env).encode("utf-8", "surrogateescape")
@@ -574,8 +575,6 @@ class Spool:
             finally:
                 os.close(fd)
             os.rename(tf, final)
-            if sync_dir:
-                self._sync_dir()
         except OSError as e:
             try:
                 os.unlink(tf)
@@ -585,7 +584,7 @@ class Spool:
 
     def rewrite(self, env):
         """Record a new state of a locked message."""
-        self.write_control(env, sync_dir=False)
+        self.write_control(env)
 
     # -- reading
     def ids(self, prefix="qf"):
