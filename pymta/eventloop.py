@@ -386,11 +386,9 @@ class Loop:
             self.syncers.submit(what, callback)
 
     def _committed(self, c, result):
-        if isinstance(result, Exception):   # a bug: treat as a local error
+        if isinstance(result, Exception):   # from run_commit in a pool thread: a bug
             c.services.log.error(f"error: commit for {c.peer}: {result!r}")
-            from .smtp_session import R_LOCAL_ERROR
-            result = R_LOCAL_ERROR
-            c.session.pending[0].abort()
+            result = c.session.commit_error(result)
         c.state = "open"
         c.idle_since = time.monotonic()
         self._emit(c, c.session.commit_done(result))

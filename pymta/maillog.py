@@ -153,11 +153,11 @@ def setup_logging(cfg, foreground=False, tag=None, verbose=False, light=False):
             # cron or a mail client, which would mail or show it.
             handler = logging.NullHandler()
     logger.addHandler(handler)
-    _fast_methods(logger, handler, cfg, name, foreground)
+    _fast_methods(logger, handler, cfg, name)
     return logger
 
 
-def _fast_methods(logger, handler, cfg, name, foreground):
+def _fast_methods(logger, handler, cfg, name):
     """Give ``logger`` debug/info/warning/error/exception methods that write
     the same line as ``handler`` would, without a LogRecord, a Formatter and
     the handler machinery: a sixth of what the daemon's master spent in
@@ -168,12 +168,9 @@ def _fast_methods(logger, handler, cfg, name, foreground):
     import traceback
     host = cfg.myhostname.split(".")[0] if isinstance(handler, logging.FileHandler) else None
 
-    def prefix():
-        return _prefix(name, host)
-
     if isinstance(handler, logging.FileHandler):
         def emit(level, text):
-            line = prefix() + text + "\n"
+            line = _prefix(name, host) + text + "\n"
             handler.acquire()
             try:
                 if handler.stream is None:
@@ -190,7 +187,7 @@ def _fast_methods(logger, handler, cfg, name, foreground):
         def emit(level, text):
             with lock:
                 try:
-                    handler.stream.write(prefix() + text + "\n")
+                    handler.stream.write(_prefix(name, host) + text + "\n")
                     handler.stream.flush()
                 except (OSError, ValueError):
                     pass

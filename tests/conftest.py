@@ -74,6 +74,14 @@ class Instance:
         except FileNotFoundError:
             return ""
 
+    def mailbox(self, user="root"):
+        """The bytes of the user's mbox under mail/ (b"" when there is none)."""
+        try:
+            with open(os.path.join(self.root, "mail", user), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
 
 @pytest.fixture
 def inst(tmp_path):

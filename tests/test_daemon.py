@@ -71,19 +71,11 @@ def listener_pids(inst):
     return [int(x) for x in re.findall(r"listener pid (\d+)", inst.maillog())]
 
 
-def mailbox(inst, user="root"):
-    try:
-        with open(os.path.join(inst.root, "mail", user), "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return b""
-
-
 def test_accepted_message_is_delivered_at_once_through_the_handoff(inst):
     with daemon(inst) as (p, port):
         with smtplib.SMTP("127.0.0.1", port) as c:
             assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: handoff\r\n\r\nhi\r\n") == {}
-        assert wait_for(lambda: b"Subject: handoff" in mailbox(inst), 20)
+        assert wait_for(lambda: b"Subject: handoff" in inst.mailbox(), 20)
     log = inst.maillog()
     assert "daemon started" in log and "from=<a@b.example>" in log and "stat=Sent" in log
     assert p.returncode == 0
@@ -125,7 +117,7 @@ def test_sigterm_during_data_lets_the_commit_finish_then_421(inst, model):
         assert p.wait(30) == 0
         assert not can_connect(port)
     assert not os.path.exists(inst.params["pid_file"])
-    assert b"second half" in mailbox(inst) or any(n.startswith("qf") for n in os.listdir(inst.spool.dir))
+    assert b"second half" in inst.mailbox() or any(n.startswith("qf") for n in os.listdir(inst.spool.dir))
 
 
 def test_sighup_rereads_the_configuration(inst):
@@ -151,6 +143,14 @@ def test_listener_that_dies_is_restarted(inst):
     assert "restarting it" in inst.maillog()
 
 
+def _noop_ok(port):
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as c:
+            return c.noop()[0] == 250
+    except (OSError, smtplib.SMTPException):
+        return False
+
+
 def test_several_listener_processes_share_the_work_and_the_limits(inst):
     with daemon(inst, smtpd_listeners=2, smtpd_session_limit=40,
                 smtpd_client_connection_count_limit=40) as (p, port):
@@ -169,6 +169,7 @@ def test_several_listener_processes_share_the_work_and_the_limits(inst):
         finally:
             for c, _ in conns:
                 c.close()
+        assert wait_for(lambda: _noop_ok(port), 20)     # the listeners saw them go
         for n in range(10):
             with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
                 assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: %d\r\n\r\nx\r\n" % n) == {}
@@ -229,7 +230,7 @@ def test_maildrop_is_picked_up_by_the_daemon(inst):
         env = envelope.Envelope(sender="u@example.test")
         env.add_recipient("root@example.test")
         inst.spool.drop(env, [b"Subject: dropped\n\nx\n"])
-        assert wait_for(lambda: b"Subject: dropped" in mailbox(inst), 20)
+        assert wait_for(lambda: b"Subject: dropped" in inst.mailbox(), 20)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -248,7 +249,7 @@ def test_listener_runs_as_mail_owner_and_master_as_root():
                 assert re.search(r"^Uid:\s+0\s", f.read(), re.M)
             with smtplib.SMTP("127.0.0.1", port) as c:
                 assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: priv\r\n\r\nx\r\n") == {}
-            assert wait_for(lambda: b"Subject: priv" in mailbox(inst), 20)
+            assert wait_for(lambda: b"Subject: priv" in inst.mailbox(), 20)
     finally:
         subprocess.run(["rm", "-rf", top])
 
@@ -270,14 +271,14 @@ def test_sendmail_hands_a_new_message_to_the_running_daemon(inst):
     with daemon(inst) as (p, port):
         r = inst.sendmail("-i", "root", input=b"Subject: via notify\n\nhello\n")
         assert r.returncode == 0, r.stderr
-        assert wait_for(lambda: b"Subject: via notify" in mailbox(inst), 20)
+        assert wait_for(lambda: b"Subject: via notify" in inst.mailbox(), 20)
         qid = re.search(r"(\w+): from=<[^>]*>, size=\d+, class=0", inst.maillog()).group(1)
         sent = re.search(rf"(\d+)\]: {qid}: to=<root@[^>]*>.*stat=Sent", inst.maillog())
         assert sent and int(sent.group(1)) == p.pid       # delivered by the daemon's master
     # With no daemon reading queue/notify, sendmail's own background child delivers.
     r = inst.sendmail("-i", "root", input=b"Subject: no daemon\n\nhello\n")
     assert r.returncode == 0, r.stderr
-    assert wait_for(lambda: b"Subject: no daemon" in mailbox(inst), 20)
+    assert wait_for(lambda: b"Subject: no daemon" in inst.mailbox(), 20)
 
 
 def test_out_of_descriptors_the_listener_pauses_then_serves_again(inst):
@@ -301,13 +302,7 @@ def test_out_of_descriptors_the_listener_pauses_then_serves_again(inst):
         for c in conns:
             c.close()
         conns = []
-        def served():
-            try:
-                with smtplib.SMTP("127.0.0.1", port, timeout=5) as c:
-                    return c.noop()[0] == 250
-            except (OSError, smtplib.SMTPException):
-                return False
-        assert wait_for(served, 20)
+        assert wait_for(lambda: _noop_ok(port), 20)
     finally:
         for c in conns:
             c.close()

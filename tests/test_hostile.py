@@ -54,14 +54,6 @@ def settle(inst, timeout=15):
     return False
 
 
-def mbox(inst, user="root"):
-    try:
-        with open(os.path.join(inst.root, "mail", user), "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return b""
-
-
 def session(port):
     c = Raw(port)
     assert c.reply()[0] == 220
@@ -192,7 +184,7 @@ def test_pipe_file_and_include_recipients_typed_by_a_client_are_refused(hostile,
             c.cmd(b"QUIT\r\n")
     assert settle(inst)
     assert not list(tmp_path.glob("pwned*"))
-    assert b"root:x:0:0" not in mbox(inst)
+    assert b"root:x:0:0" not in inst.mailbox()
     assert sink.transactions == []
 
 
@@ -390,7 +382,7 @@ def test_data_trickled_a_byte_a_second_is_cut_off_while_others_are_served(hostil
     assert code == 421, code
     assert elapsed < 10
     assert settle(inst)
-    assert msgids_in(mbox(inst)) == ["meanwhile@trickle"]
+    assert msgids_in(inst.mailbox()) == ["meanwhile@trickle"]
 
 
 def test_message_over_the_size_limit_without_size_gets_552_and_memory_stays_bounded(hostile):

@@ -129,6 +129,13 @@ def _mbox(inst):
 
 # -- commit order: the control file step fails after the data file exists ---------
 
+def _to_data(c):
+    """MAIL, RCPT and DATA on a Raw session, each accepted."""
+    assert c.cmd(b"MAIL FROM:<a@b.example>\r\n")[0] == 250
+    assert c.cmd(b"RCPT TO:<root@example.test>\r\n")[0] == 250
+    assert c.cmd(b"DATA\r\n")[0] == 354
+
+
 # A writer keeps the first 256 KB in memory: these bodies are larger, so
 # that the df exists before the end of the data, as it does for big mail.
 SPILLED = 60000
@@ -175,9 +182,7 @@ def test_smtp_250_only_after_the_commit_inodes_run_out(make_instance, body, df_f
         with Raw(d.port) as c:
             assert c.reply()[0] == 220
             c.cmd(b"EHLO client.test\r\n")
-            assert c.cmd(b"MAIL FROM:<a@b.example>\r\n")[0] == 250
-            assert c.cmd(b"RCPT TO:<root@example.test>\r\n")[0] == 250
-            assert c.cmd(b"DATA\r\n")[0] == 354
+            _to_data(c)
             c.send(body)
             if df_first:
                 eaten = _eat_inodes_after_df(inst, top)
@@ -189,9 +194,7 @@ def test_smtp_250_only_after_the_commit_inodes_run_out(make_instance, body, df_f
             assert queue_files(inst) == []
             for path in eaten:
                 os.unlink(path)
-            assert c.cmd(b"MAIL FROM:<a@b.example>\r\n")[0] == 250
-            assert c.cmd(b"RCPT TO:<root@example.test>\r\n")[0] == 250
-            assert c.cmd(b"DATA\r\n")[0] == 354
+            _to_data(c)
             code, text = c.cmd(b"Subject: again\r\n\r\nok\r\n.\r\n")
             assert code == 250, text
             c.cmd(b"QUIT\r\n")
@@ -205,9 +208,7 @@ def test_smtp_250_only_after_the_commit_queue_made_immutable(make_instance):
         with Raw(d.port) as c:
             assert c.reply()[0] == 220
             c.cmd(b"EHLO client.test\r\n")
-            assert c.cmd(b"MAIL FROM:<a@b.example>\r\n")[0] == 250
-            assert c.cmd(b"RCPT TO:<root@example.test>\r\n")[0] == 250
-            assert c.cmd(b"DATA\r\n")[0] == 354
+            _to_data(c)
             c.send(b"Subject: commit order\r\n\r\n" + b"body\r\n" * SPILLED)
             assert _wait(lambda: queue_files(inst, ("df",)))
             subprocess.run(["chattr", "+i", qdir], check=True, timeout=10)

@@ -68,6 +68,18 @@ def raw(port, timeout=10):
     return s, f
 
 
+def raw_in_data(port):
+    """A raw session past EHLO, MAIL, RCPT and DATA's 354."""
+    s, f = raw(port)
+    read_reply(f)
+    s.sendall(b"EHLO x\r\n")
+    read_reply(f)
+    s.sendall(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n")
+    for _ in range(3):
+        read_reply(f)
+    return s, f
+
+
 def read_reply(f):
     lines = []
     while True:
@@ -145,13 +157,7 @@ def test_two_messages_in_one_write_are_committed_and_answered_in_order(inst):
 @pytest.mark.parametrize("ending", [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n"])
 def test_smuggled_second_transaction_never_becomes_a_message(inst, ending):
     with running(inst) as port:
-        s, f = raw(port)
-        read_reply(f)
-        s.sendall(b"EHLO x\r\n")
-        read_reply(f)
-        s.sendall(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n")
-        for _ in range(3):
-            read_reply(f)
+        s, f = raw_in_data(port)
         s.sendall(b"Subject: one\r\n\r\nfirst" + ending
                   + b"MAIL FROM:<evil@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n"
                   + b"Subject: smuggled\r\n\r\nsecond\r\n.\r\nQUIT\r\n")
@@ -193,13 +199,7 @@ def test_unknown_local_recipient_is_550(inst):
 
 def test_client_dropping_mid_data_leaves_nothing(inst, logs):
     with running(inst) as port:
-        s, f = raw(port)
-        read_reply(f)
-        s.sendall(b"EHLO x\r\n")
-        read_reply(f)
-        s.sendall(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n")
-        for _ in range(3):
-            read_reply(f)
+        s, f = raw_in_data(port)
         s.sendall(b"Subject: half\r\n\r\n" + b"x" * 100000)
         time.sleep(0.3)
         f.close()
