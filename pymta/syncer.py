@@ -8,9 +8,12 @@ it, closes it and answers with the errno (0 for success). The descriptor
 itself travels (SCM_RIGHTS), not a path: an fsync through it reports the
 write-back errors of that very file.
 
-A syncer exits when the listener's end of its socketpair closes. If none
-is left, or none could be forked, :meth:`Syncers.submit` fsyncs in the
-caller's thread.
+A syncer exits when the listener's end of its socketpair closes. If one
+dies (killed, say) with a descriptor in hand, that fsync is submitted
+again, to another syncer or in the caller's thread: the caller's own
+descriptor is still open, and fsync may be repeated. If none is left, or
+none could be forked, :meth:`Syncers.submit` fsyncs in the caller's
+thread.
 
 :class:`DirSync` shares one fsync of the queue directory among all the
 commits that renamed a control file before it started (group commit).
@@ -59,7 +62,7 @@ class Syncers:
         self.log = log
         self.on_lost = None             # called with a socket before it is closed
         self.idle = []                  # sockets of idle syncers
-        self.busy = {}                  # socket -> callback
+        self.busy = {}                  # socket -> (fd, callback)
         self.waiting = collections.deque()
         self.pids = []
         self.socks = []
@@ -99,7 +102,7 @@ class Syncers:
             except OSError as e:
                 self._lost(sock, e)
                 return self.submit(fd, callback)
-            self.busy[sock] = callback
+            self.busy[sock] = (fd, callback)
         elif self.busy:
             self.waiting.append((fd, callback))
         else:     # no syncer left: in this thread
@@ -119,19 +122,19 @@ class Syncers:
             answer, err = b"", e
         else:
             err = None
-        callback = self.busy.pop(sock, None)
+        fd, callback = self.busy.pop(sock, (None, None))
         if not answer:
+            # It died, perhaps before it read our request: ask again
+            # (another syncer, or this thread once none is left).
             self._lost(sock, err or OSError(errno.EPIPE, "syncer process gone"))
-            result = None
             if callback is not None:
-                result = OSError(errno.EIO, "syncer process gone before its answer")
-        else:
-            code = int(answer or b"0")
-            result = OSError(code, os.strerror(code)) if code else None
-            self.idle.append(sock)
-        if self.waiting and self.idle:
-            fd, cb = self.waiting.popleft()
-            self.submit(fd, cb)
+                self.submit(fd, callback)
+            return
+        code = int(answer)
+        result = OSError(code, os.strerror(code)) if code else None
+        self.idle.append(sock)
+        if self.waiting:
+            self.submit(*self.waiting.popleft())
         if callback is not None:
             callback(result)
 
@@ -149,6 +152,12 @@ class Syncers:
             except (KeyError, ValueError):
                 pass
         sock.close()
+        for pid in list(self.pids):     # reap what has exited already
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    self.pids.remove(pid)
+            except ChildProcessError:
+                self.pids.remove(pid)
         if not self.socks:      # run what waits in this thread
             while self.waiting:
                 self.submit(*self.waiting.popleft())

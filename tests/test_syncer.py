@@ -60,6 +60,30 @@ def test_a_dead_syncer_is_dropped_and_fsync_goes_on_in_the_caller(tmp_path):
         s.close()
 
 
+def test_a_syncer_that_dies_holding_a_request_has_it_done_again(tmp_path):
+    s = syncer.Syncers(2)
+    try:
+        victim = s.pids[-1]             # submit takes the last idle syncer
+        os.kill(victim, signal.SIGSTOP)  # it will never read the request
+        fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"x")
+        results = []
+        s.submit(fd, results.append)    # sent into the stopped syncer's socket
+        assert results == []
+        os.kill(victim, signal.SIGKILL)
+        os.waitpid(victim, 0)
+        _run_until(s, lambda: results)
+        assert results == [None]        # done by the other syncer, not failed
+        assert len(s.socks) == 1
+        more = []
+        s.submit(fd, more.append)
+        _run_until(s, lambda: more)
+        assert more == [None]
+        os.close(fd)
+    finally:
+        s.close()
+
+
 class CountingSyncers(syncer.Syncers):
     def __init__(self, n):
         super().__init__(n)
