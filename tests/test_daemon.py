@@ -273,7 +273,8 @@ def test_sendmail_hands_a_new_message_to_the_running_daemon(inst):
         assert r.returncode == 0, r.stderr
         assert wait_for(lambda: b"Subject: via notify" in inst.mailbox(), 20)
         qid = re.search(r"(\w+): from=<[^>]*>, size=\d+, class=0", inst.maillog()).group(1)
-        sent = re.search(rf"(\d+)\]: {qid}: to=<root@[^>]*>.*stat=Sent", inst.maillog())
+        # The line is logged just after the mailbox is written.
+        sent = wait_for(lambda: re.search(rf"(\d+)\]: {qid}: to=<root@[^>]*>.*stat=Sent", inst.maillog()))
         assert sent and int(sent.group(1)) == p.pid       # delivered by the daemon's master
     # With no daemon reading queue/notify, sendmail's own background child delivers.
     r = inst.sendmail("-i", "root", input=b"Subject: no daemon\n\nhello\n")
