@@ -10,7 +10,6 @@ queue by Spool's one commit (root and mail_owner), or through the maildrop
 
 import os
 import pwd
-import re
 import sys
 import time
 
@@ -22,12 +21,18 @@ from .status import (EX_DATAERR, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE,
                      EX_USAGE, PymtaError, AddressError)
 
 BLOCK = 64 * 1024
-_HEADER_NAME_RE = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
-_CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# No regular expressions: importing re would cost every sendmail run (its
+# latency) a third of its time.
+_FIELD_NAME_CHARS = bytes(range(0x21, 0x7f))     # ftext, and ':' ends the name
+_CONTROLS = A.CONTROLS
+_CONTROLS_TO_SPACE = dict.fromkeys(map(ord, _CONTROLS), " ")
+_SPECIALS = frozenset('()<>[]:;@\\,."')
 
 
-
-_SPECIALS = re.compile(r'[][\\()<>@,:;".]')
+def _is_field_line(line):
+    """Does ``line`` (bytes) start with a field name and its colon?"""
+    k = line.find(b":")
+    return k > 0 and not line[:k].translate(None, _FIELD_NAME_CHARS)
 
 
 def rfc5322_date(t=None):
@@ -46,7 +51,7 @@ def format_from(name, address):
     if not name.isascii():
         from email.utils import formataddr
         return formataddr((name, address))
-    if _SPECIALS.search(name):
+    if not _SPECIALS.isdisjoint(name):
         name = '"%s"' % name.replace("\\", "\\\\").replace('"', '\\"')
     return f"{name} <{address}>"
 
@@ -153,7 +158,7 @@ def read_header(inp, limit):
             return fields, b""
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1] += _clean(line)
-        elif _HEADER_NAME_RE.match(line):
+        elif _is_field_line(line):
             fields.append(_clean(line))
         else:
             return fields, line
@@ -240,7 +245,7 @@ def _flush(items, cur):
 
 def parse_recipient(text, origin, exit_code):
     """One recipient as typed -> (address, flags); refuses programs and files."""
-    if _CTRL_RE.search(text):
+    if not _CONTROLS.isdisjoint(text):
         raise InjectError(f"control character in recipient address {text!r}", exit_code=exit_code)
     addr, flags = text.strip(), E.PRIMARY
     if addr.startswith("\\"):
@@ -274,7 +279,7 @@ class Submission:
             self.login, gecos = f"uid{self.uid}", ""
         self.trusted = self.login in cfg.trusted_users
         full = opts.fullname if opts.fullname is not None else gecos
-        self.fullname = " ".join(_CTRL_RE.sub(" ", full).split())
+        self.fullname = " ".join(full.translate(_CONTROLS_TO_SPACE).split())
         self.own_address = A.qualify(self.login, cfg.myorigin)
         self.sender = self._sender(opts.sender)
         if opts.dsn_envid and (len(opts.dsn_envid) > 100
@@ -288,7 +293,7 @@ class Submission:
     def _sender(self, given):
         if given is None:
             return self.own_address
-        if _CTRL_RE.search(given):
+        if not _CONTROLS.isdisjoint(given):
             raise InjectError(f"control character in sender address {given!r}")
         s = given.strip()
         if s.startswith("<") and s.endswith(">"):
@@ -302,7 +307,7 @@ class Submission:
         return A.qualify(s, self.cfg.myorigin)
 
     def add_list(self, text, exit_code):
-        if exit_code == EX_USAGE and _CTRL_RE.search(text):
+        if exit_code == EX_USAGE and not _CONTROLS.isdisjoint(text):
             raise InjectError(f"control character in recipient address {text!r}")
         try:
             items = split_addresses(text)

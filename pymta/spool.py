@@ -79,10 +79,9 @@ After the lock is taken, the qf is checked again (it may have just gone).
 
 import errno
 import os
-import re
 import stat
-import threading
 import time
+import _thread   # threading's Lock without its import (sendmail's start-up is its latency)
 import fcntl
 
 from . import envelope as E
@@ -91,20 +90,18 @@ from .status import SpoolCorrupt, SpoolError, Reply
 VERSION = "1"
 QUEUE_SUBDIR = "queue"
 MAILDROP_SUBDIR = "maildrop"
-ID_RE = re.compile(r"^[0-9A-Za-x]{9}[0-9]{6,10}$")
 
 _CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
-_id_lock = threading.Lock()
+_id_lock = _thread.allocate_lock()
 # A child forked while another thread held the lock must not inherit it held.
-os.register_at_fork(after_in_child=lambda: globals().update(_id_lock=threading.Lock()))
+os.register_at_fork(after_in_child=lambda: globals().update(_id_lock=_thread.allocate_lock()))
 SYNC_DIR = "queue directory"     # MessageWriter.commit_steps: fsync the queue directory
 _id_state = {"sec": 0, "seq": 0, "pid": 0}
 
 # Percent-encoding of qf values (what urllib.parse.quote does with these safe
-# sets, without its import): '%', controls, non-ASCII, and in R fields spaces.
-_ENC_VALUE = re.compile(r"[^\x21-\x24\x26-\x7e ]+")
-_ENC_FIELD = re.compile(r"[^\x21-\x24\x26-\x7e]+")
-_DEC = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+# sets): '%', controls, non-ASCII, and in R fields spaces. No regular
+# expressions: sendmail imports this module, and re costs its start-up.
+_HEX = frozenset("0123456789ABCDEFabcdef")
 
 
 def new_id(now=None):
@@ -132,7 +129,11 @@ def new_id(now=None):
 
 
 def valid_id(qid):
-    return bool(ID_RE.match(qid or ""))
+    """[0-9A-Za-x]{9}[0-9]{6,10}"""
+    if not qid or not 15 <= len(qid) <= 19 or not qid.isascii():
+        return False
+    head, pid = qid[:9], qid[9:]
+    return head.isalnum() and pid.isdigit() and "y" not in head and "z" not in head
 
 
 def id_time(qid):
@@ -152,16 +153,38 @@ def id_time(qid):
 
 # -- the control file format -------------------------------------------------
 
-def _enc(value, pattern=_ENC_VALUE):
-    return pattern.sub(lambda m: "".join(
-        "%%%02X" % b for b in m.group().encode("utf-8", "surrogateescape")), value)
+def _enc(value, space=True):
+    """Percent-encode what is not printable ASCII, '%', and spaces unless
+    ``space``."""
+    if value.isascii() and value.isprintable() and "%" not in value and (space or " " not in value):
+        return value
+    out = []
+    for c in value:
+        if "!" <= c <= "~" and c != "%" or c == " " and space:
+            out.append(c)
+        else:
+            out.append("".join("%%%02X" % b for b in c.encode("utf-8", "surrogateescape")))
+    return "".join(out)
 
 
 def _dec(value):
     if "%" not in value:
         return value
-    return _DEC.sub(lambda m: bytes.fromhex(m.group().replace("%", "")).decode(
-        "utf-8", "surrogateescape"), value)
+    out, run, i, n = [], bytearray(), 0, len(value)
+    while i < n:
+        c = value[i]
+        if c == "%" and i + 2 < n and value[i + 1] in _HEX and value[i + 2] in _HEX:
+            run.append(int(value[i + 1:i + 3], 16))
+            i += 3
+            continue
+        if run:     # a run of %XX is one UTF-8 sequence (or several)
+            out.append(run.decode("utf-8", "surrogateescape"))
+            run = bytearray()
+        out.append(c)
+        i += 1
+    if run:
+        out.append(run.decode("utf-8", "surrogateescape"))
+    return "".join(out)
 
 
 def format_control(env):
@@ -188,17 +211,17 @@ def format_control(env):
     out.extend(env.extra)
     out.append(f"S{_enc(env.sender)}")
     for r in env.recipients:
-        fields = [f"R{r.flags or '-'}", r.state, _enc(r.address, _ENC_FIELD)]
+        fields = [f"R{r.flags or '-'}", r.state, _enc(r.address, space=False)]
         for key, val in (("dsn", r.dsn), ("text", r.text), ("orcpt", r.orcpt),
                          ("parent", r.parent), ("relay", r.relay)):
             if val:
-                fields.append(f"{key}={_enc(val, _ENC_FIELD)}")
+                fields.append(f"{key}={_enc(val, space=False)}")
         if r.uid >= 0:
             fields.append(f"uid={r.uid}")
         if r.updated:
             fields.append(f"time={r.updated}")
         for key, val in r.extra.items():
-            fields.append(f"{key}={_enc(val, _ENC_FIELD)}")
+            fields.append(f"{key}={_enc(val, space=False)}")
         out.append(" ".join(fields))
     if env.status:
         out.append(f"M{_enc(env.status)}")
@@ -511,7 +534,7 @@ class Spool:
         self.maildrop = os.path.join(queue_directory, MAILDROP_SUBDIR)
         self.fsync = fsync
         self._dirfd = None
-        self._dirfd_lock = threading.Lock()
+        self._dirfd_lock = _thread.allocate_lock()
 
     @classmethod
     def from_config(cls, cfg):

@@ -5,8 +5,6 @@ RFC 3463 enhanced status code and a text. The same Reply travels from the
 protocol to the log line, the qf ``M`` status and the bounce.
 """
 
-import enum
-
 # sysexits.h, the exit codes sendmail's callers understand.
 EX_OK = 0
 EX_USAGE = 64
@@ -86,12 +84,22 @@ class Reply:
         return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(self.code // 100, "4.0.0")
 
 
-class Outcome(enum.Enum):
-    """The three ends of a delivery attempt."""
+class Outcome:
+    """The three ends of a delivery attempt: ``Outcome.OK``, ``TEMPFAIL``,
+    ``PERMFAIL``, each with a ``name`` and a ``value`` ("ok", ...). Three
+    constants, not an enum.Enum: importing enum would cost every sendmail
+    run (its latency) a few milliseconds."""
 
-    OK = "ok"
-    TEMPFAIL = "tempfail"
-    PERMFAIL = "permfail"
+    __slots__ = ("name", "value")
+
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def __repr__(self):
+        return f"<Outcome.{self.name}>"
+
+    def __reduce__(self):       # the same constant again, as an enum member would be
+        return getattr, (Outcome, self.name)
 
     @classmethod
     def from_code(cls, code):
@@ -100,6 +108,11 @@ class Outcome(enum.Enum):
         if 400 <= code < 500:
             return cls.TEMPFAIL
         return cls.PERMFAIL
+
+
+Outcome.OK = Outcome("OK", "ok")
+Outcome.TEMPFAIL = Outcome("TEMPFAIL", "tempfail")
+Outcome.PERMFAIL = Outcome("PERMFAIL", "permfail")
 
 
 class PymtaError(Exception):

@@ -1,5 +1,7 @@
 """RFC 5321 paths: what the SMTP server and the injector accept and refuse."""
 
+import re
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -102,3 +104,30 @@ def test_any_bytes_decoded_leniently_never_crash(data):
         A.parse_path("<" + text + ">", allow_null=True)
     except AddressError:
         pass
+
+
+# The grammar, as regular expressions: the parsers above are written without
+# them (sendmail must not import re) and must agree with them.
+_ATEXT = r'[^\x00-\x20\x7f"(),.:;<>@\[\\\]]'
+_GRAMMAR_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_GRAMMAR_LABEL = re.compile(r"(?!-)[^\x00-\x2c\x2e\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]{1,63}(?<!-)")
+_GRAMMAR_PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([^\x00-\x20=\x7f]+))?")
+_tricky = st.lists(st.sampled_from(list('ab.-"\\ @\t\n\x01\x7f()<>[]:;,=+2BF0é\udcc3xZ%!')),
+                   max_size=70).map("".join) | st.text(max_size=20)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_tricky)
+def test_the_parsers_agree_with_the_grammar(text):
+    assert A.is_dot_atom(text) == bool(_GRAMMAR_DOT_ATOM.fullmatch(text))
+    assert A._is_label(text) == bool(_GRAMMAR_LABEL.fullmatch(text))
+    m = _GRAMMAR_PARAM.fullmatch(text)
+    if text and text.split() == [text]:     # one word, as parse_params sees them
+        try:
+            got = A.parse_params(text)
+        except AddressError:
+            got = None
+        assert got == ({m.group(1).upper(): m.group(2)} if m else None)
+    if text.startswith('"') and text.endswith('"') and len(text) >= 2:
+        assert A.unquote_local(text) == re.sub(r"\\(.)", r"\1", text[1:-1])
+    assert A.xtext_decode(text) == re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), text)

@@ -1,10 +1,12 @@
 """pymta.conf: syntax, expansion, errors naming file, line and parameter."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from conftest import TOP
 
@@ -151,3 +153,22 @@ def test_every_parameter_is_in_the_man_page():
     page = confdoc.man()
     for name in config.PARAMS:
         assert f"\n.B {name}\n" in page
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(list("${}ab_91 -,\t.émsw")), max_size=30).map("".join))
+def test_expansion_and_lists_agree_with_their_grammar(value):
+    # Written without re (sendmail reads the configuration): the grammar, with it.
+    def lookup(name, text):
+        return "<" + name + ">" if name != "b" else text
+    want = re.sub(r"\$(?:\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))",
+                  lambda m: lookup(m.group(1) or m.group(2), m.group(0)), value)
+    assert config.expand_refs(value, lookup) == want
+    assert config.split_list(value) == [v for v in re.split(r"[\s,]+", value.strip()) if v]
+    m = re.fullmatch(r"\s*([0-9]+)\s*([smhdw]?)\s*", value)
+    try:
+        got = config.parse_time(value, "m")
+    except ValueError:
+        got = None
+    assert got == (int(m.group(1)) * {"": 60, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+                   if m else None)

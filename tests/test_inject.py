@@ -500,3 +500,21 @@ def test_odb_delivers_in_the_background(make_instance):
         time.sleep(0.05)
     with open(mbox, "rb") as f:
         assert b"Subject: later" in f.read()
+
+
+def test_queueing_imports_neither_re_nor_enum_nor_threading(q):
+    # sendmail's start-up is its latency: those three (with what they pull
+    # in) cost a run about a third of its time. -S: as make install's
+    # launchers run.
+    cmd = [sys.executable, "-S", "-X", "importtime", os.path.join(BIN, "sendmail"), "-C", q.conf_path,
+           "-t", "-F", "Some One", "-f", "a@example.test"]
+    r = subprocess.run(cmd, input=b"To: root, \"x y\"@example.test\nSubject: s\n\nbody\n", capture_output=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.decode().splitlines()
+                if line.startswith("import time:")}
+    assert "pymta.inject" in imported and "pymta.spool" in imported
+    assert not imported & {"re", "enum", "threading", "socket", "email"}, sorted(imported)
+    env, data = only(q)
+    assert len(env.recipients) == 2 and env.recipients[1].address == '"x y"@example.test'
+    assert b"\nFrom: Some One <" in data
