@@ -1,0 +1,1 @@
+"""pymta: a mail transfer agent in the tradition of sendmail."""
