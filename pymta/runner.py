@@ -29,6 +29,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import select
 import socket
 import sys
 import threading
@@ -123,6 +124,20 @@ class Summary:
                 Outcome.PERMFAIL: EX_UNAVAILABLE}[self.outcome]
 
 
+def _read_available(fd):
+    """What a non-blocking descriptor has now (b"" at end-of-file too)."""
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
 @dataclass
 class PassStats:
     messages: int = 0
@@ -136,6 +151,7 @@ class PassStats:
 
 
 _COUNTS = ("tried", "removed", "deferred", "locked", "quarantined")
+_END = b"."                 # to a delivery process: no more ids (never a queue id)
 
 
 def matches(filters, qid, env):
@@ -270,33 +286,49 @@ class Runner:
         try:
             for qid in due:
                 feed.send(qid.encode("ascii"))
+            # One end mark a child, not end-of-file: a process forked meanwhile
+            # by another thread holds a copy of ``feed`` and of ``wfd``, and
+            # would keep both open.
+            for _ in pids:
+                feed.send(_END)
         except OSError as e:     # every child is gone: the rest waits for the next pass
             self.log.error(f"queue run: delivery processes gone ({e.strerror}); "
                            "the remaining messages stay queued")
         finally:
             feed.close()
-        for pid in pids:
+        # Wait for the children, reading their lines meanwhile (many children
+        # could fill the pipe); then what is left, without waiting for an
+        # end-of-file (see above).
+        os.set_blocking(rfd, False)
+        data = bytearray()
+        left = set(pids)
+        try:
             while True:
-                try:
-                    _, status = os.waitpid(pid, 0)
+                data += _read_available(rfd)
+                for pid in list(left):
+                    try:
+                        done, status = os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        done, status = pid, 0
+                    if done:
+                        left.discard(pid)
+                        if status:
+                            self.log.error(f"queue run: delivery process {pid} ended abnormally "
+                                           f"(status {status:#x}); its messages stay queued")
+                if not left:
                     break
-                except InterruptedError:
-                    continue
-                except ChildProcessError:
-                    status = 0
-                    break
-            if status:
-                self.log.error(f"queue run: delivery process {pid} ended abnormally "
-                               f"(status {status:#x}); its messages stay queued")
-        with os.fdopen(rfd, "rb") as f:
-            for line in f:
-                try:
-                    counts = json.loads(line)
-                except ValueError:
-                    continue
-                for k, v in counts.items():
-                    if k in _COUNTS:
-                        setattr(st, k, getattr(st, k) + int(v))
+                select.select([rfd], [], [], 0.05)
+            data += _read_available(rfd)
+        finally:
+            os.close(rfd)
+        for line in data.splitlines():
+            try:
+                counts = json.loads(line)
+            except ValueError:
+                continue
+            for k, v in counts.items():
+                if k in _COUNTS:
+                    setattr(st, k, getattr(st, k) + int(v))
         return True
 
     def _before_fork(self):
@@ -312,7 +344,7 @@ class Runner:
         try:
             while True:
                 data = sock.recv(256)
-                if not data:
+                if not data or data == _END:
                     break
                 self._one(data.decode("ascii", "replace"), filters, st)
         finally:

@@ -255,6 +255,52 @@ def test_two_runners_at_once_never_deliver_a_message_twice(make_instance):
         assert inst.spool.ids() == []
 
 
+def test_a_pass_ends_though_another_process_holds_its_sockets(make_instance, monkeypatch):
+    # As when another thread of the same process forks while a pass runs: the
+    # new process holds a copy of the pass's feed socket and stats pipe, so
+    # they never reach end-of-file; the pass must not wait for it.
+    holders = []
+
+    def hold(*fds):
+        pid = os.fork()
+        if pid == 0:        # keeps every descriptor of the parent's, as a fork does
+            time.sleep(30)
+            os._exit(0)
+        holders.append(pid)
+
+    real_socketpair, real_pipe = R.socket.socketpair, R.os.pipe
+
+    def socketpair(*a, **kw):
+        pair = real_socketpair(*a, **kw)
+        hold()
+        return pair
+
+    def pipe():
+        fds = real_pipe()
+        hold()
+        return fds
+    with SMTPSink("127.0.0.2") as sink:
+        inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}", delivery_process_limit=3)
+        for i in range(6):
+            queue(inst, ["bob@remote.test"], subject=f"m{i}")
+        runner = make_runner(inst)
+        monkeypatch.setattr(R.socket, "socketpair", socketpair)
+        monkeypatch.setattr(R.os, "pipe", pipe)
+        try:
+            t0 = time.monotonic()
+            st = runner.run_pass()
+            took = time.monotonic() - t0
+            monkeypatch.undo()
+            assert len(holders) == 2
+            assert (st.tried, st.removed) == (6, 6)       # the children's counts arrived
+            assert took < 20, took
+        finally:
+            for pid in holders:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        assert len(sink.delivered) == 6
+
+
 def test_a_pass_with_several_delivery_processes_delivers_each_message_once(make_instance):
     with SMTPSink("127.0.0.2") as sink:
         inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}", delivery_process_limit=3)
