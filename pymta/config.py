@@ -94,7 +94,7 @@ _PARAMS = [
     P("smtpd_timeout", TIME, "300s", "Time a client has to send each command or each block of message data.", section="smtpd"),
     P("smtpd_min_data_rate", INT, "64", "Slowest average rate in bytes per second accepted during DATA; 0 disables.", section="smtpd"),
     P("smtpd_process_model", ENUM, "threads", "How sessions run: threads (one event loop, with syncer processes for the fsyncs and threads for lookups and TLS sessions; see pymta(8)) or fork (a child process per session).", choices=("threads", "fork"), section="smtpd"),
-    P("smtpd_listeners", INT, "0", "Listener processes of the daemon, each with its event loop on the same sockets; 0: one per CPU but one (left to the deliveries), at least 1, at most 4.", section="smtpd"),
+    P("smtpd_listeners", INT, "0", "Listener processes of the daemon, each with its event loop on the same sockets; 0: one per CPU but one (left to the deliveries), at least 2 (1 on a one-CPU machine), at most 4.", section="smtpd"),
     P("smtpd_session_limit", INT, "100", "Most SMTP sessions at once; more get 421. Each listener process admits its share (the limit divided by smtpd_listeners, rounded up).", section="smtpd"),
     P("smtpd_client_connection_count_limit", INT, "50", "Most simultaneous sessions from one client address; more get 421. Each listener process admits its share, as for smtpd_session_limit.", section="smtpd"),
     P("smtpd_greet_pause", TIME, "0s", "Wait this long before the greeting; a client that talks first gets 554.", section="smtpd"),

@@ -85,9 +85,12 @@ def _drop_privileges(owner):
 
 def listener_count(cfg):
     """smtpd_listeners, or by default one per CPU but one (kept for the
-    master's deliveries), at least one, at most four."""
+    master's deliveries), at least two (one on a one-CPU machine), at most
+    four. Two on two CPUs: big messages make one listener CPU-bound, and
+    with small ones a second costs nothing measurable (bench/RESULTS.md)."""
     n = cfg.smtpd_listeners
-    return n if n > 0 else max(1, min(4, (os.cpu_count() or 1) - 1))
+    cpus = os.cpu_count() or 1
+    return n if n > 0 else max(min(2, cpus), min(4, cpus - 1))
 
 
 def _bind_all(cfg, copies=1):

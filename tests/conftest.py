@@ -34,6 +34,10 @@ class Instance:
             "smtpd_listen": "127.0.0.1:0",
             "queue_minfree": "0",
             "dns_nameservers": "127.0.0.1:1",
+            # One listener, whatever the CPUs: tests that look at "the"
+            # listener (its syncers, its memory) must get their connections
+            # there. The tests of several listeners ask for them.
+            "smtpd_listeners": "1",
         }
         self.params.update({k: str(v) for k, v in params.items()})
         os.makedirs(os.path.join(self.root, "mail"), exist_ok=True)
