@@ -15,13 +15,13 @@ PATH_MAX = 256
 # The character classes as sets of what they exclude (every other character,
 # non-ASCII too, is in). No regular expressions: sendmail imports this
 # module, and importing re costs its start-up (its latency) a third.
-CONTROLS = _CTL = frozenset(map(chr, [*range(0x20), 0x7f]))
+CONTROLS = frozenset(map(chr, [*range(0x20), 0x7f]))
 # atext, and the dot between atoms: RFC 5322 3.2.3, non-ASCII allowed (RFC 6531)
-_NOT_ATEXT = _CTL | frozenset(' "(),:;<>@[\\]')
+_NOT_ATEXT = CONTROLS | frozenset(' "(),:;<>@[\\]')
 # letters, digits, hyphen (and non-ASCII, for U-labels)
 _NOT_LABEL = frozenset(map(chr, [*range(0x2d), 0x2e, 0x2f, *range(0x3a, 0x41),
                                  *range(0x5b, 0x61), *range(0x7b, 0x80)]))
-_NOT_XVALUE = _CTL | frozenset(" =")    # esmtp-value: RFC 5321 4.1.2
+_NOT_XVALUE = CONTROLS | frozenset(" =")    # esmtp-value: RFC 5321 4.1.2
 _KEYWORD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 _HEX_UPPER = frozenset("0123456789ABCDEF")
 
@@ -133,7 +133,7 @@ def check_local(local):
             raise _bad("Bad quoted local part", 501, "5.1.3")
         inner = local[1:-1]
         bare_quote = any(c == '"' and (i == 0 or inner[i - 1] != "\\") for i, c in enumerate(inner))
-        if bare_quote or not _CTL.isdisjoint(inner.replace("\t", "")):
+        if bare_quote or not CONTROLS.isdisjoint(inner.replace("\t", "")):
             raise _bad("Bad quoted local part", 501, "5.1.3")
         return
     if not is_dot_atom(local):
@@ -195,7 +195,7 @@ def parse_path(text, allow_null=False, require_domain=True):
 def check_mailbox(address, require_domain=True):
     """Validate 'local@domain' (or a bare local part when allowed); returns
     the normalized text or raises AddressError."""
-    if not _CTL.isdisjoint(address):
+    if not CONTROLS.isdisjoint(address):
         raise _bad("Control character in address", 501, "5.1.3")
     local, domain = split(address)
     check_local(local)
