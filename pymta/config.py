@@ -144,7 +144,7 @@ _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 
 def _is_name(text):
     """[A-Za-z0-9_]+"""
-    return bool(text) and all(c in _NAME_CHARS for c in text)
+    return bool(text) and _NAME_CHARS.issuperset(text)
 
 
 def _is_number(text):

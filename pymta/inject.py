@@ -24,8 +24,7 @@ BLOCK = 64 * 1024
 # No regular expressions: importing re would cost every sendmail run (its
 # latency) a third of its time.
 _FIELD_NAME_CHARS = bytes(range(0x21, 0x7f))     # ftext, and ':' ends the name
-_CONTROLS = A.CONTROLS
-_CONTROLS_TO_SPACE = dict.fromkeys(map(ord, _CONTROLS), " ")
+_CONTROLS_TO_SPACE = dict.fromkeys(map(ord, A.CONTROLS), " ")
 _SPECIALS = frozenset('()<>[]:;@\\,."')
 
 
@@ -245,7 +244,7 @@ def _flush(items, cur):
 
 def parse_recipient(text, origin, exit_code):
     """One recipient as typed -> (address, flags); refuses programs and files."""
-    if not _CONTROLS.isdisjoint(text):
+    if not A.CONTROLS.isdisjoint(text):
         raise InjectError(f"control character in recipient address {text!r}", exit_code=exit_code)
     addr, flags = text.strip(), E.PRIMARY
     if addr.startswith("\\"):
@@ -293,7 +292,7 @@ class Submission:
     def _sender(self, given):
         if given is None:
             return self.own_address
-        if not _CONTROLS.isdisjoint(given):
+        if not A.CONTROLS.isdisjoint(given):
             raise InjectError(f"control character in sender address {given!r}")
         s = given.strip()
         if s.startswith("<") and s.endswith(">"):
@@ -307,7 +306,7 @@ class Submission:
         return A.qualify(s, self.cfg.myorigin)
 
     def add_list(self, text, exit_code):
-        if exit_code == EX_USAGE and not _CONTROLS.isdisjoint(text):
+        if exit_code == EX_USAGE and not A.CONTROLS.isdisjoint(text):
             raise InjectError(f"control character in recipient address {text!r}")
         try:
             items = split_addresses(text)
