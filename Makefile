@@ -10,8 +10,18 @@ MANDIR  ?= $(PREFIX)/share/man
 SYSCONFDIR ?= /etc/pymta
 DEVCONF := etc/pymta.dev.conf
 PYTEST_ARGS ?=
+# TESTPY: the interpreter throwaway users run in tests (tests/users.py) and
+# the one `make install` launchers are tested with. /root is 0700, so no
+# other user can run this checkout's .venv: TESTPY is a venv made from
+# Debian's /usr/bin/python3 at a world-readable path outside the checkout,
+# holding the MINIMUM dependency versions pymta supports (those Debian 12
+# ships). Built once by `make testpy` (run by `make test`); rebuilt only
+# when TESTPY_REQS change. Must be owned by the user running make.
+TESTPY  ?= /var/tmp/pymta-testpy
+TESTPY_BASE ?= /usr/bin/python3
+TESTPY_REQS := dnspython==2.3.0 python-daemon==2.3.2 lockfile==0.12.2
 
-.PHONY: all venv compile run dev-setup test man check-man bench install uninstall clean
+.PHONY: all venv testpy compile run dev-setup test man check-man bench install uninstall clean
 
 all: venv
 
@@ -36,8 +46,23 @@ run: dev-setup compile
 	@echo "pymta: SMTP on 127.0.0.1:2525, queue in var/spool, mailboxes in var/mail (Ctrl-C stops)"
 	$(PY) bin/sendmail -C $(DEVCONF) -bD -q1m
 
-test: venv
-	$(PY) -m pytest -q -n 2 --timeout 600 -p no:cacheprovider $(PYTEST_ARGS) tests
+# Idempotent and quick when done: built under a temporary name, then renamed
+# into place (two makes at once cannot leave a half-built venv), umask 022 so
+# that every user can read and run it.
+testpy:
+	@umask 022; \
+	if [ -d '$(TESTPY)' ] && [ ! -O '$(TESTPY)' ]; then \
+	    echo "$(TESTPY) is not owned by $$(id -un): refusing to use it" >&2; exit 1; fi; \
+	if [ "$$(cat '$(TESTPY)/.pymta-reqs' 2>/dev/null)" != '$(TESTPY_REQS)' ]; then \
+	    tmp='$(TESTPY)'.tmp.$$$$; rm -rf "$$tmp"; \
+	    $(TESTPY_BASE) -m venv "$$tmp" && \
+	    "$$tmp/bin/python" -m pip install -q --disable-pip-version-check $(TESTPY_REQS) && \
+	    chmod -R go-w,a+rX "$$tmp" && echo '$(TESTPY_REQS)' > "$$tmp/.pymta-reqs" && \
+	    rm -rf '$(TESTPY)' && mv -T "$$tmp" '$(TESTPY)' || { rm -rf "$$tmp"; exit 1; }; \
+	    echo "testpy: $(TESTPY) ($(TESTPY_REQS))"; fi
+
+test: venv testpy
+	PYMTA_TESTPY='$(TESTPY)' $(PY) -m pytest -q -n 2 --timeout 600 -p no:cacheprovider $(PYTEST_ARGS) tests
 
 man: check-man
 check-man:

@@ -99,3 +99,7 @@ def make_instance(tmp_path_factory):
     def make(**params):
         return Instance(tmp_path_factory.mktemp("pymta"), **params)
     return make
+
+
+# Throwaway users and a pymta they can run: see tests/users.py.
+from users import make_user, pymta_for_users, shared_dir  # noqa: E402,F401
