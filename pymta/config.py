@@ -125,6 +125,7 @@ _PARAMS = [
     P("command_path", STR, "/usr/bin:/bin", "PATH of |command deliveries.", section="local"),
     # -- remote delivery
     P("smtp_port", INT, "25", "Port that remote delivery connects to.", section="smtp"),
+    P("smtp_destination_recipient_limit", INT, "50", "Most recipients per remote SMTP transaction; more go in further transactions (0: no limit).", section="smtp"),
     P("smtp_helo_name", STR, "$myhostname", "Name sent in EHLO/HELO by remote delivery.", section="smtp"),
     P("smtp_connect_timeout", TIME, "30s", "Time allowed to connect to a remote server.", section="smtp"),
     P("smtp_helo_timeout", TIME, "300s", "Time allowed for the greeting and EHLO reply.", section="smtp"),

@@ -410,9 +410,43 @@ def transaction(cfg, conn, env, rcpts, spool, reset=False):
 
 def deliver(cfg, env, rcpts, domain, log=None, resolver=None, cache=None, verbose=False):
     """Deliver ``env`` to ``rcpts`` (envelope.Recipient objects or addresses)
-    at the next hop ``domain``; returns Results (address -> Reply)."""
+    at the next hop ``domain``; returns Results (address -> Reply).
+
+    Recipients go out in transactions of at most
+    smtp_destination_recipient_limit. Recipients a server answered 452 (too
+    many recipients) go again at once in a new transaction, over the same
+    connection when it stays open, as long as each transaction gets at least
+    one recipient accepted; otherwise the 452 stands and they are deferred."""
     log = log or logging.getLogger("pymta")
     rcpts = [r if hasattr(r, "address") else _Rcpt(r) for r in rcpts]
+    limit = cfg.smtp_destination_recipient_limit
+    own_cache = cache is None
+    if own_cache:
+        cache = ConnectionCache(per_destination=1)
+    results = Results()
+    pending = list(rcpts)
+    try:
+        while pending:
+            batch, pending = (pending[:limit], pending[limit:]) if limit > 0 else (pending, [])
+            res = _deliver_batch(cfg, env, batch, domain, log, resolver, cache, verbose)
+            if res.relay or not results.relay:
+                results.relay = res.relay
+            again = [r for r in batch if res[r.address].code == 452]
+            progress = any(200 <= res[r.address].code < 300 for r in batch)
+            for r in batch:
+                if not (progress and res[r.address].code == 452):
+                    results[r.address] = res[r.address]
+            if progress and again:
+                pending = again + pending
+    finally:
+        if own_cache:
+            cache.close_all()
+    return results
+
+
+def _deliver_batch(cfg, env, rcpts, domain, log, resolver, cache, verbose):
+    """One transaction for ``rcpts`` at ``domain`` (reusing a cached
+    connection when there is one)."""
     spool = Spool.from_config(cfg)
     name, port, use_mx = destination(cfg, domain)
     key = (name.lower(), port)

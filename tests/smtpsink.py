@@ -135,6 +135,8 @@ class _Handler(socketserver.StreamRequestHandler):
                 t.rcpts.append(addr)
                 t.rcpt_params[addr] = params
                 action = sink.rcpt.get(addr, sink.default_rcpt)
+                if sink.rcpt_limit and len(t.accepted) >= sink.rcpt_limit:
+                    action = "452"
                 if not self.act(action):
                     return
                 if str(action).startswith("2"):
@@ -184,12 +186,13 @@ class SMTPSink:
     def __init__(self, host="127.0.0.1", port=0, rcpt=None, default_rcpt="250",
                  greeting="220", mail="250", data="250", size=10240000,
                  extensions=("8BITMIME", "DSN", "PIPELINING", "ENHANCEDSTATUSCODES"),
-                 tls_context=None, stall_time=30, name="sink.test"):
+                 tls_context=None, stall_time=30, name="sink.test", rcpt_limit=0):
         self.host = host
         self.rcpt = dict(rcpt or {})
         self.default_rcpt, self.greeting, self.mail, self.data = default_rcpt, greeting, mail, data
         self.size, self.extensions, self.tls_context = size, list(extensions), tls_context
         self.stall_time, self.name = stall_time, name
+        self.rcpt_limit = rcpt_limit        # accepted RCPTs per transaction; more get 452
         self.transactions, self.commands = [], []
         self.connections = 0
         self.data_seen = threading.Event()

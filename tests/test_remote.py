@@ -250,3 +250,32 @@ def test_large_message_with_many_dot_lines_arrives_intact(tmp_path, sink):
     data = sink.delivered[0].data.replace(b"\r\n", b"\n")
     assert len(data) == os.path.getsize(sp.path("df", env.id))
     assert data.count(b"\n.z") == 100000
+
+
+def test_recipients_are_split_at_the_destination_recipient_limit(tmp_path, sink):
+    cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.2]:{sink.port}", smtp_destination_recipient_limit="3")
+    rcpts = [f"u{i}@remote.test" for i in range(7)]
+    env = queue(cfg, MSG, rcpts)
+    res = remote.deliver(cfg, env, env.recipients, "remote.test")
+    assert all(res[a].code == 250 for a in rcpts)
+    assert [t.rcpts for t in sink.delivered] == [rcpts[0:3], rcpts[3:6], rcpts[6:7]]
+    assert sink.connections == 1            # one connection, three transactions
+
+
+def test_recipients_answered_452_go_again_at_once_in_a_new_transaction(tmp_path):
+    with SMTPSink("127.0.0.2", rcpt_limit=2) as sink:
+        cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.2]:{sink.port}", smtp_destination_recipient_limit="50")
+        rcpts = [f"u{i}@remote.test" for i in range(5)]
+        env = queue(cfg, MSG, rcpts)
+        res = remote.deliver(cfg, env, env.recipients, "remote.test")
+        assert {a: res[a].code for a in rcpts} == {a: 250 for a in rcpts}
+        assert [t.accepted for t in sink.delivered] == [rcpts[0:2], rcpts[2:4], rcpts[4:5]]
+
+
+def test_452_with_nothing_accepted_defers_instead_of_looping(tmp_path):
+    with SMTPSink("127.0.0.2", default_rcpt="452") as sink:
+        cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.2]:{sink.port}")
+        env = queue(cfg, MSG, ["a@remote.test", "b@remote.test"])
+        res = remote.deliver(cfg, env, env.recipients, "remote.test")
+        assert res["a@remote.test"].code == 452 and res["b@remote.test"].code == 452
+        assert len(sink.transactions) == 1
