@@ -248,10 +248,10 @@ def _rcpt_params(conn, r):
         if words:
             params.append("NOTIFY=" + ",".join(words))
     if r.orcpt:
+        # The spool keeps the value decoded; on the wire it is xtext
+        # (RFC 3461 4.2): "+" and "=" too, or user+tag@ is refused.
         kind, sep, value = r.orcpt.partition(";")
-        if sep and re.fullmatch(r"[\x21-\x7e]+", value) and "=" not in value:
-            params.append(f"ORCPT={kind};{value}")
-        elif sep:
+        if sep:
             params.append(f"ORCPT={kind};{xtext_encode(value)}")
     return "".join(" " + p for p in params)
 

@@ -100,6 +100,15 @@ def test_mail_and_rcpt_carry_size_body_and_dsn_parameters(tmp_path, sink):
     assert t.rcpt_params["bob@remote.test"] == "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Bob@remote.test"
 
 
+def test_orcpt_is_sent_as_xtext(tmp_path, sink):
+    cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.2]:{sink.port}")
+    r = E.Recipient("bob@remote.test", flags="S" + E.PRIMARY, orcpt="rfc822;user+tag@local.test")
+    env = queue(cfg, MSG, [r])
+    remote.deliver(cfg, env, env.recipients, "remote.test")
+    t = sink.delivered[0]
+    assert t.rcpt_params["bob@remote.test"] == "NOTIFY=SUCCESS ORCPT=rfc822;user+2Btag@local.test"
+
+
 def test_server_without_extensions_gets_plain_commands(tmp_path):
     with SMTPSink("127.0.0.2", extensions=(), size=0) as sink:
         cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.2]:{sink.port}")
