@@ -57,7 +57,7 @@ def _status_fields(cfg, env, rcpts, action, now):
         host = _relay_host(r.relay)
         if host and not host.startswith("local"):
             lines.append(f"Remote-MTA: dns; {host}")
-        diag = _diagnostic(r)
+        diag = _diagnostic(r) if r.text else ""
         if diag:
             lines.append(f"Diagnostic-Code: smtp; {diag}")
         lines.append(f"Last-Attempt-Date: {_date(r.updated or env.last_attempt or now)}")

@@ -446,10 +446,14 @@ class Runner:
         expired = now - env.created >= lifetime
         if expired:
             for r in env.pending:
-                why = r.text or "no attempt made"
+                last = r.text
                 self._record(env, r, Reply(554, "4.4.7", f"Message expired after "
-                                           f"{fmt_delay(now - env.created)}; last error: {why}"),
+                                           f"{fmt_delay(now - env.created)}; last error: "
+                                           f"{last or 'no attempt made'}"),
                              now, now, "", relay=r.relay, state=E.FAILED)
+                # The log says why; the report's Diagnostic-Code is the last
+                # reply really received, or none: no server said 554 4.4.7.
+                r.text = last
         else:
             self._route_and_deliver(env, now, later)
         self._notify(env, now, later)

@@ -188,7 +188,19 @@ def test_expired_message_bounces_with_4_4_7(relay_inst, sink):
     f = dsn_fields(msg)[1]
     assert f["Status"] == "4.4.7" and f["Action"] == "failed"
     assert "451 4.0.0 Try again later" in f["Diagnostic-Code"]
+    assert "4.4.7" not in f["Diagnostic-Code"]
     assert "dsn=4.4.7" in relay_inst.maillog()
+
+
+def test_expired_message_never_tried_has_no_invented_diagnostic(relay_inst, sink):
+    clock = Clock()
+    queue(relay_inst, ["late@remote.test"], created=clock.t - 5 * 86400 - 1, subject="old")
+    make_runner(relay_inst, now=clock).run_pass()
+    assert relay_inst.spool.ids() == []
+    f = dsn_fields(parse(sink.delivered[-1]))[1]
+    assert f["Status"] == "4.4.7" and f["Action"] == "failed"
+    assert "Diagnostic-Code" not in f
+    assert "no attempt made" in relay_inst.maillog()
 
 
 def test_bounce_that_fails_goes_to_postmaster_and_a_failed_double_bounce_is_dropped(make_instance, sink):
