@@ -27,6 +27,8 @@ from .local import Target
 from .status import Reply, EX_OK, EX_NOUSER
 
 MAX_DEPTH = 20
+INCLUDE_SIZE_LIMIT = 1024 * 1024   # bytes of an include file read as its user
+INCLUDE_TIME_LIMIT = 10            # seconds to read it
 _NOTIFY_FLAGS = "SFDN"
 
 
@@ -323,7 +325,7 @@ class Router:
             elif t.startswith("/"):
                 self._child(state, rcpt, t, E.FROM_ALIAS if files_ok else "", uid)
             elif t.lower().startswith(":include:"):
-                self._include(t[9:], rcpt, state, stack, depth + 1)
+                self._include(t[9:], rcpt, state, stack, depth + 1, uid)
             elif t.startswith("\\"):
                 addr = t[1:]
                 if self.is_local(addr):
@@ -340,7 +342,31 @@ class Router:
                 else:
                     self._name(name, rcpt, state, stack, depth + 1)
 
-    def _include(self, path, rcpt, state, stack, depth):
+    def _read_as(self, path, uid):
+        """The text of include file ``path`` read with the rights of ``uid``
+        (a child process as that user: a file the user cannot read cannot be
+        included), and its stat; raises OSError (nothing of the file in it)."""
+        pw = pwd.getpwuid(uid)
+        import grp
+        groups = [g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem]
+        import subprocess
+        try:
+            r = subprocess.run(["head", "-c", str(INCLUDE_SIZE_LIMIT), "--", path],
+                               capture_output=True, timeout=INCLUDE_TIME_LIMIT, user=pw.pw_uid,
+                               group=pw.pw_gid, extra_groups=groups, env={"PATH": "/usr/bin:/bin"},
+                               cwd="/")
+        except subprocess.TimeoutExpired:
+            raise OSError(0, f"not read in {INCLUDE_TIME_LIMIT}s") from None
+        if r.returncode != 0:
+            raise OSError(0, f"not readable by {pw.pw_name}")
+        return os.stat(path), r.stdout.decode("utf-8", "surrogateescape")
+
+    def _include(self, path, rcpt, state, stack, depth, owner=-1):
+        """Expand :include:``path``. ``owner`` is the uid whose expansion
+        names it (a .forward's user, or an include file's owner; -1 for the
+        aliases, root's): the file is opened with that user's rights and its
+        commands and files run as that user. From the aliases it is opened
+        as root and runs as the file's owner (root: default_privs)."""
         key = ":include:" + path
         if key in stack:
             state["loops"].append(stack + (key,))
@@ -348,13 +374,17 @@ class Router:
         if depth > MAX_DEPTH:
             raise _Loop(stack + (key, f"... ({MAX_DEPTH} levels max)"))
         try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                st = os.fstat(f.fileno())
-                text = f.read()
-        except OSError as e:
-            self.log.warning(f"<{rcpt.address}>: cannot open :include:{path}: {e.strerror}")
+            if owner > 0 and os.geteuid() == 0:
+                st, text = self._read_as(path, owner)
+            else:
+                with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                    st = os.fstat(f.fileno())
+                    text = f.read()
+        except (OSError, KeyError) as e:
+            why = getattr(e, "strerror", None) or "unknown owner"
+            self.log.warning(f"<{rcpt.address}>: cannot open :include:{path}: {why}")
             return
-        uid = st.st_uid
+        uid = owner if owner > 0 else st.st_uid
         safe = not st.st_mode & 0o022
         targets = []
         for t in self._file_targets(path, text):
