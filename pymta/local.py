@@ -258,14 +258,26 @@ def _append(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_roo
             ids.user()
     try:
         try:
+            # O_NONBLOCK: a FIFO or device put in place of the mailbox must not
+            # hang the worker; it is refused below once fstat has seen it.
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError as e:
+            if e.errno == errno.ENXIO:      # a FIFO with no reader
+                raise _DeliveryError(Reply(450, "4.2.0", f"{path} is not a regular file")) from None
             raise _DeliveryError(_os_reply(e, f"open {path}")) from None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            if not stat.S_ISREG(st.st_mode):
+                raise _DeliveryError(Reply(450, "4.2.0", f"{path} is not a regular file"))
+            if st.st_nlink != 1:
                 raise _DeliveryError(Reply(550, "5.2.0", f"{path} is not a plain file with one link"))
+            if ids is not None and st.st_uid != target.uid:
+                # Postfix local(8): a mailbox in a shared spool that the
+                # recipient does not own was made by someone else; never
+                # deliver into it.
+                raise _DeliveryError(Reply(450, "4.2.0", f"{path}: wrong owner (uid {st.st_uid})"))
+            os.set_blocking(fd, True)
             _fcntl_lock(fd, path)
             _write_mbox(fd, env, rcpt, df, cfg.mailbox_size_limit)
         finally:

@@ -365,3 +365,42 @@ def test_dot_lock_refused_by_the_directory_is_logged_once_a_minute(inst, open_di
         assert local.deliver(cfg, env, rcpt, target).code == 250
     assert len(list(mailbox.mbox(str(log)))) == 3
     assert caplog.text.count("cannot create a dot-lock") == 1
+
+
+def _spool_1777(inst):
+    spool = inst.root + "/mail"
+    os.chmod(inst.root, 0o755)
+    os.chmod(spool, 0o1777)
+    return spool
+
+
+@needs_root
+def test_mailbox_pre_created_by_another_user_is_not_delivered_into(open_inst, make_user):
+    from users import run_as
+    victim, attacker = make_user(), make_user()
+    spool = _spool_1777(open_inst)
+    box = os.path.join(spool, victim.pw_name)
+    p = run_as(attacker, ["/bin/sh", "-c", f"umask 0; : > {box}"])
+    assert p.returncode == 0, p.stderr
+    cfg, env, r = queue(open_inst)
+    t = route.Router(cfg).mailbox_target(victim)
+    assert t.path == box
+    reply = local.deliver(cfg, env, r, t)
+    assert reply.code == 450 and "wrong owner" in reply.text
+    assert os.path.getsize(box) == 0
+
+
+@needs_root
+def test_fifo_in_place_of_a_mailbox_defers_at_once(open_inst, make_user):
+    from users import run_as
+    victim, attacker = make_user(), make_user()
+    spool = _spool_1777(open_inst)
+    box = os.path.join(spool, victim.pw_name)
+    p = run_as(attacker, ["/usr/bin/mkfifo", "-m", "666", box])
+    assert p.returncode == 0, p.stderr
+    cfg, env, r = queue(open_inst)
+    t = route.Router(cfg).mailbox_target(victim)
+    t0 = time.monotonic()
+    reply = local.deliver(cfg, env, r, t)
+    assert reply.code == 450 and "not a regular file" in reply.text
+    assert time.monotonic() - t0 < 20
