@@ -166,6 +166,7 @@ def _dot_lock(path, notes):
     lock = LinkLockFile(path, threaded=True)
     lock_path = path + ".lock"
     deadline = time.time() + LOCK_TIMEOUT
+    pause = 0.05
     while True:
         try:
             lock.acquire(timeout=0)
@@ -181,16 +182,23 @@ def _dot_lock(path, notes):
             age = time.time() - os.stat(lock_path).st_mtime
         except FileNotFoundError:
             continue
+        stuck = ""
         if age > STALE_LOCK_AGE:
-            notes.append(f"{lock_path}: stale lock ({int(age)}s old) broken")
             try:
                 os.unlink(lock_path)
-            except OSError:
-                pass
-            continue
+                notes.append(f"{lock_path}: stale lock ({int(age)}s old) broken")
+                continue
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                # Not ours to remove (another user's, in a sticky spool): wait
+                # for it like a live lock, with back-off and the same bound,
+                # never in a busy loop.
+                stuck = f", stale lock cannot be removed: {e.strerror}"
         if time.time() >= deadline:
-            raise _DeliveryError(Reply(450, "4.2.0", f"Mailbox {path} is locked (dot-lock)"))
-        time.sleep(0.2)
+            raise _DeliveryError(Reply(450, "4.2.0", f"Mailbox {path} is locked (dot-lock{stuck})"))
+        time.sleep(pause)
+        pause = min(pause * 2, 1.0)
 
 
 def _fcntl_lock(fd, path):

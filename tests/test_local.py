@@ -404,3 +404,23 @@ def test_fifo_in_place_of_a_mailbox_defers_at_once(open_inst, make_user):
     reply = local.deliver(cfg, env, r, t)
     assert reply.code == 450 and "not a regular file" in reply.text
     assert time.monotonic() - t0 < 20
+
+
+@needs_root
+def test_stale_lock_of_another_user_defers_within_the_bound_without_spinning(
+        open_inst, make_user, monkeypatch):
+    from users import run_as
+    victim, attacker = make_user(), make_user()
+    spool = _spool_1777(open_inst)
+    lock = os.path.join(spool, victim.pw_name + ".lock")
+    p = run_as(attacker, ["/bin/sh", "-c", f": > {lock} && touch -d '2 hours ago' {lock}"])
+    assert p.returncode == 0, p.stderr
+    monkeypatch.setattr(local, "LOCK_TIMEOUT", 2)
+    cfg, env, r = queue(open_inst)
+    t = route.Router(cfg).mailbox_target(victim)
+    t0 = time.monotonic()
+    reply = local.deliver(cfg, env, r, t)
+    elapsed = time.monotonic() - t0
+    assert reply.code == 450 and "locked" in reply.text, reply
+    assert elapsed < 20
+    assert sorted(os.listdir(spool)) == [victim.pw_name + ".lock"]
