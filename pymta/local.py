@@ -231,12 +231,22 @@ class _Ids:
 
 
 def _root_only_dir(path):
-    """Whether the directory of ``path`` is writable by root alone (no symlink traps)."""
-    try:
-        st = os.stat(os.path.dirname(path) or ".")
-    except OSError:
-        return False
-    return st.st_uid == 0 and not st.st_mode & 0o022
+    """Whether the directory of ``path`` is writable by root alone and reached
+    without a symlink through directories only root can change (a sticky
+    root-owned one like /tmp counts): no one else can have redirected it."""
+    folder = os.path.abspath(os.path.dirname(path) or ".")
+    parts = folder.split("/")
+    for i in range(1, len(parts) + 1):
+        step = "/".join(parts[:i]) or "/"
+        try:
+            st = os.lstat(step)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            return False
+        if st.st_mode & 0o022 and not (st.st_mode & stat.S_ISVTX and step != folder):
+            return False
+    return True
 
 
 def _append(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_root=False):
@@ -252,9 +262,11 @@ def _append(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_roo
         ids.root()
     try:
         lock = _dot_lock(path, notes)
-        if ids is not None:
-            if not as_root:
-                ids.root()
+        # Root makes the new mailbox only in a directory root alone can write
+        # (no one can have planted a symlink on the way); anywhere else (a
+        # home, a shared spool) it is created by the user's own open below,
+        # so a symlink the user controls leads nowhere the user cannot write.
+        if as_root:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                 os.fchown(fd, target.uid, target.gid if create_gid is None else create_gid)
@@ -286,6 +298,12 @@ def _append(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_roo
                 # deliver into it.
                 raise _DeliveryError(Reply(450, "4.2.0", f"{path}: wrong owner (uid {st.st_uid})"))
             os.set_blocking(fd, True)
+            if ids is not None and create_gid is not None and st.st_gid != create_gid \
+                    and st.st_size == 0:
+                try:
+                    os.fchown(fd, -1, create_gid)   # a new mailbox in a mail-group spool
+                except OSError:
+                    pass
             _fcntl_lock(fd, path)
             _write_mbox(fd, env, rcpt, df, cfg.mailbox_size_limit)
         finally:

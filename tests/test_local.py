@@ -424,3 +424,23 @@ def test_stale_lock_of_another_user_defers_within_the_bound_without_spinning(
     assert reply.code == 450 and "locked" in reply.text, reply
     assert elapsed < 20
     assert sorted(os.listdir(spool)) == [victim.pw_name + ".lock"]
+
+
+@needs_root
+def test_home_mailbox_through_a_symlink_the_user_planted_is_not_created_by_root(
+        open_dir, make_user):
+    from users import run_as
+    user = make_user()
+    target_dir = open_dir / "sbin"
+    target_dir.mkdir()
+    os.chmod(target_dir, 0o755)
+    p = run_as(user, ["/bin/ln", "-s", str(target_dir), os.path.join(user.pw_dir, "Mail")])
+    assert p.returncode == 0, p.stderr
+    inst = Instance(open_dir / "inst", home_mailbox="Mail/inbox")
+    cfg, env, r = queue(inst)
+    t = route.Router(cfg).mailbox_target(user)
+    assert t.path == os.path.join(user.pw_dir, "Mail/inbox")
+    reply = local.deliver(cfg, env, r, t)
+    assert reply.code // 100 == 4, reply
+    assert "Permission denied" in reply.text
+    assert os.listdir(target_dir) == []
