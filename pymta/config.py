@@ -129,6 +129,7 @@ _PARAMS = [
     P("smtp_helo_name", STR, "$myhostname", "Name sent in EHLO/HELO by remote delivery.", section="smtp"),
     P("smtp_connect_timeout", TIME, "30s", "Time allowed to connect to a remote server.", section="smtp"),
     P("smtp_helo_timeout", TIME, "300s", "Time allowed for the greeting and EHLO reply.", section="smtp"),
+    P("smtp_dead_host_time", TIME, "300s", "How long a server that refused the connection, timed out or greeted with 421 is skipped: its other messages are deferred with the same reason without connecting (0: never).", section="smtp"),
     P("smtp_data_done_timeout", TIME, "600s", "Time allowed for the reply to the end of the message.", section="smtp"),
     P("smtp_command_timeout", TIME, "300s", "Time allowed for the reply to other commands.", section="smtp"),
     P("dns_nameservers", LIST, "", "DNS servers for MX and address lookups (address or address:port); empty means the system resolver.", section="smtp"),

@@ -24,6 +24,7 @@ import smtplib
 import socket
 import ssl
 import threading
+import time
 
 from . import config as C
 from . import mx
@@ -156,9 +157,60 @@ def literal_is_ip(text):
         return False
 
 
+class DeadHosts:
+    """Servers (address, port) that refused the connection, timed out or
+    greeted with 421, with the reply, until smtp_dead_host_time has passed.
+    Shared by every delivery of the process, so that a dead relay costs one
+    connection attempt per period, not one per message."""
+
+    def __init__(self):
+        self._dead = {}
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            item = self._dead.get(key)
+            if item is None:
+                return None
+            if item[0] <= time.monotonic():
+                del self._dead[key]
+                return None
+            return item[1]
+
+    def mark(self, cfg, key, reply):
+        if cfg.smtp_dead_host_time > 0:
+            with self._lock:
+                self._dead[key] = (time.monotonic() + cfg.smtp_dead_host_time, reply)
+
+    def clear(self, key=None):
+        with self._lock:
+            if key is None:
+                self._dead.clear()
+            else:
+                self._dead.pop(key, None)
+
+
+dead_hosts = DeadHosts()
+
+
 def _open(cfg, host, ip, port, verbose, log, tls_ok=True):
     """Connect, greet, EHLO and (maybe) STARTTLS; returns (Connection, None)
-    or (None, Reply) saying why this address is no good."""
+    or (None, Reply) saying why this address is no good. A server marked
+    dead is not tried; one that refuses, times out or greets with 421 is
+    marked dead."""
+    dead = dead_hosts.get((ip, port))
+    if dead is not None:
+        return None, dead
+    conn, why = _open1(cfg, host, ip, port, verbose, log, tls_ok)
+    if conn is not None:
+        dead_hosts.clear((ip, port))
+    elif (why.code == 421 or why.enhanced == "4.4.1" and why.text.startswith("connect to")
+          or "initial server greeting" in why.text and "timed out" in why.text):
+        dead_hosts.mark(cfg, (ip, port), why)
+    return conn, why
+
+
+def _open1(cfg, host, ip, port, verbose, log, tls_ok=True):
     smtp = _SMTP(cfg)
     if verbose:
         smtp.set_debuglevel(1)
@@ -201,7 +253,7 @@ def _open(cfg, host, ip, port, verbose, log, tls_ok=True):
                 smtp.close()
                 if level == "may":
                     log.info(f"{where}: TLS failed ({e}); trying again without TLS")
-                    return _open(cfg, host, ip, port, verbose, log, tls_ok=False)
+                    return _open1(cfg, host, ip, port, verbose, log, tls_ok=False)
                 return None, _temp(f"TLS handshake with {where} failed: {e}", "4.7.5")
             tls = True
             code, msg = smtp.ehlo()

@@ -2,7 +2,9 @@
 
 import os
 import shutil
+import socket
 import ssl
+import time
 import subprocess
 
 import pytest
@@ -288,3 +290,43 @@ def test_452_with_nothing_accepted_defers_instead_of_looping(tmp_path):
         res = remote.deliver(cfg, env, env.recipients, "remote.test")
         assert res["a@remote.test"].code == 452 and res["b@remote.test"].code == 452
         assert len(sink.transactions) == 1
+
+
+@pytest.fixture(autouse=True)
+def _no_dead_hosts():
+    remote.dead_hosts.clear()
+    yield
+    remote.dead_hosts.clear()
+
+
+@pytest.mark.parametrize("greeting", ["421", "stall"])
+def test_a_server_that_greets_with_421_or_never_is_marked_dead(tmp_path, greeting):
+    with SMTPSink("127.0.0.2", greeting=greeting, stall_time=5) as sink:
+        cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.2]:{sink.port}", smtp_helo_timeout="1s")
+        replies = []
+        for i in range(5):
+            env = queue(cfg, MSG, [f"u{i}@remote.test"])
+            replies.append(remote.deliver(cfg, env, env.recipients, "remote.test")[f"u{i}@remote.test"])
+        assert sink.connections == 1
+        assert all(r.code == replies[0].code and r.text == replies[0].text for r in replies)
+        assert replies[0].code == (421 if greeting == "421" else 451)
+
+
+def test_a_refusing_server_is_tried_once_until_the_dead_host_time_passes(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.2", 0))
+    port = s.getsockname()[1]
+    s.close()                          # nothing listens there: connection refused
+    cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.2]:{port}", smtp_dead_host_time="1s")
+    env = queue(cfg, MSG, ["a@remote.test"])
+    first = remote.deliver(cfg, env, env.recipients, "remote.test")["a@remote.test"]
+    assert "refused" in first.text
+    assert remote.dead_hosts.get(("127.0.0.2", port)) is not None
+    with SMTPSink("127.0.0.2", port=port) as sink:
+        again = remote.deliver(cfg, env, env.recipients, "remote.test")["a@remote.test"]
+        assert again.text == first.text and sink.connections == 0
+        deadline = time.monotonic() + 10
+        while remote.dead_hosts.get(("127.0.0.2", port)) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert remote.deliver(cfg, env, env.recipients, "remote.test")["a@remote.test"].code == 250
+        assert sink.connections == 1
