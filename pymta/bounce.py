@@ -36,22 +36,35 @@ def _relay_host(relay):
     return relay.split(" ")[0].split("[")[0] if relay else ""
 
 
+def _clean(text):
+    """What a bounce copies from a client or a remote server (an address,
+    ENVID, ORCPT, a reply text) as one line of printable text: a control
+    character (CR, LF, NUL, TAB, DEL, C1), a line separator or a byte that
+    was not UTF-8 becomes its xtext form ``+XX``, so no text can end a
+    header field, start a MIME boundary or a header of its own. CR and LF
+    of a multi-line reply become a space first."""
+    if text.isprintable():
+        return text
+    text = text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    return "".join(c if c.isprintable() else f"+{ord(c) & 0xFF if 0xDC80 <= ord(c) <= 0xDCFF else ord(c):02X}"
+                   for c in text)
+
+
 def _diagnostic(r):
-    text = r.text or r.dsn
-    return text.replace("\r", " ").replace("\n", " ")
+    return _clean(r.text or r.dsn)
 
 
 def _status_fields(cfg, env, rcpts, action, now):
     lines = [f"Reporting-MTA: dns; {cfg.myhostname}", f"X-Pymta-Queue-ID: {env.id}"]
     if env.envid:
-        lines.append(f"Original-Envelope-Id: {env.envid}")
+        lines.append(f"Original-Envelope-Id: {_clean(env.envid)}")
     lines.append(f"Arrival-Date: {_date(env.created or now)}")
     for r in rcpts:
         lines.append("")
-        lines.append(f"Final-Recipient: rfc822; {r.address}")
+        lines.append(f"Final-Recipient: rfc822; {_clean(r.address)}")
         if r.orcpt:
             kind, _, value = r.orcpt.partition(";")
-            lines.append(f"Original-Recipient: {kind.strip()}; {value.strip()}")
+            lines.append(f"Original-Recipient: {_clean(kind.strip())}; {_clean(value.strip())}")
         lines.append(f"Action: {action}")
         lines.append(f"Status: {r.dsn or ('5.0.0' if action == 'failed' else '4.0.0')}")
         host = _relay_host(r.relay)
@@ -89,8 +102,8 @@ def _text_part(cfg, env, rcpts, action, double, now):
                 "It will be retried until it is too old; the headers are attached.\n")
     lines = [head, ""]
     for r in rcpts:
-        relay = f" (relay {r.relay})" if r.relay else ""
-        lines.append(f"<{r.address}>: {_diagnostic(r)}{relay}")
+        relay = f" (relay {_clean(r.relay)})" if r.relay else ""
+        lines.append(f"<{_clean(r.address)}>: {_diagnostic(r)}{relay}")
     return "\n".join(lines) + "\n"
 
 
@@ -127,7 +140,7 @@ def report(cfg, env, rcpts, action="failed", now=None, log=None, spool=None):
     head = (
         f"Date: {_date(now)}\n"
         f"From: Mail Delivery System <MAILER-DAEMON@{cfg.myhostname}>\n"
-        f"To: <{to}>\n"
+        f"To: <{_clean(to)}>\n"
         f"Subject: {subject}\n"
         f"Message-ID: <{env.id}.{now}.{secrets.token_hex(3)}@{cfg.myhostname}>\n"
         f"Auto-Submitted: auto-replied\n"

@@ -101,6 +101,8 @@ _PARAMS = [
     P("smtpd_peername_lookup", BOOL, "yes", "Look up the client's host name (reverse DNS, confirmed forward).", section="smtpd"),
     P("smtpd_enable_expn", BOOL, "no", "Answer EXPN with the expansion of a list (else 502).", section="smtpd"),
     P("smtpd_hard_error_limit", INT, "20", "Errors a client may make in one session before it gets 421 and is disconnected.", section="smtpd"),
+    P("smtpd_sasl_failure_limit", INT, "3", "Failed AUTH attempts a client may make in one session; the last one's 535 is followed by 421 and the connection is closed.", section="smtpd"),
+    P("smtpd_sasl_failure_delay", TIME, "1s", "The reply to the n-th failed AUTH of a session is delayed n times this, and nothing more is read from the client meanwhile; 0 disables.", section="smtpd"),
     P("smtpd_long_line_action", ENUM, "keep", "A message line over line_length_limit: keep (store it whole, never cut) or reject (550 5.6.0).", choices=("keep", "reject"), section="smtpd"),
     P("smtpd_tls_cert_file", STR, "", "PEM certificate (chain) of the SMTP server for STARTTLS.", section="tls"),
     P("smtpd_tls_key_file", STR, "$smtpd_tls_cert_file", "PEM private key of the SMTP server.", section="tls"),

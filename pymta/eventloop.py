@@ -119,7 +119,7 @@ class Conn:
     """One client connection driven by the loop."""
 
     __slots__ = ("loop", "server", "services", "sock", "fd", "ip", "name", "peer", "session",
-                 "out", "events", "state", "idle_since", "data_start", "pause_until")
+                 "out", "events", "state", "idle_since", "data_start", "pause_until", "held")
 
     def __init__(self, loop, srv, sock, ip):
         self.loop, self.server, self.services = loop, srv, srv.services
@@ -133,6 +133,7 @@ class Conn:
         self.idle_since = time.monotonic()
         self.data_start = None
         self.pause_until = 0.0
+        self.held = b""            # replies held back while the session's hold runs
 
 
 class Loop:
@@ -326,6 +327,18 @@ class Loop:
                 c.data_start = c.idle_since
         else:
             c.data_start = None
+        self._reply(c, out)
+
+    def _reply(self, c, out):
+        """Send ``out``, unless the session holds its replies (a failed
+        AUTH): then they wait, and nothing is read, until the scan after
+        the hold releases them."""
+        if c.session.hold:
+            c.held += out
+            c.state = "hold"
+            c.pause_until = time.monotonic() + c.session.hold
+            self._update(c)
+            return
         self._emit(c, out)
 
     def _after(self, c):
@@ -391,7 +404,7 @@ class Loop:
             result = c.session.commit_error(result)
         c.state = "open"
         c.idle_since = time.monotonic()
-        self._emit(c, c.session.commit_done(result))
+        self._reply(c, c.session.commit_done(result))
 
     def _emit(self, c, data):
         if data:
@@ -486,6 +499,12 @@ class Loop:
             if c.state == "pause":
                 if now >= c.pause_until:
                     self._open(c)
+                continue
+            if c.state == "hold":
+                if now >= c.pause_until:
+                    c.state, c.idle_since = "open", now
+                    out, c.held = c.held, b""
+                    self._reply(c, out + c.session.release())
                 continue
             if c.state != "open":
                 continue

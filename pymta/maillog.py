@@ -9,6 +9,11 @@ two lines. With ``setup_logging(..., light=True)`` the modules of that path
 log through :data:`log`, which writes the same lines straight to syslog or
 the maillog file; :func:`full_logging` sets up the logging package when the
 same process goes on to deliver (``-odi``, ``-odb``).
+
+Every line is passed through :func:`printable` on its way out, whoever
+wrote it: what a client sent (a HELO name, an AUTH user name, an address,
+a reply of a remote server) can never start a line of its own or carry
+bytes a terminal or a log parser would act on.
 """
 
 import os
@@ -18,6 +23,27 @@ import time
 _LEVELS = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 _light = None       # (write(level, text), verbose) while the light logger is in use
 _params = None      # setup_logging's arguments, for full_logging()
+
+
+def printable(text):
+    """``text`` fit for one log line: every character that is not printable
+    (control characters, CR, LF, NUL, TAB, DEL, C1 controls, line and
+    paragraph separators) becomes a backslash escape, ``\\ooo`` in octal
+    below 256 (LF is ``\\012``) and ``\\uXXXX`` above; a byte that was not
+    UTF-8 (kept by ``surrogateescape``) becomes the octal escape of the
+    byte. Printable text, non-ASCII letters included, is kept as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c):
+    o = ord(c)
+    if 0xDC80 <= o <= 0xDCFF:        # an undecodable byte (surrogateescape)
+        o -= 0xDC00
+    if o < 0x100:
+        return "\\%03o" % o
+    return "\\u%04x" % o if o < 0x10000 else "\\U%08x" % o
 
 
 _stamp = (0, "")     # (second, its time stamp), replaced whole: threads share it
@@ -70,7 +96,7 @@ class _Log:
         write, verbose = _light
         if level == "debug" and not verbose:
             return
-        write(level, msg % args if args else msg)
+        write(level, printable(msg % args if args else msg))
 
     def debug(self, msg, *args):
         self._emit("debug", msg, args)
@@ -89,6 +115,16 @@ class _Log:
 
 
 log = _Log()
+
+
+class _Printable:
+    """A logging filter: the record's message made :func:`printable`."""
+
+    def filter(self, record):
+        text = record.getMessage()
+        if not text.isprintable():
+            record.msg, record.args = printable(text), None
+        return True
 
 
 def _syslog_handler(name, facility):
@@ -133,6 +169,10 @@ def setup_logging(cfg, foreground=False, tag=None, verbose=False, light=False):
         logger.removeHandler(h)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+    for f in list(logger.filters):
+        if isinstance(f, _Printable):
+            logger.removeFilter(f)
+    logger.addFilter(_Printable())     # for the lines the logging package writes
     if cfg.maillog_file:
         handler = logging.FileHandler(cfg.maillog_file, delay=True)
         handler.setFormatter(logging.Formatter(
@@ -212,7 +252,7 @@ def _fast_methods(logger, handler, cfg, name):
                 return slow(logger, msg, *args, exc_info=exc_info, **kw)
             if levelno < logger.level:
                 return
-            text = msg % args if args else str(msg)
+            text = printable(msg % args if args else str(msg))
             if exc_info:
                 tb = traceback.format_exc()
                 if tb and tb != "NoneType: None\n":

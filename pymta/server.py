@@ -240,10 +240,17 @@ def _pump(sock, session, services, peer):
             if session.last_command != "QUIT":
                 log.info(lost_line(session.last_command, peer))
             return sock
-        idle_since = time.monotonic()
         out = session.feed(data)
-        while session.pending is not None:      # a session moved from the event loop
-            out += session.commit_done(session.run_commit())
+        while True:
+            if session.pending is not None:     # a session moved from the event loop
+                out += session.commit_done(session.run_commit())
+            elif session.hold:                  # a failed AUTH: its reply waits
+                time.sleep(session.hold)
+                _send(sock, out, cfg)
+                out = session.release()
+            else:
+                break
+        idle_since = time.monotonic()
         _send(sock, out, cfg)
         if session.starttls_wanted:
             sock = starttls(sock, session, services, peer)

@@ -57,6 +57,16 @@ _HELP = ("Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP START
 _POSTMASTER_RE = re.compile(r'^<\s*(?:"postmaster"|postmaster)\s*>(.*)$', re.I)
 
 
+_PRINTABLE_ASCII = frozenset(map(chr, range(0x20, 0x7f)))
+
+
+def _orcpt_text(text):
+    """A decoded ORCPT address: no control character (C0, DEL, C1), no
+    byte that was not UTF-8; non-ASCII is allowed (RFC 6533 utf-8 type)."""
+    return all(" " <= c < "\x7f" or "\xa0" <= c and not "\udc80" <= c <= "\udcff"
+               for c in text)
+
+
 def in_networks(ip, networks):
     """Whether ``ip`` (text) lies in one of ``networks`` (mynetworks syntax)."""
     try:
@@ -124,6 +134,10 @@ class Session:
         self.esmtp = False
         self.tx = None
         self.errors = 0
+        self.auth_failures = 0
+        # Seconds the server waits before it sends the replies of this
+        # feed() and reads on (a failed AUTH); then it calls release().
+        self.hold = 0
         self.closed = False
         self.starttls_wanted = False
         self.last_command = "CONNECT"
@@ -174,7 +188,8 @@ class Session:
         return self._run()
 
     def _run(self):
-        while self._buf and not self.closed and not self.starttls_wanted and self.pending is None:
+        while (self._buf and not self.closed and not self.starttls_wanted and self.pending is None
+               and not self.hold):
             if self._data is not None:
                 used, done = self._data.feed(self._buf)
                 if used:
@@ -218,6 +233,13 @@ class Session:
         self.pending = None
         self._out = []
         self._committed(writer, env, tx, result)
+        return self._run()
+
+    def release(self):
+        """The server has waited :attr:`hold` seconds: returns the replies
+        to the commands the client pipelined meanwhile."""
+        self.hold = 0
+        self._out = []
         return self._run()
 
     def timeout(self):
@@ -433,8 +455,22 @@ class Session:
             self.auth_user = user
             self._logi(f"{self.peer}: sasl_method={mech}, sasl_username={user}")
             return self._send(Reply(235, "2.7.0", "Authentication successful"))
+        # The first line in Postfix's form, which fail2ban's postfix-sasl
+        # filter knows; the user name tried goes on a line of its own.
+        self.auth_failures += 1
+        n, limit = self.auth_failures, self.cfg.smtpd_sasl_failure_limit
         self._logi(f"warning: {self.peer}: SASL {mech} authentication failed: "
-                   f"user={shown or user}")
+                   "authentication failure")
+        self._logi(f"{self.peer}: sasl_method={mech}, sasl_username={shown or user}: "
+                   f"authentication failure {n} of {limit}")
+        # Each failure waits longer for its reply (the server holds it).
+        self.hold = n * self.cfg.smtpd_sasl_failure_delay
+        if n >= limit and not self.closed:
+            self._send(Reply(535, "5.7.8", "Error: authentication failed"))
+            self._send(Reply(421, "4.7.0", f"{self.cfg.myhostname} Error: too many "
+                             "authentication failures"))
+            self._logi(f"too many authentication failures after AUTH from {self.peer}")
+            return self.close()
         self._error(Reply(535, "5.7.8", "Error: authentication failed"))
 
     def cmd_MAIL(self, arg):
@@ -466,8 +502,11 @@ class Session:
                 if (value or "").upper() not in ("FULL", "HDRS"):
                     return self._error(Reply(501, "5.5.4", "Bad RET parameter"))
             elif key == "ENVID":
-                if not value or len(value) > 100:
-                    return self._error(Reply(501, "5.5.4", "Bad ENVID parameter"))
+                # RFC 3461 4.4: printable US-ASCII once decoded; a CR or LF
+                # (+0D+0A) would end up in a bounce as a header of its own.
+                if not value or len(value) > 100 or \
+                        not _PRINTABLE_ASCII.issuperset(A.xtext_decode(value)):
+                    return self._error(Reply(501, "5.5.4", "Bad ENVID parameter syntax"))
             elif key == "AUTH":
                 pass
             elif key == "SMTPUTF8":
@@ -521,9 +560,11 @@ class Session:
                 flags += "".join(w[0] for w in words)
             elif key == "ORCPT":
                 atype, semi, xtext = (value or "").partition(";")
-                if not semi or not atype or not xtext:
-                    return self._error(Reply(501, "5.5.4", "Bad ORCPT parameter"))
-                orcpt = f"{atype.lower()};{A.xtext_decode(xtext)}"
+                decoded = A.xtext_decode(xtext)
+                if not semi or not atype or not xtext or len(value) > 500 or \
+                        not A._KEYWORD.issuperset(atype) or not _orcpt_text(decoded):
+                    return self._error(Reply(501, "5.5.4", "Bad ORCPT parameter syntax"))
+                orcpt = f"{atype.lower()};{decoded}"
             else:
                 return self._error(Reply(555, "5.5.4", f"Unsupported option: {key}"))
         if not addr.isascii() and "SMTPUTF8" not in self.tx.params:
