@@ -282,6 +282,8 @@ def test_auth_plain_and_login_only_under_tls():
     out = talk(s, b"EHLO x")
     assert b"250-AUTH PLAIN LOGIN" in out
     assert b"535 5.7.8" in talk(s, b"AUTH PLAIN AGFsaWNlAHdyb25n")
+    assert s.hold == 1          # the server waits smtpd_sasl_failure_delay, then releases
+    assert s.release() == b""
     assert b"235 2.7.0" in talk(s, b"AUTH PLAIN AGFsaWNlAHNlY3JldA==")
     out = talk(s, b"MAIL FROM:<a@b.example>", b"RCPT TO:<x@elsewhere.example>", b"DATA")
     assert codes(out) == [250, 250, 354]
