@@ -107,7 +107,9 @@ _PARAMS = [
     P("smtpd_tls_cert_file", STR, "", "PEM certificate (chain) of the SMTP server for STARTTLS.", section="tls"),
     P("smtpd_tls_key_file", STR, "$smtpd_tls_cert_file", "PEM private key of the SMTP server.", section="tls"),
     P("smtpd_tls_security_level", ENUM, "may", "none: no STARTTLS; may: offer it; encrypt: require it before MAIL.", choices=("none", "may", "encrypt"), section="tls"),
-    P("smtp_tls_security_level", ENUM, "may", "Outbound TLS: none, may (use STARTTLS when offered), encrypt (require it).", choices=("none", "may", "encrypt"), section="tls"),
+    P("smtp_tls_security_level", ENUM, "may", "Outbound TLS, with Postfix's meanings: none (never), may (STARTTLS when offered, certificate not checked, plain text if the handshake fails), encrypt (TLS required, certificate not checked), verify (TLS required, the certificate must chain to smtp_tls_CAfile and name the server: the MX host or relayhost name), secure (as verify, but the name must be the next-hop domain or one under it, never a name learnt from an MX record). A certificate refused at verify and secure defers the message with 4.7.5; nothing is sent, no fall-back to plain text.", choices=("none", "may", "encrypt", "verify", "secure"), section="tls"),
+    P("smtp_tls_CAfile", STR, "", "PEM file of the certificate authorities that remote delivery trusts at the verify and secure levels; empty means the system's store.", section="tls"),
+    P("smtp_tls_wrappermode", BOOL, "no", "Speak TLS from the first byte (implicit TLS, RFC 8314, a relayhost on port 465) instead of STARTTLS; the security level is then at least encrypt.", section="tls"),
     # -- the queue and retries
     P("maximal_queue_lifetime", TIME, "5d", "Time a message may stay queued before it is bounced.", unit="d", section="queue"),
     P("bounce_queue_lifetime", TIME, "5d", "Time a bounce may stay queued before it is given up.", unit="d", section="queue"),
@@ -134,6 +136,8 @@ _PARAMS = [
     P("smtp_dead_host_time", TIME, "300s", "How long a server that refused the connection, timed out or greeted with 421 is skipped: its other messages are deferred with the same reason without connecting (0: never).", section="smtp"),
     P("smtp_data_done_timeout", TIME, "600s", "Time allowed for the reply to the end of the message.", section="smtp"),
     P("smtp_command_timeout", TIME, "300s", "Time allowed for the reply to other commands.", section="smtp"),
+    P("smtp_sasl_auth_enable", BOOL, "no", "Log in to the next server with SMTP AUTH (PLAIN or LOGIN) when smtp_sasl_password_maps has credentials for it; only ever over TLS (see pymta(8), Relaying through a provider).", section="smtp"),
+    P("smtp_sasl_password_maps", LIST, "", "Files of client credentials, lines 'destination user:password', the destination written as in relayhost ([host]:port) or a host name; a hash: prefix names the same file. Read by the root side only; keep it mode 0600.", section="smtp"),
     P("dns_nameservers", LIST, "", "DNS servers for MX and address lookups (address or address:port); empty means the system resolver.", section="smtp"),
     P("dns_timeout", TIME, "10s", "Time allowed for one DNS lookup before the delivery is deferred.", section="smtp"),
 ]

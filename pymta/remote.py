@@ -11,10 +11,9 @@ next message to the same destination in the same queue run.
 Choices (documented in sendmail(8)): an 8-bit body to a server that does
 not offer 8BITMIME is sent as it is, without BODY= (as Postfix does with
 MIME conversion off); BINARYMIME cannot be sent over DATA and fails with
-5.6.3. ``smtp_tls_security_level = may`` uses STARTTLS when offered
-without checking the certificate, and falls back to plain text on the same
-host if the handshake fails; ``encrypt`` requires STARTTLS (4.7.4 when it
-is not offered), again without certificate checks.
+5.6.3. TLS follows the policy of :mod:`pymta.tls_policy` (STARTTLS, or
+TLS from the first byte with smtp_tls_wrappermode); after TLS, SMTP AUTH
+as a client is :mod:`pymta.sasl_client`, never in plain text.
 """
 
 import ipaddress
@@ -28,6 +27,7 @@ import time
 
 from . import config as C
 from . import mx
+from . import sasl_client, tls_policy
 from .address import domain_of, xtext_encode
 from .spool import Spool
 from .status import PermFail, Reply, TempFail
@@ -46,14 +46,21 @@ class Results(dict):
 class _SMTP(smtplib.SMTP):
     """smtplib.SMTP with a connect timeout distinct from the greeting's."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, wrap_context=None):
         self._greet_timeout = cfg.smtp_helo_timeout
+        self._wrap_context = wrap_context     # implicit TLS (smtp_tls_wrappermode)
         super().__init__(local_hostname=cfg.smtp_helo_name, timeout=cfg.smtp_connect_timeout)
 
     def _get_socket(self, host, port, timeout):
         sock = socket.create_connection((host, port), timeout, self.source_address)
         # Commands go out in whole groups; Nagle would only delay them.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._wrap_context is not None:
+            try:
+                sock = self._wrap_context.wrap_socket(sock, server_hostname=self._host)
+            except BaseException:
+                sock.close()
+                raise
         sock.settimeout(self._greet_timeout)
         return sock
 
@@ -193,15 +200,18 @@ class DeadHosts:
 dead_hosts = DeadHosts()
 
 
-def _open(cfg, host, ip, port, verbose, log, tls_ok=True):
-    """Connect, greet, EHLO and (maybe) STARTTLS; returns (Connection, None)
-    or (None, Reply) saying why this address is no good. A server marked
-    dead is not tried; one that refuses, times out or greets with 421 is
-    marked dead."""
+def _open(cfg, host, ip, port, verbose, log, tls_ok=True, policy=None, domain=None):
+    """Connect, greet, EHLO, TLS as ``policy`` (a tls_policy.Policy; the
+    static one when None) asks and AUTH when configured for next hop
+    ``domain``; returns (Connection, None) or (None, Reply) saying why this
+    address is no good. A server marked dead is not tried; one that
+    refuses, times out or greets with 421 is marked dead."""
     dead = dead_hosts.get((ip, port))
     if dead is not None:
         return None, dead
-    conn, why = _open1(cfg, host, ip, port, verbose, log, tls_ok)
+    if policy is None:
+        policy = tls_policy.static_policy(cfg, domain or host, host)
+    conn, why = _open1(cfg, host, ip, port, verbose, log, tls_ok, policy, domain or host)
     if conn is not None:
         dead_hosts.clear((ip, port))
     elif (why.code == 421 or why.enhanced == "4.4.1" and why.text.startswith("connect to")
@@ -210,14 +220,25 @@ def _open(cfg, host, ip, port, verbose, log, tls_ok=True):
     return conn, why
 
 
-def _open1(cfg, host, ip, port, verbose, log, tls_ok=True):
-    smtp = _SMTP(cfg)
+def _open1(cfg, host, ip, port, verbose, log, tls_ok, policy, domain):
+    where = f"{host}[{ip}]:{port}"
+    level = policy.level
+    wrap = cfg.smtp_tls_wrappermode and level != "none"
+    ctx = None
+    if level != "none":
+        try:
+            ctx = tls_policy.client_context(cfg, policy)
+        except tls_policy.TLSSetupError as e:
+            return None, _temp(str(e), "4.7.5")
+    smtp = _SMTP(cfg, wrap_context=ctx if wrap else None)
     if verbose:
         smtp.set_debuglevel(1)
-    where = f"{host}[{ip}]:{port}"
     smtp._host = ip if host.startswith("[") else host    # the TLS server name
     try:
         code, msg = smtp.connect(ip, port)
+    except ssl.SSLError as e:          # implicit TLS: the handshake is part of connecting
+        smtp.close()
+        return None, _tls_failed(where, e)
     except smtplib.SMTPConnectError as e:
         return None, to_reply(e.smtp_code, e.smtp_error, "4.4.1")
     except (socket.timeout, TimeoutError):
@@ -233,9 +254,13 @@ def _open1(cfg, host, ip, port, verbose, log, tls_ok=True):
     if code != 220:
         smtp.close()
         return None, to_reply(code, msg, "4.4.1" if code < 500 else "5.0.0")
-    level = cfg.smtp_tls_security_level
-    tls = False
+    tls = wrap
     try:
+        if wrap:
+            bad = tls_policy.check_peer(policy, smtp.sock)
+            if bad is not None:
+                smtp.close()
+                return None, _temp(f"TLS: {bad} ({where}, {policy.why})", "4.7.5")
         smtp.sock.settimeout(cfg.smtp_helo_timeout)
         code, msg = smtp.ehlo()
         if code != 250:
@@ -243,26 +268,32 @@ def _open1(cfg, host, ip, port, verbose, log, tls_ok=True):
             if code != 250:
                 smtp.close()
                 return None, to_reply(code, msg)
-        if level != "none" and tls_ok and smtp.has_extn("starttls"):
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
+        if not wrap and level != "none" and tls_ok and smtp.has_extn("starttls"):
             try:
                 code, msg = smtp.starttls(context=ctx)
             except (ssl.SSLError, OSError, smtplib.SMTPException) as e:
                 smtp.close()
                 if level == "may":
                     log.info(f"{where}: TLS failed ({e}); trying again without TLS")
-                    return _open1(cfg, host, ip, port, verbose, log, tls_ok=False)
-                return None, _temp(f"TLS handshake with {where} failed: {e}", "4.7.5")
+                    return _open1(cfg, host, ip, port, verbose, log, False, policy, domain)
+                return None, _tls_failed(where, e)
+            bad = tls_policy.check_peer(policy, smtp.sock)
+            if bad is not None:
+                smtp.close()
+                return None, _temp(f"TLS: {bad} ({where}, {policy.why})", "4.7.5")
             tls = True
             code, msg = smtp.ehlo()
             if code != 250:
                 smtp.close()
                 return None, to_reply(code, msg)
-        elif level == "encrypt":
+        elif not wrap and policy.required:
             smtp.close()
             return None, _temp(f"TLS is required, but was not offered by {where}", "4.7.4")
+        if cfg.smtp_sasl_auth_enable and smtp.has_extn("auth"):
+            why = _authenticate(cfg, smtp, tls, domain, host, where, log)
+            if why is not None:
+                smtp.close()
+                return None, why
     except smtplib.SMTPServerDisconnected as e:
         smtp.close()
         return None, _temp(f"lost connection with {where} while sending EHLO ({e})")
@@ -270,6 +301,29 @@ def _open1(cfg, host, ip, port, verbose, log, tls_ok=True):
         smtp.close()
         return None, _temp(f"conversation with {where} failed during EHLO: {e}")
     return Connection(smtp, host, ip, port, tls), None
+
+
+def _tls_failed(where, e):
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return _temp(f"TLS certificate not verified: {e.verify_message or e.reason} ({where})",
+                     "4.7.5")
+    return _temp(f"TLS handshake with {where} failed: {e}", "4.7.5")
+
+
+def _authenticate(cfg, smtp, tls, domain, host, where, log):
+    """SMTP AUTH when there are credentials for this server; None when
+    done or not needed, else the Reply that defers the message."""
+    try:
+        creds = sasl_client.credentials(cfg, domain, host)
+    except sasl_client.PasswordError as e:
+        log.error(f"{where}: {e}")
+        return _temp(f"SASL: {e}", "4.7.0")
+    if creds is None:
+        return None
+    if not tls:
+        return Reply(454, "4.7.0", f"{where} offers AUTH without TLS: no credentials sent "
+                                   "(pymta sends them only over TLS)")
+    return sasl_client.login(smtp, creds, where)
 
 
 def _mail_params(conn, env):
@@ -525,7 +579,7 @@ def _deliver_batch(cfg, env, rcpts, domain, log, resolver, cache, verbose):
     relay = ""
     for host in hosts:
         for ip in host.addresses:
-            conn, why = _open(cfg, host.name, ip, port, verbose, log)
+            conn, why = _open(cfg, host.name, ip, port, verbose, log, domain=name)
             if conn is None:
                 log.info(f"{env.id}: {why.text}" if why.text.startswith(("connect", "lost", "TLS"))
                          else f"{env.id}: {host.name}[{ip}]:{port} said: {why}")

@@ -12,8 +12,16 @@ the sink stops). ``rcpt`` maps recipient addresses to actions; the rest get
 
 ``data`` is the message after dot-unstuffing with CRLF line ends as received;
 ``raw`` is the DATA section exactly as it came off the wire.
+
+``auth={"user": "password"}`` offers AUTH with ``auth_mechanisms`` (default
+PLAIN LOGIN; only after STARTTLS
+with ``auth_after_tls``); ``auth_reply`` overrides the answer to a login
+("535" refuses every one). ``implicit_tls=True`` speaks TLS from the first
+byte with ``tls_context``. ``sink.logins`` records (user, password, tls) of
+each AUTH that reached the server.
 """
 
+import base64
 import socketserver
 import ssl
 import threading
@@ -32,6 +40,7 @@ class Transaction:
     complete: bool = False                           # final 250 after DATA sent
     helo: str = ""
     tls: bool = False
+    auth: str = ""                                   # the logged-in user
 
 
 def _addr(arg):
@@ -75,11 +84,21 @@ class _Handler(socketserver.StreamRequestHandler):
         sink = self.sink
         with sink._lock:
             sink.connections += 1
+        tls = False
+        if sink.implicit_tls:
+            try:
+                conn = sink.tls_context.wrap_socket(self.connection, server_side=True)
+            except (OSError, ssl.SSLError):
+                return
+            self.connection = self.request = conn
+            self.rfile = conn.makefile("rb")
+            self.wfile = conn.makefile("wb")
+            tls = True
         if not self.act(sink.greeting, f"{sink.name} ESMTP sink"):
             return
         t = None
         helo = ""
-        tls = False
+        user = ""
         while True:
             try:
                 line = self.rfile.readline(4096)
@@ -100,6 +119,8 @@ class _Handler(socketserver.StreamRequestHandler):
                 exts += [e for e in sink.extensions]
                 if sink.tls_context is not None and not tls:
                     exts.append("STARTTLS")
+                if sink.auth is not None and (tls or not sink.auth_after_tls):
+                    exts.append("AUTH " + sink.auth_mechanisms)
                 for i, e in enumerate(exts):
                     self.send(f"250{'-' if i < len(exts) - 1 else ' '}{e}")
             elif verb == "HELO":
@@ -117,9 +138,14 @@ class _Handler(socketserver.StreamRequestHandler):
                 self.wfile = conn.makefile("wb")
                 tls = True
                 helo = ""
+            elif verb == "AUTH" and sink.auth is not None:
+                got = self.login(arg, tls)
+                if got is None:
+                    return
+                user = got or user
             elif verb == "MAIL":
                 sender, params = _addr(arg.split(":", 1)[1] if ":" in arg else "")
-                t = Transaction(sender=sender, params=params, helo=helo, tls=tls)
+                t = Transaction(sender=sender, params=params, helo=helo, tls=tls, auth=user)
                 if not self.act(sink.mail):
                     return
                 if not str(sink.mail).startswith("2"):
@@ -175,6 +201,64 @@ class _Handler(socketserver.StreamRequestHandler):
                 self.send("502 5.5.2 Command not recognized")
 
 
+    def _b64line(self):
+        line = self.rfile.readline(4096)
+        if not line:
+            return None
+        text = line.strip()
+        if text == b"*":
+            return None
+        try:
+            return base64.b64decode(text, validate=True).decode("utf-8", "replace")
+        except ValueError:
+            return ""
+
+    def login(self, arg, tls):
+        """One AUTH exchange; the user name on success, "" on failure, None
+        when the client went away."""
+        sink = self.sink
+        mech, _, initial = arg.partition(" ")
+        mech = mech.upper()
+        if mech == "PLAIN":
+            if initial:
+                try:
+                    blob = base64.b64decode(initial, validate=True).decode("utf-8", "replace")
+                except ValueError:
+                    blob = ""
+            else:
+                self.send("334 ")
+                blob = self._b64line()
+                if blob is None:
+                    self.send("501 5.7.0 Authentication aborted")
+                    return ""
+            parts = blob.split("\0")
+            user, password = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
+        elif mech == "LOGIN":
+            self.send("334 VXNlcm5hbWU6")
+            user = self._b64line()
+            if user is None:
+                self.send("501 5.7.0 Authentication aborted")
+                return ""
+            self.send("334 UGFzc3dvcmQ6")
+            password = self._b64line()
+            if password is None:
+                self.send("501 5.7.0 Authentication aborted")
+                return ""
+        else:
+            self.send("504 5.5.4 Unrecognized authentication type")
+            return ""
+        with sink._lock:
+            sink.logins.append((user, password, tls))
+        if sink.auth_reply is not None:
+            self.act(sink.auth_reply)
+            return user if str(sink.auth_reply).startswith("2") else ""
+        if sink.auth.get(user) == password:
+            self.send("235 2.7.0 Authentication successful")
+            return user
+        self.send("535 5.7.8 Error: authentication failed: bad credentials")
+        return ""
+
+
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -186,13 +270,18 @@ class SMTPSink:
     def __init__(self, host="127.0.0.1", port=0, rcpt=None, default_rcpt="250",
                  greeting="220", mail="250", data="250", size=10240000,
                  extensions=("8BITMIME", "DSN", "PIPELINING", "ENHANCEDSTATUSCODES"),
-                 tls_context=None, stall_time=30, name="sink.test", rcpt_limit=0):
+                 tls_context=None, stall_time=30, name="sink.test", rcpt_limit=0,
+                 auth=None, auth_after_tls=False, auth_reply=None, implicit_tls=False,
+                 auth_mechanisms="PLAIN LOGIN"):
         self.host = host
         self.rcpt = dict(rcpt or {})
         self.default_rcpt, self.greeting, self.mail, self.data = default_rcpt, greeting, mail, data
         self.size, self.extensions, self.tls_context = size, list(extensions), tls_context
         self.stall_time, self.name = stall_time, name
         self.rcpt_limit = rcpt_limit        # accepted RCPTs per transaction; more get 452
+        self.auth, self.auth_after_tls, self.auth_reply = auth, auth_after_tls, auth_reply
+        self.implicit_tls, self.auth_mechanisms = implicit_tls, auth_mechanisms
+        self.logins = []
         self.transactions, self.commands = [], []
         self.connections = 0
         self.data_seen = threading.Event()

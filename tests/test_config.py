@@ -144,7 +144,7 @@ def test_committed_sample_config_and_man_page_match_the_generator():
 
 def test_sample_config_loads_with_every_line_uncommented(tmp_path):
     import re
-    text = re.sub(r"^#([a-z_]+ =)", r"\1", confdoc.conf(), flags=re.M)
+    text = re.sub(r"^#([A-Za-z_]+ =)", r"\1", confdoc.conf(), flags=re.M)
     cfg = load_text(tmp_path, text)
     assert cfg.explicit >= set(config.PARAMS) - {"config_directory"}
 

@@ -1,0 +1,182 @@
+"""Outbound TLS policy: what a delivery asks of the next server's TLS.
+
+``smtp_tls_security_level`` has Postfix's meanings (see pymta.conf(5)):
+
+- none: no TLS.
+- may: STARTTLS when offered, the certificate not checked; a failed
+  handshake is tried again in plain text on the same server.
+- encrypt: TLS required (4.7.4 when not offered), the certificate not
+  checked.
+- verify: TLS required; the certificate must chain to a trusted CA
+  (``smtp_tls_CAfile``, else the system store) and name the server: the
+  MX host name, or the relayhost's name (its address for an address
+  literal).
+- secure: as verify, but the certificate must name the next-hop domain
+  (the recipient domain, or the relayhost's name) or a name under it: a
+  name learnt from an unsigned MX record proves nothing.
+
+A certificate refused at verify and above defers the message (4.7.5):
+nothing has been sent but EHLO and STARTTLS, and nothing is sent in plain
+text instead. Names are matched here, not by OpenSSL's check_hostname,
+because secure accepts a set of names: SAN dNSName entries (the subject CN
+only when there is none), a wildcard only as a whole leftmost label.
+"""
+
+import ipaddress
+import ssl
+
+VERIFYING = ("verify", "secure")
+
+
+class Policy:
+    """The TLS a session must have with one server.
+
+    ``level``: none, may, encrypt, verify, secure, or ``dane`` when TLSA
+    records authenticate the server (``tlsa``: (usage, selector, mtype,
+    data) tuples); ``names``: (name, suffix) pairs a certificate may match at
+    verify and secure, ``suffix`` meaning any name under ``name``;
+    ``why``: what set the level, for messages."""
+
+    __slots__ = ("level", "names", "tlsa", "why")
+
+    def __init__(self, level, names=(), tlsa=(), why="smtp_tls_security_level"):
+        self.level, self.names, self.tlsa, self.why = level, tuple(names), tuple(tlsa), why
+
+    @property
+    def required(self):
+        """TLS is mandatory (no plain text, no fall-back)."""
+        return self.level not in ("none", "may")
+
+    @property
+    def verifies(self):
+        return self.level in VERIFYING
+
+    def __repr__(self):
+        return f"Policy({self.level!r}, names={self.names!r}, tlsa={len(self.tlsa)}, why={self.why!r})"
+
+
+def _bare(host):
+    """'[192.0.2.1]' -> '192.0.2.1', '[IPv6:::1]' -> '::1', names lowercased."""
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if host.lower().startswith("ipv6:"):
+            host = host[5:]
+    return host.lower().rstrip(".")
+
+
+def static_policy(cfg, nexthop, host, level=None):
+    """The Policy from smtp_tls_security_level (or ``level``) for server
+    ``host`` (its name, or an address literal) of next hop ``nexthop`` (the
+    recipient domain, or the relayhost's host part)."""
+    level = level or cfg.smtp_tls_security_level
+    if cfg.smtp_tls_wrappermode and level in ("none", "may"):
+        level = "encrypt"
+    if level == "verify":
+        names = [(_bare(host), False)]
+    elif level == "secure":
+        names = [(_bare(nexthop), False), (_bare(nexthop), True)]
+    else:
+        names = []
+    return Policy(level, names)
+
+
+def client_context(cfg, policy):
+    """The SSLContext for a session under ``policy``. Certificates are
+    checked by OpenSSL (chain, dates) at verify and secure; the name by
+    :func:`check_peer` after the handshake."""
+    if policy.verifies:
+        try:
+            ctx = ssl.create_default_context(cafile=cfg.smtp_tls_CAfile or None)
+        except (OSError, ssl.SSLError) as e:
+            raise TLSSetupError(f"cannot load smtp_tls_CAfile {cfg.smtp_tls_CAfile}: "
+                                f"{getattr(e, 'strerror', None) or e}") from None
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class TLSSetupError(Exception):
+    """This host's TLS configuration is unusable (a CA file that cannot be read)."""
+
+
+def _cert_names(cert):
+    """(dns names, ip addresses) a verified peer certificate (getpeercert()) names."""
+    dns, ips = [], []
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "DNS":
+            dns.append(value.lower().rstrip("."))
+        elif kind == "IP Address":
+            try:
+                ips.append(ipaddress.ip_address(value.strip()))
+            except ValueError:
+                pass
+    if not dns and not ips:
+        for rdn in cert.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    dns.append(value.lower().rstrip("."))
+    return dns, ips
+
+
+def _dns_match(pattern, name, suffix):
+    """Does certificate name ``pattern`` cover reference ``name`` (or, with
+    ``suffix``, some name under ``name``)?"""
+    if not pattern or not name:
+        return False
+    if pattern.startswith("*."):
+        base = pattern[2:]
+        if "*" in base or "." not in base:
+            return False
+        if suffix:
+            return base == name or base.endswith("." + name)
+        first, dot, rest = name.partition(".")
+        return bool(dot) and bool(first) and rest == base
+    if "*" in pattern:
+        return False              # partial-label wildcards: never
+    if suffix:
+        return pattern.endswith("." + name)
+    return pattern == name
+
+
+def name_matches(cert, names):
+    """Whether the verified certificate ``cert`` names one of ``names``."""
+    dns, ips = _cert_names(cert)
+    for name, suffix in names:
+        try:
+            ip = ipaddress.ip_address(name)
+        except ValueError:
+            ip = None
+        if ip is not None:
+            if not suffix and ip in ips:
+                return True
+            continue
+        if any(_dns_match(p, name, suffix) for p in dns):
+            return True
+    return False
+
+
+def describe_names(names):
+    return " or ".join(("*." if suffix else "") + name for name, suffix in names)
+
+
+def check_peer(policy, sslsock):
+    """None when the TLS session on ``sslsock`` satisfies ``policy``, else
+    the reason (text)."""
+    if policy.level == "dane":
+        from . import dane
+        return dane.check(policy, sslsock)
+    if not policy.verifies:
+        return None
+    cert = sslsock.getpeercert()
+    if not cert:
+        return "no verified server certificate"
+    if not name_matches(cert, policy.names):
+        dns, ips = _cert_names(cert)
+        have = ", ".join(dns + [str(i) for i in ips]) or "no names"
+        return f"server certificate names {have}, not {describe_names(policy.names)}"
+    return None

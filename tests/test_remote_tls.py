@@ -1,0 +1,316 @@
+"""Client TLS levels, implicit TLS and SMTP AUTH as a client, against test
+SMTP servers on 127.0.0.x with certificates from test CAs made here, names
+from the test DNS server."""
+
+import os
+
+import pytest
+
+from pymta import remote
+
+from dnsserver import DNSServer
+from smtpsink import SMTPSink
+from testca import TestCA, server_context
+from test_remote import MSG, make_cfg, queue
+
+SMTP_NAME = "smtp.example.test"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    ca1, ca2 = TestCA(d / "ca1", "Test CA 1"), TestCA(d / "ca2", "Test CA 2")
+
+    class P:
+        pass
+    p = P()
+    p.ca1, p.ca2 = ca1, ca2
+    p.good = server_context(*ca1.issue(SMTP_NAME))
+    p.other_name = server_context(*ca1.issue("other.example.test"))
+    p.expired = server_context(*ca1.issue(SMTP_NAME, expired=True))
+    p.mx_hosting = server_context(*ca1.issue("mx.hosting.test"))
+    p.mx_own = server_context(*ca1.issue("mx1.remote.test"))
+    p.wildcard = server_context(*ca1.issue("x", dns=["*.example.test"]))
+    return p
+
+
+@pytest.fixture
+def dns():
+    zone = {
+        SMTP_NAME: {"A": ["127.0.0.2"]},
+        "remote.test": {"MX": [(10, "mx1.remote.test")]},
+        "mx1.remote.test": {"A": ["127.0.0.2"]},
+        "hosted.test": {"MX": [(10, "mx.hosting.test")]},
+        "mx.hosting.test": {"A": ["127.0.0.2"]},
+    }
+    with DNSServer(zone) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def no_dead_hosts():
+    remote.dead_hosts.clear()
+    yield
+    remote.dead_hosts.clear()
+
+
+def cfg_for(tmp_path, dns, sink, **kw):
+    params = dict(relayhost=f"[{SMTP_NAME}]:{sink.port}", dns_nameservers=dns.address)
+    params.update(kw)
+    return make_cfg(tmp_path, **params)
+
+
+def send(cfg, rcpt="bob@remote.test", domain="remote.test"):
+    env = queue(cfg, MSG, [rcpt])
+    return remote.deliver(cfg, env, env.recipients, domain)[rcpt]
+
+
+def nothing_sent(sink):
+    return sink.transactions == [] and not any(c.upper().startswith(("MAIL", "AUTH"))
+                                               for c in sink.commands)
+
+
+# -- certificate verification -------------------------------------------------
+
+@pytest.mark.parametrize("level", ["verify", "secure"])
+def test_verified_certificate_delivers(tmp_path, dns, pki, level):
+    with SMTPSink("127.0.0.2", tls_context=pki.good) as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_security_level=level,
+                      smtp_tls_CAfile=pki.ca1.cert)
+        reply = send(cfg)
+        assert reply.code == 250, reply
+        assert sink.delivered[0].tls
+
+
+@pytest.mark.parametrize("level", ["verify", "secure"])
+def test_certificate_from_another_ca_defers_and_nothing_is_sent(tmp_path, dns, pki, level):
+    with SMTPSink("127.0.0.2", tls_context=pki.good) as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_security_level=level,
+                      smtp_tls_CAfile=pki.ca2.cert)
+        reply = send(cfg)
+        assert (reply.code // 100, reply.enhanced) == (4, "4.7.5"), reply
+        assert "certificate not verified" in reply.text
+        assert nothing_sent(sink)
+        # no plain-text retry either: one connection, STARTTLS its last command
+        assert sink.connections == 1 and sink.commands[-1].upper() == "STARTTLS"
+
+
+def test_certificate_for_another_name_defers(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.other_name) as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_security_level="verify",
+                      smtp_tls_CAfile=pki.ca1.cert)
+        reply = send(cfg)
+        assert (reply.code // 100, reply.enhanced) == (4, "4.7.5"), reply
+        assert "other.example.test" in reply.text and SMTP_NAME in reply.text
+        assert nothing_sent(sink)
+
+
+def test_expired_certificate_defers(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.expired) as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_security_level="verify",
+                      smtp_tls_CAfile=pki.ca1.cert)
+        reply = send(cfg)
+        assert reply.enhanced == "4.7.5" and "expired" in reply.text, reply
+        assert nothing_sent(sink)
+
+
+def test_wildcard_certificate_matches_one_label(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.wildcard) as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_security_level="verify",
+                      smtp_tls_CAfile=pki.ca1.cert)
+        assert send(cfg).code == 250
+
+
+@pytest.mark.parametrize("level", ["may", "encrypt"])
+def test_below_verify_an_untrusted_certificate_is_used(tmp_path, dns, pki, level):
+    with SMTPSink("127.0.0.2", tls_context=pki.other_name) as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_security_level=level,
+                      smtp_tls_CAfile=pki.ca2.cert)
+        assert send(cfg).code == 250
+        assert sink.delivered[0].tls
+
+
+@pytest.mark.parametrize("level", ["verify", "secure"])
+def test_verify_levels_defer_when_starttls_is_not_offered(tmp_path, dns, level):
+    with SMTPSink("127.0.0.2") as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_security_level=level)
+        reply = send(cfg)
+        assert (reply.code // 100, reply.enhanced) == (4, "4.7.4"), reply
+        assert nothing_sent(sink)
+
+
+def test_verify_matches_the_mx_name_secure_the_next_hop(tmp_path, dns, pki):
+    """An MX host's certificate names that host: enough for verify; secure
+    wants the recipient domain or a name under it."""
+    with SMTPSink("127.0.0.2", tls_context=pki.mx_hosting) as sink:
+        cfg = make_cfg(tmp_path, dns_nameservers=dns.address, smtp_port=str(sink.port),
+                       smtp_tls_security_level="verify", smtp_tls_CAfile=pki.ca1.cert)
+        assert send(cfg, "bob@hosted.test", "hosted.test").code == 250
+        cfg = make_cfg(tmp_path, dns_nameservers=dns.address, smtp_port=str(sink.port),
+                       smtp_tls_security_level="secure", smtp_tls_CAfile=pki.ca1.cert)
+        reply = send(cfg, "bob@hosted.test", "hosted.test")
+        assert reply.enhanced == "4.7.5" and "*.hosted.test" in reply.text, reply
+    with SMTPSink("127.0.0.2", tls_context=pki.mx_own) as sink:
+        cfg = make_cfg(tmp_path, dns_nameservers=dns.address, smtp_port=str(sink.port),
+                       smtp_tls_security_level="secure", smtp_tls_CAfile=pki.ca1.cert)
+        assert send(cfg, "bob@remote.test", "remote.test").code == 250
+
+
+def test_unreadable_ca_file_defers(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good) as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_security_level="verify",
+                      smtp_tls_CAfile=str(tmp_path / "missing.pem"))
+        reply = send(cfg)
+        assert reply.enhanced == "4.7.5" and "smtp_tls_CAfile" in reply.text
+        assert sink.connections == 0
+
+
+# -- implicit TLS (smtp_tls_wrappermode) --------------------------------------
+
+def test_wrappermode_speaks_tls_from_the_first_byte(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good, implicit_tls=True) as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_wrappermode="yes",
+                      smtp_tls_security_level="secure", smtp_tls_CAfile=pki.ca1.cert)
+        assert send(cfg).code == 250
+        assert sink.delivered[0].tls and "STARTTLS" not in [c.upper() for c in sink.commands]
+
+
+def test_wrappermode_with_an_untrusted_certificate_defers_without_a_dead_mark(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good, implicit_tls=True) as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_wrappermode="yes",
+                      smtp_tls_security_level="verify", smtp_tls_CAfile=pki.ca2.cert)
+        reply = send(cfg)
+        assert reply.enhanced == "4.7.5" and "certificate not verified" in reply.text
+        assert sink.commands == [] and sink.transactions == []
+        send(cfg)
+        assert sink.connections == 2       # a TLS failure is not a dead host
+
+
+def test_wrappermode_at_level_may_still_requires_tls(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.other_name, implicit_tls=True) as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_wrappermode="yes")
+        assert send(cfg).code == 250 and sink.delivered[0].tls
+    with SMTPSink("127.0.0.2") as plain:
+        cfg = cfg_for(tmp_path, dns, plain, smtp_tls_wrappermode="yes")
+        reply = send(cfg)
+        assert reply.code // 100 == 4 and plain.transactions == []
+
+
+# -- SMTP AUTH as a client ----------------------------------------------------
+
+def password_file(tmp_path, text, mode=0o600):
+    path = tmp_path / "sasl_passwd"
+    path.write_text(text)
+    os.chmod(path, mode)
+    return str(path)
+
+
+@pytest.mark.parametrize("mechs", ["PLAIN LOGIN", "LOGIN"])
+def test_auth_over_starttls_with_the_relayhost_as_written(tmp_path, dns, pki, mechs):
+    with SMTPSink("127.0.0.2", tls_context=pki.good, auth={"relay-user": "s3cret:x y"},
+                  auth_after_tls=True, auth_mechanisms=mechs) as sink:
+        pw = password_file(tmp_path, f"# provider\n{SMTP_NAME} wrong:wrong\n"
+                                     f"[{SMTP_NAME}]:{sink.port}   relay-user:s3cret:x y\n")
+        cfg = cfg_for(tmp_path, dns, sink, smtp_sasl_auth_enable="yes",
+                      smtp_sasl_password_maps=f"hash:{pw}", smtp_tls_security_level="secure",
+                      smtp_tls_CAfile=pki.ca1.cert)
+        assert send(cfg).code == 250
+        assert sink.logins == [("relay-user", "s3cret:x y", True)]
+        assert sink.delivered[0].auth == "relay-user"
+
+
+def test_auth_keyed_by_host_name_and_over_implicit_tls(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good, implicit_tls=True,
+                  auth={"u": "p"}) as sink:
+        pw = password_file(tmp_path, f"other.test x:y\n{SMTP_NAME.upper()} u:p\n")
+        cfg = cfg_for(tmp_path, dns, sink, smtp_sasl_auth_enable="yes", smtp_tls_wrappermode="yes",
+                      smtp_sasl_password_maps=pw, smtp_tls_CAfile=pki.ca1.cert,
+                      smtp_tls_security_level="verify")
+        assert send(cfg).code == 250
+        assert sink.delivered[0].auth == "u"
+
+
+def test_auth_offered_without_tls_gets_no_credentials(tmp_path, dns):
+    with SMTPSink("127.0.0.2", auth={"u": "p"}) as sink:
+        pw = password_file(tmp_path, f"[{SMTP_NAME}]:{sink.port} u:p\n")
+        cfg = cfg_for(tmp_path, dns, sink, smtp_sasl_auth_enable="yes", smtp_sasl_password_maps=pw)
+        reply = send(cfg)
+        assert (reply.code // 100, reply.enhanced) == (4, "4.7.0"), reply
+        assert "without TLS" in reply.text
+        assert nothing_sent(sink) and sink.logins == []
+
+
+def test_rejected_login_defers_with_the_servers_reply(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good, auth={"u": "right"}) as sink:
+        pw = password_file(tmp_path, f"[{SMTP_NAME}]:{sink.port} u:wrong\n")
+        cfg = cfg_for(tmp_path, dns, sink, smtp_sasl_auth_enable="yes", smtp_sasl_password_maps=pw)
+        reply = send(cfg)
+        assert reply.code // 100 == 4 and reply.enhanced == "4.7.8", reply
+        assert "535 5.7.8 Error: authentication failed" in reply.text
+        assert sink.transactions == []
+
+
+def test_no_credentials_for_this_server_sends_without_auth(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good, auth={"u": "p"}) as sink:
+        pw = password_file(tmp_path, "[elsewhere.test]:587 u:p\n")
+        cfg = cfg_for(tmp_path, dns, sink, smtp_sasl_auth_enable="yes", smtp_sasl_password_maps=pw)
+        assert send(cfg).code == 250
+        assert sink.logins == [] and sink.delivered[0].auth == ""
+
+
+def test_auth_disabled_ignores_the_password_file(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good, auth={"u": "p"}) as sink:
+        pw = password_file(tmp_path, f"[{SMTP_NAME}]:{sink.port} u:p\n")
+        cfg = cfg_for(tmp_path, dns, sink, smtp_sasl_password_maps=pw)
+        assert send(cfg).code == 250 and sink.logins == []
+
+
+def test_world_readable_password_file_is_refused(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good, auth={"u": "p"}) as sink:
+        pw = password_file(tmp_path, f"[{SMTP_NAME}]:{sink.port} u:p\n", mode=0o644)
+        cfg = cfg_for(tmp_path, dns, sink, smtp_sasl_auth_enable="yes", smtp_sasl_password_maps=pw)
+        reply = send(cfg)
+        assert reply.code // 100 == 4 and "readable by every user" in reply.text, reply
+        assert nothing_sent(sink) and sink.logins == []
+
+
+def test_symlinked_password_file_is_refused(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good, auth={"u": "p"}) as sink:
+        real = password_file(tmp_path, f"[{SMTP_NAME}]:{sink.port} u:p\n")
+        link = tmp_path / "link"
+        os.symlink(real, link)
+        cfg = cfg_for(tmp_path, dns, sink, smtp_sasl_auth_enable="yes",
+                      smtp_sasl_password_maps=str(link))
+        reply = send(cfg)
+        assert reply.code // 100 == 4 and "cannot open" in reply.text, reply
+        assert sink.logins == []
+
+
+# -- through the queue: mailq and the log say why -----------------------------
+
+def test_queue_run_shows_a_refused_login_and_a_refused_certificate_in_mailq(
+        make_instance, tmp_path, dns, pki):
+    from test_runner import queue as queue_msg
+    with SMTPSink("127.0.0.2", tls_context=pki.good, auth={"u": "right"}) as sink:
+        pw = password_file(tmp_path, f"[{SMTP_NAME}]:{sink.port} u:wrong\n")
+        inst = make_instance(relayhost=f"[{SMTP_NAME}]:{sink.port}", dns_nameservers=dns.address,
+                             smtp_sasl_auth_enable="yes", smtp_tls_security_level="verify",
+                             smtp_tls_CAfile=pki.ca1.cert, smtp_helo_timeout="5s",
+                             smtp_sasl_password_maps=pw)
+        queue_msg(inst, ["bob@remote.test"])
+        assert inst.sendmail("-q").returncode == 0
+        out = inst.run("mailq").stdout.decode()
+        assert "Deferred: 454 4.7.8 SASL login refused: 535 5.7.8" in out, out
+        log = inst.maillog()
+        assert "535 5.7.8 Error: authentication failed" in log and "stat=Deferred" in log
+        assert "right" not in log and "wrong" not in log
+        assert sink.transactions == []
+        inst = make_instance(relayhost=f"[{SMTP_NAME}]:{sink.port}", dns_nameservers=dns.address,
+                             smtp_sasl_auth_enable="yes", smtp_tls_security_level="verify",
+                             smtp_tls_CAfile=pki.ca2.cert, smtp_helo_timeout="5s",
+                             smtp_sasl_password_maps=pw)
+        queue_msg(inst, ["bob@remote.test"])
+        assert inst.sendmail("-q").returncode == 0
+        out = inst.run("mailq").stdout.decode()
+        assert "4.7.5" in out and "certificate not verified" in out, out
+        assert sink.transactions == [] and len(sink.logins) == 1
