@@ -127,6 +127,7 @@ _PARAMS = [
     P("allow_mail_to_files", LIST, "alias, forward, include", "Where /file targets are allowed: alias, forward, include.", section="local"),
     P("command_time_limit", TIME, "1000s", "Time limit of a |command delivery.", section="local"),
     P("command_path", STR, "/usr/bin:/bin", "PATH of |command deliveries.", section="local"),
+    P("forward_include_size_limit", SIZE, "1048576", "Largest .forward or :include: file read, in bytes; a larger one is not used (logged). Each is read within 10 seconds.", section="local"),
     # -- remote delivery
     P("smtp_port", INT, "25", "Port that remote delivery connects to.", section="smtp"),
     P("smtp_destination_recipient_limit", INT, "50", "Most recipients per remote SMTP transaction; more go in further transactions (0: no limit).", section="smtp"),

@@ -14,21 +14,21 @@ client they are refused with 550 5.7.1 before anything is run or written.
 """
 
 from dataclasses import dataclass, field
+import errno
 import logging
 import os
 import pwd
-import stat
 import sys
+import time
 
-from . import address, aliases
+from . import address, aliases, safefile
 from . import envelope as E
 from .config import parse_hostport
 from .local import Target
 from .status import Reply, EX_OK, EX_NOUSER
 
 MAX_DEPTH = 20
-INCLUDE_SIZE_LIMIT = 1024 * 1024   # bytes of an include file read as its user
-INCLUDE_TIME_LIMIT = 10            # seconds to read it
+INCLUDE_TIME_LIMIT = 10            # seconds to read a .forward or :include: file
 _NOTIFY_FLAGS = "SFDN"
 
 
@@ -161,40 +161,60 @@ class Router:
     # -- .forward
     def _file_targets(self, path, text):
         """The targets of a .forward or :include: file: one or more a line,
-        comments and blank lines skipped, bad lines logged with their number."""
+        comments and blank lines skipped. A bad line is logged by file and
+        line number only: nothing of its text (the file may be one the
+        recipient cannot read, and the log is not theirs)."""
         targets = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             got, errors = aliases.parse_targets(line)
-            for msg in errors:
-                self.log.warning(f"{path}:{lineno}: {msg}")
+            if errors:
+                self.log.warning(f"{path}:{lineno}: not an address, |command, /file or "
+                                 f":include:; line ignored")
             targets.extend(got)
         return targets
 
     def forward_targets(self, pw):
-        """The targets of the user's .forward, or None (none, unsafe, empty)."""
+        """The targets of the user's .forward, or None (none, unsafe, empty).
+
+        A .forward is used only when it is a regular file owned by the user
+        or root, not group or world writable, reached from the home without
+        a symbolic link (each component opened with O_NOFOLLOW), and no
+        larger than forward_include_size_limit; otherwise it is ignored and
+        the log says why (never a line of it)."""
         for tmpl in self.cfg.forward_path:
             path = (tmpl.replace("${home}", pw.pw_dir).replace("$home", pw.pw_dir)
                     .replace("${user}", pw.pw_name).replace("$user", pw.pw_name))
+            home = pw.pw_dir.rstrip("/")
+            beneath = home if home and path.startswith(home + "/") else None
             try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                self.log.warning(f"{pw.pw_name}: {path} is not a plain file; ignored")
-                continue
-            if st.st_uid not in (pw.pw_uid, 0) or st.st_mode & 0o022:
-                self.log.warning(f"{pw.pw_name}: {path} is not owned by the user or root, or is "
-                                 f"group/world-writable; ignored")
+                fd, st = safefile.open_regular(path, beneath=beneath, follow=False)
+            except safefile.Refused as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue
+                self.log.warning(f"{pw.pw_name}: {path} {e}; ignored")
                 continue
             try:
-                with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                    text = f.read()
-            except OSError as e:
-                self.log.warning(f"{pw.pw_name}: cannot read {path}: {e.strerror}")
-                continue
-            return self._file_targets(path, text) or None
+                why = None
+                if st.st_uid not in (pw.pw_uid, 0):
+                    why = f"is owned by uid {st.st_uid}, not by the user or root"
+                elif st.st_mode & 0o022:
+                    why = "is group or world writable"
+                elif st.st_uid == 0 and st.st_nlink != 1 and pw.pw_uid != 0:
+                    why = "is root's and has other hard links"
+                if why:
+                    self.log.warning(f"{pw.pw_name}: {path} {why}; ignored")
+                    continue
+                try:
+                    data = safefile.read_fd(fd, self.cfg.forward_include_size_limit,
+                                            time.monotonic() + INCLUDE_TIME_LIMIT)
+                except safefile.Refused as e:
+                    self.log.warning(f"{pw.pw_name}: {path} {e}; ignored")
+                    continue
+            finally:
+                os.close(fd)
+            return self._file_targets(path, data.decode("utf-8", "surrogateescape")) or None
         return None
 
     # -- expansion
@@ -343,30 +363,28 @@ class Router:
                     self._name(name, rcpt, state, stack, depth + 1)
 
     def _read_as(self, path, uid):
-        """The text of include file ``path`` read with the rights of ``uid``
-        (a child process as that user: a file the user cannot read cannot be
-        included), and its stat; raises OSError (nothing of the file in it)."""
+        """(st_mode, st_uid, text) of include file ``path`` read with the
+        rights of ``uid`` (a child process as that user: a file the user
+        cannot read cannot be included); raises OSError (nothing of the
+        file in it)."""
         pw = pwd.getpwuid(uid)
-        import grp
-        groups = [g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem]
-        import subprocess
         try:
-            r = subprocess.run(["head", "-c", str(INCLUDE_SIZE_LIMIT), "--", path],
-                               capture_output=True, timeout=INCLUDE_TIME_LIMIT, user=pw.pw_uid,
-                               group=pw.pw_gid, extra_groups=groups, env={"PATH": "/usr/bin:/bin"},
-                               cwd="/")
-        except subprocess.TimeoutExpired:
-            raise OSError(0, f"not read in {INCLUDE_TIME_LIMIT}s") from None
-        if r.returncode != 0:
-            raise OSError(0, f"not readable by {pw.pw_name}")
-        return os.stat(path), r.stdout.decode("utf-8", "surrogateescape")
+            groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+        except OSError:
+            groups = [pw.pw_gid]
+        mode, fuid, data = safefile.read_file_as(
+            path, self.cfg.forward_include_size_limit, INCLUDE_TIME_LIMIT,
+            pw.pw_uid, pw.pw_gid, groups)
+        return mode, fuid, data
 
     def _include(self, path, rcpt, state, stack, depth, owner=-1):
         """Expand :include:``path``. ``owner`` is the uid whose expansion
         names it (a .forward's user, or an include file's owner; -1 for the
         aliases, root's): the file is opened with that user's rights and its
         commands and files run as that user. From the aliases it is opened
-        as root and runs as the file's owner (root: default_privs)."""
+        as root and runs as the file's owner (root: default_privs). Either
+        way only a regular file is read (never a FIFO or a device), up to
+        forward_include_size_limit bytes and INCLUDE_TIME_LIMIT seconds."""
         key = ":include:" + path
         if key in stack:
             state["loops"].append(stack + (key,))
@@ -375,21 +393,24 @@ class Router:
             raise _Loop(stack + (key, f"... ({MAX_DEPTH} levels max)"))
         try:
             if owner > 0 and os.geteuid() == 0:
-                st, text = self._read_as(path, owner)
+                mode, fuid, data = self._read_as(path, owner)
             else:
-                with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                    st = os.fstat(f.fileno())
-                    text = f.read()
+                st, data = safefile.read_file(path, self.cfg.forward_include_size_limit,
+                                              INCLUDE_TIME_LIMIT)
+                mode, fuid = st.st_mode, st.st_uid
+            text = data.decode("utf-8", "surrogateescape")
         except (OSError, KeyError) as e:
-            why = getattr(e, "strerror", None) or "unknown owner"
+            why = str(e) if isinstance(e, safefile.Refused) else (
+                getattr(e, "strerror", None) or "unknown owner")
             self.log.warning(f"<{rcpt.address}>: cannot open :include:{path}: {why}")
             return
-        uid = owner if owner > 0 else st.st_uid
-        safe = not st.st_mode & 0o022
+        uid = owner if owner > 0 else fuid
+        safe = not mode & 0o022
         targets = []
         for t in self._file_targets(path, text):
             if not safe and t.startswith(("|", "/")):
-                self.log.warning(f"{path}: group/world-writable; {t} not allowed")
+                self.log.warning(f"{path}: group/world-writable; its |command and /file "
+                                 f"targets are not allowed")
                 self._child(state, rcpt, t, "", -1)   # fails 5.7.1 when routed
                 continue
             targets.append(t)
