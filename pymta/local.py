@@ -27,6 +27,7 @@ import time
 import lockfile
 from lockfile.linklockfile import LinkLockFile
 
+from . import safefile as _safefile
 from . import spool as _spool
 from . import workers as _workers
 from .status import Reply, EX_TEMPFAIL
@@ -156,11 +157,14 @@ _NO_DOT_LOCK = {}     # directory -> until when its dot-locks are not tried agai
 NO_DOT_LOCK_RETRY = 60
 
 
-def _dot_lock(path, notes):
+def _dot_lock(path, notes, shown=None):
     """The USER.lock dot-lock of mbox ``path`` (lockfile.LinkLockFile), or None
     when its directory is not writable (fcntl alone protects then). Such a
-    directory is tried again, and logged, once a minute per process."""
-    folder = os.path.dirname(path)
+    directory is tried again, and logged, once a minute per process.
+    ``shown``: the mailbox's name for messages when ``path`` is reached
+    through a directory descriptor (/proc/self/fd/N/name)."""
+    shown = shown or path
+    folder = os.path.dirname(shown)
     if _NO_DOT_LOCK.get(folder, 0) > time.monotonic():
         return None
     lock = LinkLockFile(path, threaded=True)
@@ -173,7 +177,7 @@ def _dot_lock(path, notes):
             return lock
         except lockfile.LockFailed:
             _NO_DOT_LOCK[folder] = time.monotonic() + NO_DOT_LOCK_RETRY
-            notes.append(f"cannot create a dot-lock beside {path}; using fcntl only "
+            notes.append(f"cannot create a dot-lock beside {shown}; using fcntl only "
                          f"(for a minute, in {folder})")
             return None
         except lockfile.AlreadyLocked:
@@ -186,7 +190,7 @@ def _dot_lock(path, notes):
         if age > STALE_LOCK_AGE:
             try:
                 os.unlink(lock_path)
-                notes.append(f"{lock_path}: stale lock ({int(age)}s old) broken")
+                notes.append(f"{shown}.lock: stale lock ({int(age)}s old) broken")
                 continue
             except FileNotFoundError:
                 continue
@@ -196,7 +200,7 @@ def _dot_lock(path, notes):
                 # never in a busy loop.
                 stuck = f", stale lock cannot be removed: {e.strerror}"
         if time.time() >= deadline:
-            raise _DeliveryError(Reply(450, "4.2.0", f"Mailbox {path} is locked (dot-lock{stuck})"))
+            raise _DeliveryError(Reply(450, "4.2.0", f"Mailbox {shown} is locked (dot-lock{stuck})"))
         time.sleep(pause)
         pause = min(pause * 2, 1.0)
 
@@ -256,12 +260,54 @@ def _append(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_roo
     mailbox be created with root's rights where only root can write the
     directory; the mailbox itself is always opened and written as the user.
     """
-    path = target.path
+    shown = path = target.path
     as_root = ids is not None and as_root
+    dfd = None
+    if target.kind == "mailbox" and not as_root:
+        dfd, path = _beneath_home(target)
+    try:
+        return _append_at(cfg, env, rcpt, target, df, notes, ids, create_gid, as_root,
+                          path, shown)
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+
+
+def _home_part(target):
+    """The mailbox path of ``target`` relative to its home, or None when it
+    is not below the home."""
+    home = (target.home or "").rstrip("/")
+    if home and target.path.startswith(home + "/"):
+        return target.path[len(home) + 1:]
+    return None
+
+
+def _beneath_home(target):
+    """(dir fd, path) for a mailbox below the user's home (home_mailbox):
+    the directories from the home down are opened one at a time as the user
+    with O_NOFOLLOW (safefile.open_dir_beneath), and the mailbox is then
+    reached through /proc/self/fd/N, its directory's descriptor, so that no
+    symbolic link the user controls is followed. (None, path) elsewhere.
+    Raises _DeliveryError (450 4.2.0) for a symbolic link on the way."""
+    rel = _home_part(target)
+    if rel is None:
+        return None, target.path
+    parent, _, name = rel.rpartition("/")
+    try:
+        dfd = _safefile.open_dir_beneath(target.home, parent)
+    except _safefile.Refused as e:
+        raise _DeliveryError(Reply(450, "4.2.0", f"Mailbox {target.path} {e}")) from None
+    except OSError as e:
+        raise _DeliveryError(_os_reply(e, f"open {os.path.dirname(target.path)}")) from None
+    return dfd, f"/proc/self/fd/{dfd}/{name}"
+
+
+def _append_at(cfg, env, rcpt, target, df, notes, ids, create_gid, as_root, path, shown):
+    """_append once the path to open is known (``shown`` is the one to report)."""
     if as_root:
         ids.root()
     try:
-        lock = _dot_lock(path, notes)
+        lock = _dot_lock(path, notes, shown)
         # Root makes the new mailbox only in a directory root alone can write
         # (no one can have planted a symlink on the way); anywhere else (a
         # home, a shared spool) it is created by the user's own open below,
@@ -284,19 +330,21 @@ def _append(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_roo
                          | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError as e:
             if e.errno == errno.ENXIO:      # a FIFO with no reader
-                raise _DeliveryError(Reply(450, "4.2.0", f"{path} is not a regular file")) from None
-            raise _DeliveryError(_os_reply(e, f"open {path}")) from None
+                raise _DeliveryError(Reply(450, "4.2.0", f"{shown} is not a regular file")) from None
+            if e.errno == errno.ELOOP:
+                raise _DeliveryError(Reply(450, "4.2.0", f"{shown} is a symbolic link")) from None
+            raise _DeliveryError(_os_reply(e, f"open {shown}")) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise _DeliveryError(Reply(450, "4.2.0", f"{path} is not a regular file"))
+                raise _DeliveryError(Reply(450, "4.2.0", f"{shown} is not a regular file"))
             if st.st_nlink != 1:
-                raise _DeliveryError(Reply(550, "5.2.0", f"{path} is not a plain file with one link"))
+                raise _DeliveryError(Reply(550, "5.2.0", f"{shown} is not a plain file with one link"))
             if ids is not None and st.st_uid != target.uid:
                 # Postfix local(8): a mailbox in a shared spool that the
                 # recipient does not own was made by someone else; never
                 # deliver into it.
-                raise _DeliveryError(Reply(450, "4.2.0", f"{path}: wrong owner (uid {st.st_uid})"))
+                raise _DeliveryError(Reply(450, "4.2.0", f"{shown}: wrong owner (uid {st.st_uid})"))
             os.set_blocking(fd, True)
             if ids is not None and create_gid is not None and st.st_gid != create_gid \
                     and st.st_size == 0:
@@ -304,7 +352,7 @@ def _append(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_roo
                     os.fchown(fd, -1, create_gid)   # a new mailbox in a mail-group spool
                 except OSError:
                     pass
-            _fcntl_lock(fd, path)
+            _fcntl_lock(fd, shown)
             _write_mbox(fd, env, rcpt, df, cfg.mailbox_size_limit)
         finally:
             os.close(fd)
@@ -319,21 +367,73 @@ def _append(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_roo
             if as_root:
                 ids.user()
     what = "file" if target.kind == "file" else "mailbox"
-    return Reply(250, "2.0.0", f"delivered to {what} {path}")
+    return Reply(250, "2.0.0", f"delivered to {what} {shown}")
+
+
+def _maildir_beneath_home(target):
+    """(fd, path) of a Maildir below the user's home, created when missing:
+    reached as the user without a symbolic link (see _beneath_home), its
+    tmp, new and cur not symbolic links either. (None, path) elsewhere."""
+    rel = _home_part(target)
+    if rel is None:
+        return None, target.path
+    pfd, _ = _beneath_home(target)
+    name = rel.rpartition("/")[2]
+    try:
+        try:
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=pfd)
+        except OSError as e:
+            try:
+                _safefile._symlink_is_eloop(e, name, pfd)
+            except OSError:
+                raise _DeliveryError(Reply(450, "4.2.0", f"Maildir {target.path} is a "
+                                                         f"symbolic link")) from None
+            raise
+    except OSError as e:
+        raise _DeliveryError(_os_reply(e, f"maildir {target.path}")) from None
+    finally:
+        os.close(pfd)
+    for sub in ("tmp", "new", "cur"):
+        try:
+            st = os.stat(sub, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            os.close(fd)
+            raise _DeliveryError(_os_reply(e, f"maildir {target.path}/{sub}")) from None
+        if not stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            raise _DeliveryError(Reply(450, "4.2.0", f"Maildir {target.path}/{sub} is not "
+                                                     f"a directory"))
+    return fd, f"/proc/self/fd/{fd}"
 
 
 def _maildir(env, rcpt, target, df):
     """Maildir delivery through stdlib mailbox (streamed into tmp/, then new/)."""
+    fd, path = _maildir_beneath_home(target)
     try:
-        box = mailbox.Maildir(target.path, factory=None, create=True)
+        for sub in ("tmp", "new", "cur") if fd is not None else ():
+            try:
+                os.mkdir(sub, 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass
+        box = mailbox.Maildir(path, factory=None, create=True)
         box.add(_Prefixed(_prefix(env, rcpt), df))
-        dfd = os.open(os.path.join(target.path, "new"), os.O_RDONLY | os.O_DIRECTORY)
+        dfd = os.open(os.path.join(path, "new"), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError as e:
         raise _DeliveryError(_os_reply(e, f"maildir {target.path}")) from None
+    finally:
+        if fd is not None:
+            os.close(fd)
     return Reply(250, "2.0.0", f"delivered to maildir {target.path}/")
 
 
