@@ -128,6 +128,9 @@ _PARAMS = [
     P("command_time_limit", TIME, "1000s", "Time limit of a |command delivery.", section="local"),
     P("command_path", STR, "/usr/bin:/bin", "PATH of |command deliveries.", section="local"),
     P("forward_include_size_limit", SIZE, "1048576", "Largest .forward or :include: file read, in bytes; a larger one is not used (logged). Each is read within 10 seconds.", section="local"),
+    P("command_from_line", BOOL, "yes", "Give |command deliveries the mbox From_ line (From sender  date) before the message, as Postfix's local(8) does, so that procmail, formail and the like see the envelope sender.", section="local"),
+    P("command_expansion_filter", STR, "1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "Characters allowed in the values of a |command's environment (SENDER, RECIPIENT, LOCAL, ...); any other character is replaced by an underscore, as Postfix does.", section="local"),
+    P("mailbox_from_quoting", ENUM, "mboxo", "How a body line that looks like a From_ line is quoted in an mbox: mboxo (a line starting with \"From \" gets a \">\", as Postfix, sendmail's mail.local and procmail write and every reader expects) or mboxrd (also \">From \" and \">>From \" get one more \">\", reversible, for readers that undo it).", choices=("mboxo", "mboxrd"), section="local"),
     # -- remote delivery
     P("smtp_port", INT, "25", "Port that remote delivery connects to.", section="smtp"),
     P("smtp_destination_recipient_limit", INT, "50", "Most recipients per remote SMTP transaction; more go in further transactions (0: no limit).", section="smtp"),

@@ -37,6 +37,7 @@ class Recipient(Record):
         ("text", ""),                 # the last attempt's status text
         ("orcpt", ""),                # DSN ORCPT, as received ("rfc822;user@dom")
         ("parent", ""),               # the recipient it was expanded from
+        ("via", ""),                  # |cmd or /file: the address whose alias/.forward named it
         ("uid", -1),                  # whose privileges a |cmd or /file runs with (-1: default_privs)
         ("relay", ""),                # host [ip] of the last attempt
         ("updated", 0),               # time of the last change of state

@@ -49,6 +49,17 @@ class Target:
     home: str = "/"
     path: str = ""
     command: str = ""
+    shell: str = "/bin/sh"
+
+
+def target_key(target):
+    """What makes two local targets one delivery: the same mailbox, Maildir
+    or file (by path), or the same command run as the same user."""
+    if target.kind == "command":
+        return ("command", target.command, target.uid)
+    if target.kind == "file":
+        return ("file", target.path, target.uid)
+    return (target.kind, target.path)
 
 
 LOCK_TIMEOUT = 60          # seconds to wait for a dot-lock or fcntl lock
@@ -78,45 +89,77 @@ def _os_reply(e, what):
     return Reply(451, "4.3.0", f"Cannot deliver: {text}")
 
 
+def _recipient(rcpt):
+    """The address a delivery is for: a |cmd's or /file's is the address whose
+    alias, .forward or include named it (Postfix's RECIPIENT, Delivered-To)."""
+    to = rcpt.address
+    if to[:1] in ("|", "/"):
+        to = rcpt.via or rcpt.parent or to
+    return to
+
+
 def _prefix(env, rcpt):
     """The Return-Path: and Delivered-To: lines final delivery adds."""
-    to = rcpt.address
-    if to[:1] in ("|", "/") and rcpt.parent:
-        to = rcpt.parent
+    to = _recipient(rcpt)
     return (f"Return-Path: <{env.sender}>\nDelivered-To: {to}\n"
             .encode("utf-8", "surrogateescape"))
 
 
 def _from_line(env):
+    """The mbox From_ line as Postfix's local(8) writes it: the envelope sender
+    (MAILER-DAEMON for <>), two spaces, the local time in asctime() form."""
     sender = env.sender or "MAILER-DAEMON"
-    return f"From {sender} {time.asctime()}\n".encode("utf-8", "surrogateescape")
+    return f"From {sender}  {time.asctime()}\n".encode("utf-8", "surrogateescape")
+
+
+def _quoted(line, style):
+    """Whether body ``line`` gets a ">" in an mbox: mboxo quotes lines that
+    start with "From " (what Postfix, mail.local and procmail write and what
+    readers expect); mboxrd also quotes ">From ", ">>From ", ... ."""
+    if style == "mboxrd":
+        return line.lstrip(b">").startswith(b"From ")
+    return line.startswith(b"From ")
 
 
 class _Prefixed:
-    """A readline()-able stream: some bytes, then the df's lines (streamed)."""
+    """A readline()-able stream: some bytes, then the df's lines (streamed),
+    ending with a newline even when the message does not (as Postfix writes
+    every delivered message)."""
 
     def __init__(self, head, df):
         self.head, self.df = head, df
+        self.last = b"\n"
+
+    def _tail(self, data):
+        if data:
+            # stdlib mailbox makes a last line's bare CR its newline
+            self.last = b"\n" if data[-1:] == b"\r" else data[-1:]
+            return data
+        if self.last != b"\n":
+            self.last = b"\n"
+            return b"\n"
+        return b""
 
     def readline(self, size=-1):
         if self.head:
             i = self.head.find(b"\n")
             line, self.head = self.head[: i + 1], self.head[i + 1:]
             return line
-        return self.df.readline()
+        return self._tail(self.df.readline())
 
     def read(self, size=-1):
         if self.head:
             if size is None or size < 0:
                 data, self.head = self.head + self.df.read(), b""
-                return data
+                return self._tail(data)
             data, self.head = self.head[:size], self.head[size:]
             return data
-        return self.df.read(size)
+        return self._tail(self.df.read(size))
 
 
-def _write_mbox(fd, env, rcpt, df, limit):
-    """Append one mboxrd message to the open, locked file ``fd``; all or nothing."""
+def _write_mbox(fd, env, rcpt, df, limit, style="mboxo"):
+    """Append one message to the open, locked mbox ``fd``, body lines quoted
+    in ``style`` (see _quoted), a blank line after it; all or nothing."""
     start = os.lseek(fd, 0, os.SEEK_END)
     st = os.fstat(df.fileno())
     if limit and start + st.st_size + 200 > limit:
@@ -127,7 +170,7 @@ def _write_mbox(fd, env, rcpt, df, limit):
         out.write(_prefix(env, rcpt))
         last = b"\n"
         for line in df:
-            if line.lstrip(b">").startswith(b"From "):
+            if _quoted(line, style):
                 out.write(b">")
             out.write(line)
             last = line
@@ -353,7 +396,7 @@ def _append_at(cfg, env, rcpt, target, df, notes, ids, create_gid, as_root, path
                 except OSError:
                     pass
             _fcntl_lock(fd, shown)
-            _write_mbox(fd, env, rcpt, df, cfg.mailbox_size_limit)
+            _write_mbox(fd, env, rcpt, df, cfg.mailbox_size_limit, cfg.mailbox_from_quoting)
         finally:
             os.close(fd)
     finally:
@@ -437,12 +480,45 @@ def _maildir(env, rcpt, target, df):
     return Reply(250, "2.0.0", f"delivered to maildir {target.path}/")
 
 
+def command_environment(cfg, env, rcpt, target):
+    """The environment of a |command, as Postfix's local(8) gives it: who it
+    runs as (USER, LOGNAME, HOME, SHELL), the envelope (SENDER, RECIPIENT and
+    its LOCAL part, lower case, DOMAIN and address EXTENSION,
+    ORIGINAL_RECIPIENT before aliasing), the client (CLIENT_*, SASL_USERNAME),
+    PATH from command_path. Values that come from mail have every character
+    outside command_expansion_filter replaced by "_"."""
+    allowed = frozenset(cfg.command_expansion_filter)
+
+    def censor(value):
+        return "".join(c if c in allowed else "_" for c in value or "")
+
+    to = _recipient(rcpt)
+    local, _, domain = to.rpartition("@") if "@" in to else (to, "", "")
+    local = local.lower()
+    delim = cfg.recipient_delimiter
+    extension = local.split(delim, 1)[1] if delim and delim in local else ""
+    environ = {"HOME": target.home or "/", "USER": target.user, "LOGNAME": target.user,
+               "SHELL": target.shell or "/bin/sh", "PATH": cfg.command_path,
+               "SENDER": censor(env.sender), "RECIPIENT": censor(to),
+               "LOCAL": censor(local), "DOMAIN": censor(domain.lower()),
+               "EXTENSION": censor(extension),
+               "ORIGINAL_RECIPIENT": censor(rcpt.parent or rcpt.address)}
+    for name, value in (("CLIENT_ADDRESS", env.client_addr), ("CLIENT_HOSTNAME", env.client_name),
+                        ("CLIENT_HELO", env.helo), ("CLIENT_PROTOCOL", env.protocol),
+                        ("SASL_USERNAME", env.auth_user)):
+        if value:
+            environ[name] = censor(value)
+    tz = os.environ.get("TZ")
+    if tz:
+        environ["TZ"] = tz
+    return environ
+
+
 def _command(cfg, env, rcpt, target, df):
-    """|command delivery: /bin/sh -c, message on stdin, a time limit, exit codes."""
-    to = rcpt.parent or rcpt.address
-    environ = {"SENDER": env.sender, "RECIPIENT": to, "HOME": target.home or "/",
-               "USER": target.user, "LOGNAME": target.user, "SHELL": "/bin/sh",
-               "PATH": cfg.command_path}
+    """|command delivery: /bin/sh -c, the message on stdin (after the From_
+    line unless command_from_line is off, and with a final newline), a time
+    limit, exit codes."""
+    environ = command_environment(cfg, env, rcpt, target)
     cwd = target.home if target.home and os.path.isdir(target.home) else "/"
     try:
         proc = subprocess.Popen(["/bin/sh", "-c", target.command], stdin=subprocess.PIPE,
@@ -475,12 +551,19 @@ def _command(cfg, env, rcpt, target, df):
     timer.start()
     try:
         try:
-            proc.stdin.write(_prefix(env, rcpt))
+            head = _prefix(env, rcpt)
+            if cfg.command_from_line:
+                head = _from_line(env) + head
+            proc.stdin.write(head)
+            last = b"\n"
             while True:
                 chunk = df.read(65536)
                 if not chunk:
                     break
                 proc.stdin.write(chunk)
+                last = chunk[-1:]
+            if last != b"\n":
+                proc.stdin.write(b"\n")
             proc.stdin.close()
         except (BrokenPipeError, OSError):
             pass   # a command need not read all of its input
@@ -568,7 +651,18 @@ def _safe_target(cfg, target):
         except KeyError:
             return None
         return Target(target.kind, user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
-                      home=pw.pw_dir or "/", path=target.path, command=target.command)
+                      home=pw.pw_dir or "/", path=target.path, command=target.command,
+                      shell=pw.pw_shell or "/bin/sh")
+    if target.kind == "command" and target.uid > 0:
+        # The login shell for SHELL, looked up here, before any fork.
+        try:
+            shell = pwd.getpwuid(target.uid).pw_shell or "/bin/sh"
+        except KeyError:
+            shell = "/bin/sh"
+        if shell != target.shell:
+            target = Target(target.kind, user=target.user, uid=target.uid, gid=target.gid,
+                            home=target.home, path=target.path, command=target.command,
+                            shell=shell)
     return target
 
 

@@ -271,14 +271,19 @@ class Router:
             return _fail(550, "5.1.1", f"<{rcpt.address}>: expands to no recipients")
         return Route("expand", children=state["children"], sender=sender)
 
-    def _child(self, state, rcpt, addr, flags, uid=-1):
-        key = (addr.lower() if not addr.startswith(("|", "/")) else addr, uid if flags == "a" else -1)
+    def _child(self, state, rcpt, addr, flags, uid=-1, via=""):
+        """Add a final recipient; ``via`` (for a |cmd or /file) is the address
+        whose alias, .forward or include named it: the command's RECIPIENT."""
+        special = addr.startswith(("|", "/"))
+        key = (addr.lower() if not special else addr, uid if flags == "a" else -1)
         if key in state["seen"]:
             return
         state["seen"].add(key)
         notify = "".join(c for c in rcpt.flags if c in _NOTIFY_FLAGS)
+        via = via if special and via and via != rcpt.address else ""
         state["children"].append(E.Recipient(addr, flags=notify + flags, state=E.QUEUED,
-                                              orcpt=rcpt.orcpt, parent=rcpt.address, uid=uid))
+                                              orcpt=rcpt.orcpt, parent=rcpt.address, uid=uid,
+                                              via=via))
 
     @property
     def local_domain(self):
@@ -302,6 +307,7 @@ class Router:
             raise _Loop(stack + (key, f"... ({MAX_DEPTH} levels max)"))
         stack = stack + (key,)
         base = self._base(name)
+        via = rcpt.address if top else self._qualify_user(name)
         for n in (name, base):
             if not n:
                 continue
@@ -309,7 +315,7 @@ class Router:
             if targets is not None:
                 if top:
                     state["alias"] = n.lower()
-                self._targets(targets, n.lower(), rcpt, state, stack, depth, "alias", -1)
+                self._targets(targets, n.lower(), rcpt, state, stack, depth, "alias", -1, via)
                 return "expanded"
             pw = self.user(n)
             if pw:
@@ -321,7 +327,7 @@ class Router:
                     final = pw.pw_name + name[len(n):]
                     self._child(state, rcpt, self._qualify_user(final), E.NO_ALIAS)
                     return "expanded"
-                self._targets(fwd, n.lower(), rcpt, state, stack, depth, "forward", pw.pw_uid)
+                self._targets(fwd, n.lower(), rcpt, state, stack, depth, "forward", pw.pw_uid, via)
                 return "expanded"
         if key == "postmaster" and self.user("root"):
             if top:
@@ -334,18 +340,19 @@ class Router:
         self._child(state, rcpt, self._qualify_user(name), E.NO_ALIAS)   # fails 5.1.1 later
         return "expanded"
 
-    def _targets(self, targets, owner, rcpt, state, stack, depth, source, uid):
-        """Expand the targets of alias/.forward/include ``owner`` found in ``source``."""
+    def _targets(self, targets, owner, rcpt, state, stack, depth, source, uid, via=""):
+        """Expand the targets of alias/.forward/include ``owner`` found in
+        ``source``; ``via`` is the address being expanded (see _child)."""
         cmds_ok = source in self.cfg.allow_mail_to_commands
         files_ok = source in self.cfg.allow_mail_to_files
         uid = uid if uid and uid > 0 else -1
         for t in targets:
             if t.startswith("|"):
-                self._child(state, rcpt, t, E.FROM_ALIAS if cmds_ok else "", uid)
+                self._child(state, rcpt, t, E.FROM_ALIAS if cmds_ok else "", uid, via)
             elif t.startswith("/"):
-                self._child(state, rcpt, t, E.FROM_ALIAS if files_ok else "", uid)
+                self._child(state, rcpt, t, E.FROM_ALIAS if files_ok else "", uid, via)
             elif t.lower().startswith(":include:"):
-                self._include(t[9:], rcpt, state, stack, depth + 1, uid)
+                self._include(t[9:], rcpt, state, stack, depth + 1, uid, via=via)
             elif t.startswith("\\"):
                 addr = t[1:]
                 if self.is_local(addr):
@@ -377,7 +384,7 @@ class Router:
             pw.pw_uid, pw.pw_gid, groups)
         return mode, fuid, data
 
-    def _include(self, path, rcpt, state, stack, depth, owner=-1):
+    def _include(self, path, rcpt, state, stack, depth, owner=-1, via=""):
         """Expand :include:``path``. ``owner`` is the uid whose expansion
         names it (a .forward's user, or an include file's owner; -1 for the
         aliases, root's): the file is opened with that user's rights and its
@@ -414,7 +421,7 @@ class Router:
                 self._child(state, rcpt, t, "", -1)   # fails 5.7.1 when routed
                 continue
             targets.append(t)
-        self._targets(targets, key, rcpt, state, stack + (key,), depth, "include", uid)
+        self._targets(targets, key, rcpt, state, stack + (key,), depth, "include", uid, via)
 
 
 def describe(router, rcpt, depth=0):

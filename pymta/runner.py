@@ -512,6 +512,7 @@ class Runner:
             return self._router
 
     def _route_and_deliver(self, env, now, later):
+        done_targets = {}     # one delivery per final target of the message
         for _ in range(MAX_EXPANSION_ROUNDS):
             pending = [r for r in env.recipients if r.pending]
             if not pending:
@@ -548,7 +549,7 @@ class Runner:
                 # The clone is queued: the parent must not make another one.
                 self.spool.rewrite(env)
             for r, target in locals_:
-                self._deliver_local(env, r, target, now)
+                self._deliver_local(env, r, target, now, done_targets)
             for domain, items in groups.items():
                 self._deliver_remote(env, domain, items, now)
             if not expanded:
@@ -591,15 +592,28 @@ class Runner:
                     seen.add(c.address.lower())
         return bool(rt.sender)
 
-    def _deliver_local(self, env, r, target, now):
+    def _deliver_local(self, env, r, target, now, done_targets):
+        """Deliver to one local target, once per message: recipients that end
+        at the same mailbox, file or command (``DAEMON`` and ``daemon@host``,
+        a user named directly and through a list) share the first one's
+        delivery and its outcome."""
         from . import local
         t0 = self.now()
+        kind = getattr(target, "kind", "")
+        mailer = {"command": "prog", "file": "file"}.get(kind, "local")
+        key = local.target_key(target)
+        first = done_targets.get(key)
+        if first is not None:
+            first_rcpt, reply = first
+            reply = Reply(reply.code, reply.enhanced,
+                          f"{reply.text} (duplicate of <{first_rcpt}>, delivered once)")
+            self._record(env, r, reply, now, t0, mailer, relay="local")
+            return
         try:
             reply = local.deliver(self.cfg, env, r, target, log=self.log)
         except PymtaError as e:
             reply = e.reply
-        kind = getattr(target, "kind", "")
-        mailer = {"command": "prog", "file": "file"}.get(kind, "local")
+        done_targets[key] = (r.address, reply)
         self._record(env, r, reply, now, t0, mailer, relay="local")
 
     def _deliver_remote(self, env, domain, items, now):

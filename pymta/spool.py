@@ -213,7 +213,7 @@ def format_control(env):
     for r in env.recipients:
         fields = [f"R{r.flags or '-'}", r.state, _enc(r.address, space=False)]
         for key, val in (("dsn", r.dsn), ("text", r.text), ("orcpt", r.orcpt),
-                         ("parent", r.parent), ("relay", r.relay)):
+                         ("parent", r.parent), ("via", r.via), ("relay", r.relay)):
             if val:
                 fields.append(f"{key}={_enc(val, space=False)}")
         if r.uid >= 0:
@@ -317,7 +317,7 @@ def _parse_rcpt(v):
         if not eq:
             raise SpoolCorrupt(f"bad recipient field {kv[:40]!r}")
         val = _dec(val)
-        if key in ("dsn", "text", "orcpt", "parent", "relay"):
+        if key in ("dsn", "text", "orcpt", "parent", "via", "relay"):
             setattr(r, key, val)
         elif key == "uid":
             r.uid = _int(val, "recipient uid")
@@ -901,7 +901,7 @@ class Spool:
         for r in env.recipients:
             r.flags = "".join(c for c in r.flags if c in "SFDNn") + E.PRIMARY
             r.state = E.QUEUED
-            r.dsn = r.text = r.relay = r.parent = ""
+            r.dsn = r.text = r.relay = r.parent = r.via = ""
             r.uid = -1
             r.extra = {}
         env.status = ""

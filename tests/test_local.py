@@ -5,6 +5,7 @@ import mailbox
 import os
 import pathlib
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -65,29 +66,72 @@ def me_target(cfg, **kw):
     return t
 
 
-def test_mbox_message_reads_back_with_from_quoting_and_headers(inst):
+ASCTIME = re.compile(rb"^From (\S+)  ([A-Z][a-z]{2} [A-Z][a-z]{2} [ 1-3]\d \d\d:\d\d:\d\d \d{4})$")
+
+
+def from_line_date(line, sender):
+    """The date of a From_ line in Postfix's form ("From sender  asctime"),
+    checked to be the delivery's (within a minute)."""
+    m = ASCTIME.match(line)
+    assert m, line
+    assert m.group(1) == sender
+    when = time.mktime(time.strptime(m.group(2).decode(), "%a %b %d %H:%M:%S %Y"))
+    assert abs(when - time.time()) < 60
+    return m.group(2)
+
+
+def postfix_mbox(sender, date, rcpt, body):
+    """The bytes Postfix's local(8) appends to an mbox (without X-Original-To):
+    From_ line, Return-Path, Delivered-To, the message with mboxo quoting
+    (only lines that start with "From "), a final newline, a blank line."""
+    lines = body.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    quoted = b"".join((b">" + ln if ln.startswith(b"From ") else ln) + b"\n" for ln in lines)
+    return (b"From " + (sender or b"MAILER-DAEMON") + b"  " + date + b"\n"
+            + b"Return-Path: <" + sender + b">\nDelivered-To: " + rcpt + b"\n" + quoted + b"\n")
+
+
+def test_mbox_is_byte_for_byte_what_postfix_writes_and_reads_back(inst):
     cfg, env, r = queue(inst)
     t = me_target(cfg)
     reply = local.deliver(cfg, env, r, t)
     assert reply.code == 250, reply
-    cfg, env2, r2 = queue(inst, body=b"Subject: second\n\nno newline at end", sender="")
+    body2 = b"Subject: second\n\nFrom here\n>From there\n>>From everywhere\nno newline at end"
+    cfg, env2, r2 = queue(inst, body=body2, sender="")
     assert local.deliver(cfg, env2, r2, t).code == 250
     raw = open(t.path, "rb").read()
-    assert raw.startswith(b"From alice@remote.test ")
-    assert b"\n>From the start\n>>From quoted\n" in raw
-    assert b"\nFrom MAILER-DAEMON " in raw
-    assert raw.endswith(b"no newline at end\n\n")
+    first = raw[:raw.index(b"\n")]
+    second = raw[raw.index(b"\nFrom MAILER-DAEMON") + 1:].split(b"\n", 1)[0]
+    expected = (postfix_mbox(b"alice@remote.test", from_line_date(first, b"alice@remote.test"),
+                             b"me@mx.example.test", BODY)
+                + postfix_mbox(b"", from_line_date(second, b"MAILER-DAEMON"),
+                               b"me@mx.example.test", body2))
+    assert raw == expected
+    # mboxo: the readers (Python's mailbox here; mutt, dovecot, formail) take
+    # off nothing but the ">" of ">From ", so the body reads as it was sent
+    # except for lines that started with "From ".
     box = mailbox.mbox(t.path)
     msgs = list(box)
     assert len(msgs) == 2
     assert msgs[0]["Return-Path"] == "<alice@remote.test>"
     assert msgs[0]["Delivered-To"] == "me@mx.example.test"
     assert msgs[0]["Subject"] == "test"
+    assert msgs[0].get_from() == "alice@remote.test  " + from_line_date(first, b"alice@remote.test").decode()
+    assert msgs[0].get_payload().encode() == b"hello\n>From the start\n>From quoted\nlast line\n"
     assert msgs[1]["Return-Path"] == "<>"
     assert msgs[1]["Subject"] == "second"
+    assert msgs[1].get_payload().encode() == b">From here\n>From there\n>>From everywhere\nno newline at end\n"
     assert os.stat(t.path).st_mode & 0o777 == 0o600
 
 
+def test_mailbox_from_quoting_mboxrd_is_the_reversible_choice(inst):
+    inst.write_config(mailbox_from_quoting="mboxrd")
+    cfg, env, r = queue(inst, body=b"Subject: q\n\nFrom a\n>From b\n>>From c\n>Fromage\n")
+    t = me_target(cfg)
+    assert local.deliver(cfg, env, r, t).code == 250
+    raw = open(t.path, "rb").read()
+    assert raw.endswith(b"\n\n>From a\n>>From b\n>>>From c\n>Fromage\n\n")
 @needs_root
 def test_mailbox_is_created_owned_by_the_user_mode_0600(open_inst):
     inst = open_inst
@@ -220,6 +264,24 @@ def test_maildir_delivery_goes_through_tmp_into_new(inst, tmp_path):
     assert len(os.listdir(os.path.join(t.path, "new"))) == 2
 
 
+def test_maildir_message_is_what_postfix_writes_with_a_final_newline(inst, tmp_path):
+    """Postfix's maildir delivery: Return-Path, Delivered-To, the message
+    unquoted, a newline added when the message lacks one; a bare CR is kept
+    (pymta's choice, see pymta-local(8))."""
+    body = b"Subject: nl\n\nFrom me\nbare\rcr\nno newline at end"
+    cfg, env, r = queue(inst, body=body)
+    pw = pwd.getpwuid(os.getuid())
+    t = local.Target("maildir", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
+                     home=str(tmp_path), path=str(tmp_path / "Maildir"))
+    assert local.deliver(cfg, env, r, t).code == 250
+    (name,) = os.listdir(os.path.join(t.path, "new"))
+    raw = (pathlib.Path(t.path) / "new" / name).read_bytes()
+    assert raw == (b"Return-Path: <alice@remote.test>\nDelivered-To: me@mx.example.test\n"
+                   + body + b"\n")
+    (msg,) = list(mailbox.Maildir(t.path, create=False))
+    assert msg.get_payload().endswith("no newline at end\n")
+
+
 def command_target(cfg, command, uid=-1):
     rcpt = E.Recipient("|" + command, flags="a", parent="list@mx.example.test", uid=uid)
     return rcpt, route.Router(cfg).route(rcpt).target
@@ -233,20 +295,63 @@ def test_pipe_gets_the_message_and_environment_on_stdin(inst, open_dir):
     reply = local.deliver(cfg, env, rcpt, t)
     assert reply.code == 250, reply
     msg = (out / "msg").read_bytes()
-    assert msg.startswith(b"Return-Path: <alice@remote.test>\nDelivered-To: list@mx.example.test\n")
-    assert msg.endswith(BODY)                    # no From_ line, no >From quoting
+    # As Postfix's local(8) pipes it: the From_ line (for procmail -f-,
+    # formail), Return-Path, Delivered-To, the message unquoted.
+    first, rest = msg.split(b"\n", 1)
+    from_line_date(first, b"alice@remote.test")
+    assert rest == b"Return-Path: <alice@remote.test>\nDelivered-To: list@mx.example.test\n" + BODY
     environ = dict(line.split("=", 1) for line in (out / "env").read_text().splitlines()
                    if "=" in line)
     assert environ["SENDER"] == "alice@remote.test"
     assert environ["RECIPIENT"] == "list@mx.example.test"
+    assert environ["LOCAL"] == "list"
+    assert environ["DOMAIN"] == "mx.example.test"
+    assert environ["EXTENSION"] == ""
+    assert environ["ORIGINAL_RECIPIENT"] == "list@mx.example.test"
     assert environ["PATH"] == cfg.command_path
-    assert environ["SHELL"] == "/bin/sh"
     uid = int((out / "uid").read_text())
     if ROOT:
-        assert uid == pwd.getpwnam(cfg.default_privs).pw_uid
+        pw = pwd.getpwnam(cfg.default_privs)
+        assert uid == pw.pw_uid
         assert environ["USER"] == environ["LOGNAME"] == cfg.default_privs
+        assert environ["HOME"] == pw.pw_dir
+        assert environ["SHELL"] == pw.pw_shell
     else:
         assert uid == os.getuid()
+
+
+def test_pipe_without_from_line_when_command_from_line_is_off(inst, open_dir):
+    out = writable_dir(open_dir / "out")
+    inst.write_config(command_from_line="no")
+    cfg, env, _ = queue(inst, body=b"Subject: x\n\nno final newline")
+    rcpt, t = command_target(cfg, f"cat > {out}/msg")
+    assert local.deliver(cfg, env, rcpt, t).code == 250
+    assert (out / "msg").read_bytes() == (b"Return-Path: <alice@remote.test>\n"
+                                         b"Delivered-To: list@mx.example.test\n"
+                                         b"Subject: x\n\nno final newline\n")
+
+
+def test_command_environment_values_are_censored(inst):
+    cfg = inst.cfg
+    env = E.Envelope(sender="we$(touch /tmp/x)ird;`id`@evil.test", client_addr="127.0.0.1",
+                     helo="h`x`", protocol="ESMTP")
+    r = env.add_recipient("|x", flags="a")
+    r.parent = "Bob+Tag@Example.TEST"
+    r.via = "bob+tag@example.test"
+    t = local.Target("command", user="bob", uid=1234, gid=1234, home="/home/bob",
+                     command="x", shell="/bin/bash")
+    environ = local.command_environment(cfg, env, r, t)
+    assert environ["SENDER"] == "we__touch_/tmp/x_ird__id_@evil.test"
+    assert environ["RECIPIENT"] == "bob+tag@example.test"
+    assert environ["LOCAL"] == "bob+tag"
+    assert environ["EXTENSION"] == "tag"
+    assert environ["DOMAIN"] == "example.test"
+    assert environ["ORIGINAL_RECIPIENT"] == "Bob+Tag@Example.TEST"
+    assert environ["CLIENT_ADDRESS"] == "127.0.0.1"
+    assert environ["CLIENT_HELO"] == "h_x_"
+    assert environ["CLIENT_PROTOCOL"] == "ESMTP"
+    assert (environ["USER"], environ["LOGNAME"], environ["HOME"], environ["SHELL"]) == \
+        ("bob", "bob", "/home/bob", "/bin/bash")
 
 
 def test_pipe_exit_75_defers_and_exit_1_fails_with_its_output(inst):
@@ -313,7 +418,8 @@ def test_sendmail_odi_delivers_through_aliases_to_mailbox_and_pipe(inst, open_di
     msgs = list(mailbox.mbox(os.path.join(inst.root, "mail", me)))
     assert [m["Subject"] for m in msgs] == ["t"]
     got = (out / "got").read_bytes()
-    assert got.startswith(b"Return-Path: <") and got.endswith(b"\n\nx\n")
+    assert got.startswith(b"From root@mx.example.test  ") and got.endswith(b"\n\nx\n")
+    assert b"\nReturn-Path: <root@mx.example.test>\nDelivered-To: catcher@" in got
     if ROOT:
         assert int((out / "uid").read_text()) == pwd.getpwnam("nobody").pw_uid
 
