@@ -83,7 +83,7 @@ class Envelope(Record):
         ("smtputf8", False),
         ("envid", ""),                # DSN ENVID
         ("ret", ""),                  # DSN RET: FULL or HDRS
-        ("protocol", ""),             # $r: SMTP, ESMTP, ESMTPS, ESMTPA, local
+        ("protocol", ""),             # $r: SMTP, ESMTP[S][A], UTF8SMTP[S][A], local
         ("helo", ""),                 # $s: the client's HELO name
         ("client_addr", ""),          # the peer's IP
         ("client_name", ""),          # the peer's verified host name

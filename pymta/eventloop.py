@@ -269,10 +269,10 @@ class Loop:
             sock.setblocking(False)
             c = Conn(self, srv, sock, ip)
             self.conns.add(c)
-            resolver = c.services.resolver
-            if resolver is not None:
+            lookup = c.services.peer_lookup
+            if lookup is not None:
                 self._interest(c, 0)
-                self.lookups.submit(lambda ip=ip: S.peername(ip, resolver),
+                self.lookups.submit(lambda ip=ip: lookup(ip),
                                     lambda name, c=c: self._named(c, name))
             else:
                 self._named(c, "unknown")

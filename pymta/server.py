@@ -46,7 +46,8 @@ def client_ip(addr):
 def peername(ip, resolver=None):
     """The client's verified host name: PTR, then A/AAAA of that name must
     give ``ip`` back; else 'unknown'. ``resolver`` is a dnspython resolver
-    (dns_nameservers, dns_timeout); None uses the system's."""
+    (dns_nameservers, dns_timeout); None uses the system's (getnameinfo's
+    order of sources: /etc/hosts, then DNS, as nsswitch.conf says)."""
     if resolver is None:
         try:
             name = socket.gethostbyaddr(ip)[0]
@@ -129,10 +130,18 @@ class Services:
             self.expand = None
         from . import auth
         self.auth = auth.PasswordFile(cfg.smtpd_sasl_password_file, self.log)
+        # The client's name: with dns_nameservers, those DNS servers only;
+        # else the system's resolver in its own order (nsswitch.conf: files,
+        # then DNS), so a loopback client is "localhost" as /etc/hosts says.
         self.resolver = None
+        self.peer_lookup = None
         if cfg.smtpd_peername_lookup:
-            from . import mx
-            self.resolver = mx.make_resolver(cfg)
+            if cfg.dns_nameservers:
+                from . import mx
+                resolver = self.resolver = mx.make_resolver(cfg)
+                self.peer_lookup = lambda ip: peername(ip, resolver)
+            else:
+                self.peer_lookup = peername
 
     @staticmethod
     def _expander(route, router):
@@ -165,7 +174,7 @@ class SMTPHandler(socketserver.BaseRequestHandler):
         cfg, log = services.cfg, services.log
         sock = self.request
         ip = client_ip(self.client_address)
-        name = peername(ip, services.resolver) if services.resolver else "unknown"
+        name = services.peer_lookup(ip) if services.peer_lookup else "unknown"
         peer = f"{name}[{ip}]"
         log.info(f"connect from {peer}")
         if cfg.smtpd_greet_pause and _early_talker(sock, cfg.smtpd_greet_pause):

@@ -293,8 +293,14 @@ class Session:
                    f"proto={self._proto()} helo=<{self.helo or ''}>")
         self._error(reply)
 
-    def _proto(self):
-        p = "ESMTP" if self.esmtp else "SMTP"
+    def _proto(self, tx=None):
+        """The Received "with" keyword: SMTP, ESMTP, or for a transaction
+        with SMTPUTF8 the RFC 6531 UTF8SMTP; S after TLS, A after AUTH."""
+        tx = tx or self.tx
+        if tx is not None and "SMTPUTF8" in tx.params:
+            p = "UTF8SMTP"
+        else:
+            p = "ESMTP" if self.esmtp else "SMTP"
         if self.tls:
             p += "S"
         if self.auth_user:
@@ -692,7 +698,7 @@ class Session:
         env.smtputf8 = "SMTPUTF8" in p
         env.envid = A.xtext_decode(p["ENVID"]) if p.get("ENVID") else ""
         env.ret = (p.get("RET") or "").upper()
-        env.protocol = self._proto()
+        env.protocol = self._proto(tx)
         env.helo = self.helo or ""
         if self.local_uid >= 0:
             env.uid = self.local_uid

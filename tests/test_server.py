@@ -514,6 +514,38 @@ def test_limits_on_the_wire_hops_recipients_long_lines_and_errors(inst):
     assert queued(inst) == []
 
 
+def _hosts_names_loopback():
+    """Whether this host's resolver answers 127.0.0.1 from /etc/hosts before
+    any DNS (so the test below asks no DNS server)."""
+    try:
+        with open("/etc/nsswitch.conf") as f:
+            hosts = [ln.split()[1:] for ln in f if ln.startswith("hosts:")]
+        with open("/etc/hosts") as f:
+            names = [ln.split()[1:] for ln in f if ln.split()[:1] == ["127.0.0.1"]]
+    except OSError:
+        return None
+    if not hosts or hosts[0][:1] != ["files"] or not names or not names[0]:
+        return None
+    return names[0][0]
+
+
+@pytest.mark.parametrize("model", ["threads", "fork"])
+def test_client_name_comes_from_etc_hosts_without_dns_nameservers(inst, logs, model):
+    """No dns_nameservers: the client's name is looked up in the system's
+    order (nsswitch.conf: /etc/hosts first), so a loopback client is named."""
+    name = _hosts_names_loopback()
+    if name is None:
+        pytest.skip("127.0.0.1 is not named by /etc/hosts before DNS here")
+    with running(inst, smtpd_peername_lookup="yes", dns_nameservers="",
+                 smtpd_process_model=model) as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.sendmail("a@b.example", ["root@example.test"], b"Subject: n\r\n\r\nx\r\n")
+    if model == "threads":     # a forked session logs in its own process
+        assert f"connect from {name}[127.0.0.1]" in logs.text()
+    env = inst.spool.read([n for n in queued(inst) if n.startswith("qf")][0][2:])
+    assert env.client_name == name
+
+
 def test_client_name_is_the_forward_confirmed_ptr(inst, logs):
     from dnsserver import DNSServer
     zone = {"1.0.0.127.in-addr.arpa": {"PTR": ["client.example.test."]},

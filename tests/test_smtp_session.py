@@ -83,6 +83,25 @@ def test_a_whole_transaction_is_queued_with_lf_line_ends_and_received_header():
     assert env.protocol == "ESMTP" and env.helo == "client.example" and env.client_addr == "192.0.2.10"
 
 
+def test_smtputf8_transaction_is_received_with_utf8smtp_and_the_next_is_esmtp():
+    """RFC 6531 3.7.3: a transaction with SMTPUTF8 is "with UTF8SMTP" (S, A
+    appended as for ESMTP), in the Received line, the qf and the log."""
+    s = make()
+    s.greeting()
+    talk(s, b"EHLO client.example")
+    out = talk(s, "MAIL FROM:<jos\u00e9@b.example> SMTPUTF8".encode(), b"RCPT TO:<user@example.test>",
+               b"DATA")
+    assert codes(out) == [250, 250, 354]
+    assert s.feed(b"Subject: u\r\n\r\nx\r\n.\r\n").startswith(b"250 ")
+    out = talk(s, b"MAIL FROM:<a@b.example>", b"RCPT TO:<user@example.test>", b"DATA")
+    assert s.feed(b"Subject: a\r\n\r\nx\r\n.\r\n").startswith(b"250 ")
+    (env1, data1), (env2, data2) = s.store
+    assert b") with UTF8SMTP id " in data1.split(b"Subject")[0]
+    assert env1.protocol == "UTF8SMTP" and env1.smtputf8
+    assert b") with ESMTP id " in data2.split(b"Subject")[0]
+    assert env2.protocol == "ESMTP"
+
+
 def test_sequence_errors_are_503_and_unknown_is_500():
     s = make()
     assert codes(talk(s, b"MAIL FROM:<a@b.example>")) == [503]
