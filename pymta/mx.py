@@ -31,21 +31,30 @@ def make_resolver(cfg):
 
     dnspython is imported here, not with this module: delivery to an address
     literal or a bracketed relayhost never needs it."""
-    import dns.nameserver
     import dns.resolver
     if cfg.dns_nameservers:
         res = dns.resolver.Resolver(configure=False)
-        servers = []
-        for item in cfg.dns_nameservers:
-            host, port = C.parse_hostport(item, 53)
-            servers.append(dns.nameserver.Do53Nameserver(host, port))
-        res.nameservers = servers
+        set_nameservers(res, cfg.dns_nameservers)
     else:
         res = dns.resolver.Resolver()
     res.lifetime = max(1, cfg.dns_timeout)
     res.timeout = res.lifetime
     res.cache = dns.resolver.LRUCache(1000)
     return res
+
+
+def set_nameservers(res, items):
+    """Point ``res`` at ``items`` (address or address:port), with
+    dnspython's Nameserver objects where it has them (2.4 and later) and its
+    nameserver_ports table before (Debian 12's 2.3)."""
+    pairs = [C.parse_hostport(item, 53) for item in items]
+    try:
+        import dns.nameserver
+    except ImportError:
+        res.nameservers = [host for host, _ in pairs]
+        res.nameserver_ports = {host: port for host, port in pairs}
+        return
+    res.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in pairs]
 
 
 def _temp(text):

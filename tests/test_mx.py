@@ -120,3 +120,25 @@ def test_literal_of_our_listen_address_is_a_loop(dns_server):
     cfg = cfg_for(dns_server).with_overrides(smtpd_listen="127.0.0.50:2525", smtp_port="2525")
     with pytest.raises(PermFail):
         mx.lookup(cfg, "[127.0.0.50]")
+
+
+def test_lookup_through_dns_nameservers_with_the_oldest_dnspython():
+    """dnspython 2.3.0 (Debian 12's, in TESTPY) has no dns.nameserver: the
+    resolver is pointed at dns_nameservers the way that version knows."""
+    import os
+    import subprocess
+    from conftest import TOP
+    from users import TESTPY
+    python = os.path.join(TESTPY, "bin", "python")
+    if not os.access(python, os.X_OK):
+        pytest.skip(f"no {TESTPY} (run `make testpy`)")
+    zone = {"remote.test": {"MX": [(10, "mx1.remote.test")]}, "mx1.remote.test": {"A": ["127.0.0.2"]}}
+    with DNSServer(zone) as dns:
+        code = ("from pymta import config, mx\n"
+                f"cfg = config.from_dict(dns_nameservers={dns.address!r}, dns_timeout='2s')\n"
+                "h = mx.lookup(cfg, 'remote.test')[0]\n"
+                "print(h.name, h.addresses)\n")
+        r = subprocess.run([python, "-c", code], capture_output=True, cwd=TOP, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=TOP))
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().strip() == "mx1.remote.test ['127.0.0.2']"
