@@ -575,11 +575,24 @@ def _deliver_batch(cfg, env, rcpts, domain, log, resolver, cache, verbose):
         for r in rcpts:
             results[r.address] = e.reply
         return results
+    plan = tls_policy.Plan(cfg, name, port, use_mx, resolver, log)
+    try:
+        hosts = plan.hosts(hosts)
+    except TempFail as e:
+        results = Results()
+        for r in rcpts:
+            results[r.address] = e.reply
+        return results
     last = _temp(f"no server for {name} answered", "4.4.1")
     relay = ""
     for host in hosts:
+        policy, why = plan.policy(host)
+        if why is not None:
+            log.info(f"{env.id}: {host.name}: {why.text}")
+            last, relay = why, host.name
+            continue
         for ip in host.addresses:
-            conn, why = _open(cfg, host.name, ip, port, verbose, log, domain=name)
+            conn, why = _open(cfg, host.name, ip, port, verbose, log, policy=policy, domain=name)
             if conn is None:
                 log.info(f"{env.id}: {why.text}" if why.text.startswith(("connect", "lost", "TLS"))
                          else f"{env.id}: {host.name}[{ip}]:{port} said: {why}")

@@ -14,6 +14,9 @@
 - secure: as verify, but the certificate must name the next-hop domain
   (the recipient domain, or the relayhost's name) or a name under it: a
   name learnt from an unsigned MX record proves nothing.
+- dane: see :mod:`pymta.dane`; without usable TLSA records, as may.
+
+:class:`Plan` combines the level with DANE and MTA-STS for one next hop.
 
 A certificate refused at verify and above defers the message (4.7.5):
 nothing has been sent but EHLO and STARTTLS, and nothing is sent in plain
@@ -180,3 +183,74 @@ def check_peer(policy, sslsock):
         have = ", ".join(dns + [str(i) for i in ips]) or "no names"
         return f"server certificate names {have}, not {describe_names(policy.names)}"
     return None
+
+
+class Plan:
+    """The TLS policies of one next hop's servers: the static level, DANE
+    (:mod:`pymta.dane`) at level dane, MTA-STS (:mod:`pymta.mta_sts`) for
+    MX deliveries when smtp_mta_sts_enable is set.
+
+    ``nexthop`` is the recipient domain or the relayhost's host part,
+    ``use_mx`` whether its servers come from MX records."""
+
+    def __init__(self, cfg, nexthop, port, use_mx, resolver, log):
+        self.cfg, self.nexthop, self.port, self.use_mx = cfg, nexthop, port, use_mx
+        self.log = log
+        self._resolver = resolver
+        self.literal = nexthop.startswith("[")
+        self.sts = None
+        if cfg.smtp_mta_sts_enable and use_mx and not cfg.relayhost and not self.literal:
+            from . import mta_sts
+            self.sts = mta_sts.policy_for(cfg, nexthop, self.resolver, log)
+
+    @property
+    def resolver(self):
+        if self._resolver is None:
+            from . import mx
+            self._resolver = mx.make_resolver(self.cfg)
+        return self._resolver
+
+    def hosts(self, hosts):
+        """The MX hosts an MTA-STS policy allows; raises TempFail when an
+        enforced policy allows none."""
+        if self.sts is None:
+            return hosts
+        ok = [h for h in hosts if self.sts.mx_matches(h.name)]
+        refused = [h.name for h in hosts if h not in ok]
+        if refused:
+            self.log.info(f"MTA-STS policy of {self.nexthop} ({self.sts.mode}): MX host(s) "
+                          f"{', '.join(refused)} match no mx line of the policy")
+        if self.sts.mode != "enforce":
+            return hosts
+        if not ok:
+            from .status import Reply, TempFail
+            text = (f"MTA-STS policy of {self.nexthop}: no MX host matches the policy "
+                    f"({', '.join(refused)})")
+            raise TempFail(text, Reply(451, "4.7.5", text))
+        return ok
+
+    def policy(self, host):
+        """(Policy, None) for server ``host`` (an mx.Host), or (None, Reply)
+        when the message must be deferred before connecting to it."""
+        from .status import Reply
+        cfg = self.cfg
+        level = cfg.smtp_tls_security_level
+        if level == "dane":
+            level = "may"
+            if not self.literal and not host.name.startswith("["):
+                from . import dane
+                res = dane.resolver(cfg)
+                if dane.host_is_secure(res, host.name, self.nexthop if self.use_mx else None):
+                    try:
+                        records = dane.tlsa(res, host.name, self.port)
+                    except dane.LookupFailed as e:
+                        return None, Reply(451, "4.7.5", f"DANE: TLSA lookup failed, {e}")
+                    where = f"TLSA records of _{self.port}._tcp.{host.name}"
+                    if records and dane.usable(records):
+                        return Policy("dane", tlsa=records, why=f"DANE {where}"), None
+                    if records:
+                        return Policy("encrypt", why=f"DANE {where}, none usable"), None
+        if self.sts is not None and self.sts.mode == "enforce" and level not in VERIFYING:
+            return Policy("verify", [(_bare(host.name), False)],
+                          why=f"MTA-STS policy of {self.nexthop}"), None
+        return static_policy(cfg, self.nexthop, host.name, level), None

@@ -13,6 +13,11 @@ It answers from a zone dict so that tests never ask the system resolver::
 A name missing from the zone is NXDOMAIN; a name present without the asked
 type gets an empty NOERROR answer. ``server.zone`` may be changed while the
 server runs; ``server.queries`` records (name, type) of every question.
+
+``ad`` plays a validating resolver: True sets the AD bit on every answer
+(NXDOMAIN and no-data included), a set of names on the answers for those
+names only; as real resolvers do, only for queries that asked for it (AD or
+DO set). The default: no AD bit at all.
 """
 
 import socket
@@ -31,8 +36,9 @@ def _norm(name):
 
 
 class DNSServer:
-    def __init__(self, zone=None, host="127.0.0.1"):
+    def __init__(self, zone=None, host="127.0.0.1", ad=False):
         self.zone = dict(zone or {})
+        self.ad = ad
         self.queries = []
         self.host = host
         self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -65,6 +71,9 @@ class DNSServer:
         self.queries.append((name, dns.rdatatype.to_text(rdtype)))
         resp = dns.message.make_response(q)
         resp.flags |= dns.flags.AA
+        asked = q.flags & dns.flags.AD or q.ednsflags & dns.flags.DO
+        if asked and (self.ad is True or (self.ad and name in self.ad)):
+            resp.flags |= dns.flags.AD
         entry = self.zone.get(name)
         if entry == "STALL":
             return None

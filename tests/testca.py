@@ -79,3 +79,21 @@ def server_context(cert, key):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     return ctx
+
+
+def tlsa_data(cert, selector, mtype):
+    """The hex data of a TLSA record (usage aside) for PEM certificate
+    ``cert``, computed by the openssl command (not by pymta's code)."""
+    import hashlib
+    der = subprocess.run(["openssl", "x509", "-in", cert, "-outform", "DER"], check=True,
+                         capture_output=True).stdout
+    if selector == 1:
+        pem = subprocess.run(["openssl", "x509", "-in", cert, "-noout", "-pubkey"], check=True,
+                             capture_output=True).stdout
+        der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=pem,
+                             check=True, capture_output=True).stdout
+    if mtype == 1:
+        der = hashlib.sha256(der).digest()
+    elif mtype == 2:
+        der = hashlib.sha512(der).digest()
+    return der.hex()
