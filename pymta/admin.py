@@ -325,6 +325,9 @@ def _parser():
     cmd("bounce", "return messages to their senders now")
     cmd("requeue", "reset attempts and next try, so the next queue run tries them")
     cmd("show", "show envelope, recipient states and header")
+    s = sub.add_parser("map", help="look a key up in lookup tables, or check them (like postmap)")
+    s.add_argument("-q", dest="query", metavar="KEY", help="print the value of KEY (exit 1: none)")
+    s.add_argument("tables", nargs="+", metavar="TABLE", help="a table file (hash:/path or /path)")
     s = sub.add_parser("report", help="summary of mail log files")
     s.add_argument("--svg", metavar="FILE", help="also write an SVG chart of hourly volume and delays")
     s.add_argument("--png", metavar="FILE", help="also write a PNG chart (needs matplotlib)")
@@ -347,6 +350,9 @@ def run(cfg, args, out=None):
     if args.command == "report":
         from . import logreport
         return logreport.main(cfg, args, out=out)
+    if args.command == "map":
+        from . import tables
+        return tables.map_main(args.tables, args.query, out=out)
     adm = Admin(cfg, log=log, wait=args.wait, out=out)
     code = EX_OK
     lines = []

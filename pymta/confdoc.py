@@ -21,6 +21,7 @@ SECTIONS = [
     ("queue", "The queue, retries and submissions"),
     ("local", "Local delivery"),
     ("smtp", "Remote delivery"),
+    ("tables", "Address rewriting and virtual domains (see pymta-tables(5))"),
 ]
 
 # Defaults computed on the running host: documented by their rule, with an

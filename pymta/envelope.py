@@ -26,6 +26,7 @@ NOTIFY_NEVER = "N"
 FROM_ALIAS = "a"     # produced by aliases/.forward/:include:, so |cmd and /file are allowed
 PRIMARY = "p"        # named by the client (SMTP RCPT, command line, -t header)
 NO_ALIAS = "n"       # \user: deliver to the user, no further aliasing
+VIRTUAL_DONE = "v"   # the result of virtual_alias_maps: not looked up there again
 
 
 class Recipient(Record):

@@ -21,7 +21,7 @@ import pwd
 import sys
 import time
 
-from . import address, aliases, safefile
+from . import address, aliases, safefile, tables
 from . import envelope as E
 from .config import parse_hostport
 from .local import Target
@@ -70,6 +70,8 @@ class Router:
         self.cfg = cfg
         self.log = log or logging.getLogger("pymta")
         self.aliases = aliases.AliasMaps.from_config(cfg, self.log)
+        self.virtual = tables.maps(cfg, "virtual_alias_maps", self.log)
+        self.relay_recipients = tables.maps(cfg, "relay_recipient_maps", self.log)
 
     # -- lookups
     @staticmethod
@@ -103,9 +105,30 @@ class Router:
                 return True
         return False
 
+    def is_virtual_domain(self, domain):
+        return tables.domain_in(domain, self.cfg.virtual_alias_domains)
+
+    def is_relay_domain(self, domain):
+        d = domain.lower().rstrip(".")
+        return any(d == x or d.endswith("." + x)
+                   for x in (y.lower().rstrip(".") for y in self.cfg.relay_domains) if x)
+
     def recipient_check(self, addr):
-        """For RCPT: None if ``addr`` is deliverable here (or not local), else a 550."""
+        """For RCPT: None if ``addr`` is deliverable here (or not ours to
+        check), else a 550: a virtual alias domain's address needs an entry in
+        virtual_alias_maps, a relay_domains address one in relay_recipient_maps
+        (when set), a local address an alias or a user."""
+        domain = address.domain_of(addr)
+        if self.virtual and tables.expand(self.cfg, self.virtual, addr) is not None:
+            return None
+        if self.is_virtual_domain(domain):
+            return Reply(550, "5.1.1", f"<{addr}>: Recipient address rejected: "
+                                       "User unknown in virtual alias table")
         if not self.is_local(addr):
+            if self.relay_recipients and self.is_relay_domain(domain) and \
+                    tables.lookup_address(self.cfg, self.relay_recipients, addr) is None:
+                return Reply(550, "5.1.1", f"<{addr}>: Recipient address rejected: "
+                                           "User unknown in relay recipient table")
             return None
         local = address.local_of(addr)
         if _is_special(local):
@@ -230,6 +253,12 @@ class Router:
                 return self._expand_top(rcpt, None)
             return Route("local", target=self._special_target(
                 E.Recipient(local_part, flags=rcpt.flags, uid=rcpt.uid)))
+        if self.virtual and E.VIRTUAL_DONE not in rcpt.flags and E.NO_ALIAS not in rcpt.flags:
+            rt = self._virtual(rcpt)
+            if rt is not None:
+                return rt
+        if self.is_virtual_domain(address.domain_of(addr)):
+            return _fail(550, "5.1.1", f"<{addr}>: User unknown in virtual alias table")
         if not self.is_local(addr):
             return self._remote(addr)
         name = local_part
@@ -241,6 +270,57 @@ class Router:
                 return Route("local", target=self.mailbox_target(self.user("root")))
             return _fail(550, "5.1.1", f"<{addr}>: User unknown")
         return self._expand_top(rcpt, name)
+
+    def virtual_steps(self, addr):
+        """Expand ``addr`` through virtual_alias_maps, recursively: None when
+        it has no entry, else (final addresses, [(address, [result, ...])],
+        loops). An address reached again inside its own expansion is
+        dropped (a loop), as for aliases; one that maps to itself is final."""
+        if tables.expand(self.cfg, self.virtual, addr) is None:
+            return None
+        finals, steps, loops, seen = [], [], [], set()
+
+        def walk(a, stack):
+            if len(stack) > MAX_DEPTH:
+                raise _Loop(list(stack) + [f"... ({MAX_DEPTH} levels max)"])
+            got = tables.expand(self.cfg, self.virtual, a)
+            if got is None:
+                if a.lower() not in seen:
+                    seen.add(a.lower())
+                    finals.append(a)
+                return
+            steps.append((a, got))
+            for t in got:
+                if t.lower() == a.lower():
+                    if t.lower() not in seen:
+                        seen.add(t.lower())
+                        finals.append(t)
+                elif t.lower() in stack:
+                    loops.append(stack + (t.lower(),))
+                else:
+                    walk(t, stack + (t.lower(),))
+
+        walk(addr, (addr.lower(),))
+        return finals, steps, loops
+
+    def _virtual(self, rcpt):
+        """The Route of a recipient that virtual_alias_maps rewrites, or None."""
+        try:
+            got = self.virtual_steps(rcpt.address)
+        except _Loop as e:
+            return _fail(554, "5.4.6", f"Virtual alias loop broken: {e}")
+        if got is None:
+            return None
+        finals, steps, loops = got
+        for chain in loops:
+            self.log.warning(f"<{rcpt.address}>: virtual alias loop {' -> '.join(chain)} ignored")
+        if not finals:
+            chain = " -> ".join(loops[0]) if loops else rcpt.address
+            return _fail(554, "5.4.6", f"Virtual alias loop broken: {chain}")
+        notify = "".join(c for c in rcpt.flags if c in _NOTIFY_FLAGS)
+        children = [E.Recipient(a, flags=notify + E.VIRTUAL_DONE, state=E.QUEUED,
+                                orcpt=rcpt.orcpt, parent=rcpt.address) for a in finals]
+        return Route("expand", children=children)
 
     def _expand_top(self, rcpt, name):
         state = {"children": [], "seen": set(), "loops": []}
@@ -428,6 +508,15 @@ def describe(router, rcpt, depth=0):
     """sendmail -bv lines for one recipient: [(deliverable, text)]."""
     r = router.route(rcpt)
     addr = rcpt.address
+    steps = []
+    if r.kind == "expand" and E.VIRTUAL_DONE not in rcpt.flags and router.virtual:
+        got = router.virtual_steps(addr)
+        for a, targets in (got[1] if got else ()):
+            steps.append((True, f"{a}... virtual_alias_maps: -> {', '.join(targets)}"))
+    if steps:
+        for child in r.children:
+            steps.extend(describe(router, child, depth + 1))
+        return steps
     if r.kind == "fail":
         text = r.reply.text
         if text.startswith(f"<{addr}>: "):

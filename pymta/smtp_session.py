@@ -591,13 +591,17 @@ class Session:
         allowed = self.trusted or bool(self.auth_user)
         if A.has_routing(addr) and not allowed:
             return R_RELAY
-        if self.cfg.is_local_domain(domain):
+        if self.cfg.is_local_domain(domain) or \
+                domain in (d.lower().rstrip(".") for d in self.cfg.virtual_alias_domains):
             if self.recipient_check is None:
                 return None
             return self.recipient_check(addr)
         if any(domain == d or domain.endswith("." + d)
                for d in (x.lower().rstrip(".") for x in self.cfg.relay_domains)):
-            return None
+            # relay_recipient_maps, when set, says which addresses exist there
+            if self.recipient_check is None or not self.cfg.relay_recipient_maps:
+                return None
+            return self.recipient_check(addr)
         return None if allowed else R_RELAY
 
     def cmd_DATA(self, arg):
