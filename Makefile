@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # when TESTPY_REQS change. Must be owned by the user running make.
 TESTPY  ?= /var/tmp/pymta-testpy
 TESTPY_BASE ?= /usr/bin/python3
-TESTPY_REQS := dnspython==2.3.0 python-daemon==2.3.2 lockfile==0.12.2
+TESTPY_REQS := dnspython==2.3.0 python-daemon==2.3.2 lockfile==0.12.2 dkimpy==1.1.4
 
 .PHONY: all venv testpy compile run dev-setup test man check-man bench install uninstall clean
 

@@ -19,6 +19,7 @@ setup(
         "dnspython>=2.3",
         "python-daemon>=3.0",
         "lockfile>=0.12",
+        "dkimpy>=1.1.4",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "hypothesis"],

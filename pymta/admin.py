@@ -25,7 +25,8 @@ import sys
 from . import envelope as E
 from . import mailq
 from .spool import Spool, valid_id
-from .status import (EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK, EX_SOFTWARE, EX_TEMPFAIL,
+from .status import (EX_CANTCREAT, EX_DATAERR, EX_NOINPUT, EX_NOPERM, EX_NOUSER, EX_OK,
+                     EX_SOFTWARE, EX_TEMPFAIL,
                      EX_UNAVAILABLE, EX_USAGE, SpoolCorrupt, run_program)
 
 PROG = "pymta"
@@ -328,6 +329,14 @@ def _parser():
     s = sub.add_parser("map", help="look a key up in lookup tables, or check them (like postmap)")
     s.add_argument("-q", dest="query", metavar="KEY", help="print the value of KEY (exit 1: none)")
     s.add_argument("tables", nargs="+", metavar="TABLE", help="a table file (hash:/path or /path)")
+    s = sub.add_parser("dkim-keygen", help="make a DKIM key and print its DNS TXT record")
+    s.add_argument("-s", "--selector", help="the selector (default: dkim_selector)")
+    s.add_argument("-d", "--domain", help="the domain (default: the first of dkim_domains)")
+    s.add_argument("-b", "--bits", type=int, default=2048, help="key size (default 2048)")
+    s.add_argument("--show", action="store_true",
+                   help="print the record of the existing key instead of making one")
+    s.add_argument("keyfile", nargs="?", metavar="FILE",
+                   help="where the key goes (default: dkim_private_key_file)")
     s = sub.add_parser("report", help="summary of mail log files")
     s.add_argument("--svg", metavar="FILE", help="also write an SVG chart of hourly volume and delays")
     s.add_argument("--png", metavar="FILE", help="also write a PNG chart (needs matplotlib)")
@@ -353,6 +362,8 @@ def run(cfg, args, out=None):
     if args.command == "map":
         from . import tables
         return tables.map_main(args.tables, args.query, out=out)
+    if args.command == "dkim-keygen":
+        return dkim_keygen(cfg, args, out)
     adm = Admin(cfg, log=log, wait=args.wait, out=out)
     code = EX_OK
     lines = []
@@ -411,6 +422,48 @@ def run(cfg, args, out=None):
         out.write(text + "\n")
         out.flush()
     return code
+
+
+def dkim_keygen(cfg, args, out):
+    """``pymta dkim-keygen``: a new key (never over an existing file) and the
+    TXT record to publish, or with --show the record of the existing key."""
+    from . import dkimsign
+    path = args.keyfile or cfg.dkim_private_key_file
+    selector = args.selector or cfg.dkim_selector
+    domain = args.domain or (cfg.dkim_domains[0] if cfg.dkim_domains else "")
+    if not path or not selector or not domain:
+        print(f"{PROG}: dkim-keygen: give the key file, selector and domain (or set "
+              "dkim_private_key_file, dkim_selector and dkim_domains)", file=sys.stderr)
+        return EX_USAGE
+    try:
+        import dkim.crypto  # noqa: F401 - dkimpy reads the key
+    except ImportError:
+        print(f"{PROG}: dkim-keygen: dkimpy is not installed", file=sys.stderr)
+        return EX_UNAVAILABLE
+    try:
+        if args.show:
+            with open(path, "rb") as f:
+                pem = f.read(64 * 1024)
+        else:
+            if not 1024 <= args.bits <= 8192:
+                print(f"{PROG}: dkim-keygen: --bits must be 1024 to 8192", file=sys.stderr)
+                return EX_USAGE
+            pem = dkimsign.keygen(path, args.bits)
+        record = dkimsign.public_record(pem)
+    except FileExistsError:
+        print(f"{PROG}: dkim-keygen: {path} exists; remove it first, or use --show",
+              file=sys.stderr)
+        return EX_CANTCREAT
+    except OSError as e:
+        print(f"{PROG}: dkim-keygen: {path}: {e.strerror or e}", file=sys.stderr)
+        return EX_CANTCREAT if not args.show else EX_NOINPUT
+    except Exception as e:   # noqa: BLE001 - dkimpy's parse errors
+        print(f"{PROG}: dkim-keygen: {path}: not a PEM RSA private key ({e})", file=sys.stderr)
+        return EX_DATAERR
+    if not args.show:
+        out.write(f"wrote {path} (mode 0600: make it readable by root only)\n")
+    out.write(f"Publish this TXT record:\n{dkimsign.zone_record(selector, domain, record)}\n")
+    return EX_OK
 
 
 def main(argv=None):

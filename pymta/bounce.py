@@ -166,7 +166,7 @@ def report(cfg, env, rcpts, action="failed", now=None, log=None, spool=None):
     else:
         head += ("Content-Description: Undelivered Message\n"
                  "Content-Type: message/rfc822\n\n")
-    new = E.Envelope(sender=sender, protocol="local", created=now,
+    new = E.Envelope(sender=sender, protocol="local", created=now, trusted=True,
                      body_type="8BITMIME" if env.body_type == "8BITMIME" else "")
     new.add_recipient(to, flags=E.PRIMARY)
     with spool.new_message() as w:

@@ -22,6 +22,7 @@ SECTIONS = [
     ("local", "Local delivery"),
     ("smtp", "Remote delivery"),
     ("tables", "Address rewriting and virtual domains (see pymta-tables(5))"),
+    ("dkim", "DKIM signing"),
 ]
 
 # Defaults computed on the running host: documented by their rule, with an

@@ -149,6 +149,10 @@ _PARAMS = [
     P("smtp_sasl_password_maps", LIST, "", "Files of client credentials, lines 'destination user:password', the destination written as in relayhost ([host]:port) or a host name; a hash: prefix names the same file. Read by the root side only; keep it mode 0600.", section="smtp"),
     P("dns_nameservers", LIST, "", "DNS servers for MX and address lookups (address or address:port); empty means the system resolver.", section="smtp"),
     P("dns_timeout", TIME, "10s", "Time allowed for one DNS lookup before the delivery is deferred.", section="smtp"),
+    # -- DKIM signing
+    P("dkim_selector", STR, "", "DKIM selector (s=) of the signatures; empty: nothing is signed.", section="dkim"),
+    P("dkim_private_key_file", STR, "", "PEM RSA private key for DKIM signing, read by the delivering (privileged) process only; empty: nothing is signed. pymta dkim-keygen makes one.", section="dkim"),
+    P("dkim_domains", LIST, "$mydomain", "Sign a message whose From: address is in one of these domains (d= is that domain), when it was submitted locally, from mynetworks or by an authenticated client; mail relayed for others is never signed.", section="dkim"),
 ]
 
 PARAMS = {p.name: p for p in _PARAMS}

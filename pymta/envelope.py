@@ -89,6 +89,7 @@ class Envelope(Record):
         ("client_addr", ""),          # the peer's IP
         ("client_name", ""),          # the peer's verified host name
         ("auth_user", ""),            # the SASL login, if any
+        ("trusted", False),           # from mynetworks, an authenticated client or this host
         ("uid", -1),                  # the submitting user's uid (local submissions)
         ("size", 0),                  # bytes in the df
         ("status", ""),               # M: the last status text, shown by mailq

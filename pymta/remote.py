@@ -26,7 +26,7 @@ import threading
 import time
 
 from . import config as C
-from . import mx
+from . import dkimsign, mx
 from . import sasl_client, tls_policy
 from .address import domain_of, xtext_encode
 from .spool import Spool
@@ -376,11 +376,12 @@ def _precheck(conn, env):
     return None
 
 
-def stream_data(sock, f):
-    """Send the df ``f`` as SMTP DATA: LF -> CRLF, CRs dropped, dot-stuffed,
-    then the final CRLF.CRLF. Works chunk by chunk."""
+def stream_data(sock, f, prefix=b""):
+    """Send the df ``f`` as SMTP DATA, after the header lines ``prefix``
+    (a DKIM-Signature): LF -> CRLF, CRs dropped, dot-stuffed, then the
+    final CRLF.CRLF. Works chunk by chunk."""
     at_line_start = True
-    pending = bytearray()
+    pending = bytearray(prefix.replace(b"\n", b"\r\n"))
     while True:
         chunk = f.read(CHUNK)
         if not chunk:
@@ -499,7 +500,7 @@ def transaction(cfg, conn, env, rcpts, spool, reset=False):
             return results, True
         stage = "end of data"
         with spool.open_data(env.id) as f:
-            stream_data(smtp.sock, f)
+            stream_data(smtp.sock, f, getattr(env, "dkim_signature", b""))
         smtp.sock.settimeout(cfg.smtp_data_done_timeout)
         code, msg = smtp.getreply()
         reply = to_reply(code, msg)
@@ -525,6 +526,11 @@ def deliver(cfg, env, rcpts, domain, log=None, resolver=None, cache=None, verbos
     one recipient accepted; otherwise the 452 stands and they are deferred."""
     log = log or logging.getLogger("pymta")
     rcpts = [r if hasattr(r, "address") else _Rcpt(r) for r in rcpts]
+    try:
+        dkimsign.for_message(cfg, env, Spool.from_config(cfg), log)
+    except TempFail as e:
+        log.error(f"{env.id}: {e}")
+        return Results({r.address: e.reply for r in rcpts})
     limit = cfg.smtp_destination_recipient_limit
     own_cache = cache is None
     if own_cache:

@@ -572,7 +572,8 @@ class Runner:
             new = E.Envelope(sender=rt.sender, created=env.created, body_type=env.body_type,
                              smtputf8=env.smtputf8, envid=env.envid, ret=env.ret,
                              protocol=env.protocol, helo=env.helo, client_addr=env.client_addr,
-                             client_name=env.client_name, auth_user=env.auth_user, uid=env.uid)
+                             client_name=env.client_name, auth_user=env.auth_user, uid=env.uid,
+                             trusted=env.trusted)
             new.recipients = children
             with self.spool.new_message() as w, self.spool.open_data(env.id) as f:
                 while True:

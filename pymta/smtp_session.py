@@ -710,4 +710,5 @@ class Session:
             env.client_addr = self.client_addr
             env.client_name = self.client_name
         env.auth_user = self.auth_user
+        env.trusted = bool(self.trusted or self.auth_user)
         return env

@@ -26,7 +26,8 @@ The control file is UTF-8 text, one item a line, a letter then its value::
     N<count>           delivery attempts
     Y<epoch>           next attempt not before this time
     P<priority>        lower is delivered first
-    F<letters>         w: delay warning sent; u: SMTPUTF8
+    F<letters>         w: delay warning sent; u: SMTPUTF8; t: submitted by a
+                       trusted client (mynetworks, AUTH) or made here (DKIM)
     B<body>            7BIT, 8BITMIME or BINARYMIME
     Z<envid>           DSN ENVID
     C<uid>             the submitting user's uid, local submissions only
@@ -191,7 +192,8 @@ def format_control(env):
     """The qf text of an Envelope."""
     out = [f"V{VERSION}", f"T{env.created}", f"K{env.last_attempt}", f"N{env.attempts}",
            f"Y{env.next_try}", f"P{env.priority}"]
-    flags = ("w" if env.warned else "") + ("u" if env.smtputf8 else "")
+    flags = ("w" if env.warned else "") + ("u" if env.smtputf8 else "") + \
+        ("t" if env.trusted else "")
     if flags:
         out.append(f"F{flags}")
     if env.body_type:
@@ -262,6 +264,7 @@ def parse_control(text, qid=""):
         elif k == "F":
             env.warned = "w" in v
             env.smtputf8 = "u" in v
+            env.trusted = "t" in v
         elif k == "B":
             env.body_type = v
         elif k == "Z":
