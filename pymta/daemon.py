@@ -169,7 +169,7 @@ class Listener:
             if cfg is None:
                 return
             self.cfg = cfg
-            new = server.Services(cfg, log, notify=self.notify)
+            new = server.Services(cfg, log, notify=self.notify, previous=servers[0].services if servers else None)
             for s in servers:
                 s.services = new
             log.info("listener: configuration reloaded")

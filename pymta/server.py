@@ -72,8 +72,13 @@ def peername(ip, resolver=None):
     return "unknown"
 
 
-def make_ssl_context(cfg, log=None):
-    """The server TLS context, or None when STARTTLS is not to be offered."""
+def make_ssl_context(cfg, log=None, previous=None):
+    """The server TLS context, or None when STARTTLS is not to be offered.
+
+    ``previous`` is the context in use before a reload (SIGHUP): the
+    listener then runs as mail_owner and may not be able to read a key
+    only root can read; it keeps ``previous`` and says why, instead of
+    silently no longer offering STARTTLS (and with it AUTH)."""
     if cfg.smtpd_tls_security_level == "none" or not cfg.smtpd_tls_cert_file:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -81,6 +86,13 @@ def make_ssl_context(cfg, log=None):
     try:
         ctx.load_cert_chain(cfg.smtpd_tls_cert_file, cfg.smtpd_tls_key_file or None)
     except (OSError, ssl.SSLError) as e:
+        if previous is not None:
+            if log:
+                log.warning(f"warning: reload: cannot load TLS certificate {cfg.smtpd_tls_cert_file} "
+                            f"and key {cfg.smtpd_tls_key_file or cfg.smtpd_tls_cert_file} as "
+                            f"uid {os.geteuid()}: {e}; STARTTLS goes on with the certificate and "
+                            "key loaded at start (restart the daemon to load new ones)")
+            return previous
         if log:
             log.error(f"warning: cannot load TLS certificate {cfg.smtpd_tls_cert_file}: {e}; "
                       "STARTTLS is not offered")
@@ -112,12 +124,13 @@ def passwd_recipient_check(cfg):
 class Services:
     """What sessions share under one configuration; rebuilt on SIGHUP."""
 
-    def __init__(self, cfg, log=None, notify=None):
+    def __init__(self, cfg, log=None, notify=None, previous=None):
         self.cfg = cfg
         self.log = log or logging.getLogger("pymta")
         self.spool = Spool.from_config(cfg)
         self.notify = notify
-        self.ssl_ctx = make_ssl_context(cfg, self.log)
+        self.ssl_ctx = make_ssl_context(cfg, self.log,
+                                        previous.ssl_ctx if previous is not None else None)
         try:
             from . import route
             router = route.Router(cfg, log=self.log)

@@ -254,6 +254,48 @@ def test_listener_runs_as_mail_owner_and_master_as_root():
         subprocess.run(["rm", "-rf", top])
 
 
+def _tls_ok(port):
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+        c.ehlo()
+        if not c.has_extn("starttls"):
+            return False
+        c.starttls(context=ctx)
+        return c.ehlo()[0] == 250
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_sighup_keeps_starttls_when_the_listener_cannot_read_the_root_only_key():
+    top = tempfile.mkdtemp(prefix="pymta-tls-", dir="/tmp")
+    os.chmod(top, 0o755)
+    try:
+        inst = Instance(top)
+        key, cert = os.path.join(top, "key.pem"), os.path.join(top, "cert.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", cert, "-days", "2", "-subj", "/CN=mx.example.test"],
+                       check=True, capture_output=True, timeout=60)
+        os.chmod(key, 0o600)
+        os.chmod(cert, 0o644)
+        with daemon(inst, mail_owner="mail", smtpd_tls_cert_file=cert,
+                    smtpd_tls_key_file=key) as (p, port):
+            assert _tls_ok(port)
+            inst.write_config(smtpd_banner="$myhostname ESMTP reloaded")
+            p.send_signal(signal.SIGHUP)
+
+            def banner():
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    return b"reloaded" in s.recv(200)
+            assert wait_for(banner, 10)
+            assert _tls_ok(port)
+        log = inst.maillog()
+        assert "warning: reload: cannot load TLS certificate" in log
+        assert "Permission denied" in log and "loaded at start" in log
+    finally:
+        subprocess.run(["rm", "-rf", top])
+
+
 def test_submission_listener_requires_auth(inst):
     sub = free_port()
     with daemon(inst, submission_listen=f"127.0.0.1:{sub}") as (p, port):
