@@ -94,6 +94,7 @@ _PARAMS = [
     # -- the SMTP server
     P("smtpd_listen", LIST, "127.0.0.1:25, [::1]:25", "Addresses the SMTP server listens on: address:port, IPv6 as [::1]:25.", section="smtpd"),
     P("submission_listen", LIST, "", "Addresses of the submission service (port 587): AUTH is required before MAIL.", section="smtpd"),
+    P("submissions_listen", LIST, "", "Addresses of the submission service with implicit TLS (port 465, RFC 8314): TLS from the first byte (smtpd_tls_cert_file is needed), then AUTH is required before MAIL.", section="smtpd"),
     P("smtpd_banner", STR, "$myhostname ESMTP $mail_name", "Text after 220 in the greeting.", section="smtpd"),
     P("smtpd_timeout", TIME, "300s", "Time a client has to send each command or each block of message data.", section="smtpd"),
     P("smtpd_min_data_rate", INT, "64", "Slowest average rate in bytes per second accepted during DATA; 0 disables.", section="smtpd"),

@@ -1,6 +1,6 @@
 """``sendmail -bd`` and ``-bD``: the SMTP daemon and its queue runs.
 
-Two processes. The master binds every ``smtpd_listen`` and
+Two processes. The master binds every ``smtpd_listen``, ``submissions_listen`` and
 ``submission_listen`` address, then forks the listener, which drops to
 ``mail_owner`` (when started as root) and speaks SMTP; it is restarted if it
 dies. The master stays root because local delivery must become each
@@ -95,9 +95,11 @@ def listener_count(cfg):
 
 def _bind_all(cfg, copies=1):
     """For each listener process, its list of (socket, submission, spec):
-    with several, each address has a SO_REUSEPORT socket per process."""
+    with several, each address has a SO_REUSEPORT socket per process.
+    ``submission`` is False, True (port 587) or "tls" (465, implicit TLS)."""
     sets = [[] for _ in range(copies)]
-    for specs, port, submission in ((cfg.smtpd_listen, 25, False), (cfg.submission_listen, 587, True)):
+    for specs, port, submission in ((cfg.smtpd_listen, 25, False), (cfg.submission_listen, 587, True),
+                                    (cfg.submissions_listen, 465, "tls")):
         for spec in specs:
             try:
                 socks = server.bind_copies(spec, port, copies)
@@ -146,7 +148,11 @@ class Listener:
         for s in servers:
             s.share = self.share
         for _, submission, spec in self.socks:
-            log.info(f"daemon listening on {spec}" + (" (submission)" if submission else ""))
+            log.info(f"daemon listening on {spec}" + (" (submissions, implicit TLS)" if submission == "tls"
+                                                      else " (submission)" if submission else ""))
+            if submission == "tls" and services.ssl_ctx is None:
+                log.error(f"error: {spec}: submissions_listen needs smtpd_tls_cert_file and "
+                          "smtpd_tls_key_file; its connections are closed")
 
         master = os.getppid()
         next_check = [0.0]

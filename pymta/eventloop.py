@@ -284,7 +284,7 @@ class Loop:
         c.peer = f"{name}[{c.ip}]"
         c.services.log.info(f"connect from {c.peer}")
         pause = c.services.cfg.smtpd_greet_pause
-        if pause:
+        if pause and not c.server.implicit_tls:     # a TLS client speaks first
             c.state = "pause"
             c.pause_until = time.monotonic() + pause
             self._interest(c, _READ)
@@ -299,6 +299,8 @@ class Loop:
         c.session = session
         c.state = "open"
         c.idle_since = time.monotonic()
+        if c.server.implicit_tls:     # the handshake and all after it in a thread
+            return self._hand_off(c, implicit=True)
         self._emit(c, session.greeting())
 
     def _readable(self, c):
@@ -464,22 +466,29 @@ class Loop:
             c.services.log.info(f"disconnect from {c.peer}")
         c.server._leave(c.ip)
 
-    def _hand_off(self, c):
-        """STARTTLS: the session goes on, blocking, in a thread of its own."""
+    def _hand_off(self, c, implicit=False):
+        """STARTTLS (or a submissions connection, ``implicit``): the session
+        goes on, blocking, in a thread of its own."""
         self._interest(c, 0)
         self.conns.discard(c)
         c.state = "handed"
-        t = threading.Thread(target=self._tls_session, args=(c,), name="tls", daemon=True)
+        t = threading.Thread(target=self._tls_session, args=(c, implicit), name="tls", daemon=True)
         self.handed = [h for h in self.handed if h.is_alive()]
         self.handed.append(t)
         t.start()
 
     @staticmethod
-    def _tls_session(c):
+    def _tls_session(c, implicit=False):
         sock, session = c.sock, c.session
         try:
             sock.setblocking(True)
-            last = S.pump(sock, session, c.services, c.peer, first=bytes(c.out))
+            if implicit:
+                last = S.implicit_tls(sock, session, c.services, c.peer)
+                if last is None:
+                    return
+                sock = last
+            first = session.greeting() if implicit else bytes(c.out)
+            last = S.pump(sock, session, c.services, c.peer, first=first)
             if last is not None:
                 sock = last
         finally:

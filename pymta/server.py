@@ -190,6 +190,17 @@ class SMTPHandler(socketserver.BaseRequestHandler):
         name = services.peer_lookup(ip) if services.peer_lookup else "unknown"
         peer = f"{name}[{ip}]"
         log.info(f"connect from {peer}")
+        if srv.implicit_tls:
+            session = services.session(ip, name, submission=True, tls_available=True)
+            try:
+                sock = implicit_tls(sock, session, services, peer)
+                if sock is not None:
+                    self.request = sock
+                    pump(sock, session, services, peer, first=session.greeting())
+            finally:
+                session.close()
+            log.info(f"disconnect from {peer}")
+            return
         if cfg.smtpd_greet_pause and _early_talker(sock, cfg.smtpd_greet_pause):
             log.info(early_line(peer))
             _send(sock, R_EARLY.lines(), cfg)
@@ -331,6 +342,18 @@ def starttls(sock, session, services, peer):
     return tls
 
 
+def implicit_tls(sock, session, services, peer):
+    """The TLS handshake of a submissions (port 465) connection, before the
+    greeting; the TLS socket, or None (logged, session closed)."""
+    if services.ssl_ctx is None:
+        services.log.info(f"warning: {peer}: no TLS certificate for implicit TLS "
+                          "(smtpd_tls_cert_file); connection closed")
+        session.close()
+        return None
+    session.starttls_wanted = True
+    return starttls(sock, session, services, peer)
+
+
 class _Admission:
     """Counts sessions, in total and per client address, for the limits."""
 
@@ -341,6 +364,7 @@ class _Admission:
         self._pid_client = {}
 
     share = 1      # listener processes that divide the limits between them
+    implicit_tls = False    # submissions (465): TLS before the greeting
 
     def _admit(self, ip):
         cfg = self.services.cfg
@@ -472,10 +496,15 @@ def bind_copies(spec, default_port, copies):
 
 
 def make_server(sock, services, submission=False):
+    """The server for a listening socket; ``submission`` True requires AUTH
+    before MAIL, "tls" too after TLS from the first byte (port 465)."""
     if services.cfg.smtpd_process_model == "fork":
-        return ForkingSMTPServer(sock, services, submission)
-    from .eventloop import LoopServer
-    return LoopServer(sock, services, submission)
+        srv = ForkingSMTPServer(sock, services, bool(submission))
+    else:
+        from .eventloop import LoopServer
+        srv = LoopServer(sock, services, bool(submission))
+    srv.implicit_tls = submission == "tls"
+    return srv
 
 
 def serve(servers, stop=None, tick=None):

@@ -309,6 +309,24 @@ def test_submission_listener_requires_auth(inst):
     assert f"daemon listening on 127.0.0.1:{sub} (submission)" in inst.maillog()
 
 
+def test_submissions_listener_speaks_tls_at_once(inst, tmp_path):
+    import ssl
+    key, cert = str(tmp_path / "key.pem"), str(tmp_path / "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "2", "-subj", "/CN=mx.example.test"],
+                   check=True, capture_output=True, timeout=60)
+    sub = free_port()
+    with daemon(inst, submissions_listen=f"127.0.0.1:{sub}", smtpd_tls_cert_file=cert,
+                smtpd_tls_key_file=key) as (p, port):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with smtplib.SMTP_SSL("127.0.0.1", sub, context=ctx, timeout=10) as c:
+            c.ehlo()
+            assert c.has_extn("auth") and not c.has_extn("starttls")
+            assert c.mail("a@b.example") == (530, b"5.7.0 Authentication required")
+    assert f"daemon listening on 127.0.0.1:{sub} (submissions, implicit TLS)" in inst.maillog()
+
+
 def test_sendmail_hands_a_new_message_to_the_running_daemon(inst):
     with daemon(inst) as (p, port):
         r = inst.sendmail("-i", "root", input=b"Subject: via notify\n\nhello\n")

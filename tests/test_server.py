@@ -435,6 +435,33 @@ def test_submission_requires_auth_before_mail(inst, cert):
             assert c.mail("a@b.example") == (530, b"5.7.0 Authentication required")
 
 
+@pytest.mark.parametrize("model", ["threads", "fork"])
+def test_submissions_speaks_tls_from_the_first_byte_and_requires_auth(inst, cert, model):
+    pwfile = os.path.join(inst.root, "passwd")
+    tmp, _ = auth.set_password(pwfile, "alice", "s3cret")
+    os.rename(tmp, pwfile)
+    with running(inst, submission="tls", smtpd_tls_cert_file=cert[0], smtpd_tls_key_file=cert[1],
+                 smtpd_sasl_password_file=pwfile, mynetworks="192.0.2.0/24",
+                 smtpd_process_model=model) as port:
+        s, f = raw(port, timeout=5)
+        s.sendall(b"EHLO plain\r\n")
+        try:
+            assert not f.readline().startswith(b"220")     # no greeting in plain text
+        except OSError:
+            pass
+        s.close()
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=_client_ctx(), timeout=10) as c:
+            c.ehlo()
+            assert c.has_extn("auth") and not c.has_extn("starttls")
+            assert c.mail("alice@example.test") == (530, b"5.7.0 Authentication required")
+            c.rset()
+            c.login("alice", "s3cret")
+            assert c.sendmail("alice@example.test", ["x@elsewhere.example"],
+                              b"Subject: 465\r\n\r\nx\r\n") == {}
+    env = inst.spool.read(queued(inst)[0][2:])
+    assert env.protocol == "ESMTPSA" and env.auth_user == "alice" and env.trusted
+
+
 def test_encrypt_level_requires_tls_before_mail(inst, cert):
     with running(inst, smtpd_tls_cert_file=cert[0], smtpd_tls_key_file=cert[1],
                  smtpd_tls_security_level="encrypt") as port:
