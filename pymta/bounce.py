@@ -54,23 +54,35 @@ def _diagnostic(r):
     return _clean(r.text or r.dsn)
 
 
+def _final(r):
+    """(Final-Recipient address, X-Actual-Recipient or ""): a |command or
+    /file is reported as the address that led there, and named apart."""
+    if r.address.startswith(("|", "/")) and r.parent:
+        return r.parent, r.address
+    return r.address, ""
+
+
 def _status_fields(cfg, env, rcpts, action, now):
     lines = [f"Reporting-MTA: dns; {cfg.myhostname}", f"X-Pymta-Queue-ID: {env.id}"]
     if env.envid:
         lines.append(f"Original-Envelope-Id: {_clean(env.envid)}")
     lines.append(f"Arrival-Date: {_date(env.created or now)}")
     for r in rcpts:
+        final, actual = _final(r)
         lines.append("")
-        lines.append(f"Final-Recipient: rfc822; {_clean(r.address)}")
+        lines.append(f"Final-Recipient: rfc822; {_clean(final)}")
         if r.orcpt:
             kind, _, value = r.orcpt.partition(";")
             lines.append(f"Original-Recipient: {_clean(kind.strip())}; {_clean(value.strip())}")
+        if actual:
+            lines.append(f"X-Actual-Recipient: X-unix; {_clean(actual)}")
         lines.append(f"Action: {action}")
-        lines.append(f"Status: {r.dsn or ('5.0.0' if action == 'failed' else '4.0.0')}")
+        default = {"failed": "5.0.0", "delayed": "4.0.0"}.get(action, "2.0.0")
+        lines.append(f"Status: {r.dsn or default}")
         host = _relay_host(r.relay)
         if host and not host.startswith("local"):
             lines.append(f"Remote-MTA: dns; {host}")
-        diag = _diagnostic(r) if r.text else ""
+        diag = _diagnostic(r) if r.text and action != "delivered" else ""
         if diag:
             lines.append(f"Diagnostic-Code: smtp; {diag}")
         lines.append(f"Last-Attempt-Date: {_date(r.updated or env.last_attempt or now)}")
@@ -92,6 +104,16 @@ def _text_part(cfg, env, rcpts, action, double, now):
                 f"I'm sorry to have to inform you that {who} could not\n"
                 "be delivered to one or more recipients. It's attached below.\n\n"
                 "For further assistance, please send mail to postmaster.\n")
+    elif action == "delivered":
+        head = (f"This is the mail system at host {cfg.myhostname}.\n\n"
+                "Your message was successfully delivered to the destination(s)\n"
+                "listed below. Its headers are attached.\n")
+    elif action == "relayed":
+        head = (f"This is the mail system at host {cfg.myhostname}.\n\n"
+                "Your message was successfully relayed to the destination(s) listed\n"
+                "below, to a server that does not report delivery status: you may\n"
+                "still receive notices of errors from other systems. Its headers are\n"
+                "attached.\n")
     else:
         hours = max(1, int((now - env.created) // 3600)) if env.created else 0
         head = (f"This is the mail system at host {cfg.myhostname}.\n\n"
@@ -103,7 +125,7 @@ def _text_part(cfg, env, rcpts, action, double, now):
     lines = [head, ""]
     for r in rcpts:
         relay = f" (relay {_clean(r.relay)})" if r.relay else ""
-        lines.append(f"<{_clean(r.address)}>: {_diagnostic(r)}{relay}")
+        lines.append(f"<{_clean(_final(r)[0])}>: {_diagnostic(r)}{relay}")
     return "\n".join(lines) + "\n"
 
 
@@ -125,7 +147,7 @@ def report(cfg, env, rcpts, action="failed", now=None, log=None, spool=None):
             return None
         to, sender = qualify(cfg.bounce_notice_recipient, cfg.myorigin), dbl_addr
     else:
-        what = "F" if action == "failed" else "D"
+        what = {"failed": "F", "delayed": "D"}.get(action, "S")
         rcpts = [r for r in rcpts if r.notify(what)]
         if not rcpts:
             return None
@@ -135,8 +157,10 @@ def report(cfg, env, rcpts, action="failed", now=None, log=None, spool=None):
     if action == "failed":
         subject = ("Postmaster notify: see transcript for details" if double
                    else "Undelivered Mail Returned to Sender")
-    else:
+    elif action == "delayed":
         subject = "Delayed Mail (still being retried)"
+    else:
+        subject = "Successful Mail Delivery Report"
     head = (
         f"Date: {_date(now)}\n"
         f"From: Mail Delivery System <MAILER-DAEMON@{cfg.myhostname}>\n"
@@ -160,7 +184,10 @@ def report(cfg, env, rcpts, action="failed", now=None, log=None, spool=None):
         + _status_fields(cfg, env, rcpts, action, now)
         + f"\n--{boundary}\n"
     )
-    if headers_only:
+    if headers_only and action in ("delivered", "relayed"):
+        head += ("Content-Description: Message Headers\n"
+                 "Content-Type: text/rfc822-headers\n\n")
+    elif headers_only:
         head += ("Content-Description: Undelivered Message Headers\n"
                  "Content-Type: text/rfc822-headers\n\n")
     else:
@@ -189,7 +216,8 @@ def report(cfg, env, rcpts, action="failed", now=None, log=None, spool=None):
         w.write((b"" if last == b"\n" else b"\n") + f"\n--{boundary}--\n".encode())
         qid = w.commit(new)
         lock = w.handoff()
-    kind = "postmaster notify" if double else ("DSN" if action == "failed" else "delay warning")
-    summary = ", ".join(f"<{r.address}> {r.dsn}" for r in rcpts)
+    kind = "postmaster notify" if double else {"failed": "DSN", "delayed": "delay warning"}.get(
+        action, f"success DSN ({action})")
+    summary = ", ".join(f"<{_final(r)[0]}> {r.dsn}" for r in rcpts)
     log.info(f"{env.id}: {qid}: {kind}: {summary}")
     return lock

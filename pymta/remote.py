@@ -38,9 +38,10 @@ _ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 class Results(dict):
     """address -> Reply, plus ``relay`` ("name [ip]:port" of the server that
-    answered, or "" when none did)."""
+    answered, or "" when none did) and ``dsn`` (whether it offered DSN)."""
 
     relay = ""
+    dsn = False
 
 
 class _SMTP(smtplib.SMTP):
@@ -419,6 +420,7 @@ def transaction(cfg, conn, env, rcpts, spool, reset=False):
     smtp = conn.smtp
     results = Results()
     results.relay = conn.relay
+    results.dsn = smtp.has_extn("dsn")
     bad = _precheck(conn, env)
     if bad is not None:
         for r in rcpts:
@@ -536,6 +538,7 @@ def deliver(cfg, env, rcpts, domain, log=None, resolver=None, cache=None, verbos
     if own_cache:
         cache = ConnectionCache(per_destination=1)
     results = Results()
+    results.without_dsn = set()     # accepted by a server that does not offer DSN
     pending = list(rcpts)
     try:
         while pending:
@@ -548,6 +551,8 @@ def deliver(cfg, env, rcpts, domain, log=None, resolver=None, cache=None, verbos
             for r in batch:
                 if not (progress and res[r.address].code == 452):
                     results[r.address] = res[r.address]
+                    if not res.dsn:
+                        results.without_dsn.add(r.address)
             if progress and again:
                 pending = again + pending
     finally:

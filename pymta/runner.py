@@ -471,7 +471,17 @@ class Runner:
         self.spool.rewrite(env)
 
     def _notify(self, env, now, later):
-        """Bounce F recipients (then mark them B); send a delay warning once."""
+        """Bounce F recipients (then mark them B); report successes asked
+        for with NOTIFY=SUCCESS; send a delay warning once."""
+        for action, rcpts in env.__dict__.pop("success", {}).items():
+            try:
+                lock = bounce.report(self.cfg, env, rcpts, action, now=now, log=self.log,
+                                     spool=self.spool)
+            except PymtaError as e:
+                self.log.error(f"{env.id}: could not queue the success notice: {e}")
+                continue
+            if lock is not None:
+                later.append(lock)
         failed = [r for r in env.recipients if r.state == E.FAILED]
         if failed:
             try:
@@ -616,6 +626,7 @@ class Runner:
             reply = e.reply
         done_targets[key] = (r.address, reply)
         self._record(env, r, reply, now, t0, mailer, relay="local")
+        self._success(env, r, "delivered")
 
     def _deliver_remote(self, env, domain, items, now):
         t0 = self.now()
@@ -638,6 +649,15 @@ class Runner:
             reply = results.get(sent_as.address,
                                 Reply(451, "4.3.0", "no result from remote delivery"))
             self._record(env, r, reply, now, t0, "esmtp", relay=results.relay)
+            if sent_as.address in getattr(results, "without_dsn", ()):
+                # A server with DSN reports success itself (NOTIFY went on).
+                self._success(env, r, "relayed")
+
+    @staticmethod
+    def _success(env, r, action):
+        """Note a recipient whose NOTIFY=SUCCESS asks for a report (sent by _notify)."""
+        if r.state == E.SENT and r.notify(E.NOTIFY_SUCCESS):
+            env.__dict__.setdefault("success", {}).setdefault(action, []).append(r)
 
     def _record(self, env, r, reply, now, t0, mailer, relay="", state=None):
         """Set a recipient's outcome and write its maillog line."""

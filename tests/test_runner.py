@@ -503,3 +503,72 @@ def test_plain_alias_expansion_is_recorded_before_delivery(relay_inst, sink):
     states = {r.address: r.state for r in env.recipients}
     assert states == {"pair@mx.example.test": "X", "bob@remote.test": "S", "later@remote.test": "D"}
     assert sink.delivered[0].accepted == ["bob@remote.test"]
+
+
+def _report(sink, subject):
+    msgs = [parse(t) for t in sink.delivered]
+    return [m for m in msgs if m["Subject"] == subject]
+
+
+def test_notify_success_gets_a_delivered_report_for_local_delivery(relay_inst, sink):
+    qid = queue(relay_inst, [E.Recipient("root@example.test", flags="SF" + E.PRIMARY,
+                                         orcpt="rfc822;root@example.test")], subject="ok")
+    make_runner(relay_inst).run_pass()
+    assert b"Subject: ok" in relay_inst.mailbox()
+    [msg] = _report(sink, "Successful Mail Delivery Report")
+    assert sink.delivered[0].sender == "" and sink.delivered[0].rcpts == ["alice@sender.test"]
+    fields = dsn_fields(msg)[1]
+    assert fields["Final-Recipient"] == "rfc822; root@example.test"
+    assert fields["Original-Recipient"] == "rfc822; root@example.test"
+    assert (fields["Action"], fields["Status"]) == ("delivered", "2.0.0")
+    part = msg.get_payload()[2]
+    assert part.get_content_type() == "text/rfc822-headers" and "Subject: ok" in part.get_payload()
+    assert f"{qid}: " in relay_inst.maillog() and "success DSN (delivered)" in relay_inst.maillog()
+
+
+def test_without_notify_success_no_report(relay_inst, sink):
+    queue(relay_inst, ["root@example.test"])
+    make_runner(relay_inst).run_pass()
+    assert sink.delivered == []
+
+
+@pytest.mark.parametrize("server_dsn", [True, False])
+def test_notify_success_relayed_to_a_server_without_dsn_gets_a_relayed_report(
+        make_instance, server_dsn):
+    exts = ("PIPELINING", "DSN") if server_dsn else ("PIPELINING",)
+    with SMTPSink("127.0.0.2", extensions=exts) as sink:
+        inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}")
+        queue(inst, [E.Recipient("bob@remote.test", flags="S" + E.PRIMARY)], subject="relay")
+        make_runner(inst).run_pass()
+        first = sink.delivered[0]
+        assert first.rcpts == ["bob@remote.test"]
+        reports = _report(sink, "Successful Mail Delivery Report")
+        if server_dsn:
+            # That server reports delivery itself: NOTIFY went on, no report here.
+            assert first.rcpt_params["bob@remote.test"] == "NOTIFY=SUCCESS" and reports == []
+            return
+        fields = dsn_fields(reports[0])[1]
+        assert (fields["Action"], fields["Status"]) == ("relayed", "2.0.0")
+        assert fields["Final-Recipient"] == "rfc822; bob@remote.test"
+        assert fields["Remote-MTA"] == "dns; 127.0.0.2"
+        assert "250" in fields["Diagnostic-Code"]
+
+
+def test_a_command_recipient_is_reported_as_the_alias_that_led_there(relay_inst, sink):
+    with open(os.path.join(relay_inst.root, "aliases"), "a") as f:
+        f.write('okcmd: "|/bin/true"\nbadcmd: "|/bin/false"\n')
+    queue(relay_inst, [E.Recipient("okcmd@example.test", flags="SF" + E.PRIMARY),
+                       E.Recipient("badcmd@example.test", flags="F" + E.PRIMARY)], subject="cmd")
+    make_runner(relay_inst).run_pass()
+    [ok] = _report(sink, "Successful Mail Delivery Report")
+    fields = dsn_fields(ok)[1]
+    assert fields["Final-Recipient"] == "rfc822; okcmd@example.test"
+    assert fields["X-Actual-Recipient"] == "X-unix; |/bin/true"
+    assert fields["Action"] == "delivered"
+    [bounce] = _report(sink, "Undelivered Mail Returned to Sender")
+    fields = dsn_fields(bounce)[1]
+    assert fields["Final-Recipient"] == "rfc822; badcmd@example.test"
+    assert fields["X-Actual-Recipient"] == "X-unix; |/bin/false"
+    assert fields["Action"] == "failed"
+    text = bounce.get_payload()[0].get_payload()
+    assert "<badcmd@example.test>:" in text and "<|/bin/false>" not in text
