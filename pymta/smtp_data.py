@@ -72,7 +72,7 @@ class DataReceiver:
         self.received += used
         return used, False
 
-    def _segment(self, seg, mid_line=False):
+    def _segment(self, seg, mid_line=False, stuffed=True):
         # CRLF to LF (split and join beat bytes.replace by a third); what is
         # left of CR, or is more LF than there were CRLFs, is a bare line end.
         parts = seg.split(b"\r\n")
@@ -85,10 +85,11 @@ class DataReceiver:
         if self.failed:
             self.at_bol = not mid_line
             return
-        if self.at_bol and data[:1] == b".":
-            data = data[1:]
-        if _DOT_LINE.search(data):
-            data = data.replace(b"\n.", b"\n")
+        if stuffed:
+            if self.at_bol and data[:1] == b".":
+                data = data[1:]
+            if _DOT_LINE.search(data):
+                data = data.replace(b"\n.", b"\n")
         self.at_bol = not mid_line
         if self.in_header:
             self._scan_header(data)
@@ -131,6 +132,38 @@ class DataReceiver:
 
     def hops(self):
         return len(_RECEIVED_RE.findall(bytes(self.header)))
+
+
+class ChunkReceiver(DataReceiver):
+    """The message of a BDAT transaction (RFC 3030): chunks of raw octets,
+    neither dot-stuffed nor ended by a dot, stored as DATA's are (CRLF ->
+    LF) with the same checks: a bare CR or LF refuses the message. A CRLF
+    split between two chunks is one line end; the message may end without
+    one."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.tail = b""
+
+    def feed_chunk(self, data):
+        self.received += len(data)
+        buf = self.tail + data
+        cut = buf.rfind(b"\r\n")
+        if cut >= 0:
+            used, mid_line = cut + 2, False
+        elif len(buf) > DATA_SPLIT:
+            used, mid_line = len(buf) - 1, True
+        else:
+            self.tail = buf
+            return
+        self._segment(buf[:used], mid_line, stuffed=False)
+        self.tail = buf[used:]
+
+    def finish(self):
+        """The last chunk is in: store what is left of the last line."""
+        if self.tail:
+            self._segment(self.tail, True, stuffed=False)
+            self.tail = b""
 
 
 def _prefix(buf, n):

@@ -13,6 +13,8 @@ ends it, dot-unstuffing and CRLF -> LF are ``bytes.replace`` over whole
 chunks. A bare CR or LF anywhere in the data (SMTP smuggling,
 CVE-2023-51764) makes the whole message refused with 550 5.6.0 once the
 real end arrives, so a smuggled second transaction never becomes a message.
+BDAT chunks (RFC 3030) are counted octets, never searched for commands or
+a dot, stored with the same conversion and checks (smtp_data.ChunkReceiver).
 """
 
 import base64
@@ -25,7 +27,7 @@ import time
 
 from . import address as A
 from . import envelope as E
-from .smtp_data import DataReceiver
+from .smtp_data import ChunkReceiver, DataReceiver
 from .status import AddressError, PymtaError, Reply
 
 COMMAND_LINE_MAX = 512
@@ -52,7 +54,7 @@ R_BARE_EOL = Reply(550, "5.6.0", "Message contains a bare CR or LF; refused "
 R_LONG_LINE = Reply(550, "5.6.0", "Message contains a line over the length limit; refused")
 R_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")
 
-_HELP = ("Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH\n"
+_HELP = ("Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH\n"
          "See RFC 5321; this server is described in pymta(8)")
 _POSTMASTER_RE = re.compile(r'^<\s*(?:"postmaster"|postmaster)\s*>(.*)$', re.I)
 
@@ -145,6 +147,9 @@ class Session:
         self._buf = bytearray()
         self._skip_line = False
         self._data = None            # a DataReceiver during DATA
+        self._chunks = None          # the ChunkReceiver of a BDAT transaction
+        self._chunk_left = None      # octets of the current BDAT chunk still to read
+        self._chunk_reply = None     # (Reply, last): what to answer once it is read
         self._auth = None            # (mechanism, step, user) during AUTH
         self._out = []
         # With defer_commit set, the end of DATA does not commit the message:
@@ -164,11 +169,12 @@ class Session:
 
     @property
     def in_data(self):
-        return self._data is not None
+        return self._data is not None or self._chunk_left is not None
 
     @property
     def data_received(self):
-        return self._data.received if self._data else 0
+        rx = self._data or self._chunks
+        return rx.received if rx else 0
 
     def greeting(self):
         return Reply(220, "", self.cfg.smtpd_banner).lines()
@@ -188,8 +194,12 @@ class Session:
         return self._run()
 
     def _run(self):
-        while (self._buf and not self.closed and not self.starttls_wanted and self.pending is None
-               and not self.hold):
+        while (self._buf or self._chunk_left == 0) and not self.closed and \
+                not self.starttls_wanted and self.pending is None and not self.hold:
+            if self._chunk_left is not None:
+                if self._chunk_step():
+                    continue
+                break
             if self._data is not None:
                 used, done = self._data.feed(self._buf)
                 if used:
@@ -256,6 +266,7 @@ class Session:
         if self._data is not None:
             self._data.writer.abort()
             self._data = None
+        self._drop_chunks()
         self.closed = True
 
     def tls_started(self, info=""):
@@ -342,7 +353,7 @@ class Session:
             ext.append("STARTTLS")
         if self.auth_verify is not None and self.tls and not self.auth_user:
             ext.append("AUTH PLAIN LOGIN")
-        ext += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        ext += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "CHUNKING", "SMTPUTF8"]
         self._send(Reply(250, "", "\n".join(ext)))
 
     def cmd_HELO(self, arg):
@@ -354,6 +365,7 @@ class Session:
     def cmd_RSET(self, arg):
         if arg:
             return self._error(Reply(501, "5.5.4", "Syntax: RSET"))
+        self._drop_chunks()
         self.tx = None
         self._send(R_OK)
 
@@ -605,6 +617,8 @@ class Session:
         return None if allowed else R_RELAY
 
     def cmd_DATA(self, arg):
+        if self._chunks is not None:
+            return self._error(Reply(503, "5.5.1", "Error: DATA after BDAT"))
         if self.tx is None:
             return self._error(R_NEED_MAIL if self.helo else R_NEED_HELO)
         if not self.tx.rcpts:
@@ -640,8 +654,84 @@ class Session:
                 f"with {self._proto()} id {qid}{rcpt}; {date}\n")
         return text.encode("utf-8", "surrogateescape")
 
+    # -- BDAT (RFC 3030): length-counted chunks, never a command inside one
+    def cmd_BDAT(self, arg):
+        words = arg.split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or not words[0].isascii() or \
+                len(words) == 2 and words[1].upper() != "LAST":
+            # Without a size the data cannot be told from commands: no chunk.
+            return self._error(Reply(501, "5.5.4", "Syntax: BDAT size [LAST]"))
+        size, last = int(words[0]), len(words) == 2
+        self._chunk_left = size
+        self._chunk_reply = (None, last)
+        refusal = None
+        if self.helo is None:
+            refusal = R_NEED_HELO
+        elif self.tx is None:
+            refusal = R_NEED_MAIL
+        elif not self.tx.rcpts:
+            refusal = R_NEED_RCPT
+        if refusal is not None:
+            # The chunk is read and dropped all the same (RFC 3030 4.1.1).
+            self._chunk_reply = (refusal, last)
+            return
+        if self._chunks is None:
+            try:
+                writer = self.begin_message()
+            except (PymtaError, OSError) as e:
+                # The transaction cannot go on without its first chunk.
+                self._logi(f"warning: {self.peer}: cannot create queue file: {e}")
+                self._chunk_reply = (e.reply if isinstance(e, PymtaError) else R_LOCAL_ERROR, last)
+                self.tx = None
+                return
+            cfg = self.cfg
+            line_limit = cfg.line_length_limit if cfg.smtpd_long_line_action == "reject" else 0
+            self._chunks = ChunkReceiver(writer, cfg.message_size_limit, line_limit,
+                                         cfg.header_size_limit)
+            try:
+                writer.write(self._received_header(writer.id))
+            except PymtaError as e:
+                self._chunks.error = e.reply
+
+    def _chunk_step(self):
+        """Read what is here of the current chunk; True once it is whole
+        (and answered)."""
+        n = min(self._chunk_left, len(self._buf))
+        if n:
+            part = bytes(self._buf[:n])
+            del self._buf[:n]
+            self._chunk_left -= n
+            if self._chunks is not None and self._chunk_reply[0] is None:
+                self._chunks.feed_chunk(part)
+        if self._chunk_left:
+            return False
+        self._chunk_left = None
+        refusal, last = self._chunk_reply
+        self._chunk_reply = None
+        if refusal is not None:
+            if refusal.code >= 500:
+                self._error(refusal)
+            else:
+                self._send(refusal)
+            return True
+        if not last:
+            self._send(Reply(250, "2.0.0", f"Ok: {self._chunks.received} octets received"))
+            return True
+        rx, self._chunks = self._chunks, None
+        rx.finish()
+        self._finish_message(rx)
+        return True
+
+    def _drop_chunks(self):
+        if self._chunks is not None:
+            self._chunks.writer.abort()
+            self._chunks = None
+
     def _finish_data(self):
         data, self._data = self._data, None
+        self._finish_message(data)
+
+    def _finish_message(self, data):
         tx, self.tx = self.tx, None
         writer = data.writer
         reply = None

@@ -113,6 +113,27 @@ def test_smtplib_message_is_queued_with_received_header_and_logged(inst, logs):
     assert f"{qid}: from=<a@b.example>, size={len(data)}, nrcpts=1, proto=ESMTP, relay=unknown [127.0.0.1]" in text
 
 
+@pytest.mark.parametrize("model", ["threads", "fork"])
+def test_bdat_chunks_pipelined_over_a_socket_are_queued_as_one_message(inst, model):
+    body = b"Subject: chunks\r\n\r\n" + b"line of text\r\n" * 20000
+    cut = len(body) // 3
+    with running(inst, smtpd_process_model=model) as port:
+        s, f = raw(port)
+        read_reply(f)
+        s.sendall(b"EHLO x\r\n")
+        assert b"250-CHUNKING\r\n" in b"".join(read_reply(f))
+        s.sendall(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<root@example.test>\r\n"
+                  + b"BDAT %d\r\n" % cut + body[:cut]
+                  + b"BDAT %d LAST\r\n" % (len(body) - cut) + body[cut:] + b"QUIT\r\n")
+        replies = [read_reply(f)[-1] for _ in range(5)]
+        s.close()
+    assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"250", b"221"]
+    assert replies[3].startswith(b"250 2.0.0 Ok: queued as ")
+    qid = replies[3].split()[-1].decode()
+    with open(inst.spool.path("df", qid), "rb") as fh:
+        assert fh.read().endswith(body.replace(b"\r\n", b"\n"))
+
+
 def test_pipelined_commands_get_all_replies_in_order(inst):
     with running(inst) as port:
         s, f = raw(port)

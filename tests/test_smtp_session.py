@@ -358,3 +358,78 @@ def test_any_bytes_give_well_formed_replies(chunks):
         assert m, out[pos:pos + 80]
         assert 200 <= int(m.group(1)) < 600
         pos = m.end()
+
+
+# -- BDAT (RFC 3030)
+def bdat_open(s=None):
+    s = s or make()
+    assert codes(talk(s, b"EHLO c", b"MAIL FROM:<a@b.example>", b"RCPT TO:<user@example.test>")) \
+        == [250, 250, 250]
+    return s
+
+
+def test_chunking_is_offered_and_bdat_chunks_make_one_message_unstuffed():
+    s = make()
+    assert b"250-CHUNKING\r\n" in talk(s, b"EHLO c")
+    bdat_open(s)
+    one, two = b"Subject: hi\r\n\r\n..x", b"\r\nline\r\n.\r\n"
+    out = s.feed(b"BDAT %d\r\n%sBDAT %d LAST\r\n%s" % (len(one), one, len(two), two))
+    assert out.startswith(b"250 2.0.0 Ok: 18 octets received\r\n250 2.0.0 Ok: queued as TESTID")
+    env, data = s.store[0]
+    assert data.endswith(b"Subject: hi\n\n..x\nline\n.\n")     # no dot-unstuffing in BDAT
+    assert data.startswith(b"Received: ") and b"for <user@example.test>" in data
+    assert [r.address for r in env.recipients] == ["user@example.test"]
+
+
+def test_a_smuggled_transaction_inside_a_chunk_stays_message_data():
+    s = bdat_open()
+    chunk = b"Subject: a\r\n\r\nx\r\n.\r\nMAIL FROM:<evil@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n"
+    out = s.feed(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+    assert codes(out) == [250] and len(s.store) == 1
+    assert s.store[0][1].endswith(b"x\n.\nMAIL FROM:<evil@b.example>\nRCPT TO:<root@example.test>\nDATA\n")
+
+
+def test_a_chunk_split_across_reads_and_a_crlf_split_across_chunks():
+    s = bdat_open()
+    out = b""
+    for piece in (b"BDAT 11\r\nSubj", b"ect: y\r", b"BDAT 9 LAST\r\n", b"\n\r\nbody\r\n"):
+        out += s.feed(piece)
+    assert codes(out) == [250, 250]
+    assert s.store[0][1].endswith(b"Subject: y\n\nbody\n")
+
+
+@pytest.mark.parametrize("chunk", [b"Subject: a\n\nbare lf\r\n", b"Subject: a\r\n\r\nbare\rcr\r\n",
+                                   b"Subject: a\r\n\r\nends in cr\r"])
+def test_bare_cr_or_lf_in_bdat_is_refused_like_data(chunk):
+    s = bdat_open()
+    out = s.feed(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+    assert out.startswith(b"550 5.6.0") and s.store == [] and s.writers[0].aborted
+
+
+def test_bdat_out_of_order_reads_and_drops_its_chunk():
+    s = make()
+    talk(s, b"EHLO c")
+    out = s.feed(b"BDAT 6\r\nRSET\r\nNOOP\r\n")
+    assert codes(out) == [503, 250]          # the chunk's RSET was data, not a command
+    assert codes(talk(s, b"MAIL FROM:<a@b.example>")) == [250]
+    out = s.feed(b"BDAT 6 LAST\r\nQUIT\r\n")
+    assert codes(out) == [503] and not s.closed and s.store == []
+
+
+def test_data_after_bdat_is_refused_and_rset_drops_the_chunks():
+    s = bdat_open()
+    assert codes(s.feed(b"BDAT 3\r\nabc")) == [250]
+    assert codes(talk(s, b"DATA")) == [503]
+    assert codes(talk(s, b"RSET")) == [250] and s.writers[0].aborted
+    talk(s, b"MAIL FROM:<a@b.example>", b"RCPT TO:<user@example.test>")
+    assert codes(s.feed(b"BDAT 0 LAST\r\n")) == [250] and s.store[0][1].startswith(b"Received:")
+
+
+def test_bdat_syntax_errors_and_size_limit():
+    s = bdat_open()
+    assert codes(talk(s, b"BDAT", b"BDAT x", b"BDAT 5 NOTLAST")) == [501, 501, 501]
+    cfg = config.from_dict(myhostname="mx.example.test", mydestination="example.test",
+                           queue_minfree=0, message_size_limit=1000)
+    s = bdat_open(make(cfg))
+    out = s.feed(b"BDAT 2000 LAST\r\n" + b"x" * 1998 + b"\r\n")
+    assert out.startswith(b"552 5.3.4") and s.store == []
