@@ -433,3 +433,21 @@ def test_bdat_syntax_errors_and_size_limit():
     s = bdat_open(make(cfg))
     out = s.feed(b"BDAT 2000 LAST\r\n" + b"x" * 1998 + b"\r\n")
     assert out.startswith(b"552 5.3.4") and s.store == []
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from([b"a", b".", b" ", b"\r\n", b"..", b"xyz", b"\r\n.\r\n"]),
+                max_size=60),
+       st.lists(st.integers(min_value=0, max_value=30), max_size=8),
+       st.integers(min_value=1, max_value=40))
+def test_bdat_stores_the_same_message_however_it_is_chunked_and_read(parts, cuts, read):
+    message = b"Subject: p\r\n\r\n" + b"".join(parts)
+    points = sorted({min(c, len(message)) for c in cuts})
+    chunks = [message[a:b] for a, b in zip([0] + points, points + [len(message)])]
+    wire = b"".join(b"BDAT %d%s\r\n%s" % (len(c), b" LAST" if i == len(chunks) - 1 else b"", c)
+                    for i, c in enumerate(chunks))
+    s = bdat_open()
+    out = b"".join(s.feed(wire[i:i + read]) for i in range(0, len(wire), read))
+    assert codes(out) == [250] * len(chunks)
+    stored = s.store[0][1]
+    assert stored[stored.index(b"Subject: p"):] == message.replace(b"\r\n", b"\n")
