@@ -7,7 +7,8 @@
 The package is copied to $PREFIX/lib/pymta/pymta and small launchers are
 generated that put that directory on sys.path and run the installed
 interpreter (by default the system /usr/bin/python3, which needs the
-python3-dnspython, python3-daemon and python3-lockfile packages):
+python3-dnspython, python3-daemon, python3-lockfile and, for DKIM signing,
+python3-dkim packages):
 ``sendmail`` and the ``pymta`` admin command in sbindir, ``mailq`` and
 ``newaliases`` in bindir as symbolic links to sendmail (the program picks
 its role from its name), and /usr/lib/sendmail as Debian has it when the
