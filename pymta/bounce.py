@@ -57,8 +57,9 @@ def _diagnostic(r):
 def _final(r):
     """(Final-Recipient address, X-Actual-Recipient or ""): a |command or
     /file is reported as the address that led there, and named apart."""
-    if r.address.startswith(("|", "/")) and r.parent:
-        return r.parent, r.address
+    led = getattr(r, "via", "") or r.parent
+    if r.address.startswith(("|", "/")) and led:
+        return led, r.address
     return r.address, ""
 
 

@@ -619,6 +619,7 @@ class Runner:
             reply = Reply(reply.code, reply.enhanced,
                           f"{reply.text} (duplicate of <{first_rcpt}>, delivered once)")
             self._record(env, r, reply, now, t0, mailer, relay="local")
+            self._success(env, r, "delivered")
             return
         try:
             reply = local.deliver(self.cfg, env, r, target, log=self.log)

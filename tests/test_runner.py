@@ -572,3 +572,14 @@ def test_a_command_recipient_is_reported_as_the_alias_that_led_there(relay_inst,
     assert fields["Action"] == "failed"
     text = bounce.get_payload()[0].get_payload()
     assert "<badcmd@example.test>:" in text and "<|/bin/false>" not in text
+
+
+def test_a_command_of_a_nested_alias_is_reported_as_the_alias_that_named_it(relay_inst, sink):
+    with open(os.path.join(relay_inst.root, "aliases"), "a") as f:
+        f.write('outer: inner\ninner: "|/bin/false"\n')
+    queue(relay_inst, ["outer@example.test"], subject="nested")
+    make_runner(relay_inst).run_pass()
+    [bounce] = _report(sink, "Undelivered Mail Returned to Sender")
+    fields = dsn_fields(bounce)[1]
+    assert fields["Final-Recipient"] == "rfc822; inner@mx.example.test"
+    assert fields["X-Actual-Recipient"] == "X-unix; |/bin/false"
