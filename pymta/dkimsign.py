@@ -110,8 +110,9 @@ class BodyHash:
         return self.h.digest()
 
 
-def _key(cfg):
-    """The parsed private key, read again when the file changes."""
+def _key(cfg, log=None):
+    """The parsed private key, read again when the file changes; a key
+    others than its owner may read is used, with a warning."""
     path = cfg.dkim_private_key_file
     try:
         st = os.stat(path)
@@ -133,6 +134,9 @@ def _key(cfg):
         raise TempFail(f"bad DKIM key {path}: {e}",
                        Reply(451, "4.3.0", f"DKIM signing failed: {path} is not a PEM "
                                            "RSA private key")) from None
+    if st.st_mode & 0o077 and log is not None:
+        log.warning(f"warning: DKIM key {path} is mode {st.st_mode & 0o777:04o}: anyone who "
+                    "can read it can sign as your domains; make it 0600, owned by root")
     with _keys_lock:
         _keys[path] = (stamp, pk)
     return pk
@@ -187,7 +191,7 @@ def sign(cfg, f, log=None, qid=""):
     domains = {x.lower().rstrip(".") for x in cfg.dkim_domains}
     if domain is None or domain not in domains:
         return None
-    pk = _key(cfg)
+    pk = _key(cfg, log)
     body = BodyHash()
     body.update(rest)
     while True:

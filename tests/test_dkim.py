@@ -177,3 +177,11 @@ def test_body_hash_is_dkimpys_relaxed_body_hash_in_any_chunking(parts, step):
     for i in range(0, len(body), step):
         h.update(body[i:i + step])
     assert h.digest() == hashlib.sha256(Relaxed.canonicalize_body(wire)).digest()
+
+
+def test_a_key_others_can_read_is_used_with_a_warning(dkim_inst, sink):
+    os.chmod(dkim_inst.params["dkim_private_key_file"], 0o644)
+    p = dkim_inst.sendmail("-odi", "bob@remote.test", input=MSG)
+    assert p.returncode == 0, p.stderr
+    assert sink.delivered[0].data.startswith(b"DKIM-Signature:")
+    assert "is mode 0644: anyone who can read it can sign" in dkim_inst.maillog()
