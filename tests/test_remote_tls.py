@@ -314,3 +314,38 @@ def test_queue_run_shows_a_refused_login_and_a_refused_certificate_in_mailq(
         out = inst.run("mailq").stdout.decode()
         assert "4.7.5" in out and "certificate not verified" in out, out
         assert sink.transactions == [] and len(sink.logins) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_daemon_logs_in_from_the_root_side_with_a_root_only_password_file(dns, pki):
+    """The listener runs as mail_owner and cannot read the password file;
+    the master (root), which delivers, can and logs in."""
+    import shutil
+    import smtplib
+    import subprocess
+    import tempfile
+    from conftest import Instance
+    from test_daemon import daemon, wait_for
+    top = tempfile.mkdtemp(prefix="pymta-sasl-", dir="/tmp")
+    os.chmod(top, 0o755)
+    try:
+        with SMTPSink("127.0.0.2", tls_context=pki.good, auth={"relay": "pw"}) as sink:
+            pw = os.path.join(top, "sasl_passwd")
+            with open(pw, "w") as f:
+                f.write(f"[{SMTP_NAME}]:{sink.port} relay:pw\n")
+            os.chmod(pw, 0o600)
+            as_mail = subprocess.run(["cat", pw], user="mail", capture_output=True)
+            assert as_mail.returncode != 0 and b"Permission denied" in as_mail.stderr
+            inst = Instance(top)
+            with daemon(inst, mail_owner="mail", relayhost=f"[{SMTP_NAME}]:{sink.port}",
+                        dns_nameservers=dns.address, smtp_sasl_auth_enable="yes",
+                        smtp_sasl_password_maps=f"hash:{pw}", smtp_tls_security_level="secure",
+                        smtp_tls_CAfile=pki.ca1.cert) as (p, port):
+                with smtplib.SMTP("127.0.0.1", port) as c:
+                    assert c.sendmail("a@example.test", ["bob@remote.test"],
+                                      b"Subject: relayed\r\n\r\nx\r\n") == {}
+                assert wait_for(lambda: sink.delivered, 20)
+            assert sink.logins == [("relay", "pw", True)] and sink.delivered[0].auth == "relay"
+            assert "stat=Sent" in inst.maillog()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
