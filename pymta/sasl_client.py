@@ -18,67 +18,10 @@ is a symlink.
 """
 
 import base64
-import os
-import stat
 
+from . import maptable
+from .maptable import TableError as PasswordError  # noqa: F401 - the name callers use
 from .status import Reply
-
-
-class PasswordError(Exception):
-    """The password file cannot be used; the text says why."""
-
-
-def _path(item):
-    for prefix in ("hash:", "texthash:"):
-        if item.startswith(prefix):
-            return item[len(prefix):]
-    if ":" in item.split("/", 1)[0]:
-        raise PasswordError(f"smtp_sasl_password_maps: unsupported table type {item.split(':', 1)[0]!r} "
-                            "(a plain file, or hash: naming the same file)")
-    return item
-
-
-def _read(path):
-    """The file's text, opened without following a symlink; refused when
-    users other than the owner and group may read it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise PasswordError(f"cannot open smtp_sasl_password_maps file {path}: "
-                            f"{e.strerror or e}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise PasswordError(f"smtp_sasl_password_maps file {path} is not a regular file")
-        if st.st_mode & 0o004:
-            raise PasswordError(f"smtp_sasl_password_maps file {path} is readable by every user "
-                                f"(mode {stat.S_IMODE(st.st_mode):04o}); make it 0600")
-        data = f.read(1 << 20)
-    return data.decode("utf-8", "replace")
-
-
-def parse(text):
-    """{key (lowercased): (user, password)} from the table text."""
-    entries = {}
-    lines = []
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line[0] in " \t" and lines:
-            lines[-1] += " " + line.strip()
-            continue
-        lines.append(line.strip())
-    for line in lines:
-        key, _, value = line.partition(" ")
-        if "\t" in key:
-            key, _, more = key.partition("\t")
-            value = more + " " + value
-        value = value.strip()
-        user, sep, password = value.partition(":")
-        if not key or not sep:
-            continue
-        entries.setdefault(key.lower(), (user, password))
-    return entries
 
 
 def keys_for(cfg, domain, host):
@@ -94,13 +37,14 @@ def keys_for(cfg, domain, host):
 def credentials(cfg, domain, host):
     """(user, password) for this server, or None when there are none.
     Raises PasswordError when a file cannot be used."""
-    keys = keys_for(cfg, domain, host)
-    for item in cfg.smtp_sasl_password_maps:
-        table = parse(_read(_path(item)))
-        for key in keys:
-            if key in table:
-                return table[key]
-    return None
+    value = maptable.lookup(cfg.smtp_sasl_password_maps, "smtp_sasl_password_maps",
+                            keys_for(cfg, domain, host), secret=True)
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep:
+        raise PasswordError(f"smtp_sasl_password_maps: the entry for {host} is not user:password")
+    return user, password
 
 
 def mechanisms(smtp):

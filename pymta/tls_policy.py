@@ -28,6 +28,8 @@ only when there is none), a wildcard only as a whole leftmost label.
 import ipaddress
 import ssl
 
+from . import maptable
+
 VERIFYING = ("verify", "secure")
 
 
@@ -68,20 +70,67 @@ def _bare(host):
     return host.lower().rstrip(".")
 
 
-def static_policy(cfg, nexthop, host, level=None):
+def static_policy(cfg, nexthop, host, level=None, match=None, why="smtp_tls_security_level"):
     """The Policy from smtp_tls_security_level (or ``level``) for server
     ``host`` (its name, or an address literal) of next hop ``nexthop`` (the
-    recipient domain, or the relayhost's host part)."""
+    recipient domain, or the relayhost's host part). ``match``: the names
+    a certificate may match at verify and secure, in the syntax of
+    smtp_tls_policy_maps' match attribute (default: hostname at verify,
+    nexthop:dot-nexthop at secure)."""
     level = level or cfg.smtp_tls_security_level
     if cfg.smtp_tls_wrappermode and level in ("none", "may"):
         level = "encrypt"
-    if level == "verify":
-        names = [(_bare(host), False)]
-    elif level == "secure":
-        names = [(_bare(nexthop), False), (_bare(nexthop), True)]
-    else:
-        names = []
-    return Policy(level, names)
+    if level not in VERIFYING:
+        return Policy(level, (), why=why)
+    if match is None:
+        match = "hostname" if level == "verify" else "nexthop:dot-nexthop"
+    names = []
+    for token in match.lower().split(":"):
+        if token == "hostname":
+            names.append((_bare(host), False))
+        elif token == "nexthop":
+            names.append((_bare(nexthop), False))
+        elif token == "dot-nexthop":
+            names.append((_bare(nexthop), True))
+        elif token.startswith(".") and len(token) > 1:
+            names.append((token[1:].rstrip("."), True))
+        elif token:
+            names.append((token.rstrip("."), False))
+    return Policy(level, names, why=why)
+
+
+TABLE_LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "verify", "secure")
+
+
+def table_entry(cfg, nexthop):
+    """(level, match or None, key) from smtp_tls_policy_maps for the next
+    hop (the relayhost as written, else the recipient domain, then its
+    parent domains as .domain), or None. Raises maptable.TableError."""
+    if not cfg.smtp_tls_policy_maps:
+        return None
+    first = (cfg.relayhost or nexthop).strip().lower()
+    keys = [first]
+    if not cfg.relayhost and not first.startswith("["):
+        labels = first.rstrip(".").split(".")
+        keys += ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
+    tables = [maptable.parse(maptable.read(maptable.path_of(item, "smtp_tls_policy_maps"),
+                                           "smtp_tls_policy_maps"))
+              for item in cfg.smtp_tls_policy_maps]
+    for key in keys:
+        for table in tables:
+            if key in table:
+                words = table[key].split()
+                level = words[0].lower() if words else ""
+                if level not in TABLE_LEVELS:
+                    raise maptable.TableError(f"smtp_tls_policy_maps: {key}: unsupported TLS "
+                                              f"level {level!r} (pymta has {', '.join(TABLE_LEVELS)})")
+                match = None
+                for word in words[1:]:
+                    name, _, value = word.partition("=")
+                    if name.lower() == "match":
+                        match = value
+                return level, match, key
+    return None
 
 
 def client_context(cfg, policy):
@@ -199,7 +248,14 @@ class Plan:
         self._resolver = resolver
         self.literal = nexthop.startswith("[")
         self.sts = None
-        if cfg.smtp_mta_sts_enable and use_mx and not cfg.relayhost and not self.literal:
+        self.entry = self.error = None
+        try:
+            self.entry = table_entry(cfg, nexthop)
+        except maptable.TableError as e:      # the messages wait for a fixed table
+            self.error = str(e)
+            log.error(self.error)
+        if self.entry is None and cfg.smtp_mta_sts_enable and use_mx and not cfg.relayhost \
+                and not self.literal:
             from . import mta_sts
             self.sts = mta_sts.policy_for(cfg, nexthop, self.resolver, log)
 
@@ -212,7 +268,10 @@ class Plan:
 
     def hosts(self, hosts):
         """The MX hosts an MTA-STS policy allows; raises TempFail when an
-        enforced policy allows none."""
+        enforced policy allows none (or smtp_tls_policy_maps is unusable)."""
+        if self.error is not None:
+            from .status import Reply, TempFail
+            raise TempFail(self.error, Reply(451, "4.7.5", self.error))
         if self.sts is None:
             return hosts
         ok = [h for h in hosts if self.sts.mx_matches(h.name)]
@@ -234,8 +293,12 @@ class Plan:
         when the message must be deferred before connecting to it."""
         from .status import Reply
         cfg = self.cfg
-        level = cfg.smtp_tls_security_level
-        if level == "dane":
+        level, match, why = cfg.smtp_tls_security_level, None, "smtp_tls_security_level"
+        if self.entry is not None:
+            level, match, key = self.entry
+            why = f"smtp_tls_policy_maps entry {key}"
+        if level in ("dane", "dane-only"):
+            only = level == "dane-only"
             level = "may"
             if not self.literal and not host.name.startswith("["):
                 from . import dane
@@ -248,9 +311,12 @@ class Plan:
                     where = f"TLSA records of _{self.port}._tcp.{host.name}"
                     if records and dane.usable(records):
                         return Policy("dane", tlsa=records, why=f"DANE {where}"), None
-                    if records:
+                    if records and not only:
                         return Policy("encrypt", why=f"DANE {where}, none usable"), None
+            if only:
+                return None, Reply(451, "4.7.5", f"DANE required ({why}), but {host.name} has no "
+                                                 f"usable TLSA records authenticated by DNSSEC")
         if self.sts is not None and self.sts.mode == "enforce" and level not in VERIFYING:
             return Policy("verify", [(_bare(host.name), False)],
                           why=f"MTA-STS policy of {self.nexthop}"), None
-        return static_policy(cfg, self.nexthop, host.name, level), None
+        return static_policy(cfg, self.nexthop, host.name, level, match, why), None

@@ -173,3 +173,21 @@ def test_lookups_work_with_the_oldest_dnspython(tmp_path):
                            env=dict(os.environ, PYTHONPATH=TOP))
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode().split("\n")[0] == "mx1.remote.test ['127.0.0.2'] True (3, 1, 1)"
+
+
+def test_dane_only_from_the_policy_table(tmp_path, certs):
+    """dane-only: without usable, authenticated TLSA records nothing is sent."""
+    with SMTPSink("127.0.0.2", tls_context=certs.ctx) as sink:
+        table = tmp_path / "tls_policy"
+        table.write_text(f"[{SMTP_NAME}]:{sink.port} dane-only\n")
+        reply, _ = run(tmp_path, sink, zone_for(sink.port), smtp_tls_security_level="may",
+                       smtp_tls_policy_maps=str(table))
+        assert reply.enhanced == "4.7.5" and "DANE required" in reply.text, reply
+        assert sink.connections == 0
+        rec = f"3 1 1 {tlsa_data(certs.files[0], 1, 1)}"
+        reply, _ = run(tmp_path, sink, zone_for(sink.port, {"TLSA": [rec]}), ad=False,
+                       smtp_tls_policy_maps=str(table))
+        assert reply.enhanced == "4.7.5" and sink.connections == 0, reply
+        reply, _ = run(tmp_path, sink, zone_for(sink.port, {"TLSA": [rec]}),
+                       smtp_tls_policy_maps=str(table))
+        assert reply.code == 250 and sink.delivered[0].tls

@@ -349,3 +349,56 @@ def test_daemon_logs_in_from_the_root_side_with_a_root_only_password_file(dns, p
             assert "stat=Sent" in inst.maillog()
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+# -- smtp_tls_policy_maps -----------------------------------------------------
+
+def policy_file(tmp_path, text):
+    path = tmp_path / "tls_policy"
+    path.write_text(text)
+    return str(path)
+
+
+def test_policy_entry_for_the_relayhost_raises_the_level(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good) as sink:
+        table = policy_file(tmp_path, f"# provider\n[{SMTP_NAME}]:{sink.port}  secure\n")
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_policy_maps=f"hash:{table}",
+                      smtp_tls_CAfile=pki.ca2.cert)
+        reply = send(cfg)
+        assert reply.enhanced == "4.7.5" and nothing_sent(sink), reply
+        assert "certificate not verified" in reply.text
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_policy_maps=table, smtp_tls_CAfile=pki.ca1.cert)
+        assert send(cfg).code == 250
+
+
+def test_policy_entry_for_a_parent_domain_and_one_that_lowers_the_level(tmp_path, dns):
+    with SMTPSink("127.0.0.2") as sink:
+        dns.zone["sub.remote.test"] = {"MX": [(10, "mx1.remote.test")]}
+        table = policy_file(tmp_path, ".remote.test encrypt\nremote.test none\n")
+        cfg = make_cfg(tmp_path, dns_nameservers=dns.address, smtp_port=str(sink.port),
+                       smtp_tls_policy_maps=table, smtp_tls_security_level="secure")
+        reply = send(cfg, "bob@sub.remote.test", "sub.remote.test")
+        assert reply.enhanced == "4.7.4" and nothing_sent(sink), reply
+        assert send(cfg, "bob@remote.test", "remote.test").code == 250     # none: no TLS asked
+
+
+def test_policy_match_attribute(tmp_path, dns, pki):
+    """secure with match=hostname accepts the MX host's own certificate,
+    which the default nexthop:dot-nexthop refuses (see above)."""
+    with SMTPSink("127.0.0.2", tls_context=pki.mx_hosting) as sink:
+        table = policy_file(tmp_path, "hosted.test secure match=hostname\n"
+                                      "remote.test verify match=.example.test:mx.nowhere.test\n")
+        cfg = make_cfg(tmp_path, dns_nameservers=dns.address, smtp_port=str(sink.port),
+                       smtp_tls_policy_maps=table, smtp_tls_CAfile=pki.ca1.cert)
+        assert send(cfg, "bob@hosted.test", "hosted.test").code == 250
+        reply = send(cfg, "bob@remote.test", "remote.test")
+        assert reply.enhanced == "4.7.5" and "*.example.test or mx.nowhere.test" in reply.text, reply
+
+
+def test_unsupported_policy_level_defers_with_the_reason(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good) as sink:
+        table = policy_file(tmp_path, f"[{SMTP_NAME}]:{sink.port} fingerprint match=AB:CD\n")
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_policy_maps=table)
+        reply = send(cfg)
+        assert reply.enhanced == "4.7.5" and "unsupported TLS level 'fingerprint'" in reply.text
+        assert sink.connections == 0
