@@ -1,29 +1,23 @@
-"""Postfix-style plain lookup tables (smtp_sasl_password_maps,
-smtp_tls_policy_maps): ``key value`` lines, ``#`` comments, a line that
-starts with white space continues the one before. A ``hash:`` (or
-``texthash:``) prefix names the same plain file: there is no postmap and no
-.db. Keys are matched without regard to case. The file is read at each
-use, so a change is seen by the next delivery.
+"""The client's tables (smtp_sasl_password_maps, smtp_tls_policy_maps) in
+the syntax of :mod:`pymta.tables` (pymta-tables(5)), read more strictly:
+a table that cannot be read is an error that defers the mail, never an
+empty table (a missing TLS policy would lower the security asked for, a
+missing password send mail without the login), and a ``secret`` table is
+opened without following a symbolic link and refused when every user may
+read it. The file is read at each use, so a change is seen by the next
+delivery.
 """
 
 import os
 import stat
+
+from . import tables
 
 MAX_SIZE = 1 << 20
 
 
 class TableError(Exception):
     """The table cannot be used; the text says why."""
-
-
-def path_of(item, param):
-    for prefix in ("hash:", "texthash:"):
-        if item.startswith(prefix):
-            return item[len(prefix):]
-    if ":" in item.split("/", 1)[0]:
-        raise TableError(f"{param}: unsupported table type {item.split(':', 1)[0]!r} "
-                         "(a plain file, or hash: naming the same file)")
-    return item
 
 
 def read(path, param, secret=False):
@@ -45,32 +39,17 @@ def read(path, param, secret=False):
     return data.decode("utf-8", "replace")
 
 
-def parse(text):
-    """{key (lowercased): value} from the table text; the first line of a
-    key wins."""
-    lines = []
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line[0] in " \t" and lines:
-            lines[-1] += " " + line.strip()
-            continue
-        lines.append(line.strip())
-    entries = {}
-    for line in lines:
-        parts = line.split(None, 1)
-        if len(parts) == 2:
-            entries.setdefault(parts[0].lower(), parts[1].strip())
-    return entries
-
-
 def lookup(items, param, keys, secret=False):
-    """The value of the first of ``keys`` found in the tables ``items``
+    """(key, value) of the first of ``keys`` found in the tables ``items``
     (each key in every table, in order, before the next key, as Postfix's
     maps do), or None. Raises TableError."""
-    tables = [parse(read(path_of(item, param), param, secret)) for item in items]
+    try:
+        paths = tables.table_paths(items)
+    except tables.TableError as e:
+        raise TableError(f"{param}: {e}") from None
+    found = [tables.parse(read(path, param, secret), path) for path in paths]
     for key in keys:
-        for table in tables:
+        for table in found:
             if key in table:
-                return table[key]
+                return key, table[key]
     return None

@@ -1,9 +1,9 @@
 """SMTP AUTH as a client (RFC 4954): credentials from smtp_sasl_password_maps,
 PLAIN or LOGIN, only ever over TLS.
 
-The password file has Postfix's plain-table syntax: ``key user:password``
-lines, ``#`` comments, a line starting with white space continues the one
-before. A ``hash:`` prefix names the same file (no .db is made or read).
+The password file is a table (pymta-tables(5), read by
+:mod:`pymta.maptable`): ``key user:password`` lines; a ``hash:`` prefix
+names the same file (no .db is made or read).
 Keys are looked up as Postfix does: the next hop as written in relayhost
 (``[smtp.example.com]:587``), then the server's host name; without a
 relayhost the recipient domain, then the MX host name. Case does not matter.
@@ -37,11 +37,11 @@ def keys_for(cfg, domain, host):
 def credentials(cfg, domain, host):
     """(user, password) for this server, or None when there are none.
     Raises PasswordError when a file cannot be used."""
-    value = maptable.lookup(cfg.smtp_sasl_password_maps, "smtp_sasl_password_maps",
+    found = maptable.lookup(cfg.smtp_sasl_password_maps, "smtp_sasl_password_maps",
                             keys_for(cfg, domain, host), secret=True)
-    if value is None:
+    if found is None:
         return None
-    user, sep, password = value.partition(":")
+    user, sep, password = found[1].partition(":")
     if not sep:
         raise PasswordError(f"smtp_sasl_password_maps: the entry for {host} is not user:password")
     return user, password

@@ -113,24 +113,21 @@ def table_entry(cfg, nexthop):
     if not cfg.relayhost and not first.startswith("["):
         labels = first.rstrip(".").split(".")
         keys += ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
-    tables = [maptable.parse(maptable.read(maptable.path_of(item, "smtp_tls_policy_maps"),
-                                           "smtp_tls_policy_maps"))
-              for item in cfg.smtp_tls_policy_maps]
-    for key in keys:
-        for table in tables:
-            if key in table:
-                words = table[key].split()
-                level = words[0].lower() if words else ""
-                if level not in TABLE_LEVELS:
-                    raise maptable.TableError(f"smtp_tls_policy_maps: {key}: unsupported TLS "
-                                              f"level {level!r} (pymta has {', '.join(TABLE_LEVELS)})")
-                match = None
-                for word in words[1:]:
-                    name, _, value = word.partition("=")
-                    if name.lower() == "match":
-                        match = value
-                return level, match, key
-    return None
+    found = maptable.lookup(cfg.smtp_tls_policy_maps, "smtp_tls_policy_maps", keys)
+    if found is None:
+        return None
+    key, value = found
+    words = value.split()
+    level = words[0].lower() if words else ""
+    if level not in TABLE_LEVELS:
+        raise maptable.TableError(f"smtp_tls_policy_maps: {key}: unsupported TLS "
+                                  f"level {level!r} (pymta has {', '.join(TABLE_LEVELS)})")
+    match = None
+    for word in words[1:]:
+        name, _, arg = word.partition("=")
+        if name.lower() == "match":
+            match = arg
+    return level, match, key
 
 
 def client_context(cfg, policy):
