@@ -402,3 +402,11 @@ def test_unsupported_policy_level_defers_with_the_reason(tmp_path, dns, pki):
         reply = send(cfg)
         assert reply.enhanced == "4.7.5" and "unsupported TLS level 'fingerprint'" in reply.text
         assert sink.connections == 0
+
+
+def test_missing_policy_table_defers_instead_of_lowering_the_level(tmp_path, dns, pki):
+    with SMTPSink("127.0.0.2", tls_context=pki.good) as sink:
+        cfg = cfg_for(tmp_path, dns, sink, smtp_tls_policy_maps=f"hash:{tmp_path}/no-such-table")
+        reply = send(cfg)
+        assert reply.enhanced == "4.7.5" and "cannot open smtp_tls_policy_maps" in reply.text
+        assert sink.connections == 0
