@@ -286,6 +286,11 @@ class Submission:
             raise InjectError("-V: an envelope id is 1 to 100 printable ASCII characters")
         self.recipients = []      # [(address, flags)]
         self._seen = set()
+        self.rewriter = None
+        if any((cfg.canonical_maps, cfg.sender_canonical_maps, cfg.recipient_canonical_maps,
+                cfg.masquerade_domains)):
+            from . import rewrite      # only when configured: sendmail's start-up is its latency
+            self.rewriter = rewrite.Rewriter(cfg)
         for arg in opts.recipients:
             self.add_list(arg, EX_USAGE)
 
@@ -336,7 +341,10 @@ class Submission:
         notify = self.notify_flags()
         for addr, flags in self.recipients:
             env.add_recipient(addr, flags=flags + notify)
-        env.smtputf8 = not all(a.isascii() for a, _ in self.recipients) or not self.sender.isascii()
+        if self.rewriter is not None:
+            self.rewriter.envelope(env)
+        env.smtputf8 = not env.sender.isascii() or not all(r.address.isascii()
+                                                           for r in env.recipients)
         return env
 
     def fix_header(self, fields, qid):
@@ -370,6 +378,8 @@ class Submission:
             token = qid or os.urandom(6).hex().upper()
             self.msgid = f"<{time.strftime('%Y%m%d%H%M%S', time.gmtime())}.{token}@{cfg.myhostname}>"
             out.append(f"Message-ID: {self.msgid}\n".encode())
+        if self.rewriter is not None:
+            out = [self.rewriter.header_field(f) for f in out]
         return b"".join(out) + b"\n"
 
 

@@ -541,6 +541,10 @@ def describe(router, rcpt, depth=0):
 def verify_main(cfg, opts):
     """``sendmail -bv address ...``: print where each address goes; deliver nothing."""
     router = Router(cfg)
+    rw = None
+    from . import rewrite
+    if rewrite.wanted(cfg):
+        rw = rewrite.Rewriter(cfg)
     addrs = list(opts.recipients) + list(opts.args)
     if not addrs:
         print("sendmail: -bv needs at least one address", file=sys.stderr)
@@ -557,6 +561,11 @@ def verify_main(cfg, opts):
                 print(f"{one}... {e}")
                 ok = False
                 continue
+            if rw is not None:
+                new = rw.recipient(addr)
+                if new != addr:
+                    print(f"{addr}... canonical: -> {new}")
+                    addr = new
             for good, line in describe(router, E.Recipient(addr, flags=E.PRIMARY)):
                 print(line)
                 ok = ok and good

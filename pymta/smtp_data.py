@@ -24,8 +24,13 @@ class DataReceiver:
     and have LF line ends.
     """
 
-    def __init__(self, writer, size_limit, line_limit, header_limit):
+    def __init__(self, writer, size_limit, line_limit, header_limit, header_filter=None):
         self.writer = writer
+        # header_filter(bytes) -> bytes: the header section is held back
+        # until it ends (at most header_limit bytes), passed through it,
+        # then written; the body streams as before.
+        self.header_filter = header_filter
+        self.held = bytearray() if header_filter is not None else None
         self.size_limit = size_limit
         self.line_limit = line_limit    # 0: long lines are kept as they are
         self.header_limit = header_limit
@@ -47,6 +52,7 @@ class DataReceiver:
     def feed(self, buf):
         if self.at_bol:
             if buf[:3] == b".\r\n":
+                self._release_header()
                 self.received += 3
                 return 3, True
             if len(buf) < 3 and b".\r\n".startswith(bytes(buf)):
@@ -55,6 +61,7 @@ class DataReceiver:
         if end >= 0:
             used = end + 5
             self._segment(_prefix(buf, end + 2))
+            self._release_header()
             self.received += used
             return used, True
         cut = buf.rfind(b"\r\n")
@@ -97,6 +104,30 @@ class DataReceiver:
         if self.size_limit and self.size > self.size_limit:
             self.too_big = True
             return
+        if self.held is not None:
+            self.held += data
+            if not self.in_header:
+                self._release_header()
+            return
+        self._write(data)
+
+    def _release_header(self):
+        """Write what was held back: the header section through the filter,
+        and what came after it."""
+        if self.held is None:
+            return
+        held, self.held = bytes(self.held), None
+        if self.failed:
+            return
+        n = len(self.header)        # the header section as _scan_header cut it
+        head, rest = held[:n], held[n:]
+        try:
+            head = self.header_filter(head)
+        except Exception:           # a table problem never loses the message
+            pass
+        self._write(head + rest)
+
+    def _write(self, data):
         try:
             self.writer.write(data)
         except PymtaError as e:

@@ -635,8 +635,10 @@ class Session:
             return self._send(R_LOCAL_ERROR)
         cfg = self.cfg
         line_limit = cfg.line_length_limit if cfg.smtpd_long_line_action == "reject" else 0
+        rw = self._rewriter()
         self._data = DataReceiver(writer, cfg.message_size_limit, line_limit,
-                                   cfg.header_size_limit)
+                                   cfg.header_size_limit,
+                                   header_filter=rw.header_section if rw else None)
         try:
             writer.write(self._received_header(writer.id))
         except PymtaError as e:
@@ -801,4 +803,18 @@ class Session:
             env.client_name = self.client_name
         env.auth_user = self.auth_user
         env.trusted = bool(self.trusted or self.auth_user)
+        rw = self._rewriter()
+        if rw is not None:
+            rw.envelope(env)
         return env
+
+    def _rewriter(self):
+        """The canonical rewriting of this session's mail (pymta.rewrite):
+        for local submissions (-bs), mynetworks and authenticated clients,
+        when configured; else None."""
+        if not (self.local_uid >= 0 or self.trusted or self.auth_user):
+            return None
+        from . import rewrite
+        if not rewrite.wanted(self.cfg):
+            return None
+        return rewrite.Rewriter(self.cfg, self.log)

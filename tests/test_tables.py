@@ -161,3 +161,133 @@ def test_pymta_map_query_and_check(tmp_path):
     r = subprocess.run(cmd + [str(path)], capture_output=True, text=True)
     assert r.returncode == 65
     assert f"{path}: 1 entries" in r.stdout and f"{path}:2: key without a value" in r.stderr
+
+
+# -- canonical maps and masquerading ----------------------------------------
+
+from pymta import rewrite  # noqa: E402
+
+
+def canonical_inst(make_instance, **more):
+    inst = make_instance(**more)
+    path = os.path.join(inst.root, "canonical")
+    with open(path, "w") as f:
+        f.write("root@mx.example.test   admin@example.com\n"
+                "joe                    Joe.Bloggs@example.com\n"
+                "@old.example           @new.example\n")
+    sender_path = os.path.join(inst.root, "sender_canonical")
+    with open(sender_path, "w") as f:
+        f.write("noreply@example.test   bounces@example.com\n")
+    inst.write_config(canonical_maps=f"hash:{path}", sender_canonical_maps=f"hash:{sender_path}",
+                      masquerade_domains="!keep.example.org, example.org",
+                      masquerade_exceptions="root")
+    return inst
+
+
+def test_masquerade_domains_first_match_exceptions_and_bang():
+    cfg = cfg_for(masquerade_domains="!keep.example.org, example.org", masquerade_exceptions="root")
+    assert rewrite.masquerade(cfg, "u@host.example.org") == "u@example.org"
+    assert rewrite.masquerade(cfg, "u@a.b.example.org") == "u@example.org"
+    assert rewrite.masquerade(cfg, "u@example.org") == "u@example.org"
+    assert rewrite.masquerade(cfg, "u@keep.example.org") == "u@keep.example.org"
+    assert rewrite.masquerade(cfg, "u@x.keep.example.org") == "u@x.keep.example.org"
+    assert rewrite.masquerade(cfg, "root@host.example.org") == "root@host.example.org"
+    assert rewrite.masquerade(cfg, "") == ""
+
+
+def test_header_rewriting_keeps_names_comments_and_quoted_strings(make_instance):
+    inst = canonical_inst(make_instance)
+    rw = rewrite.Rewriter(inst.cfg)
+    field = (b'To: "root@mx.example.test" <root@mx.example.test>, Joe (the boss) <joe@mx.example.test>,\n'
+             b"\tother@remote.test, a@old.example\n")
+    assert rw.header_field(field) == (
+        b'To: "root@mx.example.test" <admin@example.com>, Joe (the boss) <Joe.Bloggs@example.com>,\n'
+        b"\tother@remote.test, a@new.example\n")
+    assert rw.header_field(b"Subject: root@mx.example.test\n") == b"Subject: root@mx.example.test\n"
+    assert rw.header_field(b"From: u@host.example.org\n") == b"From: u@example.org\n"
+
+
+def test_local_submission_is_rewritten_in_envelope_and_header(make_instance):
+    inst = canonical_inst(make_instance)
+    r = inst.sendmail("-odq", "-f", "noreply@example.test", "joe@mx.example.test",
+                      "x@old.example", input=b"From: noreply@example.test\n"
+                      b"To: joe@mx.example.test, x@old.example\nSubject: c\n\nbody mentions "
+                      b"joe@mx.example.test\n")
+    assert r.returncode == 0, r.stderr
+    (qf,) = [n for n in os.listdir(inst.spool.dir) if n.startswith("qf")]
+    env = inst.spool.read(qf[2:])
+    assert env.sender == "bounces@example.com"
+    assert sorted(r.address for r in env.recipients) == ["Joe.Bloggs@example.com", "x@new.example"]
+    assert {r.orcpt for r in env.recipients} == {"rfc822;joe@mx.example.test", "rfc822;x@old.example"}
+    with inst.spool.open_data(qf[2:]) as f:
+        data = f.read()
+    assert b"\nFrom: bounces@example.com\n" in data
+    assert b"\nTo: Joe.Bloggs@example.com, x@new.example\n" in data
+    assert data.endswith(b"body mentions joe@mx.example.test\n")     # the body is never touched
+
+
+def test_smtp_mail_from_mynetworks_is_rewritten_not_from_others(make_instance):
+    inst = canonical_inst(make_instance)
+    msg = (b"From: noreply@example.test\r\nTo: joe@mx.example.test\r\nSubject: s\r\n"
+           b"\r\njoe@mx.example.test\r\n")
+    with running(inst) as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.sendmail("noreply@example.test", ["root@mx.example.test"], msg)
+    with running(inst, mynetworks="10.9.9.0/24") as port:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.sendmail("noreply@example.test", ["root@mx.example.test"], msg)
+    envs = []
+    for qf in sorted(n for n in os.listdir(inst.spool.dir) if n.startswith("qf")):
+        env = inst.spool.read(qf[2:])
+        with inst.spool.open_data(qf[2:]) as f:
+            envs.append((env, f.read()))
+    trusted = [e for e in envs if e[0].sender == "bounces@example.com"]
+    other = [e for e in envs if e[0].sender == "noreply@example.test"]
+    assert len(trusted) == 1 and len(other) == 1
+    env, data = trusted[0]
+    assert [r.address for r in env.recipients] == ["admin@example.com"]
+    assert b"\nFrom: bounces@example.com\nTo: Joe.Bloggs@example.com\nSubject: s\n\njoe@mx" in data
+    env, data = other[0]
+    assert [r.address for r in env.recipients] == ["root@mx.example.test"]
+    assert b"\nFrom: noreply@example.test\nTo: joe@mx.example.test\n" in data
+
+
+def test_smtp_header_filter_holds_the_header_back_across_any_chunking():
+    from pymta.smtp_data import DataReceiver
+
+    class W:
+        data = b""
+
+        def write(self, b):
+            self.data += b
+
+    raw = (b"From: a@old.example\r\nTo: b@old.example,\r\n c@old.example\r\n\r\n"
+           b"a@old.example in the body\r\n..dot\r\n.\r\n")
+    for step in (1, 2, 7, 64, len(raw)):
+        w = W()
+        d = DataReceiver(w, 0, 0, 1000,
+                         header_filter=lambda h: h.replace(b"old.example", b"new.example"))
+        buf, done = b"", False
+        for i in range(0, len(raw), step):
+            buf += raw[i:i + step]
+            while buf and not done:
+                used, done = d.feed(buf)
+                buf = buf[used:]
+                if not used:
+                    break
+        assert done and not d.failed
+        assert w.data == (b"From: a@new.example\nTo: b@new.example,\n c@new.example\n\n"
+                          b"a@old.example in the body\n.dot\n"), step
+
+
+def test_sendmail_bv_shows_canonical_then_virtual_steps(make_instance):
+    inst = virtual_inst(make_instance)
+    path = os.path.join(inst.root, "canonical")
+    with open(path, "w") as f:
+        f.write("old@example.test  info@virt.test\n")
+    inst.write_config(canonical_maps=f"hash:{path}")
+    out = inst.sendmail("-bv", "old@example.test").stdout.decode()
+    lines = out.splitlines()
+    assert lines[0] == "old@example.test... canonical: -> info@virt.test"
+    assert lines[1].startswith("info@virt.test... virtual_alias_maps: -> root@")
+    assert "deliverable: mailer local, user root" in out
