@@ -229,6 +229,13 @@ def for_message(cfg, env, spool, log=None):
     sig = b""
     if enabled(cfg) and originated_here(env):
         with spool.open_data(env.id) as f:
+            if cfg.smtp_generic_maps:
+                # sign the header as it will leave, after smtp_generic_maps
+                from . import rewrite
+                gen = rewrite.generic(cfg, log)
+                if gen is not None:
+                    f = rewrite.HeaderRewritingReader(f, rewrite.generic_field(gen),
+                                                      cfg.header_size_limit)
             sig = sign(cfg, f, log, env.id) or b""
     env.dkim_signature = sig
     return sig

@@ -429,9 +429,14 @@ def transaction(cfg, conn, env, rcpts, spool, reset=False):
     utf8 = env.smtputf8 and smtp.has_extn("smtputf8")
     pipelining = smtp.has_extn("pipelining")
     stage = "MAIL FROM"
+    gen = None
+    if cfg.smtp_generic_maps:
+        from . import rewrite
+        gen = rewrite.generic(cfg)
+    out = gen or (lambda a: a)        # smtp_generic_maps: addresses as they leave
     try:
-        cmds = [f"MAIL FROM:<{env.sender}>{_mail_params(conn, env)}"]
-        cmds += [f"RCPT TO:<{r.address}>{_rcpt_params(conn, r)}" for r in rcpts]
+        cmds = [f"MAIL FROM:<{out(env.sender)}>{_mail_params(conn, env)}"]
+        cmds += [f"RCPT TO:<{out(r.address)}>{_rcpt_params(conn, r)}" for r in rcpts]
         try:
             wire = [_encode_cmd(c, utf8) for c in cmds]
         except UnicodeEncodeError:
@@ -502,6 +507,9 @@ def transaction(cfg, conn, env, rcpts, spool, reset=False):
             return results, True
         stage = "end of data"
         with spool.open_data(env.id) as f:
+            if gen is not None:
+                f = rewrite.HeaderRewritingReader(f, rewrite.generic_field(gen),
+                                                  cfg.header_size_limit)
             stream_data(smtp.sock, f, getattr(env, "dkim_signature", b""))
         smtp.sock.settimeout(cfg.smtp_data_done_timeout)
         code, msg = smtp.getreply()

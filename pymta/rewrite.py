@@ -164,3 +164,51 @@ def _replace_addr(text, old, new):
         else:
             out.append(pat.sub(lambda m: new, piece))
     return "".join(out)
+
+
+def generic(cfg, log=None):
+    """The smtp_generic_maps rewriting of one address (a function), or None
+    when no table is set."""
+    maps = tables.maps(cfg, "smtp_generic_maps", log)
+    if not maps:
+        return None
+
+    def func(addr):
+        if not addr:
+            return addr
+        return tables.rewrite(cfg, maps, addr) or addr
+    return func
+
+
+class HeaderRewritingReader:
+    """A df opened for reading, its header section (up to ``limit`` bytes)
+    passed through ``field_func`` field by field; the body as it is."""
+
+    def __init__(self, f, field_func, limit):
+        head = bytearray()
+        while len(head) <= limit:
+            line = f.readline(limit + 1)
+            if not line:
+                break
+            head += line
+            if line == b"\n":
+                break
+        self.head = rewrite_section(bytes(head), field_func)
+        self.f = f
+
+    def read(self, size=-1):
+        if self.head:
+            data, self.head = self.head, b""
+            return data
+        return self.f.read(size)
+
+
+def generic_field(func):
+    """A field function applying ``func`` to the addresses of every sender
+    and recipient header (smtp_generic_maps rewrites them all)."""
+    def field_func(field):
+        name = field.split(b":", 1)[0].strip().lower().decode("ascii", "replace")
+        if name in SENDER_HEADERS or name in RECIPIENT_HEADERS:
+            return rewrite_field(field, func)
+        return field
+    return field_func

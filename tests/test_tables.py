@@ -291,3 +291,31 @@ def test_sendmail_bv_shows_canonical_then_virtual_steps(make_instance):
     assert lines[0] == "old@example.test... canonical: -> info@virt.test"
     assert lines[1].startswith("info@virt.test... virtual_alias_maps: -> root@")
     assert "deliverable: mailer local, user root" in out
+
+
+# -- smtp_generic_maps --------------------------------------------------------
+
+from smtpsink import SMTPSink  # noqa: E402
+from test_remote import make_cfg, queue  # noqa: E402
+from pymta import remote  # noqa: E402
+
+
+def test_smtp_generic_maps_rewrite_envelope_and_headers_on_the_way_out(tmp_path):
+    path = tmp_path / "generic"
+    path.write_text("root@host.lan  admin@example.com\n@host.lan  @example.com\n")
+    with SMTPSink("127.0.0.2") as sink:
+        cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.2]:{sink.port}", myhostname="host.lan",
+                       smtp_generic_maps=f"hash:{path}")
+        msg = (b"From: Root <root@host.lan>\nTo: bob@remote.test, cron@host.lan\n"
+               b"Subject: root@host.lan\n\nroot@host.lan in the body\n")
+        env = queue(cfg, msg, ["bob@remote.test", "cron@host.lan"], sender="root@host.lan")
+        res = remote.deliver(cfg, env, env.recipients, "remote.test")
+        assert res["bob@remote.test"].code == 250 and res["cron@host.lan"].code == 250
+        t = sink.delivered[0]
+        assert t.sender == "admin@example.com"
+        assert t.rcpts == ["bob@remote.test", "cron@example.com"]
+        assert t.data.replace(b"\r\n", b"\n") == (
+            b"From: Root <admin@example.com>\nTo: bob@remote.test, cron@example.com\n"
+            b"Subject: root@host.lan\n\nroot@host.lan in the body\n")
+        # the queue keeps the addresses as they were
+        assert env.sender == "root@host.lan"
