@@ -172,8 +172,8 @@ class ChunkReceiver(DataReceiver):
     split between two chunks is one line end; the message may end without
     one."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
         self.tail = b""
 
     def feed_chunk(self, data):
@@ -195,6 +195,7 @@ class ChunkReceiver(DataReceiver):
         if self.tail:
             self._segment(self.tail, True, stuffed=False)
             self.tail = b""
+        self._release_header()
 
 
 def _prefix(buf, n):

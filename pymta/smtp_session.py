@@ -688,8 +688,10 @@ class Session:
                 return
             cfg = self.cfg
             line_limit = cfg.line_length_limit if cfg.smtpd_long_line_action == "reject" else 0
+            rw = self._rewriter()
             self._chunks = ChunkReceiver(writer, cfg.message_size_limit, line_limit,
-                                         cfg.header_size_limit)
+                                         cfg.header_size_limit,
+                                         header_filter=rw.header_section if rw else None)
             try:
                 writer.write(self._received_header(writer.id))
             except PymtaError as e:

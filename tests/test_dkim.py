@@ -99,6 +99,21 @@ def test_locally_submitted_mail_is_signed_and_verifies(dkim_inst, sink):
     assert "DKIM-Signature field added (s=sel1, d=example.test)" in dkim_inst.maillog()
 
 
+def test_signature_covers_the_header_as_smtp_generic_maps_sends_it(dkim_inst, sink):
+    generic = os.path.join(dkim_inst.root, "generic")
+    with open(generic, "w") as f:
+        f.write("alice@host.lan  alice@example.test\n")
+    dkim_inst.write_config(smtp_generic_maps=f"hash:{generic}")
+    p = dkim_inst.sendmail("-odi", "-f", "alice@host.lan", "bob@remote.test",
+                           input=MSG.replace(b"alice@example.test", b"alice@host.lan"))
+    assert p.returncode == 0, p.stderr
+    data = sink.delivered[0].data
+    assert b"\r\nFrom: Alice <alice@example.test>\r\n" in data
+    assert sink.delivered[0].sender == "alice@example.test"
+    with dns_for(dkim_inst) as dnsfunc:
+        assert verify(data, dnsfunc)
+
+
 def test_from_outside_dkim_domains_is_not_signed(dkim_inst, sink):
     p = dkim_inst.sendmail("-odi", "bob@remote.test",
                            input=MSG.replace(b"alice@example.test", b"alice@other.test"))

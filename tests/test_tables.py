@@ -319,3 +319,30 @@ def test_smtp_generic_maps_rewrite_envelope_and_headers_on_the_way_out(tmp_path)
             b"Subject: root@host.lan\n\nroot@host.lan in the body\n")
         # the queue keeps the addresses as they were
         assert env.sender == "root@host.lan"
+
+
+def test_bdat_message_from_mynetworks_is_rewritten_too(make_instance):
+    import socket
+    inst = canonical_inst(make_instance)
+    msg = b"From: noreply@example.test\r\nTo: joe@mx.example.test\r\nSubject: b\r\n\r\nbody\r\n"
+    with running(inst) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO client.example\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+            s.sendall(b"MAIL FROM:<noreply@example.test>\r\nRCPT TO:<root@mx.example.test>\r\n")
+            assert f.readline()[:3] == b"250" and f.readline()[:3] == b"250"
+            half = len(msg) // 2
+            s.sendall(b"BDAT %d\r\n" % half + msg[:half])
+            assert f.readline()[:3] == b"250"
+            s.sendall(b"BDAT %d LAST\r\n" % (len(msg) - half) + msg[half:])
+            assert f.readline()[:3] == b"250"
+            s.sendall(b"QUIT\r\n")
+    (qf,) = [n for n in os.listdir(inst.spool.dir) if n.startswith("qf")]
+    env = inst.spool.read(qf[2:])
+    assert env.sender == "bounces@example.com"
+    with inst.spool.open_data(qf[2:]) as fh:
+        data = fh.read()
+    assert b"\nFrom: bounces@example.com\nTo: Joe.Bloggs@example.com\nSubject: b\n\nbody\n" in data
