@@ -31,7 +31,7 @@ The control file is UTF-8 text, one item a line, a letter then its value::
     B<body>            7BIT, 8BITMIME or BINARYMIME
     Z<envid>           DSN ENVID
     C<uid>             the submitting user's uid, local submissions only
-    $r<proto>          SMTP, ESMTP[S][A], or local
+    $r<proto>          SMTP, ESMTP[S][A], UTF8SMTP[S][A], or local
     $s<helo>           the client's HELO/EHLO name
     ${client_addr}...  the client's IP; ${client_name} its verified name;
     ${auth_authen}...  the SASL login; ${dsn_ret} DSN RET (FULL or HDRS)
@@ -39,9 +39,11 @@ The control file is UTF-8 text, one item a line, a letter then its value::
     R<flags> <state> <address> [key=value ...]
                        one line a recipient; flags S F D N (DSN NOTIFY),
                        p (named by the client), a (from an alias, .forward or
-                       :include:), n (no further aliasing); state Q queued,
-                       D deferred, S sent, F failed, B bounced, X expanded;
-                       keys dsn, text, orcpt, parent, uid, relay, time
+                       :include:), n (no further aliasing), v (a result
+                       of virtual_alias_maps, not looked up again); state
+                       Q queued, D deferred, S sent, F failed, B bounced,
+                       X expanded; keys dsn, text, orcpt, parent, via (a
+                       |cmd's or /file's naming address), uid, relay, time
     M<text>            last status, shown by mailq
     .                  end: a file without it is torn and never used
 
