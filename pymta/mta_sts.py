@@ -140,6 +140,8 @@ def fetch(cfg, domain, addresses, timeout):
                             break
                         data += chunk
             return _http_body(host, ip, bytes(data))
+        except ValueError as e:            # a malformed answer (chunk sizes, encodings)
+            last = FetchError(f"{host}[{ip}]: bad HTTP answer ({e})")
         except ssl.SSLCertVerificationError as e:
             last = FetchError(f"{host}[{ip}]: certificate not verified: {e.verify_message}")
         except (OSError, ssl.SSLError) as e:

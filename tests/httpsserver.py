@@ -5,7 +5,8 @@
         ...
         web.requests      # [(host header, path), ...]
 
-A path not in ``pages`` gets 404. ``port=0`` picks a free port.
+A page given as bytes is sent as the whole answer, status line and header
+included. A path not in ``pages`` gets 404. ``port=0`` picks a free port.
 """
 
 import http.server
@@ -17,7 +18,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         web = self.server.web
         with web._lock:
             web.requests.append((self.headers.get("Host", ""), self.path))
-        status, ctype, body = web.pages.get(self.path, (404, "text/plain", b"not found\n"))
+        page = web.pages.get(self.path, (404, "text/plain", b"not found\n"))
+        if isinstance(page, bytes):          # a whole answer, as it is
+            self.wfile.write(page)
+            self.close_connection = True
+            return
+        status, ctype, body = page
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))

@@ -123,6 +123,7 @@ def test_testing_mode_delivers_anyway(tmp_path, web, pki):
     (301, "text/plain", ENFORCE),
     (200, "text/html", ENFORCE),
     (200, "text/plain", b"version: STSv2\nmode: enforce\nmx: mx1.remote.test\nmax_age: 86400\n"),
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
 ])
 def test_bad_policy_answers_are_no_policy(tmp_path, web, pki, page):
     web.pages[POLICY_PATH] = page

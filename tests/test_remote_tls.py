@@ -410,3 +410,20 @@ def test_missing_policy_table_defers_instead_of_lowering_the_level(tmp_path, dns
         reply = send(cfg)
         assert reply.enhanced == "4.7.5" and "cannot open smtp_tls_policy_maps" in reply.text
         assert sink.connections == 0
+
+
+def test_verbose_queue_run_shows_the_dialogue_but_not_the_password(make_instance, tmp_path, dns, pki):
+    import base64
+    from test_runner import queue as queue_msg
+    with SMTPSink("127.0.0.2", tls_context=pki.good, auth={"u": "Secr3tPass"}) as sink:
+        pw = password_file(tmp_path, f"[{SMTP_NAME}]:{sink.port} u:Secr3tPass\n")
+        inst = make_instance(relayhost=f"[{SMTP_NAME}]:{sink.port}", dns_nameservers=dns.address,
+                             smtp_sasl_auth_enable="yes", smtp_sasl_password_maps=pw)
+        queue_msg(inst, ["bob@remote.test"])
+        r = inst.sendmail("-q", "-v")
+        out = (r.stdout + r.stderr).decode()
+        assert sink.delivered and sink.delivered[0].auth == "u"
+        assert "MAIL FROM" in out and "stat=Sent" in out
+        secret = base64.b64encode(b"\0u\0Secr3tPass").decode()
+        assert "Secr3tPass" not in out and secret not in out and secret[:12] not in out
+        assert "Secr3tPass" not in inst.maillog()
