@@ -633,17 +633,22 @@ class Session:
         except OSError as e:
             self._logi(f"warning: {self.peer}: cannot create queue file: {e}")
             return self._send(R_LOCAL_ERROR)
+        self._data = self._receiver(DataReceiver, writer)
+        self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+
+    def _receiver(self, cls, writer):
+        """A DataReceiver or ChunkReceiver for ``writer``, the Received line
+        written first, the header section rewritten when _rewriter says."""
         cfg = self.cfg
         line_limit = cfg.line_length_limit if cfg.smtpd_long_line_action == "reject" else 0
         rw = self._rewriter()
-        self._data = DataReceiver(writer, cfg.message_size_limit, line_limit,
-                                   cfg.header_size_limit,
-                                   header_filter=rw.header_section if rw else None)
+        receiver = cls(writer, cfg.message_size_limit, line_limit, cfg.header_size_limit,
+                       header_filter=rw.header_section if rw else None)
         try:
             writer.write(self._received_header(writer.id))
         except PymtaError as e:
-            self._data.error = e.reply
-        self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+            receiver.error = e.reply
+        return receiver
 
     def _received_header(self, qid):
         if self.local_uid >= 0:
@@ -686,16 +691,7 @@ class Session:
                 self._chunk_reply = (e.reply if isinstance(e, PymtaError) else R_LOCAL_ERROR, last)
                 self.tx = None
                 return
-            cfg = self.cfg
-            line_limit = cfg.line_length_limit if cfg.smtpd_long_line_action == "reject" else 0
-            rw = self._rewriter()
-            self._chunks = ChunkReceiver(writer, cfg.message_size_limit, line_limit,
-                                         cfg.header_size_limit,
-                                         header_filter=rw.header_section if rw else None)
-            try:
-                writer.write(self._received_header(writer.id))
-            except PymtaError as e:
-                self._chunks.error = e.reply
+            self._chunks = self._receiver(ChunkReceiver, writer)
 
     def _chunk_step(self):
         """Read what is here of the current chunk; True once it is whole

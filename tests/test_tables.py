@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import BIN, Instance
+from conftest import BIN
 from pymta import config, tables
 from test_server import running
 
@@ -88,17 +88,22 @@ def virtual_inst(make_instance, extra=""):
     return inst
 
 
-def test_virtual_alias_domain_addresses_are_checked_at_rcpt(make_instance):
-    inst = virtual_inst(make_instance)
-    with running(inst) as port:
+def rcpt_replies(inst, addrs, **params):
+    """{address: (code, text)} of RCPT TO for each of ``addrs`` in one session."""
+    with running(inst, **params) as port:
         with smtplib.SMTP("127.0.0.1", port) as c:
             c.ehlo("client.example")
             c.mail("a@remote.example")
-            assert c.rcpt("info@virt.test")[0] == 250
-            code, msg = c.rcpt("nobody@virt.test")
-            assert (code, msg[:5]) == (550, b"5.1.1")
-            assert b"User unknown in virtual alias table" in msg
-            assert c.rcpt("root@example.test")[0] == 250
+            return {a: c.rcpt(a) for a in addrs}
+
+
+def test_virtual_alias_domain_addresses_are_checked_at_rcpt(make_instance):
+    got = rcpt_replies(virtual_inst(make_instance),
+                       ["info@virt.test", "nobody@virt.test", "root@example.test"])
+    assert got["info@virt.test"][0] == 250 and got["root@example.test"][0] == 250
+    code, msg = got["nobody@virt.test"]
+    assert (code, msg[:5]) == (550, b"5.1.1")
+    assert b"User unknown in virtual alias table" in msg
 
 
 def test_virtual_aliases_deliver_locally_recursively_once_and_break_loops(make_instance):
@@ -135,19 +140,13 @@ def test_relay_recipient_maps_refuse_unknown_addresses_of_relay_domains(make_ins
     inst = make_instance(relay_domains="backup.test")
     path = tmp_path / "relay_recipients"
     path.write_text("known@backup.test  x\n@all.backup.test  x\n")
-    with running(inst) as port:
-        with smtplib.SMTP("127.0.0.1", port) as c:
-            c.ehlo("client.example")
-            c.mail("a@remote.example")
-            assert c.rcpt("anyone@backup.test")[0] == 250     # no table: all accepted
-    with running(inst, relay_recipient_maps=f"hash:{path}") as port:
-        with smtplib.SMTP("127.0.0.1", port) as c:
-            c.ehlo("client.example")
-            c.mail("a@remote.example")
-            assert c.rcpt("known@backup.test")[0] == 250
-            code, msg = c.rcpt("unknown@backup.test")
-            assert (code, msg[:5]) == (550, b"5.1.1")
-            assert b"relay recipient table" in msg
+    assert rcpt_replies(inst, ["anyone@backup.test"])["anyone@backup.test"][0] == 250  # no table
+    got = rcpt_replies(inst, ["known@backup.test", "unknown@backup.test"],
+                       relay_recipient_maps=f"hash:{path}")
+    assert got["known@backup.test"][0] == 250
+    code, msg = got["unknown@backup.test"]
+    assert (code, msg[:5]) == (550, b"5.1.1")
+    assert b"relay recipient table" in msg
 
 
 def test_pymta_map_query_and_check(tmp_path):
