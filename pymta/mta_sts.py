@@ -29,6 +29,7 @@ import time
 HTTPS_PORT = 443
 MAX_POLICY = 64 * 1024
 MAX_AGE = 31557600
+MEMORY_LIMIT = 10000       # policies kept in memory by one process
 _ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _memory = {}
 _lock = threading.Lock()
@@ -211,11 +212,17 @@ def _load(cfg, domain):
 
 def _store(cfg, policy, log):
     with _lock:
+        if len(_memory) >= MEMORY_LIMIT:
+            _memory.clear()
         _memory[(cfg.data_directory, policy.domain)] = policy
     path = _cache_path(cfg, policy.domain)
     d = os.path.dirname(path)
     try:
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        for new in (cfg.data_directory, d):
+            try:
+                os.mkdir(new, 0o700)
+            except FileExistsError:
+                pass
         st = os.lstat(d)
         if st.st_uid != os.geteuid() or st.st_mode & 0o022:
             return

@@ -146,6 +146,8 @@ def test_policy_is_cached_for_max_age_and_fetched_again_when_the_id_changes(tmp_
         assert send(tmp_path, dns, sink, pki).enhanced == "4.7.5"
         path = tmp_path / "data" / "mta-sts" / "remote.test"
         assert path.exists() and (path.stat().st_mode & 0o077) == 0
+        for d in (tmp_path / "data", path.parent):
+            assert d.stat().st_mode & 0o777 == 0o700
         mta_sts._memory.clear()               # as a new process: from the file
         web.pages.clear()                     # the web server knows nothing now
         assert send(tmp_path, dns, sink, pki).enhanced == "4.7.5"
