@@ -274,7 +274,7 @@ def _open1(cfg, host, ip, port, verbose, log, tls_ok, policy, domain):
                 code, msg = smtp.starttls(context=ctx)
             except (ssl.SSLError, OSError, smtplib.SMTPException) as e:
                 smtp.close()
-                if level == "may":
+                if level == "may" and not _has_credentials(cfg, domain, host):
                     log.info(f"{where}: TLS failed ({e}); trying again without TLS")
                     return _open1(cfg, host, ip, port, verbose, log, False, policy, domain)
                 return None, _tls_failed(where, e)
@@ -309,6 +309,18 @@ def _tls_failed(where, e):
         return _temp(f"TLS certificate not verified: {e.verify_message or e.reason} ({where})",
                      "4.7.5")
     return _temp(f"TLS handshake with {where} failed: {e}", "4.7.5")
+
+
+def _has_credentials(cfg, domain, host):
+    """Whether AUTH is configured for this server: then a failed TLS
+    handshake is not retried in plain text, where the login could not be
+    made and the server would refuse the mail, perhaps for good."""
+    if not cfg.smtp_sasl_auth_enable:
+        return False
+    try:
+        return sasl_client.credentials(cfg, domain, host) is not None
+    except sasl_client.PasswordError:
+        return True
 
 
 def _authenticate(cfg, smtp, tls, domain, host, where, log):

@@ -427,3 +427,24 @@ def test_verbose_queue_run_shows_the_dialogue_but_not_the_password(make_instance
         secret = base64.b64encode(b"\0u\0Secr3tPass").decode()
         assert "Secr3tPass" not in out and secret not in out and secret[:12] not in out
         assert "Secr3tPass" not in inst.maillog()
+
+
+def test_failed_handshake_at_may_falls_back_to_plain_text_except_with_credentials(tmp_path, dns, pki):
+    """No plain-text retry where a login is configured: the mail would go
+    without it, and the server could refuse it for good."""
+    import ssl
+    import warnings
+    broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    broken.load_cert_chain(*TestCA(tmp_path / "ca", "Old CA").issue(SMTP_NAME))
+    with warnings.catch_warnings():                        # TLS 1.1 is deprecated: the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        broken.maximum_version = ssl.TLSVersion.TLSv1_1   # below what the client accepts
+    with SMTPSink("127.0.0.2", tls_context=broken, auth={"u": "p"}) as sink:
+        cfg = cfg_for(tmp_path, dns, sink)
+        assert send(cfg).code == 250 and not sink.delivered[0].tls
+        assert sink.connections == 2
+        pw = password_file(tmp_path, f"[{SMTP_NAME}]:{sink.port} u:p\n")
+        cfg = cfg_for(tmp_path, dns, sink, smtp_sasl_auth_enable="yes", smtp_sasl_password_maps=pw)
+        reply = send(cfg)
+        assert (reply.code // 100, reply.enhanced) == (4, "4.7.5"), reply
+        assert sink.connections == 3 and len(sink.delivered) == 1 and sink.logins == []
