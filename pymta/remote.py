@@ -2,7 +2,8 @@
 destination for all its recipients, a Reply per recipient.
 
 The message is streamed from the df to the socket (LF -> CRLF, any CR
-dropped, dot-stuffing), never read whole, so a 100 MB message costs 256 KB
+dropped, dot-stuffing; BDAT chunks without dot-stuffing to a server that
+offers CHUNKING), never read whole, so a 100 MB message costs 256 KB
 of memory. Hosts come from mx.lookup() or from ``relayhost``; a host that
 refuses, drops or stalls before MAIL moves delivery to the next address.
 Connections may be kept in a :class:`ConnectionCache` and reused for the
@@ -416,6 +417,33 @@ def stream_data(sock, f, prefix=b""):
     sock.sendall(pending)
 
 
+def stream_chunks(smtp, f, prefix=b""):
+    """Send the df ``f`` as BDAT chunks (RFC 3030), after the header lines
+    ``prefix``: CRs dropped, LF -> CRLF, no dot-stuffing, a CRLF added at
+    the end when missing. Each chunk's reply is read before the next goes;
+    returns the reply to the LAST chunk, or to the first one refused."""
+    data = bytearray(prefix.replace(b"\n", b"\r\n"))
+    ends_line = True
+    following = f.read(CHUNK)
+    while True:
+        chunk, following = following, b""
+        if chunk:
+            following = f.read(CHUNK)
+            chunk = chunk.replace(b"\r", b"")
+            if chunk:
+                ends_line = chunk.endswith(b"\n")
+                data += chunk.replace(b"\n", b"\r\n")
+        last = not following
+        if last and not ends_line:
+            data += b"\r\n"
+        smtp.send(b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b""))
+        smtp.sock.sendall(data)
+        code, msg = smtp.getreply()
+        if last or code != 250:
+            return code, msg
+        data.clear()
+
+
 def _encode_cmd(text, utf8):
     return (text + "\r\n").encode("utf-8" if utf8 else "ascii", "strict" if not utf8 else "replace")
 
@@ -440,6 +468,8 @@ def transaction(cfg, conn, env, rcpts, spool, reset=False):
         return results, True
     utf8 = env.smtputf8 and smtp.has_extn("smtputf8")
     pipelining = smtp.has_extn("pipelining")
+    chunking = smtp.has_extn("chunking")       # BDAT instead of DATA
+    data_cmd = b"" if chunking else b"DATA\r\n"
     stage = "MAIL FROM"
     gen = None
     if cfg.smtp_generic_maps:
@@ -459,7 +489,7 @@ def transaction(cfg, conn, env, rcpts, spool, reset=False):
         if reset:
             try:
                 if pipelining:
-                    smtp.send(b"RSET\r\n" + b"".join(wire) + b"DATA\r\n")
+                    smtp.send(b"RSET\r\n" + b"".join(wire) + data_cmd)
                 else:
                     smtp.send(b"RSET\r\n")
                 code = smtp.getreply()[0]
@@ -468,14 +498,14 @@ def transaction(cfg, conn, env, rcpts, spool, reset=False):
             if code != 250:
                 raise _Stale()
         elif pipelining:
-            smtp.send(b"".join(wire) + b"DATA\r\n")
+            smtp.send(b"".join(wire) + data_cmd)
         answers = []
         if pipelining:
             for _ in wire:
                 answers.append(smtp.getreply())
                 stage = "RCPT TO"
             stage = "DATA"
-            data_answer = smtp.getreply()
+            data_answer = None if chunking else smtp.getreply()
         else:
             smtp.send(wire[0])
             answers.append(smtp.getreply())
@@ -507,6 +537,18 @@ def transaction(cfg, conn, env, rcpts, spool, reset=False):
                 smtp.send(b".\r\n")        # RFC 2920: end the empty DATA
                 smtp.getreply()
             return results, True
+        if chunking:
+            stage = "BDAT"
+            smtp.sock.settimeout(cfg.smtp_data_done_timeout)
+            with spool.open_data(env.id) as f:
+                if gen is not None:
+                    f = rewrite.HeaderRewritingReader(f, rewrite.generic_field(gen),
+                                                      cfg.header_size_limit)
+                code, msg = stream_chunks(smtp, f, getattr(env, "dkim_signature", b""))
+            reply = to_reply(code, msg)
+            for r in accepted:
+                results[r.address] = reply
+            return results, code != 421
         stage = "DATA"
         if data_answer is None:
             smtp.putcmd("data")

@@ -11,7 +11,9 @@ the sink stops). ``rcpt`` maps recipient addresses to actions; the rest get
         t.sender, t.params, t.rcpts, t.accepted, t.data, t.raw
 
 ``data`` is the message after dot-unstuffing with CRLF line ends as received;
-``raw`` is the DATA section exactly as it came off the wire.
+``raw`` is the DATA section exactly as it came off the wire. With "CHUNKING"
+among the extensions the sink also takes BDAT (RFC 3030): ``raw`` and
+``data`` are then the chunks joined, ``chunks`` their sizes.
 
 ``auth={"user": "password"}`` offers AUTH with ``auth_mechanisms`` (default
 PLAIN LOGIN; only after STARTTLS
@@ -40,6 +42,7 @@ class Transaction:
     complete: bool = False                           # final 250 after DATA sent
     helo: str = ""
     tls: bool = False
+    chunks: list = field(default_factory=list)        # BDAT chunk sizes
     auth: str = ""                                   # the logged-in user
 
 
@@ -186,6 +189,27 @@ class _Handler(socketserver.StreamRequestHandler):
                 action = sink.data
                 t.complete = str(action).startswith("2")
                 if not self.act(action, f"2.0.0 Ok: queued as SINK{sink.transactions.index(t) + 1}"):
+                    t.complete = False
+                    return
+                t = None
+            elif verb == "BDAT" and "CHUNKING" in sink.extensions:
+                words = arg.split()
+                size, last = int(words[0]), words[1:] == ["LAST"]
+                chunk = self.rfile.read(size)
+                if len(chunk) < size:
+                    return
+                if t is None or not t.accepted:
+                    self.send("503 5.5.1 No valid recipients")
+                    continue
+                t.chunks.append(size)
+                t.raw += chunk
+                if not last:
+                    self.send(f"250 2.0.0 {size} octets received")
+                    continue
+                t.data = t.raw
+                sink.data_seen.set()
+                t.complete = str(sink.data).startswith("2")
+                if not self.act(sink.data, f"2.0.0 Ok: queued as SINK{sink.transactions.index(t) + 1}"):
                     t.complete = False
                     return
                 t = None

@@ -330,3 +330,59 @@ def test_a_refusing_server_is_tried_once_until_the_dead_host_time_passes(tmp_pat
             time.sleep(0.1)
         assert remote.deliver(cfg, env, env.recipients, "remote.test")["a@remote.test"].code == 250
         assert sink.connections == 1
+
+
+def test_a_server_with_chunking_gets_bdat_chunks_without_dot_stuffing(tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "CHUNK", 64)
+    with SMTPSink("127.0.0.2", extensions=("PIPELINING", "CHUNKING", "8BITMIME")) as sink:
+        cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.2]:{sink.port}")
+        body = MSG + b"bare\rcr\n" + b"x" * 150 + b"\n.\nno final newline"
+        env = queue(cfg, body, ["bob@remote.test", "nobody@remote.test"])
+        sink.rcpt = {"nobody@remote.test": "550"}
+        res = remote.deliver(cfg, env, env.recipients, "remote.test")
+        assert res["bob@remote.test"].code == 250 and res["nobody@remote.test"].code == 550
+        t = sink.delivered[0]
+        assert not any(c.startswith("DATA") for c in sink.commands)
+        assert len(t.chunks) > 2 and sum(t.chunks) == len(t.raw)
+        assert t.raw == body.replace(b"\r", b"").replace(b"\n", b"\r\n") + b"\r\n"
+
+
+def test_bdat_from_pymta_to_pymta_stores_the_message_as_sent(tmp_path, monkeypatch):
+    import logging
+    monkeypatch.setattr(remote, "stream_data", None)      # DATA is not used
+    import threading
+    from pymta import server
+    peer = make_cfg(tmp_path / "peer", mydestination="remote.test", mynetworks="127.0.0.0/8",
+                    smtpd_peername_lookup="no")
+    srv = server.make_server(server.bind("127.0.0.1:0"), server.Services(peer, logging.getLogger("pymta")))
+    port = srv.socket.getsockname()[1]
+    stop = threading.Event()
+    th = threading.Thread(target=server.serve, args=([srv],), kwargs={"stop": stop.is_set})
+    th.start()
+    try:
+        cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.1]:{port}")
+        body = MSG + b"." * 3 + b"\n" + b"y" * 300_000 + b"\n"
+        env = queue(cfg, body, ["root@remote.test"])
+        res = remote.deliver(cfg, env, env.recipients, "remote.test")
+        assert res["root@remote.test"].code == 250, res["root@remote.test"]
+    finally:
+        stop.set()
+        th.join(30)
+    sp = Spool.from_config(peer)
+    [qid] = sp.ids()
+    with sp.open_data(qid) as f:
+        stored = f.read()
+    assert stored.endswith(body) and b"with ESMTP id" in stored
+
+
+def test_bdat_sends_the_header_as_smtp_generic_maps_rewrites_it(tmp_path):
+    generic = tmp_path / "generic"
+    generic.write_text("alice@example.org  alice@public.test\n")
+    with SMTPSink("127.0.0.2", extensions=("PIPELINING", "CHUNKING")) as sink:
+        cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.2]:{sink.port}",
+                       smtp_generic_maps=f"hash:{generic}")
+        env = queue(cfg, MSG, ["bob@remote.test"])
+        assert remote.deliver(cfg, env, env.recipients, "remote.test")["bob@remote.test"].code == 250
+        t = sink.delivered[0]
+        assert t.chunks and t.sender == "alice@public.test"
+        assert t.raw.startswith(b"From: alice@public.test\r\n")
