@@ -10,7 +10,8 @@ once each message the listener accepted, whose queue id the listener
 writes, one line each, into a pipe to the master.
 
 SIGHUP: both re-read the configuration (and, through a new router, the
-aliases). SIGTERM: the listener stops accepting, answers 421 to idle
+aliases); the master reads the TLS certificate and key, which the listener
+may not be able to read, and hands them to it through a pipe first. SIGTERM: the listener stops accepting, answers 421 to idle
 sessions, lets a DATA in progress finish its commit and exits; the master
 waits for it and for deliveries in progress, removes the pidfile, exits 0.
 """
@@ -125,11 +126,39 @@ def _reload_config(cfg, opts):
 class Listener:
     """The listener process: SMTP on the inherited sockets, as mail_owner."""
 
-    def __init__(self, cfg, opts, socks, notify_fd, share=1):
+    def __init__(self, cfg, opts, socks, notify_fd, share=1, control_fd=None):
         self.cfg, self.opts, self.socks, self.notify_fd = cfg, opts, socks, notify_fd
         self.share = share
         self.reload = False
         self.services = None
+        self.control_fd = control_fd     # the master's TLS certificate and key at reloads
+        self._control = b""
+
+    def _handed_pem(self):
+        """The last certificate-and-key PEM the master wrote before its
+        SIGHUP (a length, then the bytes), or None."""
+        if self.control_fd is None:
+            return None
+        pem = None
+        deadline = time.monotonic() + 2
+        while True:
+            try:
+                more = os.read(self.control_fd, 65536)
+            except BlockingIOError:
+                more = None
+            except OSError:
+                return pem
+            if more == b"":
+                return pem
+            self._control += more or b""
+            while len(self._control) >= 4:
+                n = int.from_bytes(self._control[:4], "big")
+                if len(self._control) < 4 + n:
+                    break
+                pem, self._control = self._control[4:4 + n], self._control[4 + n:]
+            if not self._control or time.monotonic() > deadline:
+                return pem
+            select.select([self.control_fd], [], [], 0.1)   # the rest of a frame
 
     def notify(self, qid):
         try:
@@ -175,7 +204,12 @@ class Listener:
             if cfg is None:
                 return
             self.cfg = cfg
-            new = server.Services(cfg, log, notify=self.notify, previous=servers[0].services if servers else None)
+            pem = self._handed_pem()
+            new = server.Services(cfg, log, notify=self.notify, pem=pem,
+                                  previous=servers[0].services if servers else None)
+            if pem is not None and new.ssl_ctx is not None and \
+                    new.ssl_ctx is not getattr(servers[0].services, "ssl_ctx", None):
+                log.info("listener: TLS certificate and key loaded again (read by the master)")
             for s in servers:
                 s.services = new
             log.info("listener: configuration reloaded")
@@ -192,6 +226,7 @@ class Master:
         self.stop = False
         self.reload = False
         self.children = {}          # listener pid -> its slot
+        self.control = {}           # listener pid -> the pipe that hands it TLS keys
         self.owner = _owner(cfg)
         self.runner_mod = None
         self.handoff_runner = None
@@ -201,13 +236,21 @@ class Master:
 
     def _spawn(self, slot):
         rfd = self.rfd
+        cr, cw = os.pipe()
         pid = os.fork()
         if pid:
+            os.close(cr)
+            os.set_blocking(cw, False)
             self.children[pid] = slot
+            self.control[pid] = cw
             return pid
         code = 1
         try:
             os.close(rfd)
+            os.close(cw)
+            for fd in self.control.values():
+                os.close(fd)
+            os.set_blocking(cr, False)
             for fd in self.notify_fds:
                 os.close(fd)
             # Only this listener's sockets stay open in it.
@@ -217,7 +260,7 @@ class Master:
                         if all(sock is not mine for mine, _, _ in self.sock_sets[slot]):
                             sock.close()
             listener = Listener(self.cfg, self.opts, self.sock_sets[slot], self.wfd,
-                                share=self.nlisteners)
+                                share=self.nlisteners, control_fd=cr)
             # Built before the switch: the router, the TLS context and the
             # modules they import may live where mail_owner cannot read.
             listener.services = server.Services(self.cfg, log, notify=listener.notify)
@@ -373,6 +416,9 @@ class Master:
             if pid == 0:
                 continue
             slot = self.children.pop(child)
+            fd = self.control.pop(child, None)
+            if fd is not None:
+                os.close(fd)
             if self.stop:
                 continue
             log.error(f"listener pid {pid} died ({_status_text(status)}); restarting it")
@@ -385,7 +431,30 @@ class Master:
         if cfg is None:
             return
         self.cfg = cfg
+        # The listeners run as mail_owner: the key, which only root may
+        # read, is read here and handed to them before their SIGHUP.
+        try:
+            pem = server.tls_pem(cfg)
+        except OSError as e:
+            log.warning(f"warning: reload: cannot read TLS certificate or key: "
+                        f"{e.strerror or e}: {e.filename}; the listeners keep theirs")
+            pem = None
+        frame = len(pem).to_bytes(4, "big") + pem if pem is not None else b""
         for child in self.children:
+            if frame and child in self.control:
+                try:
+                    done = os.write(self.control[child], frame)
+                except OSError as e:
+                    done, why = 0, str(e)
+                else:
+                    why = "its pipe is full"
+                if done < len(frame):
+                    # A part of a frame would spoil the next: this listener
+                    # gets no more keys (it keeps the one it has).
+                    log.warning(f"warning: reload: cannot hand the TLS key to listener {child}: "
+                                f"{why}")
+                    if done:
+                        os.close(self.control.pop(child))
             try:
                 os.kill(child, signal.SIGHUP)
             except ProcessLookupError:

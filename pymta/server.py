@@ -72,26 +72,58 @@ def peername(ip, resolver=None):
     return "unknown"
 
 
-def make_ssl_context(cfg, log=None, previous=None):
+TLS_PEM_MAX = 1 << 20
+
+
+def tls_pem(cfg):
+    """The certificate chain and key files' contents in one PEM text, read
+    by the privileged master at a reload to hand to the listeners (which
+    cannot read a root-only key); None when STARTTLS is off. Raises OSError."""
+    if cfg.smtpd_tls_security_level == "none" or not cfg.smtpd_tls_cert_file:
+        return None
+    parts = []
+    for path in dict.fromkeys(p for p in (cfg.smtpd_tls_cert_file, cfg.smtpd_tls_key_file) if p):
+        with open(path, "rb") as f:
+            parts.append(f.read(TLS_PEM_MAX))
+    return b"\n".join(parts)
+
+
+def _load_pem(ctx, pem):
+    """load_cert_chain() from memory: through an anonymous file (memfd)."""
+    fd = os.memfd_create("pymta-tls", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(pem)
+        while view:
+            view = view[os.write(fd, view):]
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def make_ssl_context(cfg, log=None, previous=None, pem=None):
     """The server TLS context, or None when STARTTLS is not to be offered.
 
-    ``previous`` is the context in use before a reload (SIGHUP): the
-    listener then runs as mail_owner and may not be able to read a key
-    only root can read; it keeps ``previous`` and says why, instead of
-    silently no longer offering STARTTLS (and with it AUTH)."""
+    At a reload (SIGHUP) the listener runs as mail_owner and may not be
+    able to read a key only root can read: ``pem`` is then the certificate
+    and key as the master read them (:func:`tls_pem`), and ``previous`` the
+    context in use, kept (and the reason logged) when neither gives a new
+    one, instead of silently no longer offering STARTTLS (and AUTH)."""
     if cfg.smtpd_tls_security_level == "none" or not cfg.smtpd_tls_cert_file:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(cfg.smtpd_tls_cert_file, cfg.smtpd_tls_key_file or None)
+        if pem is not None:
+            _load_pem(ctx, pem)
+        else:
+            ctx.load_cert_chain(cfg.smtpd_tls_cert_file, cfg.smtpd_tls_key_file or None)
     except (OSError, ssl.SSLError) as e:
         if previous is not None:
             if log:
+                how = "as handed over by the master" if pem is not None else f"as uid {os.geteuid()}"
                 log.warning(f"warning: reload: cannot load TLS certificate {cfg.smtpd_tls_cert_file} "
-                            f"and key {cfg.smtpd_tls_key_file or cfg.smtpd_tls_cert_file} as "
-                            f"uid {os.geteuid()}: {e}; STARTTLS goes on with the certificate and "
-                            "key loaded at start (restart the daemon to load new ones)")
+                            f"and key {cfg.smtpd_tls_key_file or cfg.smtpd_tls_cert_file} {how}: "
+                            f"{e}; STARTTLS goes on with the certificate and key loaded before")
             return previous
         if log:
             log.error(f"warning: cannot load TLS certificate {cfg.smtpd_tls_cert_file}: {e}; "
@@ -124,13 +156,13 @@ def passwd_recipient_check(cfg):
 class Services:
     """What sessions share under one configuration; rebuilt on SIGHUP."""
 
-    def __init__(self, cfg, log=None, notify=None, previous=None):
+    def __init__(self, cfg, log=None, notify=None, previous=None, pem=None):
         self.cfg = cfg
         self.log = log or logging.getLogger("pymta")
         self.spool = Spool.from_config(cfg)
         self.notify = notify
         self.ssl_ctx = make_ssl_context(cfg, self.log,
-                                        previous.ssl_ctx if previous is not None else None)
+                                        previous.ssl_ctx if previous is not None else None, pem)
         try:
             from . import route
             router = route.Router(cfg, log=self.log)
