@@ -119,7 +119,8 @@ class Conn:
     """One client connection driven by the loop."""
 
     __slots__ = ("loop", "server", "services", "sock", "fd", "ip", "name", "peer", "session",
-                 "out", "events", "state", "idle_since", "data_start", "pause_until", "held")
+                 "out", "events", "state", "idle_since", "data_start", "pause_until", "held",
+                 "partial")
 
     def __init__(self, loop, srv, sock, ip):
         self.loop, self.server, self.services = loop, srv, srv.services
@@ -134,6 +135,7 @@ class Conn:
         self.data_start = None
         self.pause_until = 0.0
         self.held = b""            # replies held back while the session's hold runs
+        self.partial = 0           # bytes of the line in progress (smtpd_per_record_deadline)
 
 
 class Loop:
@@ -322,11 +324,14 @@ class Loop:
             if session.last_command != "QUIT":
                 c.services.log.info(S.lost_line(session.last_command, c.peer))
             return self._close(c)
-        c.idle_since = time.monotonic()
+        now = time.monotonic()
         out = session.feed(data)
+        again, c.partial = S.record_clock(c.services.cfg, session, data, c.partial)
+        if again:
+            c.idle_since = now
         if session.in_data:
             if c.data_start is None:
-                c.data_start = c.idle_since
+                c.data_start = now
         else:
             c.data_start = None
         self._reply(c, out)

@@ -24,7 +24,7 @@ import threading
 import time
 
 from . import address as A
-from .smtp_session import Session
+from .smtp_session import Session, in_networks
 from .spool import Spool
 from .status import Reply, SpoolError
 
@@ -282,6 +282,7 @@ def _pump(sock, session, services, peer):
     cfg, log = services.cfg, services.log
     idle_since = time.monotonic()
     data_start = None
+    partial = 0
     if session.starttls_wanted:
         sock = starttls(sock, session, services, peer)
         if sock is None:
@@ -306,16 +307,20 @@ def _pump(sock, session, services, peer):
                 log.info(lost_line(session.last_command, peer))
             return sock
         out = session.feed(data)
+        again, partial = record_clock(cfg, session, data, partial)
         while True:
             if session.pending is not None:     # a session moved from the event loop
                 out += session.commit_done(session.run_commit())
+                again = True
             elif session.hold:                  # a failed AUTH: its reply waits
                 time.sleep(session.hold)
                 _send(sock, out, cfg)
                 out = session.release()
+                again = True
             else:
                 break
-        idle_since = time.monotonic()
+        if again:
+            idle_since = time.monotonic()
         _send(sock, out, cfg)
         if session.starttls_wanted:
             sock = starttls(sock, session, services, peer)
@@ -324,15 +329,32 @@ def _pump(sock, session, services, peer):
     return sock
 
 
+def record_clock(cfg, session, data, partial):
+    """After ``data`` was read and fed to ``session``: (whether the client's
+    smtpd_timeout starts again, bytes of the line now in progress). With
+    smtpd_per_record_deadline the clock starts again only once a whole line
+    (in DATA: a line, or line_length_limit bytes of a longer one) has come,
+    as Postfix's smtpd_per_record_deadline does; without, at every read."""
+    if not cfg.smtpd_per_record_deadline:
+        return True, 0
+    nl = data.rfind(b"\n")
+    if nl >= 0:
+        return True, len(data) - nl - 1
+    partial += len(data)
+    if session.in_data and partial >= cfg.line_length_limit:
+        return True, 0
+    return False, partial
+
+
 def deadline(cfg, session, idle_since, data_start):
-    """When the session times out: ``smtpd_timeout`` after the client last
-    sent something, and during DATA (begun at ``data_start``) also when it
-    is slower than ``smtpd_min_data_rate``."""
+    """When the session times out: ``smtpd_timeout`` after the client's
+    clock last started (``idle_since``: see record_clock), and during DATA
+    (begun at ``data_start``) also when it is slower than
+    ``smtpd_min_data_rate`` (0: no limit for the whole DATA)."""
     limit = idle_since + cfg.smtpd_timeout
-    if data_start is not None:
-        slow = data_start + cfg.smtpd_timeout
-        if cfg.smtpd_min_data_rate:
-            slow += session.data_received / cfg.smtpd_min_data_rate
+    if data_start is not None and cfg.smtpd_min_data_rate:
+        slow = (data_start + cfg.smtpd_timeout
+                + session.data_received / cfg.smtpd_min_data_rate)
         limit = min(limit, slow)
     return limit
 
@@ -404,7 +426,9 @@ class _Admission:
         with self._count_lock:
             if self._total >= -(-cfg.smtpd_session_limit // n):
                 return Reply(421, "4.7.0", f"{cfg.myhostname} Error: too many sessions, try again later")
-            if self._per_client.get(ip, 0) >= -(-cfg.smtpd_client_connection_count_limit // n):
+            limit = cfg.smtpd_client_connection_count_limit
+            if limit and self._per_client.get(ip, 0) >= -(-limit // n) \
+                    and not in_networks(ip, cfg.smtpd_client_event_limit_exceptions):
                 return Reply(421, "4.7.0", f"{cfg.myhostname} Error: too many connections from {ip}")
             self._total += 1
             self._per_client[ip] = self._per_client.get(ip, 0) + 1

@@ -257,7 +257,8 @@ def test_session_limit_and_per_client_limit_answer_421(inst):
         for s, f in ((a, fa), (b, fb), (c, fc)):
             f.close()
             s.close()
-    with running(inst, smtpd_client_connection_count_limit=1) as port:
+    with running(inst, smtpd_client_connection_count_limit=1,
+                 smtpd_client_event_limit_exceptions="") as port:
         a, fa = raw(port)
         read_reply(fa)
         c, fc = raw(port)
@@ -270,6 +271,146 @@ def test_session_limit_and_per_client_limit_answer_421(inst):
         for s, f in ((a, fa), (d, fd), (c, fc)):
             f.close()
             s.close()
+
+
+def _trickle(port, prelude, seconds=8.0):
+    """Send ``prelude`` (whole lines), then one byte every 0.3 s without a
+    line end; returns (seconds from the first byte to the server's reply or
+    close, what the server said)."""
+    s, f = raw(port)
+    read_reply(f)
+    if prelude:
+        s.sendall(prelude)
+        for _ in range(prelude.count(b"\n")):
+            read_reply(f)
+    t0 = time.monotonic()
+    got = b""
+    s.settimeout(0.3)
+    while time.monotonic() - t0 < seconds:
+        try:
+            s.sendall(b"x")
+        except OSError:
+            break
+        try:
+            chunk = s.recv(1000)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        got += chunk
+        if not chunk or b"\n" in got:
+            break
+    elapsed = time.monotonic() - t0
+    f.close()
+    s.close()
+    return elapsed, got
+
+
+@pytest.mark.parametrize("model", ["threads", "fork"])
+def test_client_trickling_a_command_line_is_dropped_after_smtpd_timeout(inst, logs, model):
+    with running(inst, smtpd_timeout="2s", smtpd_process_model=model) as port:
+        elapsed, got = _trickle(port, b"EHLO x\r\n")
+    assert got.startswith(b"421 4.4.2"), got
+    assert 1.5 < elapsed < 5
+    if model == "threads":      # a forked session logs in its own process
+        assert "timeout after EHLO from unknown[127.0.0.1]" in logs.text()
+
+
+@pytest.mark.parametrize("model", ["threads", "fork"])
+def test_client_trickling_a_message_line_is_dropped_after_smtpd_timeout(inst, model):
+    with running(inst, smtpd_timeout="2s", smtpd_min_data_rate=0,
+                 smtpd_process_model=model) as port:
+        elapsed, got = _trickle(port, b"EHLO x\r\nMAIL FROM:<a@b.example>\r\n"
+                                      b"RCPT TO:<root@example.test>\r\nDATA\r\n")
+    assert got.startswith(b"421 4.4.2"), got
+    assert 1.5 < elapsed < 5
+    assert queued(inst) == []
+
+
+def test_slow_message_of_prompt_lines_outlives_smtpd_timeout_without_min_rate(inst):
+    with running(inst, smtpd_timeout="2s", smtpd_min_data_rate=0) as port:
+        s, f = raw(port)
+        read_reply(f)
+        s.sendall(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<root@example.test>\r\nDATA\r\n")
+        for _ in range(4):
+            read_reply(f)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.5:
+            s.sendall(b"a line\r\n")
+            time.sleep(0.5)
+        s.sendall(b".\r\n")
+        reply = read_reply(f)
+        f.close()
+        s.close()
+    assert reply and reply[0].startswith(b"250"), reply
+
+
+def test_without_per_record_deadline_each_byte_restarts_the_clock(inst):
+    with running(inst, smtpd_timeout="2s", smtpd_per_record_deadline="no") as port:
+        elapsed, got = _trickle(port, b"", seconds=4)
+    assert got == b"" and elapsed >= 4
+
+
+def _connect_from(port, source):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s, s.makefile("rb")
+
+
+def test_one_client_cannot_take_the_sessions_of_others(inst):
+    # Defaults, but 127.0.0.1 not exempt: one client is refused well before
+    # smtpd_session_limit, and another address still gets in.
+    cfg_limit = inst.cfg.smtpd_session_limit
+    with running(inst, mynetworks="127.0.0.1/32",
+                 smtpd_client_event_limit_exceptions="") as port:
+        held, refused_at = [], None
+        try:
+            for i in range(cfg_limit):
+                s, f = _connect_from(port, "127.0.0.1")
+                held.append((s, f))
+                if read_reply(f)[0].startswith(b"421 4.7.0"):
+                    refused_at = i
+                    break
+            b, fb = _connect_from(port, "127.0.0.2")
+            held.append((b, fb))
+            other = read_reply(fb)[0]
+        finally:
+            for s, f in held:
+                f.close()
+                s.close()
+    assert refused_at is not None and refused_at <= cfg_limit // 4, refused_at
+    assert other.startswith(b"220"), other
+
+
+def test_mynetworks_clients_are_exempt_from_the_per_client_limit(inst):
+    with running(inst, smtpd_client_connection_count_limit=2) as port:
+        held = []
+        try:
+            for _ in range(4):
+                s, f = raw(port)
+                held.append((s, f))
+                assert read_reply(f)[0].startswith(b"220")
+        finally:
+            for s, f in held:
+                f.close()
+                s.close()
+        # Outside the exceptions the same limit holds.
+        inst.write_config(smtpd_client_event_limit_exceptions="127.0.0.2")
+    with running(inst, smtpd_client_connection_count_limit=2) as port:
+        held = []
+        try:
+            replies = []
+            for _ in range(3):
+                s, f = raw(port)
+                held.append((s, f))
+                replies.append(read_reply(f)[0][:9])
+        finally:
+            for s, f in held:
+                f.close()
+                s.close()
+        assert replies == [b"220 mx.ex", b"220 mx.ex", b"421 4.7.0"]
 
 
 def test_idle_client_gets_421_after_smtpd_timeout(inst, logs):
