@@ -7,9 +7,11 @@ run by an ordinary user so that mail to root reaches them), then runs
 newaliases when pymta has it. It says what it did and is safe to run again.
 """
 
+import grp
 import os
 import pwd
 import shutil
+import stat
 import sys
 
 from . import config
@@ -45,6 +47,48 @@ def _invoking_user():
         return None
 
 
+MAIL_GROUP = "mail"
+
+
+def mail_spool(path, say=print, shown=None):
+    """Create the mailbox directory with Debian's layout, 2775 root:mail:
+    only root and group mail write it, so no user can plant a mailbox, a
+    FIFO or a lock for another; each new mbox is made by the delivery
+    process running as its recipient with group mail added (pymta.local),
+    mode 0600, group mail. Without a mail group: 0755 root, where root makes
+    each new mbox (O_EXCL, O_NOFOLLOW) and hands it to the recipient. Not
+    root (a development instance, delivering as its own user): 0755. An
+    existing directory is left alone, with a warning when any user may
+    write it. ``shown``: the name to print (install's DESTDIR-less one)."""
+    shown = shown or path
+    if os.path.isdir(path):
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o002:
+            say(f"warning: mailboxes: {shown} is world-writable (mode {mode:o}): any user can "
+                f"create files there; pymta delivers only into mailboxes owned by their "
+                f"recipient, but a file or lock planted for another user defers that user's "
+                f"mail. Debian's layout is 2775 root:{MAIL_GROUP} (see pymta(8), SECURITY)")
+        else:
+            say(f"mailboxes: {shown} [already there]")
+        return
+    os.makedirs(path, exist_ok=True)
+    if os.geteuid() != 0:
+        os.chmod(path, 0o755)
+        say(f"mailboxes: {shown} (mode 0755: deliveries run as {_invoking_user() or 'you'})")
+        return
+    try:
+        gid = grp.getgrnam(MAIL_GROUP).gr_gid
+    except KeyError:
+        os.chown(path, 0, 0)
+        os.chmod(path, 0o755)
+        say(f"mailboxes: {shown} (mode 0755, root: no group {MAIL_GROUP}; root creates each mbox)")
+        return
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o2775)
+    say(f"mailboxes: {shown} (mode 2775, root:{MAIL_GROUP}; each mbox is created by its "
+        f"recipient's delivery with group {MAIL_GROUP})")
+
+
 def _has_root_alias(path):
     with open(path, encoding="utf-8", errors="replace") as f:
         return any(line.split(":", 1)[0].strip().lower() == "root"
@@ -59,13 +103,7 @@ def setup(cfg, say=print):
     owner = f", owner {cfg.mail_owner}" if uid is not None and not existed else ""
     say(f"queue: {spool.dir} (mode 0700{owner}), maildrop: {spool.maildrop} (mode 1733)"
         + (" [already there]" if existed else ""))
-    mail_dir = cfg.mail_spool_directory
-    if not os.path.isdir(mail_dir):
-        os.makedirs(mail_dir, exist_ok=True)
-        os.chmod(mail_dir, 0o1777)
-        say(f"mailboxes: {mail_dir} (mode 1777, so deliveries as each user can create their mbox)")
-    else:
-        say(f"mailboxes: {mail_dir} [already there]")
+    mail_spool(cfg.mail_spool_directory, say)
     path = alias_file(cfg)
     user = _invoking_user()
     if path:

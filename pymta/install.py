@@ -17,7 +17,8 @@ is kept as NAME.pre-pymta and put back by --uninstall. Man pages go to
 mandir/manN; pymta.conf goes to sysconfdir and the aliases file to the path
 alias_maps names, each only when absent. The queue directory is created
 with the spool's layout (top 0755; queue/ 0700 owned by mail_owner;
-maildrop/ 1733). Every action is printed. --uninstall removes what install
+maildrop/ 1733), and mail_spool_directory, when missing, with Debian's
+layout (2775 root:mail; see pymta.devsetup.mail_spool). Every action is printed. --uninstall removes what install
 put in place and leaves the configuration, the aliases and the queue alone.
 """
 
@@ -209,6 +210,9 @@ class Installer:
         if aliases:
             self._install_once(os.path.join(TOP, "etc", "aliases"), self.D(aliases))
         self._queue(cfg)
+        if cfg.mail_spool_directory:
+            from .devsetup import mail_spool
+            mail_spool(self.D(cfg.mail_spool_directory), self.say)
         self.say("pymta installed. Next: edit "
                  f"{os.path.join(a.sysconfdir, 'pymta.conf')}, run newaliases, and start "
                  "'sendmail -bd -q30m' (etc/pymta.service) or add etc/cron.pymta to cron.")

@@ -144,3 +144,17 @@ def test_relative_paths_are_refused(tmp_path):
                         "--prefix", "usr"], cwd=TOP, capture_output=True, timeout=30)
     assert r.returncode == 2
     assert b"absolute" in r.stderr
+
+
+def test_install_makes_the_mail_spool_debian_style(tmp_path):
+    import grp
+    out = install(tmp_path)
+    st = os.stat(tmp_path / "var/mail")
+    if os.geteuid() == 0:
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == \
+            (0o2775, 0, grp.getgrnam("mail").gr_gid)
+        assert "(mode 2775, root:mail;" in out
+    else:
+        assert stat.S_IMODE(st.st_mode) == 0o755
+    out = install(tmp_path)
+    assert f"mailboxes: {tmp_path}/var/mail [already there]" in out

@@ -7,6 +7,7 @@ import pathlib
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -601,3 +602,48 @@ def test_home_mailbox_in_real_directories_is_delivered_as_the_user(
         assert os.stat(path).st_uid == user.pw_uid
     assert len(box) == 2, inst.maillog()
     assert "delivered to" in inst.maillog() and "/proc/" not in inst.maillog()
+
+
+@needs_root
+def test_debian_spool_layout_mailboxes_made_by_the_recipient_and_no_one_else(
+        open_dir, make_user):
+    # make dev-setup / make install make the spool 2775 root:mail: the
+    # recipient's delivery (with group mail) creates the mbox, 0600, group
+    # mail; another user can plant nothing there.
+    from users import run_as
+    from pymta import devsetup
+    import grp
+    victim, attacker = make_user(), make_user()
+    inst = Instance(open_dir / "inst")
+    os.chmod(inst.root, 0o755)
+    spool = os.path.join(inst.root, "mail")
+    os.rmdir(spool)
+    said = []
+    devsetup.mail_spool(spool, said.append)
+    st = os.stat(spool)
+    mail_gid = grp.getgrnam("mail").gr_gid
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o2775, 0, mail_gid), said
+    assert "2775, root:mail" in said[0]
+    p = run_as(attacker, ["/bin/sh", "-c", f": > {spool}/{victim.pw_name}"])
+    assert p.returncode != 0 and os.listdir(spool) == []
+    p = run_as(attacker, ["/usr/bin/mkfifo", f"{spool}/{victim.pw_name}.lock"])
+    assert p.returncode != 0 and os.listdir(spool) == []
+    for _ in range(2):
+        r = inst.sendmail("-odi", victim.pw_name, input=b"Subject: x\n\nbody\n")
+        assert r.returncode == 0, r.stderr
+    box = os.path.join(spool, victim.pw_name)
+    st = os.stat(box)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, victim.pw_uid, mail_gid)
+    assert len(mailbox.mbox(box)) == 2, inst.maillog()
+    assert sorted(os.listdir(spool)) == [victim.pw_name]
+
+
+def test_existing_world_writable_spool_is_warned_about(tmp_path):
+    from pymta import devsetup
+    spool = tmp_path / "mail"
+    spool.mkdir()
+    os.chmod(spool, 0o1777)
+    said = []
+    devsetup.mail_spool(str(spool), said.append)
+    assert said[0].startswith(f"warning: mailboxes: {spool} is world-writable (mode 1777)")
+    assert stat.S_IMODE(os.stat(spool).st_mode) == 0o1777
