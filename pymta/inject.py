@@ -347,9 +347,11 @@ class Submission:
                                                            for r in env.recipients)
         return env
 
-    def fix_header(self, fields, qid):
+    def fix_header(self, fields, qid, warn=True):
         """The header section to store: Received first, Return-Path and Bcc
-        gone, Date, From and Message-ID added when missing."""
+        gone, Date, From and Message-ID added when missing. ``warn=False``
+        (a maildrop file): the X-Authentication-Warning: for -f is left to
+        pickup, which writes it from the file's owner."""
         cfg = self.cfg
         now = rfc5322_date()
         names = {field_name(f) for f in fields}
@@ -357,7 +359,7 @@ class Submission:
         if qid:
             out.append(f"Received: (from {self.login}@localhost)\n\tby {cfg.myhostname} "
                        f"({cfg.mail_name}) id {qid};\n\t{now}\n".encode())
-        if self.opts.sender is not None and not self.trusted \
+        if warn and self.opts.sender is not None and not self.trusted \
                 and self.sender not in (self.own_address, self.login):
             out.append(f"X-Authentication-Warning: {cfg.myhostname}: {self.login} set sender "
                        f"to {self.sender or '<>'} using -f\n".encode("utf-8", "surrogateescape"))
@@ -515,7 +517,8 @@ def _commit(cfg, opts, sub, spool, fields, first, inp, traffic):
 
 def _drop(cfg, opts, sub, spool, fields, first, inp, traffic):
     """Unprivileged: the whole submission goes into maildrop/ as one file."""
-    body = _Body(sub.fix_header(fields, ""), first, inp, cfg.message_size_limit, traffic)
+    body = _Body(sub.fix_header(fields, "", warn=False), first, inp, cfg.message_size_limit,
+                 traffic)
     env = sub.envelope("")
     name = spool.drop(env, body)
     log.info(f"maildrop/{name}: uid={sub.uid} from=<{sub.sender}>, size={body.size}, "

@@ -541,9 +541,18 @@ class Spool:
         self._dirfd = None
         self._dirfd_lock = _thread.allocate_lock()
 
+    # Who may set another sender in a maildrop file without an
+    # X-Authentication-Warning: (trusted_users), and whose addresses are
+    # their own (@myorigin); set by from_config. None: pickup adds none.
+    trusted_users = None
+    origin = ""
+
     @classmethod
     def from_config(cls, cfg):
-        return cls(cfg.queue_directory)
+        spool = cls(cfg.queue_directory)
+        spool.trusted_users = tuple(cfg.trusted_users)
+        spool.origin = cfg.myorigin
+        return spool
 
     # -- set-up
     def create(self, owner_uid=None, owner_gid=None):
@@ -842,7 +851,11 @@ class Spool:
             path = os.path.join(self.maildrop, name)
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-            except OSError:
+            except OSError as e:
+                if e.errno == errno.ELOOP:      # a symbolic link planted there
+                    if log:
+                        log(f"maildrop/{name}: not a plain file, removed")
+                    _unlink_quiet(path)
                 continue
             try:
                 try:
@@ -912,6 +925,7 @@ class Spool:
         env.status = ""
         with self.new_message() as w:
             w.write(_received(w.id, st.st_uid, hostname, mail_name))
+            w.write(self._auth_warning(st.st_uid, env.sender, hostname))
             eight_bit = False
             while True:
                 chunk = f.read(256 * 1024)
@@ -927,6 +941,30 @@ class Spool:
             log(f"{qid}: uid={st.st_uid} from=<{env.sender}>, size={w.size}, "
                 f"nrcpts={len(env.recipients)} (maildrop)")
         return qid
+
+
+    def _auth_warning(self, uid, sender, hostname):
+        """sendmail's X-Authentication-Warning: for a maildrop file whose
+        envelope sender is not its owner's own address, when the owner is
+        not trusted: written here, at pickup, from the file's owner (the
+        only thing a maildrop file cannot forge). b"" when none is due."""
+        if self.trusted_users is None:
+            return b""
+        import pwd
+        from . import address as _address
+        try:
+            login = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            login = f"uid{uid}"
+        if login in self.trusted_users:
+            return b""
+        if sender in (login, _address.qualify(login, self.origin)):
+            return b""
+        shown = "".join(c if c.isprintable() and c not in "\r\n" else "?"
+                        for c in sender) or "<>"
+        host = hostname or os.uname().nodename
+        return (f"X-Authentication-Warning: {host}: {login} set sender to {shown} "
+                f"using -f\n").encode("utf-8", "surrogateescape")
 
 
 MAILDROP_HEAD_MAX = 16 << 20

@@ -323,6 +323,8 @@ def test_unprivileged_user_submits_through_the_maildrop(public_instance):
                         capture_output=True, text=True, preexec_fn=_as_user(1, 1), timeout=60)
     assert r2.stdout.split("\n")[:3] == ["list denied", "read denied", "unlink denied"], r2
 
+    from pymta import config as _config
+    spool = S.Spool.from_config(_config.load(conf))    # as the daemon has it
     ids = spool.pickup(hostname="mx.example.test")
     assert len(ids) == 1 and os.listdir(spool.maildrop) == []
     env = spool.read(ids[0])
