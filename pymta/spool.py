@@ -233,11 +233,24 @@ def format_control(env):
     return "\n".join(out) + "\n"
 
 
+TIME_MAX = 253402300799            # 9999-12-31 23:59:59 UTC: what time and date functions take
+_RANGES = {"arrival time": (0, TIME_MAX), "attempt time": (0, TIME_MAX),
+           "next try": (0, TIME_MAX), "recipient time": (0, TIME_MAX),
+           "attempt count": (0, 10 ** 9), "priority": (-(2 ** 62), 2 ** 62),
+           "uid": (-1, 2 ** 32 - 1), "recipient uid": (-1, 2 ** 32 - 1)}
+
+
 def _int(value, what):
-    try:
-        return int(value)
-    except ValueError:
-        raise SpoolCorrupt(f"bad {what}: {value[:40]!r}") from None
+    """A decimal field of a qf, range-checked: a value out of range is a
+    damaged file (SpoolCorrupt), never a crash of whoever reads it."""
+    if not (value[1:] if value[:1] == "-" else value).isdigit() or not value.isascii() \
+            or len(value) > 20:
+        raise SpoolCorrupt(f"bad {what}: {value[:40]!r}")
+    n = int(value)
+    lo, hi = _RANGES.get(what, (-(2 ** 63), 2 ** 63 - 1))
+    if not lo <= n <= hi:
+        raise SpoolCorrupt(f"{what} out of range: {value[:40]}")
+    return n
 
 
 def parse_control(text, qid=""):

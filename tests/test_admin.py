@@ -275,3 +275,26 @@ def test_flush_without_ids_tries_every_queued_message(inst):
             assert inst.spool.read(qid).attempts == 2
     assert inst.spool.read(ID3).held
     assert f"{ID3}: flushed" not in inst.maillog()
+
+
+@pytest.mark.parametrize("field", ["T99999999999999999", "K-5", "Y1e9", "N99999999999999",
+                                   "C4294967296", "P99999999999999999999999"])
+def test_out_of_range_qf_field_is_listed_as_damaged_without_a_traceback(queue, field):
+    # One damaged qf among good ones: mailq lists it as damaged and the
+    # others as usual; `pymta show` says what is wrong; no traceback.
+    path = queue.spool.path("qf", ID2)
+    text = open(path).read()
+    key = field[0]
+    lines = [ln for ln in text.split("\n") if not ln.startswith(key)]
+    lines.insert(1, field)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    r = subprocess.run([sys.executable, os.path.join(BIN, "mailq"), "-C", queue.conf_path],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert b"Traceback" not in r.stderr + r.stdout
+    assert f"{ID2}  (unreadable control file:".encode() in r.stdout, r.stdout
+    assert ID1.encode() in r.stdout and ID3.encode() in r.stdout
+    r = pymta(queue, "show", ID2)
+    assert b"Traceback" not in r.stderr + r.stdout
+    assert r.returncode != 0 and b"unreadable control file" in r.stderr, r.stderr

@@ -9,6 +9,7 @@ from pymta.status import SpoolCorrupt
 
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80)
 ints = st.integers(min_value=0, max_value=2 ** 40)
+times = st.integers(min_value=0, max_value=spool.TIME_MAX)   # a qf's range for times
 
 recipients = st.builds(
     E.Recipient,
@@ -18,7 +19,7 @@ recipients = st.builds(
     dsn=st.sampled_from(["", "2.0.0", "4.4.1", "5.1.1"]),
     text=text, orcpt=text, parent=text, relay=text,
     uid=st.integers(min_value=-1, max_value=65535),
-    updated=ints,
+    updated=times,
 )
 
 envelopes = st.builds(
@@ -26,7 +27,7 @@ envelopes = st.builds(
     id=st.just("kASHWR000002297"),
     sender=text,
     recipients=st.lists(recipients, min_size=1, max_size=5),
-    created=ints, last_attempt=ints, attempts=st.integers(0, 1000), next_try=ints,
+    created=times, last_attempt=times, attempts=st.integers(0, 1000), next_try=times,
     priority=ints, body_type=st.sampled_from(["", "7BIT", "8BITMIME"]),
     smtputf8=st.booleans(), envid=text, ret=st.sampled_from(["", "FULL", "HDRS"]),
     protocol=st.sampled_from(["", "ESMTP", "ESMTPSA", "local"]), helo=text,
