@@ -142,6 +142,7 @@ _PARAMS = [
     P("allow_mail_to_files", LIST, "alias, forward, include", "Where /file targets are allowed: alias, forward, include.", section="local"),
     P("command_time_limit", TIME, "1000s", "Time limit of a |command delivery.", section="local"),
     P("command_path", STR, "/usr/bin:/bin", "PATH of |command deliveries.", section="local"),
+    P("stale_lock_time", TIME, "500s", "Age after which a mailbox's dot-lock (USER.lock) is taken for the leftover of a killed delivery and removed, as in Postfix.", section="local"),
     P("forward_include_size_limit", SIZE, "1048576", "Largest .forward or :include: file read, in bytes; a larger one is not used (logged). Each is read within 10 seconds.", section="local"),
     P("command_from_line", BOOL, "yes", "Give |command deliveries the mbox From_ line (From sender  date) before the message, as Postfix's local(8) does, so that procmail, formail and the like see the envelope sender.", section="local"),
     P("command_expansion_filter", STR, "1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "Characters allowed in the values of a |command's environment (SENDER, RECIPIENT, LOCAL, ...); any other character is replaced by an underscore, as Postfix does.", section="local"),

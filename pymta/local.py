@@ -24,9 +24,6 @@ import subprocess
 import threading
 import time
 
-import lockfile
-from lockfile.linklockfile import LinkLockFile
-
 from . import safefile as _safefile
 from . import spool as _spool
 from . import workers as _workers
@@ -63,7 +60,7 @@ def target_key(target):
 
 
 LOCK_TIMEOUT = 60          # seconds to wait for a dot-lock or fcntl lock
-STALE_LOCK_AGE = 300       # a dot-lock older than this is broken
+STALE_LOCK_AGE = 500       # a dot-lock older than this is broken (stale_lock_time's default)
 OUTPUT_LINES = 5           # lines of a failed command's output kept for the bounce
 OUTPUT_BYTES = 4096
 _noted_unprivileged = []
@@ -200,37 +197,65 @@ _NO_DOT_LOCK = {}     # directory -> until when its dot-locks are not tried agai
 NO_DOT_LOCK_RETRY = 60
 
 
-def _dot_lock(path, notes, shown=None):
-    """The USER.lock dot-lock of mbox ``path`` (lockfile.LinkLockFile), or None
-    when its directory is not writable (fcntl alone protects then). Such a
-    directory is tried again, and logged, once a minute per process.
-    ``shown``: the mailbox's name for messages when ``path`` is reached
-    through a directory descriptor (/proc/self/fd/N/name)."""
+class _DotLock:
+    """A USER.lock dot-lock made as Postfix's dot_lockfile makes it: the lock
+    file itself created with O_CREAT|O_EXCL (and O_NOFOLLOW), holding the
+    pid, removed on release. No temporary file is made beside it, so a
+    process killed while holding it leaves only the lock, which goes once it
+    is stale_lock_time old."""
+
+    def __init__(self, lock_path):
+        self.lock_path = lock_path
+
+    def try_acquire(self):
+        """True when taken, False when someone holds it; raises OSError when
+        it cannot be made here (no right to write the directory)."""
+        try:
+            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, b"%d\n" % os.getpid())
+        finally:
+            os.close(fd)
+        return True
+
+    def release(self):
+        os.unlink(self.lock_path)
+
+
+def _dot_lock(path, notes, shown=None, stale=None):
+    """The USER.lock dot-lock of mbox ``path`` (_DotLock), or None when its
+    directory is not writable (fcntl alone protects then). Such a directory
+    is tried again, and logged, once a minute per process. A lock older
+    than ``stale`` seconds (stale_lock_time) is broken. ``shown``: the
+    mailbox's name for messages when ``path`` is reached through a directory
+    descriptor (/proc/self/fd/N/name)."""
     shown = shown or path
+    stale = STALE_LOCK_AGE if stale is None else stale
     folder = os.path.dirname(shown)
     if _NO_DOT_LOCK.get(folder, 0) > time.monotonic():
         return None
-    lock = LinkLockFile(path, threaded=True)
     lock_path = path + ".lock"
+    lock = _DotLock(lock_path)
     deadline = time.time() + LOCK_TIMEOUT
     pause = 0.05
     while True:
         try:
-            lock.acquire(timeout=0)
-            return lock
-        except lockfile.LockFailed:
+            if lock.try_acquire():
+                return lock
+        except OSError as e:
             _NO_DOT_LOCK[folder] = time.monotonic() + NO_DOT_LOCK_RETRY
-            notes.append(f"cannot create a dot-lock beside {shown}; using fcntl only "
-                         f"(for a minute, in {folder})")
+            notes.append(f"cannot create a dot-lock beside {shown} ({e.strerror}); using fcntl "
+                         f"only (for a minute, in {folder})")
             return None
-        except lockfile.AlreadyLocked:
-            pass
         try:
-            age = time.time() - os.stat(lock_path).st_mtime
+            age = time.time() - os.stat(lock_path, follow_symlinks=False).st_mtime
         except FileNotFoundError:
             continue
         stuck = ""
-        if age > STALE_LOCK_AGE:
+        if age > stale:
             try:
                 os.unlink(lock_path)
                 notes.append(f"{shown}.lock: stale lock ({int(age)}s old) broken")
@@ -350,7 +375,7 @@ def _append_at(cfg, env, rcpt, target, df, notes, ids, create_gid, as_root, path
     if as_root:
         ids.root()
     try:
-        lock = _dot_lock(path, notes, shown)
+        lock = _dot_lock(path, notes, shown, getattr(cfg, "stale_lock_time", None))
         # Root makes the new mailbox only in a directory root alone can write
         # (no one can have planted a symlink on the way); anywhere else (a
         # home, a shared spool) it is created by the user's own open below,
@@ -405,7 +430,7 @@ def _append_at(cfg, env, rcpt, target, df, notes, ids, create_gid, as_root, path
                 ids.root()
             try:
                 lock.release()
-            except (lockfile.Error, OSError):
+            except OSError:
                 pass
             if as_root:
                 ids.user()

@@ -216,6 +216,43 @@ def test_stale_dot_lock_is_broken(inst, caplog):
     assert len(mailbox.mbox(t.path)) == 1
 
 
+def test_kill_9_while_locked_leaves_only_the_lock_broken_after_stale_lock_time(inst):
+    # A delivery killed while it holds the dot-lock leaves USER.lock and
+    # nothing else; a lock younger than stale_lock_time (500 s, Postfix's)
+    # holds, an older one is broken, and the spool then holds the mailbox only.
+    assert local.STALE_LOCK_AGE == 500 and inst.cfg.stale_lock_time == 500
+    cfg, env, r = queue(inst)
+    t = me_target(cfg)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; sys.path.insert(0, sys.argv[1]); from pymta import local\n"
+         "lock = local._dot_lock(sys.argv[2], [])\n"
+         "print('locked', flush=True); sys.stdin.read()",
+         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), t.path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    folder = os.path.dirname(t.path)
+    assert os.listdir(folder) == [os.path.basename(t.path) + ".lock"]
+    young = time.time() - 400
+    os.utime(t.path + ".lock", (young, young))
+    old_timeout = local.LOCK_TIMEOUT
+    local.LOCK_TIMEOUT = 1
+    try:
+        reply = local.deliver(cfg, env, r, t)
+    finally:
+        local.LOCK_TIMEOUT = old_timeout
+    assert (reply.code, reply.enhanced) == (450, "4.2.0") and "locked" in reply.text
+    old = time.time() - 501
+    os.utime(t.path + ".lock", (old, old))
+    assert local.deliver(cfg, env, r, t).code == 250
+    assert os.listdir(folder) == [os.path.basename(t.path)]
+    assert len(mailbox.mbox(t.path)) == 1
+
+
 def test_write_error_truncates_the_mailbox_back(inst):
     cfg, env, r = queue(inst)
     t = me_target(cfg)
