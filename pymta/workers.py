@@ -10,7 +10,8 @@ forked from it) with the message's df descriptor attached (SCM_RIGHTS); the
 worker answers in JSON, because the parent, often root, must never unpickle
 what a lower-privileged process wrote. A worker exits when it has been idle
 for IDLE_EXIT seconds or when its parent goes away (EOF); the parent stops
-using a worker well before that, so an EOF while waiting for an answer means
+using a worker well before that (a reaper thread closes the workers idle
+for REUSE_WINDOW and waits for them, so none stays a zombie), so an EOF while waiting for an answer means
 the worker died during the delivery, and the caller defers the message.
 """
 
@@ -26,6 +27,7 @@ import time
 
 IDLE_EXIT = 60.0          # a worker with no request for this long exits
 REUSE_WINDOW = 45.0       # the parent retires workers idle for longer
+REAP_TICK = 5.0           # how often the parent's reaper looks at idle workers
 MAX_IDLE_PER_KEY = 4
 MAX_REQUESTS = 5000       # then the worker is retired (bounded growth)
 _HDR = struct.Struct("!I")
@@ -118,11 +120,25 @@ class Worker:
         self.last_used = time.monotonic()
         return result
 
+    def exited(self):
+        """Whether the worker has exited (it is then reaped)."""
+        try:
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done:
+            self.reaped = True
+        return bool(done)
+
+    reaped = False
+
     def close(self):
         try:
             self.sock.close()
         except OSError:
             pass
+        if self.reaped:
+            return
         # It sees EOF and exits at once; reap it without blocking the caller long.
         for _ in range(50):
             try:
@@ -146,6 +162,50 @@ class Pool:
         self._idle = {}
         self._lock = threading.Lock()
         self._owner = os.getpid()
+        self._reaper = None       # (pid, thread) of this process's reaper
+
+    def _start_reaper(self):
+        """A daemon thread that retires idle workers on time: every
+        REAP_TICK seconds, a worker idle for REUSE_WINDOW is closed (it sees
+        EOF, exits at once and is waited for), and one that exited by itself
+        is waited for at once, so none outlives its time or stays a zombie
+        until the next delivery for its user."""
+        with self._lock:
+            if self._reaper is not None and self._reaper[0] == os.getpid():
+                return
+            t = threading.Thread(target=self._reap_loop, name="pymta-worker-reaper", daemon=True)
+            self._reaper = (os.getpid(), t)
+        t.start()
+
+    def _reap_loop(self):
+        me = os.getpid()
+        while True:
+            time.sleep(REAP_TICK)
+            if os.getpid() != me:
+                return
+            self.reap()
+
+    def reap(self):
+        """Close the idle workers past REUSE_WINDOW and forget (and wait
+        for) those that have exited."""
+        retire = []
+        with self._lock:
+            if self._owner != os.getpid():
+                return
+            now = time.monotonic()
+            for key, lst in list(self._idle.items()):
+                keep = []
+                for w in lst:
+                    if now - w.last_used >= REUSE_WINDOW or w.exited():
+                        retire.append(w)
+                    else:
+                        keep.append(w)
+                if keep:
+                    self._idle[key] = keep
+                else:
+                    del self._idle[key]
+        for w in retire:
+            w.close()
 
     def _take(self, key):
         with self._lock:
@@ -175,6 +235,7 @@ class Pool:
                 w.close()
             if worker is None:
                 worker = Worker(setup, handle)
+                self._start_reaper()
             try:
                 result = worker.call(payload, fd)
             except BrokenPipeError:

@@ -48,7 +48,10 @@ def test_a_worker_killed_while_idle_is_replaced_transparently():
     try:
         a = _call(pool, "k")
         os.kill(a["pid"], signal.SIGKILL)
-        os.waitpid(a["pid"], 0)
+        try:
+            os.waitpid(a["pid"], 0)
+        except ChildProcessError:
+            pass             # the pool's reaper was quicker
         b = _call(pool, "k")
         assert b["pid"] != a["pid"]
     finally:
@@ -80,5 +83,41 @@ def test_setup_drops_privileges_once_for_every_request():
         b = _call(pool, "nobody", setup=setup)
         assert a["uid"] == b["uid"] == nobody.pw_uid
         assert a["pid"] == b["pid"]
+    finally:
+        pool.close_all()
+
+
+def _gone(pid, seconds):
+    """Whether process ``pid`` is gone, zombie included, within ``seconds``."""
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_idle_worker_is_retired_on_time_and_reaped_at_once(monkeypatch):
+    monkeypatch.setattr(workers, "REUSE_WINDOW", 0.5)
+    monkeypatch.setattr(workers, "REAP_TICK", 0.1)
+    pool = workers.Pool()
+    try:
+        pid = _call(pool, "k")["pid"]
+        assert os.path.exists(f"/proc/{pid}")
+        assert _gone(pid, 5), open(f"/proc/{pid}/stat").read()
+        assert pool._idle == {}
+        assert _call(pool, "k")["pid"] != pid      # a new one when work comes
+    finally:
+        pool.close_all()
+
+
+def test_worker_that_exits_by_itself_is_no_zombie(monkeypatch):
+    monkeypatch.setattr(workers, "IDLE_EXIT", 0.3)      # read by the worker
+    monkeypatch.setattr(workers, "REAP_TICK", 0.1)
+    pool = workers.Pool()
+    try:
+        pid = _call(pool, "k")["pid"]
+        assert _gone(pid, 5), open(f"/proc/{pid}/stat").read()
     finally:
         pool.close_all()
