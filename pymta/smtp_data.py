@@ -13,6 +13,7 @@ from .status import PymtaError, Reply
 
 DATA_SPLIT = 64 * 1024
 _RECEIVED_RE = re.compile(rb"^received:", re.I | re.M)
+_FIELD_RE = re.compile(rb"[!-9;-~]+:")   # a field name and its colon
 _DOT_LINE = re.compile(rb"\n\.")    # its search is twice as quick as `in` here
 
 
@@ -44,10 +45,13 @@ class DataReceiver:
         self.error = None          # a Reply from a failed write
         self.header = bytearray()  # the header section, for the hop count
         self.in_header = True
+        self._hpos = 0             # where the next unread header line starts
+        self.header_too_big = False
 
     @property
     def failed(self):
-        return self.bare or self.long_line or self.too_big or self.error is not None
+        return (self.bare or self.long_line or self.too_big or self.header_too_big
+                or self.error is not None)
 
     def feed(self, buf):
         if self.at_bol:
@@ -150,15 +154,28 @@ class DataReceiver:
             self.long_line = True
 
     def _scan_header(self, data):
-        start = len(self.header)
+        """Keep the header section (for the hop count) and measure it: it
+        ends at an empty line or at the first line that is neither a field
+        nor a continuation (which begins the body), as sendmail reads it.
+        A longer section than header_size_limit fails the message, as
+        sendmail refuses it."""
         self.header += data
-        blank = self.header.find(b"\n\n", max(0, start - 1))
-        if self.header[:1] == b"\n":
-            blank = 0
-        if blank >= 0:
-            del self.header[blank + 1:]
-            self.in_header = False
-        elif len(self.header) > self.header_limit:
+        h = self.header
+        pos = self._hpos
+        while True:
+            nl = h.find(b"\n", pos)
+            if nl < 0:
+                break
+            line = h[pos:nl]
+            if not line or not (line[:1] in (b" ", b"\t") and pos > 0
+                                or _FIELD_RE.match(line)):
+                del h[pos:]
+                self.in_header = False
+                return
+            pos = nl + 1
+        self._hpos = pos
+        if len(h) > self.header_limit:
+            self.header_too_big = True
             self.in_header = False
 
     def hops(self):

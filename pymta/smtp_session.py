@@ -739,6 +739,8 @@ class Session:
             reply = R_BARE_EOL
         elif data.too_big:
             reply = R_TOO_BIG
+        elif data.header_too_big:
+            reply = Reply(552, "5.6.0", f"Headers too large ({data.header_limit} max)")
         elif data.error is not None:
             reply = data.error
         elif data.long_line:

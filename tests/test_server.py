@@ -753,3 +753,28 @@ def test_client_name_is_the_forward_confirmed_ptr(inst, logs):
     assert "connect from unknown[127.0.0.1]" in text
     env = inst.spool.read([n for n in queued(inst) if n.startswith("qf")][0][2:])
     assert env.client_name == "client.example.test"
+
+
+def _send_message(port, message):
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.ehlo("x")
+        try:
+            c.sendmail("a@b.example", ["root@example.test"], message)
+            return 250, b""
+        except smtplib.SMTPDataError as e:
+            return e.smtp_code, e.smtp_error
+
+
+def test_header_section_over_header_size_limit_is_refused_as_sendmail_does(inst):
+    big = b"".join(b"X-Filler-%06d: %s\r\n" % (i, b"y" * 60) for i in range(2000))   # ~150 KB
+    with running(inst) as port:
+        code, text = _send_message(port, b"Subject: big\r\n" + big + b"\r\nbody\r\n")
+        assert (code, text) == (552, b"5.6.0 Headers too large (102400 max)")
+        assert queued(inst) == []
+        # Within the limit, a body with no empty line before it, and a body
+        # of lines that are no fields: all accepted.
+        assert _send_message(port, b"Subject: ok\r\n" + big[:50000] + b"\r\nbody\r\n")[0] == 250
+        assert _send_message(port, b"no header at all\r\n" + b"z" * 70 + b"\r\n" * 3000)[0] == 250
+        assert _send_message(port, b"Subject: s\r\nnot a field line\r\n"
+                             + b"line of body text\r\n" * 10000)[0] == 250
+    assert len([n for n in queued(inst) if n.startswith("qf")]) == 3
