@@ -61,6 +61,7 @@ def target_key(target):
 
 LOCK_TIMEOUT = 60          # seconds to wait for a dot-lock or fcntl lock
 STALE_LOCK_AGE = 500       # a dot-lock older than this is broken (stale_lock_time's default)
+LINE_CHUNK = 64 * 1024     # the most of one message line held at once
 OUTPUT_LINES = 5           # lines of a failed command's output kept for the bounce
 OUTPUT_BYTES = 4096
 _noted_unprivileged = []
@@ -142,7 +143,13 @@ class _Prefixed:
             i = self.head.find(b"\n")
             line, self.head = self.head[: i + 1], self.head[i + 1:]
             return line
-        return self._tail(self.df.readline())
+        # At most LINE_CHUNK bytes at a time: a 200 MB line streams through
+        # in bounded memory. A piece never ends in a CR that a newline
+        # follows (stdlib mailbox takes a final CR for a line end).
+        line = self.df.readline(LINE_CHUNK)
+        if line.endswith(b"\r"):
+            line += self.df.read(1)
+        return self._tail(line)
 
     def read(self, size=-1):
         if self.head:
@@ -166,8 +173,14 @@ def _write_mbox(fd, env, rcpt, df, limit, style="mboxo"):
         out.write(_from_line(env))
         out.write(_prefix(env, rcpt))
         last = b"\n"
-        for line in df:
-            if _quoted(line, style):
+        while True:
+            # In pieces of LINE_CHUNK bytes at most (a 200 MB line streams
+            # through in bounded memory); only a line's first piece is looked
+            # at for quoting.
+            line = df.readline(LINE_CHUNK)
+            if not line:
+                break
+            if last.endswith(b"\n") and _quoted(line, style):
                 out.write(b">")
             out.write(line)
             last = line

@@ -684,3 +684,42 @@ def test_existing_world_writable_spool_is_warned_about(tmp_path):
     devsetup.mail_spool(str(spool), said.append)
     assert said[0].startswith(f"warning: mailboxes: {spool} is world-writable (mode 1777)")
     assert stat.S_IMODE(os.stat(spool).st_mode) == 0o1777
+
+
+def _peak_rss_kb(pid, field="VmHWM:"):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _rss_kb(pid):
+    return _peak_rss_kb(pid, "VmRSS:")
+
+
+@needs_root
+@pytest.mark.parametrize("kind", ["mailbox", "maildir"])
+def test_a_huge_single_line_streams_through_in_bounded_memory(inst, kind):
+    from pymta import workers
+    size = 96 << 20                                   # one 96 MB line
+    inst.write_config(mailbox_size_limit=0)
+    cfg, env, r = queue(inst, body=b"Subject: big\n\n" + b"x" * size + b"\n")
+    if kind == "mailbox":
+        t = me_target(cfg)
+    else:
+        t = me_target(cfg, kind="maildir", path=os.path.join(inst.root, "Maildir"))
+    reply = local.deliver(cfg, env, r, t)
+    assert reply.code == 250, reply
+    pids = [w.pid for lst in workers.POOL._idle.values() for w in lst
+            if os.path.exists(f"/proc/{w.pid}")]
+    # A worker starts with its parent's pages (this test process's): what it
+    # grew beyond them holds pieces of the line, never the line.
+    base = _rss_kb(os.getpid())
+    grown = [_peak_rss_kb(pid) - base for pid in pids]
+    assert grown and max(grown) < 40 * 1024, (grown, base)
+    if kind == "mailbox":
+        assert os.path.getsize(t.path) > size
+    else:
+        (name,) = os.listdir(os.path.join(t.path, "new"))
+        assert os.path.getsize(os.path.join(t.path, "new", name)) > size
