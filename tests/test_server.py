@@ -778,3 +778,15 @@ def test_header_section_over_header_size_limit_is_refused_as_sendmail_does(inst)
         assert _send_message(port, b"Subject: s\r\nnot a field line\r\n"
                              + b"line of body text\r\n" * 10000)[0] == 250
     assert len([n for n in queued(inst) if n.startswith("qf")]) == 3
+
+
+def test_nul_bytes_in_data_are_kept_as_they_come(inst):
+    # The documented choice (pymta(8), SMTP SERVICE): NUL bytes are stored
+    # and delivered unchanged, as Postfix does with its default empty
+    # message_reject_characters; nothing is lost or rewritten.
+    with running(inst) as port:
+        assert _send_message(port, b"Subject: n\x00ul\r\n\r\nbin\x00ary\x00\r\n")[0] == 250
+    (df,) = [n for n in queued(inst) if n.startswith("df")]
+    with open(os.path.join(inst.spool.dir, df), "rb") as f:
+        data = f.read()
+    assert b"Subject: n\x00ul\n\nbin\x00ary\x00\n" in data
