@@ -103,6 +103,7 @@ _PARAMS = [
     P("submissions_listen", LIST, "", "Addresses of the submission service with implicit TLS (port 465, RFC 8314): TLS from the first byte (smtpd_tls_cert_file is needed), then AUTH is required before MAIL.", section="smtpd"),
     P("smtpd_banner", STR, "$myhostname ESMTP $mail_name", "Text after 220 in the greeting.", section="smtpd"),
     P("smtpd_timeout", TIME, "300s", "Time a client has to send each command or each block of message data.", section="smtpd"),
+    P("smtpd_stress_timeout", TIME, "10s", "smtpd_timeout while a listener is under stress (every slot of its share of smtpd_session_limit in use, so new clients get 421; smtpd_process_model = threads), as Postfix's ${stress?{10}:{300}}s: idle clients make room sooner. 0 disables.", section="smtpd"),
     P("smtpd_min_data_rate", INT, "64", "Slowest average rate in bytes per second accepted during DATA; 0 disables.", section="smtpd"),
     P("smtpd_process_model", ENUM, "threads", "How sessions run: threads (one event loop, with syncer processes for the fsyncs and threads for lookups and TLS sessions; see pymta(8)) or fork (a child process per session).", choices=("threads", "fork"), section="smtpd"),
     P("smtpd_listeners", INT, "0", "Listener processes of the daemon, each with its event loop on the same sockets; 0: one per CPU but one (left to the deliveries), at least 2 (1 on a one-CPU machine), at most 4.", section="smtpd"),

@@ -509,6 +509,7 @@ class Loop:
                 del self.paused[srv]
                 if not stopping:
                     self.sel.register(srv.socket, _READ, srv)
+        stress = {}     # server -> under stress, looked at once a scan
         for c in list(self.conns):
             if c.state == "pause":
                 if now >= c.pause_until:
@@ -526,9 +527,13 @@ class Loop:
             cfg = c.services.cfg
             if session.in_data and c.data_start is None:
                 c.data_start = now
-            if now >= S.deadline(cfg, session, c.idle_since, c.data_start):
+            stressed = stress.get(c.server)
+            if stressed is None:
+                stressed = stress[c.server] = c.server.stressed
+            if now >= S.deadline(cfg, session, c.idle_since, c.data_start, stressed):
                 c.state = "closing"
-                self._emit(c, S.expire(cfg, c.services.log, session, c.peer, now, c.idle_since))
+                self._emit(c, S.expire(cfg, c.services.log, session, c.peer, now, c.idle_since,
+                                       stressed))
                 self._close_soon(c)
             elif stopping and not session.in_data:
                 c.state = "closing"

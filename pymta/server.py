@@ -346,22 +346,31 @@ def record_clock(cfg, session, data, partial):
     return False, partial
 
 
-def deadline(cfg, session, idle_since, data_start):
-    """When the session times out: ``smtpd_timeout`` after the client's
-    clock last started (``idle_since``: see record_clock), and during DATA
-    (begun at ``data_start``) also when it is slower than
-    ``smtpd_min_data_rate`` (0: no limit for the whole DATA)."""
-    limit = idle_since + cfg.smtpd_timeout
+def timeout_of(cfg, stressed=False):
+    """smtpd_timeout, or smtpd_stress_timeout when the listener is under
+    stress (as Postfix's smtpd_timeout = ${stress?{10}:{300}}s)."""
+    if stressed and cfg.smtpd_stress_timeout:
+        return min(cfg.smtpd_timeout, cfg.smtpd_stress_timeout)
+    return cfg.smtpd_timeout
+
+
+def deadline(cfg, session, idle_since, data_start, stressed=False):
+    """When the session times out: ``smtpd_timeout`` (under stress
+    ``smtpd_stress_timeout``) after the client's clock last started
+    (``idle_since``: see record_clock), and during DATA (begun at
+    ``data_start``) also when it is slower than ``smtpd_min_data_rate`` (0:
+    no limit for the whole DATA)."""
+    timeout = timeout_of(cfg, stressed)
+    limit = idle_since + timeout
     if data_start is not None and cfg.smtpd_min_data_rate:
-        slow = (data_start + cfg.smtpd_timeout
-                + session.data_received / cfg.smtpd_min_data_rate)
+        slow = data_start + timeout + session.data_received / cfg.smtpd_min_data_rate
         limit = min(limit, slow)
     return limit
 
 
-def expire(cfg, log, session, peer, now, idle_since):
+def expire(cfg, log, session, peer, now, idle_since, stressed=False):
     """Close a session past its deadline; the 421 to send, logged."""
-    if session.in_data and now < idle_since + cfg.smtpd_timeout:
+    if session.in_data and now < idle_since + timeout_of(cfg, stressed):
         log.info(f"data rate too low after DATA from {peer}")
         session.close()
         return Reply(421, "4.4.2", f"{cfg.myhostname} Error: data rate too low, "
@@ -446,6 +455,13 @@ class _Admission:
     @property
     def sessions(self):
         return self._total
+
+    @property
+    def stressed(self):
+        """Whether this listener has every slot of its share of
+        smtpd_session_limit in use (new clients get 421), Postfix's stress:
+        its sessions then get smtpd_stress_timeout."""
+        return self._total >= -(-self.services.cfg.smtpd_session_limit // self.share)
 
 
 class _Forking(_Admission):

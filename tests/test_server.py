@@ -790,3 +790,37 @@ def test_nul_bytes_in_data_are_kept_as_they_come(inst):
     with open(os.path.join(inst.spool.dir, df), "rb") as f:
         data = f.read()
     assert b"Subject: n\x00ul\n\nbin\x00ary\x00\n" in data
+
+
+def test_idle_sessions_get_the_stress_timeout_when_slots_run_short(inst, logs):
+    # All 8 slots taken (new clients get 421): the idle sessions are closed
+    # after smtpd_stress_timeout, not smtpd_timeout; with fewer, they stay.
+    with running(inst, smtpd_session_limit=8, smtpd_timeout="300s",
+                 smtpd_stress_timeout="1s") as port:
+        few = [raw(port) for _ in range(3)]
+        for s, f in few:
+            assert read_reply(f)[0].startswith(b"220")
+        time.sleep(2.5)
+        for s, f in few:
+            s.settimeout(0.1)
+            with pytest.raises(socket.timeout):
+                s.recv(100)                 # nothing: still open, no 421
+        more = [raw(port) for _ in range(5)]
+        t0 = time.monotonic()
+        for s, f in more:
+            assert read_reply(f)[0].startswith(b"220")
+        # The 3 idle for 2.5 s go at once; then 5 of 8 are in use, no
+        # stress: the 5 new ones keep smtpd_timeout.
+        for s, f in few:
+            s.settimeout(10)
+            assert s.recv(1000).startswith(b"421 4.4.2")
+        assert time.monotonic() - t0 < 5
+        time.sleep(1.5)
+        for s, f in more:
+            s.settimeout(0.1)
+            with pytest.raises(socket.timeout):
+                s.recv(100)
+        for s, f in few + more:
+            f.close()
+            s.close()
+    assert "timeout after CONNECT" in logs.text()
