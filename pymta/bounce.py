@@ -83,7 +83,7 @@ def _status_fields(cfg, env, rcpts, action, now):
         host = _relay_host(r.relay)
         if host and not host.startswith("local"):
             lines.append(f"Remote-MTA: dns; {host}")
-        diag = _diagnostic(r) if r.text and action != "delivered" else ""
+        diag = _diagnostic(r) if r.text and action in ("failed", "delayed", "relayed") else ""
         if diag:
             lines.append(f"Diagnostic-Code: smtp; {diag}")
         lines.append(f"Last-Attempt-Date: {_date(r.updated or env.last_attempt or now)}")
@@ -109,6 +109,11 @@ def _text_part(cfg, env, rcpts, action, double, now):
         head = (f"This is the mail system at host {cfg.myhostname}.\n\n"
                 "Your message was successfully delivered to the destination(s)\n"
                 "listed below. Its headers are attached.\n")
+    elif action == "expanded":
+        head = (f"This is the mail system at host {cfg.myhostname}.\n\n"
+                "Your message was delivered to the alias or mailing list below, which\n"
+                "passed it on to its members; you will not be told of each delivery.\n"
+                "Its headers are attached.\n")
     elif action == "relayed":
         head = (f"This is the mail system at host {cfg.myhostname}.\n\n"
                 "Your message was successfully relayed to the destination(s) listed\n"

@@ -576,6 +576,14 @@ class Runner:
                          now=now)
         if not children:
             return False
+        if len(children) > 1 and parent.notify(E.NOTIFY_SUCCESS):
+            # RFC 3461 6.2.7.3: one "expanded" report for the list, none
+            # for each member (whom the sender is not to learn of).
+            self._success(env, parent, "expanded")
+            for c in children:
+                c.flags = c.flags.replace(E.NOTIFY_SUCCESS, "")
+                if not any(f in c.flags for f in "SFDN"):
+                    c.flags = E.NOTIFY_NEVER + c.flags
         if rt.sender:
             # owner-LIST: the list's copy becomes its own message, so that
             # its bounces go to the owner.
@@ -657,7 +665,7 @@ class Runner:
     @staticmethod
     def _success(env, r, action):
         """Note a recipient whose NOTIFY=SUCCESS asks for a report (sent by _notify)."""
-        if r.state == E.SENT and r.notify(E.NOTIFY_SUCCESS):
+        if r.state in (E.SENT, E.EXPANDED) and r.notify(E.NOTIFY_SUCCESS):
             env.__dict__.setdefault("success", {}).setdefault(action, []).append(r)
 
     def _record(self, env, r, reply, now, t0, mailer, relay="", state=None):

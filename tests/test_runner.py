@@ -583,3 +583,21 @@ def test_a_command_of_a_nested_alias_is_reported_as_the_alias_that_named_it(rela
     fields = dsn_fields(bounce)[1]
     assert fields["Final-Recipient"] == "rfc822; inner@mx.example.test"
     assert fields["X-Actual-Recipient"] == "X-unix; |/bin/false"
+
+
+def test_notify_success_to_a_list_gets_one_expanded_report_and_no_member_reports(relay_inst, sink):
+    with open(os.path.join(relay_inst.root, "aliases"), "a") as f:
+        f.write("staff: root, postmaster, carol@remote.test\nsolo: dave@remote.test\n")
+    queue(relay_inst, [E.Recipient("staff@example.test", flags="S" + E.PRIMARY),
+                       E.Recipient("solo@example.test", flags="S" + E.PRIMARY)], subject="list")
+    make_runner(relay_inst).run_pass()
+    reports = _report(sink, "Successful Mail Delivery Report")
+    got = {}
+    for msg in reports:
+        for block in dsn_fields(msg)[1:]:
+            got[block["Final-Recipient"]] = block["Action"]
+    assert got == {"rfc822; staff@example.test": "expanded"}
+    params = {a: p for t in sink.delivered for a, p in t.rcpt_params.items()}
+    assert params["carol@remote.test"] == "NOTIFY=NEVER"
+    # A one-address alias passes NOTIFY on to its target.
+    assert params["dave@remote.test"].startswith("NOTIFY=SUCCESS")
