@@ -186,11 +186,20 @@ def sign(cfg, f, log=None, qid=""):
     header, rest = _read_header(f)
     if not header:
         return None
-    d = dkim.DKIM(header.replace(b"\n", b"\r\n") + b"\r\n", linesep=b"\n")
+    try:
+        d = dkim.DKIM(header.replace(b"\n", b"\r\n") + b"\r\n", linesep=b"\n")
+    except (dkim.DKIMException, IndexError, ValueError) as e:
+        # A header section no receiver could check a signature of.
+        if log is not None:
+            log.warning(f"{qid}: not DKIM-signed: malformed header ({e})")
+        return None
     domain = from_domain(d.headers)
     domains = {x.lower().rstrip(".") for x in cfg.dkim_domains}
-    if domain is None or domain not in domains:
+    if domain is None or domain not in domains or not domain.isascii():
         return None
+    if not cfg.dkim_selector.isascii():
+        raise TempFail("dkim_selector is not ASCII",
+                       Reply(451, "4.3.5", "DKIM signing failed: dkim_selector is not ASCII"))
     pk = _key(cfg, log)
     body = BodyHash()
     body.update(rest)
@@ -213,7 +222,11 @@ def sign(cfg, f, log=None, qid=""):
         (b"bh", base64.b64encode(body.digest())),
         (b"b", b"0" * 60),
     ]
-    value = d.gen_header(fields, include, policy, b"DKIM-Signature", pk)
+    try:
+        value = d.gen_header(fields, include, policy, b"DKIM-Signature", pk)
+    except dkim.DKIMException as e:      # a key too small for the digest
+        raise TempFail(f"DKIM signing failed: {e}",
+                       Reply(451, "4.3.0", f"DKIM signing failed: {e}")) from None
     if log is not None:
         log.info(f"{qid}: DKIM-Signature field added (s={cfg.dkim_selector}, d={domain})")
     return b"DKIM-Signature: " + value

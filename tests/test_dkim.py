@@ -200,3 +200,10 @@ def test_a_key_others_can_read_is_used_with_a_warning(dkim_inst, sink):
     assert p.returncode == 0, p.stderr
     assert sink.delivered[0].data.startswith(b"DKIM-Signature:")
     assert "is mode 0644: anyone who can read it can sign" in dkim_inst.maillog()
+
+
+def test_a_malformed_header_goes_out_unsigned_with_a_warning(dkim_inst, sink):
+    cfg = dkim_inst.cfg
+    bad = b"From: alice@example.test\nthis line has no colon\n\nbody\n"
+    assert dkimsign.sign(cfg, io.BytesIO(bad), logging.getLogger("pymta"), "Q1") is None
+    assert dkimsign.sign(cfg, io.BytesIO(b" folded first\nFrom: alice@example.test\n\nb\n")) is None
