@@ -448,3 +448,42 @@ def test_failed_handshake_at_may_falls_back_to_plain_text_except_with_credential
         reply = send(cfg)
         assert (reply.code // 100, reply.enhanced) == (4, "4.7.5"), reply
         assert sink.connections == 3 and len(sink.delivered) == 1 and sink.logins == []
+
+
+# -- against pymta's own submission services ----------------------------------
+
+@pytest.mark.parametrize("service", ["submission", "submissions"])
+def test_relaying_through_pymtas_own_submission_service(make_instance, tmp_path, pki, service):
+    """The client against a real server: a pymta daemon's submission
+    (STARTTLS) or submissions (implicit TLS) listener, AUTH required, the
+    certificate from the test CA; secure level; a wrong password is refused
+    there and deferred here."""
+    from pymta import auth
+    from test_daemon import daemon, free_port, wait_for
+    cert, key = pki.ca1.issue(SMTP_NAME)
+    provider = make_instance()
+    pwfile = os.path.join(provider.root, "passwd")
+    tmp, _ = auth.set_password(pwfile, "me@example.test", "pass word:1")
+    os.rename(tmp, pwfile)
+    sub = free_port()
+    listen = {f"{service}_listen": f"127.0.0.1:{sub}"}
+    zone = {SMTP_NAME: {"A": ["127.0.0.1"]}}
+    with DNSServer(zone) as dns, daemon(provider, smtpd_tls_cert_file=cert, smtpd_tls_key_file=key,
+                                        smtpd_sasl_password_file=pwfile, **listen):
+        assert wait_for(lambda: f"daemon listening on 127.0.0.1:{sub}" in provider.maillog())
+        common = dict(relayhost=f"[{SMTP_NAME}]:{sub}", dns_nameservers=dns.address,
+                      smtp_sasl_auth_enable="yes", smtp_tls_security_level="secure",
+                      smtp_tls_CAfile=pki.ca1.cert, smtp_tls_wrappermode=
+                      "yes" if service == "submissions" else "no")
+        bad = password_file(tmp_path, f"[{SMTP_NAME}]:{sub} me@example.test:wrong\n")
+        cfg = make_cfg(tmp_path, smtp_sasl_password_maps=bad, **common)
+        reply = send(cfg, "root@example.test", "example.test")
+        assert reply.code // 100 == 4 and "535" in reply.text, reply
+        good = password_file(tmp_path, f"[{SMTP_NAME}]:{sub} me@example.test:pass word:1\n")
+        cfg = make_cfg(tmp_path, smtp_sasl_password_maps=good, **common)
+        reply = send(cfg, "root@example.test", "example.test")
+        assert reply.code == 250, reply
+        assert wait_for(lambda: b"line one" in provider.mailbox(), 20)
+    log = provider.maillog()
+    assert "sasl_method=PLAIN, sasl_username=me@example.test: authentication failure" in log
+    assert "sasl_method=PLAIN, sasl_username=me@example.test\n" in log
