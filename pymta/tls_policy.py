@@ -26,7 +26,10 @@ only when there is none), a wildcard only as a whole leftmost label.
 """
 
 import ipaddress
+import os
 import ssl
+import threading
+import time
 
 from . import maptable
 
@@ -130,22 +133,53 @@ def table_entry(cfg, nexthop):
     return level, match, key
 
 
+_contexts = {}
+_contexts_lock = threading.Lock()
+CONTEXT_TTL = 300      # seconds a verifying context (its CA store) is reused
+
+
 def client_context(cfg, policy):
     """The SSLContext for a session under ``policy``. Certificates are
     checked by OpenSSL (chain, dates) at verify and secure; the name by
-    :func:`check_peer` after the handshake."""
-    if policy.verifies:
+    :func:`check_peer` after the handshake.
+
+    Contexts are shared by the sessions of a process: loading the system's
+    CA store costs some 60 ms of CPU, once per CONTEXT_TTL (or when
+    smtp_tls_CAfile changes) instead of once per connection. A context that
+    checks nothing loads no CA store at all."""
+    if not policy.verifies:
+        key = ("none",)
+    else:
+        cafile = cfg.smtp_tls_CAfile or None
+        stamp = None
+        if cafile:
+            try:
+                st = os.stat(cafile)
+                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError as e:
+                raise TLSSetupError(f"cannot load smtp_tls_CAfile {cafile}: {e.strerror}") from None
+        key = ("verify", cafile, stamp)
+    now = time.monotonic()
+    with _contexts_lock:
+        hit = _contexts.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+    if key[0] == "none":
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
         try:
-            ctx = ssl.create_default_context(cafile=cfg.smtp_tls_CAfile or None)
+            ctx = ssl.create_default_context(cafile=key[1])
         except (OSError, ssl.SSLError) as e:
-            raise TLSSetupError(f"cannot load smtp_tls_CAfile {cfg.smtp_tls_CAfile}: "
+            raise TLSSetupError(f"cannot load smtp_tls_CAfile {key[1]}: "
                                 f"{getattr(e, 'strerror', None) or e}") from None
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
-    else:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+    with _contexts_lock:
+        if len(_contexts) > 16:
+            _contexts.clear()
+        _contexts[key] = (now + CONTEXT_TTL, ctx)
     return ctx
 
 

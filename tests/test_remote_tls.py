@@ -487,3 +487,24 @@ def test_relaying_through_pymtas_own_submission_service(make_instance, tmp_path,
     log = provider.maillog()
     assert "sasl_method=PLAIN, sasl_username=me@example.test: authentication failure" in log
     assert "sasl_method=PLAIN, sasl_username=me@example.test\n" in log
+
+
+def test_tls_contexts_are_shared_and_may_loads_no_ca_store(tmp_path, pki):
+    """Loading the system's CA store costs ~60 ms of CPU: once per process
+    and period, not per connection; never at the levels that check nothing."""
+    from pymta import config, tls_policy
+    import shutil
+    cfg = config.from_dict(queue_directory=str(tmp_path))
+    may = tls_policy.client_context(cfg, tls_policy.Policy("may"))
+    assert may is tls_policy.client_context(cfg, tls_policy.Policy("encrypt"))
+    assert may.cert_store_stats()["x509_ca"] == 0
+    ca = tmp_path / "ca.pem"
+    shutil.copy(pki.ca1.cert, ca)
+    cfg = config.from_dict(queue_directory=str(tmp_path), smtp_tls_CAfile=str(ca))
+    v1 = tls_policy.client_context(cfg, tls_policy.Policy("verify"))
+    assert v1 is tls_policy.client_context(cfg, tls_policy.Policy("secure"))
+    assert v1.cert_store_stats()["x509_ca"] == 1
+    with open(ca, "a") as f, open(pki.ca2.cert) as g:     # the file changes: read again
+        f.write(g.read())
+    v2 = tls_policy.client_context(cfg, tls_policy.Policy("verify"))
+    assert v2 is not v1 and v2.cert_store_stats()["x509_ca"] == 2
