@@ -478,9 +478,22 @@ class Router:
             return
         if depth > MAX_DEPTH:
             raise _Loop(stack + (key, f"... ({MAX_DEPTH} levels max)"))
+        reader = owner
+        if owner <= 0 and os.geteuid() == 0:
+            # From the aliases: a name that someone else controls (a file,
+            # or a symbolic link, that is not root's) is read with that
+            # user's rights, and what it names runs as that user: a list
+            # owner's symlink to a root-only file, or to another user's
+            # list, gives no more than the list owner's own rights.
+            try:
+                named = os.lstat(path).st_uid
+            except OSError:
+                named = 0
+            if named != 0:
+                reader = named
         try:
-            if owner > 0 and os.geteuid() == 0:
-                mode, fuid, data = self._read_as(path, owner)
+            if reader > 0 and os.geteuid() == 0:
+                mode, fuid, data = self._read_as(path, reader)
             else:
                 st, data = safefile.read_file(path, self.cfg.forward_include_size_limit,
                                               INCLUDE_TIME_LIMIT)
@@ -491,7 +504,7 @@ class Router:
                 getattr(e, "strerror", None) or "unknown owner")
             self.log.warning(f"<{rcpt.address}>: cannot open :include:{path}: {why}")
             return
-        uid = owner if owner > 0 else fuid
+        uid = reader if reader > 0 else fuid
         safe = not mode & 0o022
         targets = []
         for t in self._file_targets(path, text):

@@ -199,3 +199,40 @@ def test_alias_include_of_fifo_device_and_big_file_refused(tmp_path):
     assert "cannot open :include:/dev/zero: is not a regular file" in log
     assert f"cannot open :include:{big}: is larger than 1000 bytes" in log
     assert inst.mailbox("root").count(b"Subject: x") >= 1
+
+
+def test_alias_include_symlinked_by_its_owner_gives_only_the_owners_rights(make_user, shared_dir):
+    # /etc/aliases names a list file in a user's home; the user replaces it
+    # with a symlink to a root-only file, or to another user's list: it is
+    # read with the list owner's rights and runs as the list owner.
+    owner, alice = make_user("pto"), make_user("pta")
+    secret_dir, secret = _root_only_secret(owner.pw_dir)
+    os.chmod(shared_dir, 0o777)
+    marker = os.path.join(shared_dir, "ran")
+    try:
+        with open(secret, "a") as f:
+            f.write("secretlocalpartxyz\n")
+        members = os.path.join(owner.pw_dir, "members")
+        os.symlink(secret, members)
+        os.lchown(members, owner.pw_uid, owner.pw_gid)
+        alices = os.path.join(alice.pw_dir, "list")
+        with open(alices, "w") as f:
+            f.write(f"|/usr/bin/touch {marker}\n")
+        os.chown(alices, alice.pw_uid, alice.pw_gid)
+        os.chmod(alices, 0o644)
+        os.chmod(alice.pw_dir, 0o755)
+        other = os.path.join(owner.pw_dir, "other")
+        os.symlink(alices, other)
+        os.lchown(other, owner.pw_uid, owner.pw_gid)
+        inst = Instance(shared_dir)
+        with open(os.path.join(inst.root, "aliases"), "w") as f:
+            f.write(f"postmaster: root\nlist: :include:{members}\nother: :include:{other}\n")
+        inst.sendmail("-odi", "-f", "root", "list", input=b"Subject: x\n\nbody\n")
+        inst.sendmail("-odi", "other", input=b"Subject: y\n\nbody\n")
+        log = inst.maillog()
+        assert f"cannot open :include:{members}: Permission denied" in log, log
+        assert "secretlocalpartxyz" not in log and _leaks(shared_dir) == []
+        assert os.path.exists(marker), log
+        assert os.stat(marker).st_uid == owner.pw_uid      # not alice's
+    finally:
+        shutil.rmtree(secret_dir, ignore_errors=True)
