@@ -19,7 +19,15 @@ PYTEST_ARGS ?=
 # when TESTPY_REQS change. Must be owned by the user running make.
 TESTPY  ?= /var/tmp/pymta-testpy
 TESTPY_BASE ?= /usr/bin/python3
-TESTPY_REQS := dnspython==2.3.0 python-daemon==2.3.2 lockfile==0.12.2 dkimpy==1.1.4
+# The minimum versions, from the dependency table pymta/deps.py (one row per
+# dependency: add one there and setup.py, pymta check and this venv follow).
+TESTPY_REQS := $(shell $(TESTPY_BASE) pymta/deps.py 2>/dev/null || python3 pymta/deps.py)
+# The interpreter `make install` writes into the launchers. Empty: the one
+# the last install used (remembered in $(PREFIX)/lib/pymta/INSTALL), else
+# /usr/bin/python3 (Debian's python3-dnspython, python3-daemon and
+# python3-lockfile packages). Set it once, e.g. INSTALL_PYTHON=/opt/venv/bin/python;
+# later installs (upgrades) keep it.
+INSTALL_PYTHON ?=
 
 .PHONY: all venv testpy compile run dev-setup test man check-man bench install uninstall clean
 
@@ -71,13 +79,15 @@ check-man:
 bench: venv compile
 	$(PY) bench/run.py
 
-install: venv
-	$(PY) -m pymta.install --prefix '$(PREFIX)' --destdir '$(DESTDIR)' \
-	    --sbindir '$(SBINDIR)' --bindir '$(BINDIR)' --mandir '$(MANDIR)' --sysconfdir '$(SYSCONFDIR)'
+# install and uninstall need only python3 and this tree: no venv, no PyPI.
+INSTALL_ARGS = --prefix '$(PREFIX)' --destdir '$(DESTDIR)' --sbindir '$(SBINDIR)' \
+	--bindir '$(BINDIR)' --mandir '$(MANDIR)' --sysconfdir '$(SYSCONFDIR)'
 
-uninstall: venv
-	$(PY) -m pymta.install --uninstall --prefix '$(PREFIX)' --destdir '$(DESTDIR)' \
-	    --sbindir '$(SBINDIR)' --bindir '$(BINDIR)' --mandir '$(MANDIR)' --sysconfdir '$(SYSCONFDIR)'
+install:
+	$(PYTHON) -m pymta.install $(INSTALL_ARGS) $(if $(INSTALL_PYTHON),--python '$(INSTALL_PYTHON)')
+
+uninstall:
+	$(PYTHON) -m pymta.install --uninstall $(INSTALL_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
