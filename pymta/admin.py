@@ -337,6 +337,10 @@ def _parser():
                    help="print the record of the existing key instead of making one")
     s.add_argument("keyfile", nargs="?", metavar="FILE",
                    help="where the key goes (default: dkim_private_key_file)")
+    s = sub.add_parser("check", help="check the installation, the configuration and the "
+                       "queue, and repair what is safe to (like postfix check)")
+    s.add_argument("-n", "--no-fix", action="store_true",
+                   help="report only: create and change nothing")
     s = sub.add_parser("report", help="summary of mail log files")
     s.add_argument("--svg", metavar="FILE", help="also write an SVG chart of hourly volume and delays")
     s.add_argument("--png", metavar="FILE", help="also write a PNG chart (needs matplotlib)")
@@ -356,6 +360,9 @@ def run(cfg, args, out=None):
     """Carry out parsed ``args``; returns the exit code."""
     out = out or sys.stdout
     log = logging.getLogger("pymta")
+    if args.command == "check":
+        from . import check
+        return check.main(cfg, fix=not args.no_fix, out=out)
     if args.command == "report":
         from . import logreport
         return logreport.main(cfg, args, out=out)
@@ -479,7 +486,8 @@ def _run(args):
     from . import config
     from .maillog import setup_logging
     cfg = config.load(args.config, args.overrides)
-    setup_logging(cfg)
+    if args.command != "check":
+        setup_logging(cfg)
     return run(cfg, args)
 
 if __name__ == "__main__":

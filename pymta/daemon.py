@@ -29,7 +29,7 @@ import time
 from . import config as C
 from . import server
 from .spool import Spool, valid_id
-from .status import EX_CONFIG, EX_OSERR, EX_TEMPFAIL, ConfigError
+from .status import EX_CANTCREAT, EX_CONFIG, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
 
 log = logging.getLogger("pymta")
 
@@ -103,7 +103,7 @@ def _bind_all(cfg, copies=1):
                                     (cfg.submissions_listen, 465, "tls")):
         for spec in specs:
             try:
-                socks = server.bind_copies(spec, port, copies)
+                socks = _bind_retry(spec, port, copies)
             except ValueError as e:
                 raise ConfigError(str(e), cfg.path, param="smtpd_listen") from None
             except OSError as e:
@@ -111,6 +111,21 @@ def _bind_all(cfg, copies=1):
             for i, sock in enumerate(socks):
                 sets[i].append((sock, submission, spec))
     return sets
+
+
+def _bind_retry(spec, port, copies, wait=5.0):
+    """bind_copies, trying again for a few seconds while the address is in
+    use: after a kill -9 of the master its listeners keep the sockets until
+    they notice (within half a second) and stop. No other daemon holds the
+    pid file by now, so the address is about to be free."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return server.bind_copies(spec, port, copies)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _reload_config(cfg, opts):
@@ -182,6 +197,10 @@ class Listener:
             if submission == "tls" and services.ssl_ctx is None:
                 log.error(f"error: {spec}: submissions_listen needs smtpd_tls_cert_file and "
                           "smtpd_tls_key_file; its connections are closed")
+        try:
+            os.write(self.notify_fd, f"+ready {os.getpid()}\n".encode())
+        except OSError:
+            pass
 
         master = os.getppid()
         next_check = [0.0]
@@ -233,6 +252,12 @@ class Master:
         self.notify_fds = ()
         self.pool = None
         self.run_thread = None
+        self.ready_fd = None        # -bd: where to tell the waiting command "ok" or why not
+        self.ready = set()          # listener pids that reported ready
+        self.errors = {}            # listener pid -> the error it reported before dying
+        self.failures = 0           # listeners in a row that died before serving
+        self.deaths = []            # times of listener deaths (for the too-often rule)
+        self.exit_code = 0
 
     def _spawn(self, slot):
         rfd = self.rfd
@@ -253,6 +278,8 @@ class Master:
             os.set_blocking(cr, False)
             for fd in self.notify_fds:
                 os.close(fd)
+            if self.ready_fd is not None:
+                os.close(self.ready_fd)
             # Only this listener's sockets stay open in it.
             for i, socks in enumerate(self.sock_sets):
                 if i != slot:
@@ -267,8 +294,13 @@ class Master:
             if self.owner:
                 _drop_privileges(self.owner)
             code = listener.run()
-        except BaseException:   # noqa: B902 - the child must never return
+        except BaseException as e:   # noqa: B902 - the child must never return
             log.exception("listener failed")
+            try:
+                text = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+                os.write(self.wfd, f"! {os.getpid()} {text}\n".encode("utf-8", "replace"))
+            except OSError:
+                pass
         finally:
             logging.shutdown()
             os._exit(code)
@@ -304,6 +336,7 @@ class Master:
         self._prepare_spool()
         _preload()
         self.rfd, self.wfd = os.pipe()
+        self.pending_ids = b""
         os.set_blocking(self.wfd, False)
         os.set_blocking(self.rfd, False)
         try:
@@ -324,10 +357,18 @@ class Master:
         log.info(f"daemon started (pid {os.getpid()}), "
                  + ", ".join(f"listener pid {pid}" for pid in pids)
                  + (f" as {self.owner[0]}" if self.owner else ""))
+        problem = self._wait_ready(pids)
+        if problem:
+            log.error(f"fatal: {problem}")
+            self._tell(f"{EX_SOFTWARE} {problem}")
+            self.stop = True
+            self.exit_code = EX_SOFTWARE
+            return self._shutdown()
+        self._tell("ok")
         interval = self.opts.queue_interval or cfg.queue_run_delay
         next_run = time.monotonic() + 1
         next_pickup = 0
-        pending = {self.rfd: b""}
+        pending = {self.rfd: self.pending_ids}
         if self.notify_fds:
             pending[self.notify_fds[0]] = b""
         while not self.stop:
@@ -355,6 +396,48 @@ class Master:
     def _on_stop(self, *args):
         self.stop = True
 
+    def _tell(self, text):
+        """The start's outcome to the `sendmail -bd` that waits for it (-bD:
+        an error goes to stderr)."""
+        if self.ready_fd is None:
+            if text != "ok":
+                print(f"sendmail: fatal: {text.split(' ', 1)[1]}", file=sys.stderr)
+            return
+        try:
+            os.write(self.ready_fd, (text + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
+        os.close(self.ready_fd)
+        self.ready_fd = None
+
+    def _wait_ready(self, pids, timeout=60):
+        """None once every listener serves, else why one cannot."""
+        deadline = time.monotonic() + timeout
+        while not self.ready.issuperset(pids):
+            if self.stop:
+                return "stopped while starting"
+            try:
+                ready, _, _ = select.select([self.rfd], [], [], 0.1)
+            except InterruptedError:
+                ready = []
+            if ready:
+                self.pending_ids = self._read_ids(self.rfd, self.pending_ids)
+            for pid in pids:
+                if pid in self.ready:
+                    continue
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done, status = pid, 0
+                if done:
+                    self.children.pop(pid, None)
+                    self._read_ids(self.rfd, b"")
+                    why = self.errors.get(pid) or _status_text(status)
+                    return f"the SMTP listener could not start: {why}"
+            if time.monotonic() > deadline:
+                return f"the SMTP listener did not start in {timeout} seconds"
+        return None
+
     def _read_ids(self, fd, pending):
         """Queue ids from the listener's pipe or queue/notify, one a line."""
         try:
@@ -364,9 +447,24 @@ class Master:
         *lines, rest = pending.split(b"\n")
         for line in lines:
             qid = line.decode("ascii", "replace").strip()
+            if qid[:1] in ("+", "!") and fd == self.rfd:
+                self._listener_says(line.decode("utf-8", "replace"))
+                continue
             if valid_id(qid) and self.runner_mod:
                 self.pool.submit(lambda qid=qid: self._deliver(qid))
         return rest
+
+    def _listener_says(self, line):
+        """'+ready PID' or '! PID error' from a listener."""
+        word, _, rest = line.partition(" ")
+        pid, _, text = rest.partition(" ")
+        if not pid.isdigit():
+            return
+        if word == "+ready":
+            self.ready.add(int(pid))
+            self.failures = 0
+        elif word == "!":
+            self.errors[int(pid)] = text.strip()
 
     def _runner(self):
         """One Runner for the handoffs (its router, alias map, resolver and idle
@@ -407,6 +505,12 @@ class Master:
         except Exception as e:
             log.exception(f"queue run failed: {e}")
 
+    # A listener that dies before it serves this many times in a row, or
+    # that dies this many times in a minute, stops the daemon (Postfix's
+    # master: "process exits too often"): a restart loop serves no one.
+    FAILURE_LIMIT = 5
+    DEATH_LIMIT = 10
+
     def _reap(self):
         for child in list(self.children):
             try:
@@ -421,8 +525,22 @@ class Master:
                 os.close(fd)
             if self.stop:
                 continue
-            log.error(f"listener pid {pid} died ({_status_text(status)}); restarting it")
-            time.sleep(1)
+            self._read_ids(self.rfd, b"")
+            why = self.errors.pop(child, None) or _status_text(status)
+            now = time.monotonic()
+            self.deaths = [t for t in self.deaths if now - t < 60] + [now]
+            if child not in self.ready:
+                self.failures += 1
+            self.ready.discard(child)
+            if self.failures >= self.FAILURE_LIMIT or len(self.deaths) >= self.DEATH_LIMIT:
+                log.critical(f"fatal: listener pid {pid} died ({why}); the listener has died "
+                             f"{len(self.deaths)} times in the last minute, "
+                             f"{self.failures} in a row before serving: stopping the daemon")
+                self.stop = True
+                self.exit_code = EX_SOFTWARE
+                return
+            log.error(f"listener pid {pid} died ({why}); restarting it")
+            time.sleep(min(1 << self.failures, 16) if self.failures else 1)
             new = self._spawn(slot)
             log.info(f"listener pid {new} started")
 
@@ -488,28 +606,13 @@ class Master:
         if self.run_thread is not None:
             self.run_thread.join()
         log.info("daemon stopped")
-        return 0
+        return self.exit_code
 
 
 def _status_text(status):
     if os.WIFSIGNALED(status):
         return f"signal {os.WTERMSIG(status)}"
     return f"exit {os.WEXITSTATUS(status)}"
-
-
-def _pidfile(cfg):
-    """A lockfile PIDLockFile for pid_file; a stale one (dead pid) is broken."""
-    from lockfile import pidlockfile
-    pf = pidlockfile.PIDLockFile(cfg.pid_file, timeout=0)
-    old = pf.read_pid()
-    if old:
-        try:
-            os.kill(old, 0)
-        except ProcessLookupError:
-            pf.break_lock()
-        except PermissionError:
-            pass
-    return pf
 
 
 def _preserved_fds(sock_sets):
@@ -524,50 +627,128 @@ def _preserved_fds(sock_sets):
     return fds
 
 
+def _start_check(cfg):
+    """``pymta check`` at start (creating what is missing): each finding is
+    logged; the errors also go to stderr. Returns the exit code."""
+    from . import check
+    report = check.run(cfg, fix=True)
+    for kind, text in report.lines:
+        if kind == "error":
+            log.error(f"fatal: {text}")
+            print(f"sendmail: fatal: {text}", file=sys.stderr)
+        elif kind == "warning":
+            log.warning(f"warning: {text}")
+        else:
+            log.info(text)
+    return report.code
+
+
 def main(cfg, opts):
-    """-bd (detached) and -bD (foreground): returns the exit code."""
+    """-bd (detached) and -bD (foreground): returns the exit code.
+
+    Nothing is bound before the pid file, the check and the configuration
+    say the daemon can serve; `sendmail -bd` returns once the listeners
+    serve (0), or says on stderr why the daemon could not start (non-zero)."""
+    from .pidfile import AlreadyRunning, PidFile, running_pid
     if not os.path.isabs(cfg.path) and os.path.exists(cfg.path):
         cfg = C.load(os.path.abspath(cfg.path), opts.overrides)   # for reloads after chdir
+    pid = running_pid(cfg.pid_file)
+    if pid:
+        print(f"sendmail: fatal: daemon already running (pid {pid}, {cfg.pid_file})",
+              file=sys.stderr)
+        return EX_TEMPFAIL
+    code = _start_check(cfg)
+    if code:
+        return code
     try:
         socks = _bind_all(cfg, listener_count(cfg))
     except OSError as e:
         print(f"sendmail: fatal: {e.strerror or e}", file=sys.stderr)
         log.error(f"fatal: {e.strerror or e}")
         return EX_OSERR
-    from lockfile import AlreadyLocked, LockFailed
-    pf = _pidfile(cfg)
-    if pf.is_locked():
-        print(f"sendmail: fatal: daemon already running (pid {pf.read_pid()}, {cfg.pid_file})",
-              file=sys.stderr)
-        return EX_TEMPFAIL
+    pf = PidFile(cfg.pid_file)
     master = Master(cfg, opts, socks)
     if opts.mode == "d":
-        import daemon as pydaemon
-        ctx = pydaemon.DaemonContext(files_preserve=_preserved_fds(socks), umask=0o022,
-                                     working_directory="/", signal_map={}, pidfile=pf,
-                                     prevent_core=True)
-        try:
-            ctx.open()
-        except (AlreadyLocked, LockFailed) as e:
-            print(f"sendmail: fatal: {cfg.pid_file}: {e or 'daemon already running'}",
-                  file=sys.stderr)
-            return EX_TEMPFAIL
-        try:
-            return master.run()
-        finally:
-            ctx.close()
+        return _detach(cfg, master, pf, socks)
     try:
         pf.acquire()
-    except (AlreadyLocked, LockFailed) as e:
-        print(f"sendmail: fatal: {cfg.pid_file}: daemon already running ({e})", file=sys.stderr)
+    except AlreadyRunning as e:
+        print(f"sendmail: fatal: {e}", file=sys.stderr)
         return EX_TEMPFAIL
     except OSError as e:
-        if e.errno != errno.EEXIST:
-            print(f"sendmail: fatal: {cfg.pid_file}: {e.strerror}", file=sys.stderr)
-            return EX_CONFIG
-        raise
+        print(f"sendmail: fatal: {cfg.pid_file}: {e.strerror}", file=sys.stderr)
+        return EX_CANTCREAT
     try:
         return master.run()
     finally:
-        if pf.is_locked() and pf.read_pid() == os.getpid():
+        pf.release()
+
+
+def _detach(cfg, master, pf, socks):
+    """-bd: the daemon runs detached (python-daemon); this process waits for
+    its first word on a pipe: "ok" once it serves, else a code and why."""
+    from .pidfile import AlreadyRunning
+    rfd, wfd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child:
+        os.close(wfd)
+        for socks_ in socks:
+            for sock, _, _ in socks_:
+                sock.close()
+        data = b""
+        deadline = time.monotonic() + 120
+        while b"\n" not in data and time.monotonic() < deadline:
+            ready, _, _ = select.select([rfd], [], [], 1.0)
+            if ready:
+                chunk = os.read(rfd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+        os.close(rfd)
+        try:
+            os.waitpid(child, 0)
+        except ChildProcessError:
+            pass
+        word = data.decode("utf-8", "replace").split("\n", 1)[0].strip()
+        if word == "ok":
+            return 0
+        code, _, why = word.partition(" ")
+        if not code.isdigit():
+            print("sendmail: fatal: the daemon exited while starting; see the mail log",
+                  file=sys.stderr)
+            return EX_SOFTWARE
+        print(f"sendmail: fatal: {why}", file=sys.stderr)
+        return int(code)
+    code = EX_SOFTWARE
+    try:
+        os.close(rfd)
+        import daemon as pydaemon
+        ctx = pydaemon.DaemonContext(files_preserve=_preserved_fds(socks) + [wfd], umask=0o022,
+                                     working_directory="/", signal_map={}, prevent_core=True)
+        ctx.open()
+        try:
+            pf.acquire()
+        except AlreadyRunning as e:
+            os.write(wfd, f"{EX_TEMPFAIL} {e}\n".encode())
+            code = EX_TEMPFAIL
+            return code
+        except OSError as e:
+            os.write(wfd, f"{EX_CANTCREAT} {cfg.pid_file}: {e.strerror}\n".encode())
+            code = EX_CANTCREAT
+            return code
+        master.ready_fd = wfd
+        try:
+            code = master.run()
+        finally:
             pf.release()
+    except BaseException as e:   # noqa: B902 - the child must never return
+        log.exception("daemon failed")
+        try:
+            os.write(wfd, f"{EX_SOFTWARE} {type(e).__name__}: {e}\n".encode("utf-8", "replace"))
+        except OSError:
+            pass
+    finally:
+        logging.shutdown()
+        os._exit(code)

@@ -5,21 +5,29 @@
         --sysconfdir /etc/pymta [--python /usr/bin/python3] [--uninstall]
 
 The package is copied to $PREFIX/lib/pymta/pymta and small launchers are
-generated that put that directory on sys.path and run the installed
-interpreter (by default the system /usr/bin/python3, which needs the
-python3-dnspython, python3-daemon, python3-lockfile and, for DKIM signing,
-python3-dkim packages):
-``sendmail`` and the ``pymta`` admin command in sbindir, ``mailq`` and
-``newaliases`` in bindir as symbolic links to sendmail (the program picks
-its role from its name), and /usr/lib/sendmail as Debian has it when the
-prefix is /usr. A program already at one of those paths that is not pymta's
-is kept as NAME.pre-pymta and put back by --uninstall. Man pages go to
-mandir/manN; pymta.conf goes to sysconfdir and the aliases file to the path
-alias_maps names, each only when absent. The queue directory is created
-with the spool's layout (top 0755; queue/ 0700 owned by mail_owner;
-maildrop/ 1733), and mail_spool_directory, when missing, with Debian's
-layout (2775 root:mail; see pymta.devsetup.mail_spool). Every action is printed. --uninstall removes what install
-put in place and leaves the configuration, the aliases and the queue alone.
+generated that put that directory on sys.path and run the chosen
+interpreter: ``--python``, else the one the last install used, else the
+system /usr/bin/python3 (which needs the python3-dnspython, python3-daemon,
+python3-lockfile and, for DKIM signing, python3-dkim packages). ``sendmail`` and the ``pymta`` admin command
+go in sbindir, ``mailq`` and ``newaliases`` in bindir as symbolic links to
+sendmail (the program picks its role from its name), and /usr/lib/sendmail
+as Debian has it when the prefix is /usr. Man pages go to mandir/manN;
+pymta.conf goes to sysconfdir and the aliases file to the path alias_maps
+names, each only when absent. The queue directory is created with the
+spool's layout (top 0755; queue/ 0700 owned by mail_owner; maildrop/ 1733),
+and mail_spool_directory, when missing, with Debian's layout (2775
+root:mail; see pymta.devsetup.mail_spool).
+Every action is printed. At the end ``pymta check`` runs with the installed
+launchers' interpreter.
+
+What install put in place is recorded in $PREFIX/lib/pymta/MANIFEST (with
+the interpreter). A path that exists and is not in the previous install's
+manifest is another package's (Postfix's /usr/bin/mailq, a link to
+../sbin/sendmail, say): it is moved aside as NAME.pre-pymta, and recorded.
+--uninstall removes exactly what the manifest lists, puts back what was
+moved aside, removes the directories install made that are empty, and
+leaves the configuration, the aliases and the queue alone (naming the
+messages still queued). It refuses while the daemon runs.
 """
 
 import argparse
@@ -33,6 +41,8 @@ import sys
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = "pymta launcher"
 BACKUP = ".pre-pymta"
+MANIFEST = "MANIFEST"
+MANIFEST_HEAD = "# pymta install manifest: what make install put in place (make uninstall removes it)"
 
 # -S: no site module at start (a tenth of a sendmail run); the directories
 # it would add for this interpreter (without the user's) were found when
@@ -61,6 +71,10 @@ class Installer:
         self.out = out
         self.dest = a.destdir.rstrip("/") if a.destdir else ""
         self.libdir = os.path.join(a.prefix, "lib", "pymta")
+        self.made = None
+        self.ours = set()
+        self.moved = set()
+        self.python = a.python or _default_python()
 
     def D(self, path):
         """``path`` under DESTDIR."""
@@ -106,31 +120,87 @@ class Installer:
         path = installed if os.path.exists(installed) else sample
         return config.load(path if os.path.exists(path) else None, must_exist=False)
 
+    # -- the manifest: what the last install put in place
+    def manifest_path(self):
+        return self.D(os.path.join(self.libdir, MANIFEST))
+
+    def read_manifest(self):
+        """{"python": path or None, "file": [...], "link": [...], "dir": [...],
+        "moved": [...]} of the last install (paths without DESTDIR), or None."""
+        try:
+            with open(self.manifest_path(), encoding="utf-8", errors="surrogateescape") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        m = {"python": None, "file": [], "link": [], "dir": [], "moved": []}
+        for line in text.splitlines():
+            kind, _, value = line.partition(" ")
+            if kind == "python":
+                m["python"] = value
+            elif kind in m and value:
+                m[kind].append(value)
+        return m
+
+    def write_manifest(self):
+        lines = [MANIFEST_HEAD, f"python {self.python}"]
+        for kind in ("dir", "file", "link", "moved"):
+            seen = set()
+            for path in self.made[kind]:
+                if path not in seen:
+                    seen.add(path)
+                    lines.append(f"{kind} {path}")
+        lines.append(f"file {os.path.join(self.libdir, MANIFEST)}")
+        data = ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+        self.write(self.manifest_path(), data, 0o644, record=False)
+
     # -- primitives that print what they do
     def mkdir(self, path, mode=0o755):
-        if not os.path.isdir(path):
-            os.makedirs(path, mode)
-            self.say(f"mkdir -p {path}")
+        """``path`` is under DESTDIR; each directory made is recorded."""
+        if os.path.isdir(path):
+            return
+        parent = os.path.dirname(path)
+        if parent != path:
+            self.mkdir(parent, mode)
+        os.mkdir(path, mode)
+        self.say(f"mkdir {path}")
+        if self.made is not None:
+            self.made["dir"].append(self._undest(path))
+
+    def _undest(self, path):
+        return path[len(self.dest):] if self.dest and path.startswith(self.dest) else path
 
     def _keep_foreign(self, path):
-        if os.path.lexists(path) and not self._ours(path):
-            os.replace(path, path + BACKUP)
-            self.say(f"mv {path} {path + BACKUP}  (not pymta's; kept)")
+        """Move aside what is at ``path`` (under DESTDIR) unless the last
+        install put it there: it belongs to another package."""
+        real = self._undest(path)
+        if not os.path.lexists(path) or real in self.ours:
+            return
+        if real in self.moved:
+            # Moved aside by an earlier install: what is there now came later
+            # (a package reinstalled it); keep the first one saved.
+            os.unlink(path)
+            self.say(f"rm {path}  ({path + BACKUP} is kept)")
+            return
+        if os.path.lexists(path + BACKUP):
+            os.unlink(path + BACKUP)
+        os.replace(path, path + BACKUP)
+        self.say(f"mv {path} {path + BACKUP}  (not pymta's; kept)")
+        self.moved.add(real)
+        self.made["moved"].append(real)
 
-    def _ours(self, path):
-        """Whether ``path`` is a pymta launcher, or a link that ends at one."""
-        if os.path.islink(path):
-            target = os.readlink(path)
-            target = self.D(target) if target.startswith("/") else \
-                os.path.join(os.path.dirname(path), target)
-            return os.path.exists(target) and self._ours(target)
+    def _legacy_ours(self, path):
+        """Without a manifest (an install older than it): a launcher file that
+        carries pymta's mark. A symbolic link is never taken as pymta's then:
+        Postfix's /usr/bin/mailq is a link to ../sbin/sendmail too."""
+        if os.path.islink(path) or not os.path.isfile(path):
+            return False
         try:
             with open(path, "rb") as f:
                 return MARK.encode() in f.read(400)
         except OSError:
             return False
 
-    def write(self, path, data, mode):
+    def write(self, path, data, mode, record=True):
         self.mkdir(os.path.dirname(path))
         tmp = path + ".tmp-pymta"
         with open(tmp, "wb") as f:
@@ -138,6 +208,8 @@ class Installer:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
         self.say(f"install -m {mode:o} {path}")
+        if record and self.made is not None:
+            self.made["file"].append(self._undest(path))
 
     def copy(self, src, dst, mode=0o644):
         with open(src, "rb") as f:
@@ -152,19 +224,12 @@ class Installer:
             os.unlink(path)
         os.symlink(rel, path)
         self.say(f"ln -s {rel} {path}")
-
-    def remove(self, path):
-        if os.path.lexists(path):
-            os.unlink(path)
-            self.say(f"rm {path}")
-        if os.path.lexists(path + BACKUP):
-            os.replace(path + BACKUP, path)
-            self.say(f"mv {path + BACKUP} {path}  (put back)")
+        self.made["link"].append(link)
 
     def _compile(self, pkg):
         """Byte-compile with the launchers' interpreter: sendmail runs once per
         message, and compiling its modules every time would double its latency."""
-        cmd = [self.a.python, "-m", "compileall", "-q", "-d", os.path.join(self.libdir, "pymta"), pkg]
+        cmd = [self.python, "-m", "compileall", "-q", "-d", os.path.join(self.libdir, "pymta"), pkg]
         try:
             ok = subprocess.run(cmd, capture_output=True).returncode == 0
         except OSError:
@@ -177,26 +242,50 @@ class Installer:
         there later is found."""
         code = "import site; print(repr(site.getsitepackages()))"
         try:
-            out = subprocess.run([self.a.python, "-s", "-c", code], capture_output=True,
+            out = subprocess.run([self.python, "-s", "-c", code], capture_output=True,
                                  text=True, check=True).stdout
         except (OSError, subprocess.CalledProcessError):
             return []
         import ast
         return [d for d in ast.literal_eval(out) if d]
 
+    def _choose_python(self, old):
+        """--python, else the interpreter of the last install, else the system's."""
+        if self.a.python:
+            return self.a.python
+        if old and old["python"]:
+            self.say(f"python {old['python']}  (as the last install)")
+            return old["python"]
+        return _default_python()
+
     # -- the two actions
     def install(self):
         a = self.a
+        old = self.read_manifest()
+        self.python = self._choose_python(old)
+        self.made = {"file": [], "link": [], "dir": [], "moved": []}
+        if old is None:
+            self.ours = {p for p, *_ in self.launchers() if self._legacy_ours(self.D(p))}
+            self.moved = set()
+        else:
+            self.ours = set(old["file"]) | set(old["link"])
+            self.moved = set(old["moved"])
+            self.made["moved"].extend(old["moved"])
+            self.made["dir"].extend(old["dir"])
+        # Decide what is another package's before writing anything: a link
+        # to ../sbin/sendmail would look like pymta's once sendmail is.
+        for path in [p for p, *_ in self.launchers()] + [link for link, _ in self.links()]:
+            self._keep_foreign(self.D(path))
         pkg = self.D(os.path.join(self.libdir, "pymta"))
-        for src in self.package_files():
+        sources = self.package_files()
+        for src in sources:
             self.copy(src, os.path.join(pkg, os.path.basename(src)))
+        self._drop_stale(pkg, {os.path.basename(s) for s in sources})
         self._compile(pkg)
         site_dirs = self._site_dirs()
         for path, module, argv, what in self.launchers():
             dst = self.D(path)
-            self.mkdir(os.path.dirname(dst))
-            self._keep_foreign(dst)
-            text = LAUNCHER.format(python=a.python, mark=MARK, what=what, libdir=self.libdir,
+            text = LAUNCHER.format(python=self.python, mark=MARK, what=what, libdir=self.libdir,
                                    module=module, argv=argv, site_dirs=site_dirs)
             self.write(dst, text.encode(), 0o755)
         for link, target in self.links():
@@ -213,16 +302,51 @@ class Installer:
         if cfg.mail_spool_directory:
             from .devsetup import mail_spool
             mail_spool(self.D(cfg.mail_spool_directory), self.say)
+        self.write_manifest()
+        self.say(f"manifest {self.manifest_path()}")
+        code = self._check()
         self.say("pymta installed. Next: edit "
                  f"{os.path.join(a.sysconfdir, 'pymta.conf')}, run newaliases, and start "
                  "'sendmail -bd -q30m' (etc/pymta.service) or add etc/cron.pymta to cron.")
-        return 0
+        return code
+
+    def _drop_stale(self, pkg, keep):
+        """Modules of an older version that this one no longer has."""
+        for name in sorted(os.listdir(pkg)):
+            if name.endswith(".py") and name not in keep:
+                os.unlink(os.path.join(pkg, name))
+                self.say(f"rm {os.path.join(pkg, name)}  (no longer part of pymta)")
+
+    def _check(self):
+        """`pymta check` with the installed launchers' interpreter (its
+        dependencies, the configuration, the queue); 0 when there is no check
+        to run (a staging DESTDIR)."""
+        if self.dest:
+            self.say("check skipped (DESTDIR): run 'pymta check' on the target system")
+            return 0
+        conf = os.path.join(self.a.sysconfdir, "pymta.conf")
+        cmd = [os.path.join(self.a.sbindir, "pymta"), "-C", conf, "check"]
+        self.say("pymta -C " + conf + " check")
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except OSError as e:
+            self.say(f"pymta check: cannot run {cmd[0]}: {e.strerror}")
+            return 1
+        for line in (r.stdout + r.stderr).splitlines():
+            self.say(f"  {line}")
+        if r.returncode != 0:
+            self.say(f"pymta check failed (exit {r.returncode}): fix the above before starting "
+                     "the daemon")
+        return r.returncode
 
     def _install_once(self, src, dst):
         if os.path.exists(dst):
             self.say(f"keep {dst}  (exists)")
         elif os.path.exists(src):
-            self.copy(src, dst, 0o644)
+            # Configuration: left in place by uninstall, so not in the manifest.
+            self.mkdir(os.path.dirname(dst))
+            with open(src, "rb") as f:
+                self.write(dst, f.read(), 0o644, record=False)
 
     def _queue(self, cfg):
         from .spool import Spool
@@ -244,24 +368,106 @@ class Installer:
             owner = cfg.mail_owner if uid is not None else "root"
             self.say(f"mkdir {top} (0755), {top}/queue (0700, {owner}), {top}/maildrop (1733)")
 
+    def _daemon_running(self, cfg):
+        if self.dest:
+            return None
+        from .pidfile import running_pid
+        return running_pid(cfg.pid_file)
+
+    def _queued(self, cfg):
+        top = self.D(cfg.queue_directory)
+        ids = []
+        for sub in ("queue", "maildrop"):
+            try:
+                names = os.listdir(os.path.join(top, sub))
+            except OSError:
+                continue
+            ids.extend(n[2:] for n in names if n.startswith(("qf", "hf")))
+            if sub == "maildrop":
+                ids.extend(n for n in names if not n.startswith("."))
+        return sorted(set(ids))
+
     def uninstall(self):
-        for path, *_ in self.launchers():
+        cfg = self.config()
+        pid = self._daemon_running(cfg)
+        if pid:
+            self.say(f"pymta: the daemon is running (pid {pid}, {cfg.pid_file}): stop it "
+                     "first (/etc/init.d/pymta stop, systemctl stop pymta, or "
+                     f"kill {pid}); nothing removed")
+            return 1
+        m = self.read_manifest()
+        if m is None:
+            return self._uninstall_legacy(cfg)
+        for path in m["file"] + m["link"]:
             dst = self.D(path)
-            if os.path.lexists(dst) and self._ours(dst):
-                self.remove(dst)
+            if os.path.islink(dst) or os.path.isfile(dst):
+                os.unlink(dst)
+                self.say(f"rm {dst}")
+        for path in m["moved"]:
+            dst = self.D(path)
+            if os.path.lexists(dst + BACKUP):
+                if os.path.lexists(dst):
+                    self.say(f"keep {dst}  (installed since; {dst + BACKUP} left as it is)")
+                    continue
+                os.replace(dst + BACKUP, dst)
+                self.say(f"mv {dst + BACKUP} {dst}  (put back)")
+        pkg = self.D(os.path.join(self.libdir, "pymta"))
+        cache = os.path.join(pkg, "__pycache__")
+        if os.path.isdir(cache):
+            shutil.rmtree(cache)
+            self.say(f"rm -r {cache}")
+        for path in sorted(set(m["dir"]) | {os.path.join(self.libdir, "pymta"), self.libdir},
+                           key=len, reverse=True):
+            try:
+                os.rmdir(self.D(path))
+                self.say(f"rmdir {self.D(path)}")
+            except OSError:
+                pass
+        self._farewell(cfg)
+        return 0
+
+    def _uninstall_legacy(self, cfg):
+        """An install made before the manifest: the launchers that carry
+        pymta's mark, the links that end at one, the man pages, the library."""
+        self.say("no manifest (installed by an older pymta): removing pymta's launchers, "
+                 "the links to them, the man pages and the library")
+        ours = [p for p, *_ in self.launchers() if self._legacy_ours(self.D(p))]
         for link, _ in self.links():
             dst = self.D(link)
-            if os.path.islink(dst):
-                self.remove(dst)
+            if os.path.islink(dst) and os.path.lexists(dst + BACKUP):
+                self._remove_put_back(dst)     # pymta moved another's aside: its own
+            elif os.path.islink(dst):
+                # Postfix's /usr/bin/mailq is such a link too: without a
+                # manifest nothing tells them apart.
+                self.say(f"keep {dst}  (a link; another package may own it)")
+        for path in ours:
+            self._remove_put_back(self.D(path))
         for _, dst in self.man_pages():
-            self.remove(self.D(dst))
+            self._remove_put_back(self.D(dst))
         lib = self.D(self.libdir)
         if os.path.isdir(lib):
             shutil.rmtree(lib)
             self.say(f"rm -r {lib}")
-        self.say("pymta removed; the configuration, the aliases and the queue "
-                 f"({self.config().queue_directory}) are left in place.")
+        self._farewell(cfg)
         return 0
+
+    def _remove_put_back(self, path):
+        if os.path.lexists(path):
+            os.unlink(path)
+            self.say(f"rm {path}")
+        if os.path.lexists(path + BACKUP):
+            os.replace(path + BACKUP, path)
+            self.say(f"mv {path + BACKUP} {path}  (put back)")
+
+    def _farewell(self, cfg):
+        ids = self._queued(cfg)
+        queue = self.D(cfg.queue_directory)
+        self.say("pymta removed; the configuration and the aliases are left in place.")
+        if ids:
+            shown = " ".join(ids[:20]) + (f" ... ({len(ids) - 20} more)" if len(ids) > 20 else "")
+            self.say(f"The queue {queue} is kept with {len(ids)} message(s) not delivered: {shown}")
+        else:
+            self.say(f"The queue {queue} is kept (empty).")
 
 
 def _default_python():
@@ -277,8 +483,9 @@ def parse_args(argv):
     p.add_argument("--bindir")
     p.add_argument("--mandir")
     p.add_argument("--sysconfdir", default="/etc/pymta")
-    p.add_argument("--python", default=_default_python(),
-                   help="interpreter of the launchers (default: the system python3)")
+    p.add_argument("--python", default="",
+                   help="interpreter of the launchers (default: the last install's, "
+                   "else the system python3)")
     p.add_argument("--uninstall", action="store_true")
     a = p.parse_args(argv)
     a.sbindir = a.sbindir or os.path.join(a.prefix, "sbin")

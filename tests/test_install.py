@@ -158,3 +158,102 @@ def test_install_makes_the_mail_spool_debian_style(tmp_path):
         assert stat.S_IMODE(st.st_mode) == 0o755
     out = install(tmp_path)
     assert f"mailboxes: {tmp_path}/var/mail [already there]" in out
+
+
+def test_postfix_files_are_moved_aside_kept_on_upgrade_and_put_back(tmp_path):
+    """Postfix's sendmail, and its mailq, newaliases and /usr/lib/sendmail
+    links to ../sbin/sendmail: none is pymta's, whatever they point at."""
+    (tmp_path / "usr/sbin").mkdir(parents=True)
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/lib").mkdir(parents=True)
+    (tmp_path / "usr/sbin/sendmail").write_text("#!/bin/sh\necho postfix\n")
+    for link in ("usr/bin/mailq", "usr/bin/newaliases", "usr/lib/sendmail"):
+        os.symlink("../sbin/sendmail", tmp_path / link)
+    before = tree(tmp_path)
+    out = install(tmp_path)
+    for name in ("usr/sbin/sendmail", "usr/bin/mailq", "usr/bin/newaliases", "usr/lib/sendmail"):
+        assert f"mv {tmp_path}/{name} {tmp_path}/{name}.pre-pymta" in out
+    assert (tmp_path / "usr/sbin/sendmail.pre-pymta").read_text() == "#!/bin/sh\necho postfix\n"
+    out = install(tmp_path)       # the upgrade: pymta's own files are not moved aside
+    assert ".pre-pymta  (not pymta's" not in out
+    assert (tmp_path / "usr/sbin/sendmail.pre-pymta").read_text() == "#!/bin/sh\necho postfix\n"
+    manifest = (tmp_path / "usr/lib/pymta/MANIFEST").read_text()
+    assert "moved /usr/bin/mailq" in manifest and "link /usr/bin/mailq" in manifest
+    out = install(tmp_path, "--uninstall")
+    left = {f for f in tree(tmp_path) if not f.startswith(("etc", "var"))}
+    assert left == before
+    assert (tmp_path / "usr/sbin/sendmail").read_text() == "#!/bin/sh\necho postfix\n"
+    for link in ("usr/bin/mailq", "usr/bin/newaliases", "usr/lib/sendmail"):
+        assert os.readlink(tmp_path / link) == "../sbin/sendmail"
+
+
+def test_uninstall_removes_only_what_install_made(tmp_path):
+    (tmp_path / "usr/share/man/man8").mkdir(parents=True)
+    (tmp_path / "usr/share/man/man8/other.8").write_text("another package's page")
+    before = tree(tmp_path)
+    install(tmp_path)
+    (tmp_path / "usr/sbin/local-tool").write_text("the admin's own")
+    install(tmp_path, "--uninstall")
+    left = {f for f in tree(tmp_path) if not f.startswith(("etc", "var"))}
+    # usr/sbin stays: it holds a file install did not make.
+    assert left == before | {"usr/sbin", "usr/sbin/local-tool"}
+
+
+def test_the_launchers_interpreter_is_remembered_by_an_upgrade(tmp_path):
+    venv_python = os.path.realpath(sys.executable)
+    other = os.path.join(str(tmp_path), "py", "bin", "python3")
+    os.makedirs(os.path.dirname(other))
+    os.symlink(venv_python, other)
+    subprocess.run([sys.executable, "-m", "pymta.install", "--destdir", str(tmp_path), *ARGS,
+                    "--python", other], cwd=TOP, capture_output=True, check=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "pymta.install", "--destdir", str(tmp_path), *ARGS],
+                         cwd=TOP, capture_output=True, text=True, check=True, timeout=60).stdout
+    assert f"python {other}  (as the last install)" in out
+    assert (tmp_path / "usr/sbin/sendmail").read_text().startswith(f"#!{other} -S\n")
+    assert f"python {other}\n" in (tmp_path / "usr/lib/pymta/MANIFEST").read_text()
+
+
+def test_make_install_needs_no_venv_and_no_download():
+    r = subprocess.run(["make", "-n", "-C", TOP, "install", "PREFIX=/nonexistent"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "pip" not in r.stdout and ".venv" not in r.stdout and "pytest" not in r.stdout
+    assert "-m pymta.install" in r.stdout
+
+
+def test_uninstall_refuses_while_the_daemon_runs_and_names_queued_messages(tmp_path):
+    prefix, etc, spool = tmp_path / "usr", tmp_path / "etc", tmp_path / "spool"
+    etc.mkdir()
+    pid_file = tmp_path / "pymta.pid"
+    (etc / "pymta.conf").write_text(f"queue_directory = {spool}\npid_file = {pid_file}\n"
+                                    f"alias_maps = hash:{etc}/aliases\nmail_owner = root\n"
+                                    f"mail_spool_directory = {tmp_path}/mail\n")
+    args = ["--prefix", str(prefix), "--sysconfdir", str(etc), "--python", sys.executable]
+    r = subprocess.run([sys.executable, "-m", "pymta.install", *args], cwd=TOP,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"pymta -C {etc}/pymta.conf check" in r.stdout and f"{etc}/pymta.conf: ok" in r.stdout
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from pymta.pidfile import PidFile\n"
+                               f"PidFile({str(pid_file)!r}).acquire()\n"
+                               "print('locked', flush=True)\ntime.sleep(60)"],
+                              cwd=TOP, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        r = subprocess.run([sys.executable, "-m", "pymta.install", "--uninstall", *args], cwd=TOP,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1
+        assert f"the daemon is running (pid {holder.pid}" in r.stdout and "nothing removed" in r.stdout
+        assert (prefix / "sbin/sendmail").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    for qid in ("kASHWR000001001", "kASHWR000002002"):
+        (spool / "queue" / f"qf{qid}").write_text("x")
+    r = subprocess.run([sys.executable, "-m", "pymta.install", "--uninstall", *args], cwd=TOP,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout
+    assert (f"The queue {spool} is kept with 2 message(s) not delivered: "
+            "kASHWR000001001 kASHWR000002002") in r.stdout
+    assert not (prefix / "sbin/sendmail").exists() and not prefix.exists()

@@ -125,3 +125,162 @@ def test_declared_minimums_are_the_tested_ones():
         if name.endswith(".py"):
             with open(os.path.join(TOP, "pymta", name)) as f:
                 assert "import dns.nameserver" not in f.read(), name
+
+
+# -- pymta check, and the daemon's start
+
+def sendmail_cmd(inst, *args):
+    return [sys.executable, os.path.join(TOP, "bin", "sendmail"), "-C", inst.conf_path, *args]
+
+
+def pymta_cmd(inst, *args):
+    return [sys.executable, os.path.join(TOP, "bin", "pymta"), "-C", inst.conf_path, *args]
+
+
+def stop(pid):
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 20):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_bd_on_a_fresh_queue_directory_creates_it_and_serves(shared_dir):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    import pwd
+    import stat
+    mail = pwd.getpwnam("mail")
+    port = free_port()
+    inst = Instance(shared_dir, smtpd_listen=f"127.0.0.1:{port}", mail_owner="mail")
+    new = os.path.join(shared_dir, "new")
+    inst.write_config(queue_directory=f"{new}/spool", mail_spool_directory=f"{new}/mail",
+                      pid_file=f"{new}/run/pymta.pid")
+    r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    # -bd returned once the daemon serves: its pid is in the file already.
+    with open(f"{new}/run/pymta.pid") as f:
+        pid = int(f.read())
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+            assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: fresh\r\n\r\nhi\r\n") == {}
+        assert wait_for(lambda: os.path.exists(f"{new}/mail/root")
+                        and b"Subject: fresh" in open(f"{new}/mail/root", "rb").read(), 20)
+        st = os.stat(f"{new}/spool/queue")
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (mail.pw_uid, 0o700)
+        assert stat.S_IMODE(os.stat(f"{new}/spool/maildrop").st_mode) == 0o1733
+    finally:
+        stop(pid)
+    assert "created" in inst.maillog()
+
+
+def test_check_names_what_stops_the_daemon_and_bd_says_it_on_stderr(shared_dir, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    port = free_port()
+    # The queue under a directory mail_owner cannot enter (pytest's 0700 basetemp).
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    os.chmod(tmp_path, 0o700)
+    inst = Instance(shared_dir, smtpd_listen=f"127.0.0.1:{port}", mail_owner="mail",
+                    queue_directory=str(hidden / "spool"))
+    r = subprocess.run(pymta_cmd(inst, "check"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 78
+    assert f"error: mail_owner mail cannot reach the queue {hidden}/spool/queue" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 78
+    assert "sendmail: fatal: mail_owner mail cannot reach the queue" in r.stderr
+    assert not os.path.exists(inst.params["pid_file"])
+    import socket
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0     # nothing was left listening
+    inst.write_config(queue_directory=os.path.join(shared_dir, "spool"), mail_owner="nosuchuser9")
+    r = subprocess.run(pymta_cmd(inst, "check", "-n"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 78 and "error: mail_owner = nosuchuser9: no such user" in r.stderr
+    r = subprocess.run(sendmail_cmd(inst, "-bD"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 78 and "nosuchuser9: no such user" in r.stderr
+
+
+def test_install_with_an_interpreter_lacking_the_dependencies_says_so(shared_dir):
+    need_testpy()
+    bare = os.path.join(shared_dir, "bare")
+    subprocess.run([os.path.join(TESTPY, "bin", "python"), "-m", "venv", "--without-pip", bare],
+                   check=True, timeout=120)
+    inst = Instance(shared_dir, mail_owner="root")
+    prefix = os.path.join(shared_dir, "usr")
+    args = ["make", "-s", "-C", TOP, "install", f"PREFIX={prefix}", f"SYSCONFDIR={shared_dir}",
+            f"PYTHON={sys.executable}", f"INSTALL_PYTHON={bare}/bin/python"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "cannot import dns.resolver" in r.stdout and "apt install python3-dnspython" in r.stdout
+    r = subprocess.run([os.path.join(prefix, "sbin", "sendmail"), "-C", inst.conf_path, "-bd"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 69, r.stderr
+    assert "sendmail: fatal: this interpreter cannot import" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_listener_that_keeps_dying_stops_the_master_with_a_fatal_error(tmp_path):
+    port = free_port()
+    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root")
+    p = subprocess.Popen(sendmail_cmd(inst, "-bD"), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        import re
+        killed = set()
+        deadline = time.time() + 60
+        while p.poll() is None and time.time() < deadline:
+            pids = {int(x) for x in re.findall(r"listener pid (\d+)", inst.maillog())} - killed
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            time.sleep(0.1)
+        assert p.wait(30) == 70
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(5)
+        p.stdout.close()
+        p.stderr.close()
+    log = inst.maillog()
+    assert "fatal: listener pid" in log and "stopping the daemon" in log
+    assert not os.path.exists(inst.params["pid_file"])
+
+
+def test_pid_file_lock_restart_after_kill_9_and_a_second_daemon(tmp_path):
+    port = free_port()
+    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root")
+    r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    pid = int(open(inst.params["pid_file"]).read())
+    new = None
+    try:
+        # A second daemon on the same address: 75, whoever holds the port.
+        r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+        assert r.returncode == 75, r.stderr
+        assert f"daemon already running (pid {pid}" in r.stderr
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                        open(f"/proc/{pid}/stat").read().split()[2] == "Z", 10)
+        # The file is still there, its pid dead or (later) someone else's:
+        # the lock, not the pid, says whether a daemon runs.
+        assert os.path.exists(inst.params["pid_file"])
+        r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        new = int(open(inst.params["pid_file"]).read())
+        assert new != pid
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+            assert c.noop()[0] == 250
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if new:
+            stop(new)
