@@ -341,6 +341,18 @@ def _parser():
                        "queue, and repair what is safe to (like postfix check)")
     s.add_argument("-n", "--no-fix", action="store_true",
                    help="report only: create and change nothing")
+    s = sub.add_parser("config", add_help=False,
+                       help="print the configuration, like postconf: every "
+                       "parameter, or the NAMEs, with $name expanded")
+    s.add_argument("--help", action="help", help="show this help message and exit")
+    s.add_argument("-n", dest="explicit", action="store_true",
+                   help="only the parameters set in the file (or by -O)")
+    s.add_argument("-d", dest="defaults", action="store_true", help="the default values")
+    s.add_argument("-h", dest="values_only", action="store_true",
+                   help="the values only, without 'name = '")
+    s.add_argument("-r", "--raw", action="store_true",
+                   help="the values as written, $name not expanded")
+    s.add_argument("names", nargs="*", metavar="NAME")
     s = sub.add_parser("report", help="summary of mail log files")
     s.add_argument("--svg", metavar="FILE", help="also write an SVG chart of hourly volume and delays")
     s.add_argument("--png", metavar="FILE", help="also write a PNG chart (needs matplotlib)")
@@ -360,9 +372,22 @@ def run(cfg, args, out=None):
     """Carry out parsed ``args``; returns the exit code."""
     out = out or sys.stdout
     log = logging.getLogger("pymta")
+    if args.command in ("check", "config"):
+        for text in cfg.warnings:
+            print(f"{PROG}: warning: {text}", file=sys.stderr)
     if args.command == "check":
         from . import check
         return check.main(cfg, fix=not args.no_fix, out=out)
+    if args.command == "config":
+        from . import config
+        try:
+            out.write(config.dump(cfg, only_explicit=args.explicit, names=args.names,
+                                  expand=not args.raw, values_only=args.values_only,
+                                  defaults=args.defaults))
+        except KeyError as e:
+            print(f"{PROG}: {e.args[0]}: unknown parameter", file=sys.stderr)
+            return EX_USAGE
+        return EX_OK
     if args.command == "report":
         from . import logreport
         return logreport.main(cfg, args, out=out)
@@ -486,7 +511,7 @@ def _run(args):
     from . import config
     from .maillog import setup_logging
     cfg = config.load(args.config, args.overrides)
-    if args.command != "check":
+    if args.command not in ("check", "config"):
         setup_logging(cfg)
     return run(cfg, args)
 

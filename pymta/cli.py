@@ -21,7 +21,7 @@ usage: sendmail [-t] [-i] [-f sender] [-F name] [-odb|-odi|-odq] [-oem|-oep|-oeq
                 [-C file] [-O name=value] [--] [recipient ...]
        sendmail -bs | -bd | -bD [-q interval] | -bp | -bP | -bi | -bv address ...
        sendmail -q[interval] [-qI|-qR|-qS[!]substring] [-Q[reason]] [-v]
-       sendmail -d0                     (print the effective configuration)
+       sendmail -d0                     (print the configuration, as pymta config)
        mailq [-v] [-c] [--json] [-qI|-qR|-qS[!]substring]
        newaliases
 See sendmail(8)."""
@@ -225,7 +225,7 @@ def _dispatch(cfg, opts):
         return mailq.main(cfg, opts)
     if mode == "d0":
         from . import config
-        sys.stdout.write(config.dump(cfg))
+        sys.stdout.write(config.dump(cfg))     # as `pymta config`: expanded
         return 0
     if mode == "s":
         from . import server
@@ -262,9 +262,22 @@ def main(argv=None):
 def _run(opts):
     from . import config
     cfg = config.load(opts.config_path, opts.overrides)
-    setup_logging(cfg, foreground=opts.mode == "D", tag=opts.log_tag, verbose=opts.verbose,
-                  light=opts.mode == "m")
+    log = setup_logging(cfg, foreground=opts.mode == "D", tag=opts.log_tag,
+                        verbose=opts.verbose, light=opts.mode == "m")
+    if cfg.warnings:
+        warn_unused(cfg, log, opts.program,
+                    loud=opts.mode in ("d", "D", "d0", "i") or sys.stderr.isatty())
     return _dispatch(cfg, opts)
+
+
+def warn_unused(cfg, log, program, loud=True):
+    """Postfix's "unused parameter" warnings: logged, and on stderr where an
+    administrator reads it (the daemon's start, -d0, newaliases, a terminal),
+    not for every program that submits mail through sendmail."""
+    for text in cfg.warnings:
+        log.warning(f"warning: {text}")
+        if loud:
+            print(f"{program}: warning: {text}", file=sys.stderr)
 
 if __name__ == "__main__":
     sys.exit(main())

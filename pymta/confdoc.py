@@ -221,10 +221,12 @@ Any number of
 options then override single parameters, as in
 .BR "sendmail \-O queue_directory=/tmp/q \-q" .
 .SS Errors
-An unknown parameter name, a line that is not
+A line that is not
 .IB name " = " value\fR,
 a continuation line with nothing to continue, a bad number, boolean, time
-unit or choice, and a recursive expansion are fatal: the program prints
+unit or choice, a recursive expansion, an unknown name given with
+.BR \-O ,
+and a value a parameter cannot take are fatal: the program prints
 .PP
 .RS
 .IB program ": fatal: " file : line ": " parameter ": " problem
@@ -232,16 +234,72 @@ unit or choice, and a recursive expansion are fatal: the program prints
 .PP
 on standard error and exits with status 78 (EX_CONFIG) before doing
 anything else.
+Every value is checked when the file is read, not when it is first used:
+host names
+.RB ( myhostname ,
+.BR mydomain ,
+.BR myorigin ,
+the domains of
+.B mydestination
+and
+.BR relay_domains ),
+.B relayhost
+.RI ( host ,
+.IR host : port ,
+.RI [ host ]
+or
+.RI [ host ]: port ),
+the networks of
+.B mynetworks
+(address/bits, IPv6 in brackets),
+the listening addresses, the DNS servers (IP addresses), user names
+.RB ( default_privs
+must not be root), absolute paths, map types, the syslog facility.
+.PP
+A name that is not a parameter is not an error: as Postfix does with an
+"unused parameter", it is ignored with a warning
+.PP
+.RS
+.IB program ": warning: " file ", line " line ": unused parameter: " name = value
+.RE
+.PP
+in the mail log, and on standard error of the daemon at its start,
+.BR "sendmail \-d0" ,
+.BR newaliases ,
+.B pymta check
+and
+.B pymta config
+(and of any program run from a terminal), so that a typo or a setting of
+another version never stops the mail.
 .SS Printing the configuration
-.B sendmail \-d0
+.B pymta config
 prints every parameter as
 .IB name " = " value\fR,
 sorted by name, with the file's and
 .BR \-O 's
 values in place of the defaults and
 .BI $ name
-references left unexpanded, like
-.BR "postconf" .
+references expanded, like
+.BR "postconf \-x" ;
+.B sendmail \-d0
+prints the same.
+.B pymta config
+.IR name ...
+prints those parameters,
+.B \-n
+only those set in the file or by
+.BR \-O ,
+.B \-d
+the defaults,
+.B \-r
+the values as written (unexpanded), and
+.B \-h
+the values alone, for scripts:
+.B pymta config \-h pid_file
+.RB ( "postconf \-h" ).
+An unknown
+.I name
+exits 64.
 .SH PARAMETERS
 """
 

@@ -226,6 +226,190 @@ def parse_time(value, unit="s"):
     return int(number) * _TIME_UNITS[letter or unit]
 
 
+# -- the values of the parameters whose syntax is more than their type.
+# Each check raises ValueError with what is wrong; build() runs the check of
+# every parameter whose value is not its default (the defaults are known to
+# be good, and sendmail's start-up is its latency).
+
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def check_hostname(name, what="host name"):
+    """A DNS name: letters, digits, hyphens (and _) in dot-separated labels."""
+    if not name or len(name) > 253:
+        raise ValueError(f"bad {what} {name!r}")
+    for label in name.rstrip(".").split("."):
+        if not label or len(label) > 63 or not _HOST_CHARS.issuperset(label) \
+                or label[0] == "-" or label[-1] == "-":
+            raise ValueError(f"bad {what} {name!r}")
+
+
+def _check_ip(text):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"bad IP address {text!r}") from None
+
+
+def check_hostport(item, default_port=25, zero_port=False):
+    """host, host:port, [host], [host]:port, [IPv6]:port -> (host, port)."""
+    host, port = parse_hostport(item, default_port)
+    if not (0 if zero_port else 1) <= port <= 65535:
+        raise ValueError(f"bad port in {item!r}")
+    text = item.strip()
+    if text.startswith("["):
+        inner = host[5:] if host.lower().startswith("ipv6:") else host
+        if any(c in inner for c in ":") or inner.replace(".", "").isdigit():
+            _check_ip(inner)
+        else:
+            check_hostname(inner)
+    elif host.replace(".", "").isdigit():
+        _check_ip(host)
+    else:
+        check_hostname(host)
+    return host, port
+
+
+def _check_relayhost(value):
+    if value.strip():
+        if len(value.split()) != 1:
+            raise ValueError(f"bad relayhost {value!r}: one host, [host] or host:port")
+        try:
+            check_hostport(value, 25)
+        except ValueError as e:
+            raise ValueError(f"bad relayhost {value!r} (host, host:port, [host] or [host]:port): {e}") from None
+
+
+def _check_listen(values):
+    for item in values:
+        host, _ = parse_hostport(item, 25)
+        if host:                      # ":25": every address
+            check_hostport(item, 25, zero_port=True)
+
+
+def _check_nameservers(values):
+    for item in values:
+        host, _ = parse_hostport(item, 53)
+        _check_ip(host)
+
+
+def _check_networks(values):
+    import ipaddress
+    for item in values:
+        net = item.replace("[", "").replace("]", "") if item.startswith("[") else item
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValueError(f"bad network {item!r} in mynetworks (address/bits, IPv6 as "
+                             "[::1]/128)") from None
+
+
+def _check_domains(values):
+    for item in values:
+        check_hostname(item, "domain")
+
+
+_USER_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-$")
+
+
+def _check_user(value, what):
+    if not value or not _USER_CHARS.issuperset(value) or value[0] == "-":
+        raise ValueError(f"bad user name {value!r}")
+
+
+def _check_privs(value):
+    _check_user(value, "default_privs")
+    if value in ("root", "0"):
+        raise ValueError("default_privs must not be root: deliveries to programs and files "
+                         "of the aliases would run as root")
+
+
+def _check_abs(value):
+    if not value.startswith("/"):
+        raise ValueError(f"not an absolute path: {value!r}")
+
+
+def _check_abs_or_empty(value):
+    if value:
+        _check_abs(value)
+
+
+def _check_home_mailbox(value):
+    if value.startswith("/"):
+        raise ValueError(f"home_mailbox is relative to the home directory: {value!r}")
+
+
+def _check_maps(values):
+    for item in values:
+        kind, sep, path = item.partition(":")
+        if not sep:
+            path = item
+        elif kind not in ("hash", "btree", "lmdb", "cdb", "texthash"):
+            raise ValueError(f"bad map type {kind!r} in {item!r} (use hash:/path)")
+        _check_abs(path)
+
+
+def _check_where(values):
+    bad = [v for v in values if v not in ("alias", "forward", "include")]
+    if bad:
+        raise ValueError(f"bad value {bad[0]!r} (alias, forward, include)")
+
+
+def _check_facility(value):
+    names = ("auth", "authpriv", "cron", "daemon", "ftp", "kern", "lpr", "mail", "news",
+             "syslog", "user", "uucp") + tuple(f"local{i}" for i in range(8))
+    if value.lower() not in names:
+        raise ValueError(f"bad syslog facility {value!r} (mail, daemon, local0..local7, ...)")
+
+
+def _check_delimiter(value):
+    if any(c.isspace() or c in "@<>\"," for c in value):
+        raise ValueError(f"bad recipient_delimiter {value!r}")
+
+
+def _check_port(value):
+    if not 0 < value <= 65535:
+        raise ValueError(f"bad port {value}")
+
+
+def _check_users(values):
+    for v in values:
+        _check_user(v, "trusted_users")
+
+
+_CHECKS = {
+    "myhostname": check_hostname,
+    "mydomain": lambda v: check_hostname(v, "domain"),
+    "myorigin": lambda v: check_hostname(v, "domain"),
+    "mydestination": _check_domains,
+    "relay_domains": _check_domains,
+    "relayhost": _check_relayhost,
+    "mynetworks": _check_networks,
+    "smtpd_listen": _check_listen,
+    "submission_listen": _check_listen,
+    "dns_nameservers": _check_nameservers,
+    "mail_owner": lambda v: _check_user(v, "mail_owner"),
+    "default_privs": _check_privs,
+    "trusted_users": _check_users,
+    "queue_directory": _check_abs,
+    "mail_spool_directory": _check_abs,
+    "pid_file": _check_abs,
+    "maillog_file": _check_abs_or_empty,
+    "smtpd_tls_cert_file": _check_abs_or_empty,
+    "smtpd_tls_key_file": _check_abs_or_empty,
+    "smtpd_sasl_password_file": _check_abs_or_empty,
+    "home_mailbox": _check_home_mailbox,
+    "alias_maps": _check_maps,
+    "alias_database": _check_maps,
+    "allow_mail_to_commands": _check_where,
+    "allow_mail_to_files": _check_where,
+    "syslog_facility": _check_facility,
+    "recipient_delimiter": _check_delimiter,
+    "smtp_port": _check_port,
+}
+
+
 def split_list(value):
     """Postfix list syntax: items separated by commas and/or white space."""
     return value.replace(",", " ").split()
@@ -287,7 +471,8 @@ class Config:
     file or by ``-O``, for ``sendmail -bP``.
     """
 
-    def __init__(self, values, raw, explicit, path):
+    def __init__(self, values, raw, explicit, path, warnings=()):
+        object.__setattr__(self, "warnings", tuple(warnings))   # "unused parameter" lines
         object.__setattr__(self, "_values", values)
         object.__setattr__(self, "raw", raw)
         object.__setattr__(self, "explicit", explicit)
@@ -350,16 +535,31 @@ def _expand_all(raw, lines, path):
     return out
 
 
-def build(raw, explicit, path, lines):
+def _default_mydomain(raw, explicit, expanded, lines, path):
+    """mydomain, when not set: myhostname less its first label (Postfix),
+    "localdomain" when myhostname has one label."""
+    if "mydomain" in explicit or "myhostname" not in explicit:
+        return raw, expanded
+    host = expanded["myhostname"].rstrip(".")
+    raw = dict(raw)
+    raw["mydomain"] = host.split(".", 1)[1] if "." in host else "localdomain"
+    return raw, _expand_all(raw, lines, path)
+
+
+def build(raw, explicit, path, lines, warnings=()):
     expanded = _expand_all(raw, lines, path)
+    raw, expanded = _default_mydomain(raw, explicit, expanded, lines, path)
     values = {}
     for name, text in expanded.items():
         p = PARAMS[name]
         try:
             values[name] = _convert(p, text)
+            check = _CHECKS.get(name)
+            if check is not None and raw[name] != p.default:
+                check(values[name])
         except ValueError as e:
             raise ConfigError(str(e), path, lines.get(name), name) from None
-    cfg = Config(values, raw, frozenset(explicit), path)
+    cfg = Config(values, raw, frozenset(explicit), path, warnings)
     object.__setattr__(cfg, "_expanded", expanded)
     return cfg
 
@@ -377,7 +577,7 @@ def load(path=None, overrides=(), must_exist=None):
         must_exist = named
     raw = {name: p.default for name, p in PARAMS.items()}
     raw["config_directory"] = os.path.dirname(os.path.abspath(path))
-    explicit, lines = set(), {}
+    explicit, lines, warnings = set(), {}, []
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
@@ -389,7 +589,11 @@ def load(path=None, overrides=(), must_exist=None):
         raise ConfigError(e.strerror or str(e), path) from None
     for lineno, name, value in read_lines(text, path):
         if name not in PARAMS:
-            raise ConfigError("unknown parameter", path, lineno, name)
+            # Postfix's "unused parameter": a typo or another version's
+            # setting must not stop the mail. Said by the daemon, pymta check
+            # and pymta config (see warn_unused).
+            warnings.append(f"{path}, line {lineno}: unused parameter: {name}={value}")
+            continue
         raw[name] = value
         explicit.add(name)
         lines[name] = lineno
@@ -403,7 +607,7 @@ def load(path=None, overrides=(), must_exist=None):
         raw[name] = value.strip()
         explicit.add(name)
         lines.pop(name, None)
-    return build(raw, explicit, path, lines)
+    return build(raw, explicit, path, lines, warnings)
 
 
 def from_dict(**values):
@@ -420,14 +624,25 @@ def from_dict(**values):
     return build(raw, set(values), "<dict>", {})
 
 
-def dump(cfg, only_explicit=False):
-    """``sendmail -bP`` text: ``name = value`` lines, sorted (like postconf)."""
+def dump(cfg, only_explicit=False, names=None, expand=True, values_only=False, defaults=False):
+    """``name = value`` lines like postconf: every parameter sorted, or ``names``
+    in their order; ``only_explicit``: those set in the file or by -O;
+    ``expand``: with $name expanded (postconf -x), else as written;
+    ``defaults``: the defaults (postconf -d); ``values_only``: the values (-h).
+    ``sendmail -d0`` and ``pymta config`` print this. Unknown names raise
+    KeyError."""
     out = []
-    for name in sorted(PARAMS):
+    for name in (names or sorted(PARAMS)):
+        if name not in PARAMS:
+            raise KeyError(name)
         if only_explicit and name not in cfg.explicit:
             continue
-        out.append(f"{name} = {cfg.raw[name]}".rstrip())
-    return "\n".join(out) + "\n"
+        if defaults:
+            value = PARAMS[name].default
+        else:
+            value = cfg.expanded(name) if expand else cfg.raw[name]
+        out.append(value if values_only else f"{name} = {value}".rstrip())
+    return "\n".join(out) + ("\n" if out else "")
 
 
 def parse_hostport(item, default_port):

@@ -64,7 +64,21 @@ def test_O_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("text,lineno,param,what", [
-    ("mail_name = x\nno_such_thing = 1\n", 2, "no_such_thing", "unknown parameter"),
+    ("relayhost = [host:abc\n", 1, "relayhost", "bad relayhost"),
+    ("relayhost = mail.example:abc\n", 1, "relayhost", "bad relayhost"),
+    ("relayhost = a b\n", 1, "relayhost", "bad relayhost"),
+    ("mynetworks = 127.0.0.0/8, 10.0.0.0/33\n", 1, "mynetworks", "bad network '10.0.0.0/33'"),
+    ("mynetworks = localnet\n", 1, "mynetworks", "bad network"),
+    ("\nmyhostname = mail..example\n", 2, "myhostname", "bad host name"),
+    ("myhostname = mail example\n", 1, "myhostname", "bad host name"),
+    ("default_privs = root\n", 1, "default_privs", "must not be root"),
+    ("default_privs = no body\n", 1, "default_privs", "bad user name"),
+    ("smtpd_listen = 127.0.0.1:smtp\n", 1, "smtpd_listen", "bad port"),
+    ("dns_nameservers = ns.example\n", 1, "dns_nameservers", "bad IP address"),
+    ("queue_directory = var/spool\n", 1, "queue_directory", "not an absolute path"),
+    ("alias_maps = dbm:/etc/aliases\n", 1, "alias_maps", "bad map type"),
+    ("syslog_facility = mial\n", 1, "syslog_facility", "bad syslog facility"),
+    ("mydestination = $myhostname, bad/domain\n", 1, "mydestination", "bad domain"),
     ("\n\nsmtp_port = many\n", 3, "smtp_port", "bad number"),
     ("maximal_queue_lifetime = 5x\n", 1, "maximal_queue_lifetime", "bad time"),
     ("smtpd_peername_lookup = maybe\n", 1, "smtpd_peername_lookup", "bad boolean"),
@@ -101,11 +115,75 @@ def test_sendmail_exits_78_naming_file_line_and_parameter(inst):
     assert f"{inst.conf_path}:{n}: bounce_queue_lifetime: bad time value".encode() in r.stderr
 
 
-def test_sendmail_unknown_parameter_exits_78(inst):
+def test_an_unknown_parameter_warns_and_mail_flows(inst):
+    """Postfix's "unused parameter": a typo must not stop the mail."""
     inst.write_config(smtpd_frobnicate="yes")
-    r = inst.sendmail("root", input=b"\nx\n")
+    n = len(open(inst.conf_path).read().splitlines())
+    warning = f"{inst.conf_path}, line {n}: unused parameter: smtpd_frobnicate=yes"
+    r = inst.sendmail("-odq", "root", input=b"Subject: flows\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == b""      # not on the stderr of every program that sends mail
+    assert [n for n in os.listdir(inst.spool.dir) if n.startswith("qf")]
+    assert f"warning: {warning}" in inst.maillog()
+    r = inst.sendmail("-d0")
+    assert r.returncode == 0 and f"sendmail: warning: {warning}".encode() in r.stderr
+    assert b"smtpd_frobnicate" not in r.stdout
+
+
+def test_O_with_an_unknown_parameter_is_still_an_error(inst):
+    r = inst.sendmail("-O", "smtpd_frobnicate=yes", "-d0")
     assert r.returncode == 78 and b"smtpd_frobnicate: unknown parameter" in r.stderr
-    assert os.listdir(inst.spool.dir) == []
+
+
+def test_mydomain_defaults_to_myhostname_less_its_first_label(tmp_path):
+    assert load_text(tmp_path, "myhostname = mx1.mail.example.org\n").mydomain == "mail.example.org"
+    cfg = load_text(tmp_path, "myhostname = mx1.example.org\n")
+    assert cfg.mydestination == ("mx1.example.org", "localhost.example.org", "localhost")
+    assert load_text(tmp_path, "myhostname = single\n").mydomain == "localdomain"
+    assert load_text(tmp_path, "myhostname = a.b.example\nmydomain = other.example\n"
+                     ).mydomain == "other.example"
+
+
+JUNK = ["[host:abc", "x y z", "-1", "$", "${", "99999999999999999999", "\u00e9", ":", "[", "/",
+        "0", "", "a,b", "host:0", "[::1]:99999", "1.2.3.4/99", "root", "hash:", "/tmp/x y",
+        "$nosuch", "[1.2.3.4", "\x01"]
+
+
+@pytest.mark.parametrize("name", sorted(config.PARAMS))
+def test_no_value_of_any_parameter_ends_in_a_traceback(tmp_path, name):
+    """Each value either fails at load, naming the file, line and parameter,
+    or is taken by everything that reads it: the router, the SMTP server's
+    services, the resolver, remote delivery, the queue runner, pymta check."""
+    import logging
+    from pymta import check, daemon, mx, remote, route, runner, server
+    log = logging.getLogger("pymta.test")
+    path = tmp_path / "pymta.conf"
+    for junk in JUNK:
+        path.write_text(f"queue_directory = {tmp_path}/spool\n{name} = {junk}\n")
+        try:
+            cfg = config.load(str(path))
+        except ConfigError as e:
+            assert f"{path}:2: {name}:" in str(e) or "recursive" in str(e), (junk, str(e))
+            continue
+        route.Router(cfg, log=log)
+        server.Services(cfg, log)
+        mx.make_resolver(cfg)
+        remote.destination(cfg, "example.com")
+        daemon.listener_count(cfg)
+        runner.Runner(cfg, log=log, processes=False)
+        check.run(cfg, fix=False, dependencies=False)
+
+
+@pytest.mark.parametrize("line", ["relayhost = [host:abc", "mynetworks = 10.0.0.0/33",
+                                  "myhostname = a..b", "default_privs = root"])
+def test_bad_values_stop_every_program_with_78_and_no_traceback(inst, line):
+    with open(inst.conf_path, "a") as f:
+        f.write(line + "\n")
+    for args in (["-bv", "user@remote.example"], ["-odi", "root"], ["-bp"], ["-bD"]):
+        r = inst.sendmail(*args, input=b"Subject: x\n\nx\n")
+        assert r.returncode == 78, (args, r.stderr)
+        assert b"Traceback" not in r.stderr
+        assert f"{inst.conf_path}:".encode() in r.stderr and line.split()[0].encode() in r.stderr
 
 
 def test_bad_O_exits_78(inst):
@@ -124,13 +202,35 @@ def test_PYMTA_CONFIG_names_the_file(inst):
     assert b"myhostname = mx.example.test\n" in r.stdout
 
 
-def test_d0_dumps_every_parameter_unexpanded(inst):
+def test_d0_dumps_every_parameter_expanded(inst):
     r = inst.sendmail("-d0", "-O", "smtp_port=2525")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
     assert len(lines) == len(config.PARAMS)
-    assert "smtp_port = 2525" in lines and "myorigin = $myhostname" in lines
+    assert "smtp_port = 2525" in lines and "myorigin = mx.example.test" in lines
     assert lines == sorted(lines)
+
+
+def pymta_config(inst, *args):
+    return subprocess.run([sys.executable, os.path.join(TOP, "bin", "pymta"), "-C", inst.conf_path,
+                           "config", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_pymta_config_all_set_one_and_as_written(inst):
+    inst.write_config(smtpd_banner="$myhostname ready")
+    r = pymta_config(inst)
+    assert r.returncode == 0 and r.stdout == inst.sendmail("-d0").stdout.decode()
+    assert "smtpd_banner = mx.example.test ready\n" in r.stdout
+    r = pymta_config(inst, "-n")
+    assert sorted(r.stdout.splitlines()) == sorted(
+        f"{k} = {inst.cfg.expanded(k)}" for k in inst.params)
+    r = pymta_config(inst, "smtpd_banner", "myorigin")
+    assert r.stdout == "smtpd_banner = mx.example.test ready\nmyorigin = mx.example.test\n"
+    assert pymta_config(inst, "-h", "pid_file").stdout == inst.params["pid_file"] + "\n"
+    assert pymta_config(inst, "-r", "myorigin").stdout == "myorigin = $myhostname\n"
+    assert pymta_config(inst, "-d", "smtp_port").stdout == "smtp_port = 25\n"
+    r = pymta_config(inst, "no_such_parameter")
+    assert r.returncode == 64 and "no_such_parameter: unknown parameter" in r.stderr
 
 
 def test_committed_sample_config_and_man_page_match_the_generator():

@@ -66,7 +66,7 @@ def detached_daemon(sendmail, inst, *args):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        if not wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 20):
+        if not wait_for(lambda: gone(pid), 20):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
 
@@ -137,10 +137,19 @@ def pymta_cmd(inst, *args):
     return [sys.executable, os.path.join(TOP, "bin", "pymta"), "-C", inst.conf_path, *args]
 
 
+def gone(pid):
+    """Whether ``pid`` has exited (a zombie left for an init that does not reap counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def stop(pid):
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    if not wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 20):
+    if not wait_for(lambda: gone(pid), 20):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -284,3 +293,32 @@ def test_pid_file_lock_restart_after_kill_9_and_a_second_daemon(tmp_path):
             os.kill(pid, signal.SIGKILL)
         if new:
             stop(new)
+
+
+def test_init_script_finds_an_expanded_pid_file_and_reload_when_stopped_exits_7(tmp_path):
+    port = free_port()
+    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root")
+    inst.write_config(pid_file="$queue_directory/pymta.pid")
+    pid_file = os.path.join(inst.params["queue_directory"], "pymta.pid")
+    script = os.path.join(TOP, "etc", "init.d", "pymta")
+    env = dict(os.environ, SENDMAIL=os.path.join(TOP, "bin", "sendmail"),
+               PYMTA_CONFIG=inst.conf_path)
+
+    def init(action):
+        return subprocess.run(["/bin/sh", script, action], capture_output=True, text=True,
+                              env=env, timeout=60, stdin=subprocess.DEVNULL)
+    r = init("reload")
+    assert r.returncode == 7 and "not running" in r.stderr
+    assert init("status").returncode == 3
+    r = init("start")
+    assert r.returncode == 0, r.stdout + r.stderr
+    pid = int(open(pid_file).read())
+    try:
+        r = init("status")
+        assert r.returncode == 0 and f"running (pid {pid})" in r.stdout
+        assert init("reload").returncode == 0
+        assert wait_for(lambda: "configuration reloaded" in inst.maillog(), 10)
+        assert init("stop").returncode == 0
+        assert gone(pid)
+    finally:
+        stop(pid)
