@@ -207,13 +207,19 @@ def short_dir():
 
 def test_shell_metacharacters_in_the_sender_reach_a_pipe_as_inert_data(hostile, tmp_path,
                                                                        short_dir):
-    out = short_dir
-    script = tmp_path / "pipe.sh"
+    # The pipe runs as default_privs (nobody; root is refused there): its
+    # script and output directory are where nobody can reach them.
+    out = short_dir / "out"
+    out.mkdir()
+    os.chmod(short_dir, 0o755)
+    os.chmod(out, 0o777)
+    script = short_dir / "pipe.sh"
     script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$SENDER" >> {out}/senders\n'
                       f"cat >> {out}/bodies\n")
+    os.chmod(script, 0o755)
     aliases = tmp_path / "pipe-aliases"
     aliases.write_text(f'postmaster: root\npipe: "|/bin/sh {script}"\n')
-    inst, d, sink = hostile(alias_maps=f"hash:{aliases}", default_privs="root")
+    inst, d, sink = hostile(alias_maps=f"hash:{aliases}")
     senders = ['"`touch ' + f"{out}/p1" + '`"@b.example',
                '"$(touch ' + f"{out}/p2" + ')"@b.example',
                f'"a;touch {out}/p3;"@b.example',
