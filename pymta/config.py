@@ -86,7 +86,7 @@ _PARAMS = [
     P("data_directory", STR, "/var/lib/pymta", "Where remote delivery keeps what it learns (MTA-STS policies); made by root, mode 0700, when first needed.", section="files"),
     P("pid_file", STR, "/run/pymta.pid", "The daemon's process id file.", section="files"),
     P("smtpd_sasl_password_file", STR, "/etc/pymta/passwd", "Credentials for SMTP AUTH: user:salted-hash lines (see pymta(8)).", section="files"),
-    P("maillog_file", STR, "", "Write the mail log to this file instead of syslog; empty means syslog (stderr in the foreground).", section="files"),
+    P("maillog_file", STR, "", "Write the mail log to this file (created 0640 root:adm, reopened on SIGHUP); empty: stderr with -bD, else syslog, else (no /dev/log) /var/log/pymta.log.", section="files"),
     P("syslog_facility", STR, "mail", "Syslog facility of the mail log.", section="files"),
     P("syslog_name", STR, "pymta", "Syslog identifier of the mail log.", section="files"),
     # -- limits

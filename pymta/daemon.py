@@ -69,9 +69,11 @@ def _preload():
 
 
 def _drop_privileges(owner):
-    # The mail log may be a root-owned file: open it while we still can.
+    # The mail log may be a root-owned file: open it while we still can
+    # (unless its lines go through the master, which reopens it on SIGHUP).
     for h in log.handlers:
-        if isinstance(h, logging.FileHandler) and h.stream is None:
+        if isinstance(h, logging.FileHandler) and h.stream is None and \
+                not getattr(h, "forwarded", False):
             h.acquire()
             try:
                 h.stream = h._open()
@@ -258,6 +260,7 @@ class Master:
         self.failures = 0           # listeners in a row that died before serving
         self.deaths = []            # times of listener deaths (for the too-often rule)
         self.exit_code = 0
+        self.log_pipe = None        # (read fd, write fd, file handler): the listeners' log lines
 
     def _spawn(self, slot):
         rfd = self.rfd
@@ -280,6 +283,14 @@ class Master:
                 os.close(fd)
             if self.ready_fd is not None:
                 os.close(self.ready_fd)
+            if self.log_pipe:
+                # The log file is root's and is reopened on SIGHUP (after a
+                # rotation) by the master: this listener's lines go to it.
+                os.close(self.log_pipe[0])
+                handler = self.log_pipe[2]
+                handler.stream = os.fdopen(self.log_pipe[1], "a", encoding="utf-8",
+                                           errors="replace")
+                handler.forwarded = True
             # Only this listener's sockets stay open in it.
             for i, socks in enumerate(self.sock_sets):
                 if i != slot:
@@ -350,6 +361,7 @@ class Master:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
         self.runner_mod = self._load_runner()
+        self._start_log_pump()
         from .eventloop import Pool
         self.pool = Pool(max(1, cfg.delivery_process_limit), None, "pymta-handoff")
         self.nlisteners = len(self.sock_sets)
@@ -395,6 +407,18 @@ class Master:
 
     def _on_stop(self, *args):
         self.stop = True
+
+    def _start_log_pump(self):
+        """With a log file and a listener that drops privileges, the
+        listener's lines come through a pipe and the master writes them:
+        only root can reopen the file after a rotation."""
+        handler = next((h for h in log.handlers if isinstance(h, logging.FileHandler)), None)
+        if handler is None or not self.owner:
+            return
+        rfd, wfd = os.pipe()
+        self.log_pipe = (rfd, wfd, handler)
+        threading.Thread(target=_log_pump, args=(handler, rfd), name="pymta-log",
+                         daemon=True).start()
 
     def _tell(self, text):
         """The start's outcome to the `sendmail -bd` that waits for it (-bD:
@@ -545,6 +569,9 @@ class Master:
             log.info(f"listener pid {new} started")
 
     def _reload(self):
+        from . import maillog
+        if maillog.reopen():
+            log.info("mail log reopened")
         cfg = _reload_config(self.cfg, self.opts)
         if cfg is None:
             return
@@ -609,6 +636,35 @@ class Master:
         return self.exit_code
 
 
+def _log_pump(handler, fd):
+    """Whole lines from the listeners' log pipe into the master's log file."""
+    buf = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        if not chunk:
+            return
+        lines, nl, buf = (buf + chunk).rpartition(b"\n")
+        if not nl:
+            buf = lines
+            continue
+        text = (lines + b"\n").decode("utf-8", "replace")
+        handler.acquire()
+        try:
+            if handler.stream is None:
+                handler.stream = handler._open()
+            handler.stream.write(text)
+            handler.stream.flush()
+        except (OSError, ValueError):
+            pass
+        finally:
+            handler.release()
+
+
 def _status_text(status):
     if os.WIFSIGNALED(status):
         return f"signal {os.WTERMSIG(status)}"
@@ -625,6 +681,24 @@ def _preserved_fds(sock_sets):
             except (AttributeError, OSError, ValueError):
                 pass
     return fds
+
+
+def _announce_log(cfg, opts):
+    """Without maillog_file and without a syslog socket the log goes to the
+    default file: say so where the administrator looks at start."""
+    from . import maillog
+    path = maillog.log_file(cfg, foreground=opts.mode == "D")
+    if path and not cfg.maillog_file:
+        text = (f"no syslog socket ({maillog.SYSLOG_SOCKET}) and maillog_file is not set: "
+                f"the mail log goes to {path}")
+        print(f"sendmail: warning: {text}", file=sys.stderr)
+        log.warning(f"warning: {text}")
+    if path:
+        try:
+            maillog.open_log(path).close()
+        except OSError as e:
+            print(f"sendmail: warning: cannot open the mail log {path}: {e.strerror}",
+                  file=sys.stderr)
 
 
 def _start_check(cfg):
@@ -657,6 +731,7 @@ def main(cfg, opts):
         print(f"sendmail: fatal: daemon already running (pid {pid}, {cfg.pid_file})",
               file=sys.stderr)
         return EX_TEMPFAIL
+    _announce_log(cfg, opts)
     code = _start_check(cfg)
     if code:
         return code

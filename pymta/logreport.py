@@ -4,6 +4,7 @@ It reads the maillog lines pymta writes (through syslog or maillog_file),
 each behind a syslog prefix ``Mon DD HH:MM:SS host pymta[pid]: ``:
 
     ID: from=<sender>, size=N, ..., nrcpts=N, ...        a message received
+    ID: uid=N from=<sender>, size=N, ... (maildrop)      one picked up from the maildrop
     ID: to=<rcpt>, delay=D+HH:MM:SS, ..., dsn=X.Y.Z, stat=Sent (...)|Deferred: ...|...
     ID: NEWID: DSN: <rcpt> 5.1.1, ...                     a bounce was sent
     reject: CMD from host[ip]: 550 5.1.1 text; from=<..> to=<..> ...
@@ -28,7 +29,8 @@ _SYSLOG = re.compile(
     r"|(?P<iso>\d{4}-\d\d-\d\dT(?P<ihms>\d\d:\d\d:\d\d)\S*))"
     r" (?P<host>\S+) (?P<prog>[^\s\[:]+)(?:\[\d+\])?: (?P<msg>.*)$")
 _ID = r"(?P<id>[0-9A-Za-x]{9}[0-9]{6,10})"
-_FROM = re.compile(_ID + r": from=<(?P<addr>[^>]*)>, size=(?P<size>\d+)(?P<rest>.*)$")
+# "ID: uid=N from=<...>, ...": a message picked up from the maildrop.
+_FROM = re.compile(_ID + r": (?:uid=\d+ )?from=<(?P<addr>[^>]*)>, size=(?P<size>\d+)(?P<rest>.*)$")
 _TO = re.compile(_ID + r": to=<(?P<addr>[^>]*)>, (?P<rest>.*)$")
 _DSN_SENT = re.compile(_ID + r": (?P<new>[0-9A-Za-x]{9}[0-9]{6,10}): "
                        r"(?P<kind>DSN|delay warning|postmaster notify): (?P<rest>.*)$")
@@ -344,7 +346,8 @@ def png_chart(st, path):
 def main(cfg, args, out=None):
     """``pymta report [--svg F] [--png F] [--top N] [logfile...]``."""
     out = out or sys.stdout
-    paths = list(args.logfiles) or [cfg.maillog_file or "/var/log/mail.log"]
+    from .maillog import log_file
+    paths = list(args.logfiles) or [log_file(cfg) or "/var/log/mail.log"]
     try:
         st = read_files(paths, cfg.syslog_name)
     except OSError as e:

@@ -20,6 +20,45 @@ import os
 import sys
 import time
 
+# Where the mail log goes when maillog_file is empty and there is no syslog
+# socket (/dev/log): a container, a minimal install. Documented in pymta(8)
+# and pymta.conf(5); etc/logrotate.pymta rotates it.
+DEFAULT_MAILLOG = "/var/log/pymta.log"
+SYSLOG_SOCKET = "/dev/log"
+
+
+def log_file(cfg, foreground=False):
+    """The file the mail log goes to: maillog_file, else (no syslog socket,
+    not in the foreground) DEFAULT_MAILLOG; None for syslog or stderr."""
+    if cfg.maillog_file:
+        return cfg.maillog_file
+    if foreground or os.path.exists(SYSLOG_SOCKET):
+        return None
+    return DEFAULT_MAILLOG
+
+
+def open_log(path):
+    """``path`` opened for appending; created 0640, owned by root:adm when
+    root makes it (Debian's mode for mail.log), never through a symlink
+    that is not already the log."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    except FileExistsError:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    else:
+        if os.geteuid() == 0:
+            try:
+                import grp
+                gid = grp.getgrnam("adm").gr_gid
+            except (KeyError, ImportError):
+                gid = 0
+            try:
+                os.fchown(fd, 0, gid)
+                os.fchmod(fd, 0o640)
+            except OSError:
+                pass
+    return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+
 _LEVELS = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 _light = None       # (write(level, text), verbose) while the light logger is in use
 _params = None      # setup_logging's arguments, for full_logging()
@@ -66,10 +105,11 @@ def _format_file_line(cfg, name, text):
 
 def _light_writer(cfg, name):
     """write(level, text) for the configured destination, without logging."""
-    if cfg.maillog_file:
+    path = log_file(cfg)
+    if path:
         def write(level, text):
             try:
-                with open(cfg.maillog_file, "a", encoding="utf-8", errors="replace") as f:
+                with open_log(path) as f:
                     f.write(_format_file_line(cfg, name, text))
             except OSError:
                 pass
@@ -173,8 +213,9 @@ def setup_logging(cfg, foreground=False, tag=None, verbose=False, light=False):
         if isinstance(f, _Printable):
             logger.removeFilter(f)
     logger.addFilter(_Printable())     # for the lines the logging package writes
-    if cfg.maillog_file:
-        handler = logging.FileHandler(cfg.maillog_file, delay=True)
+    path = log_file(cfg, foreground)
+    if path:
+        handler = _LogFile(path)
         handler.setFormatter(logging.Formatter(
             f"%(asctime)s {cfg.myhostname.split('.')[0]} {name}[%(process)d]: %(message)s",
             "%b %d %H:%M:%S"))
@@ -185,16 +226,53 @@ def setup_logging(cfg, foreground=False, tag=None, verbose=False, light=False):
     else:
         import syslog
         facility = getattr(syslog, "LOG_" + cfg.syslog_facility.upper(), syslog.LOG_MAIL)
-        if os.path.exists("/dev/log"):
-            handler = _syslog_handler(name, facility)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-        else:
-            # No syslog here: say nothing rather than write to the stderr of
-            # cron or a mail client, which would mail or show it.
-            handler = logging.NullHandler()
+        handler = _syslog_handler(name, facility)
+        handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     _fast_methods(logger, handler, cfg, name)
     return logger
+
+
+def _log_file_class():
+    import logging
+
+    class LogFile(logging.FileHandler):
+        """A FileHandler whose file is made 0640 root:adm (open_log) and is
+        opened at the first line; reopen() closes it for the next line to
+        open the file by its name again (after a rotation)."""
+
+        def __init__(self, path):
+            super().__init__(path, delay=True)
+
+        def _open(self):
+            return open_log(self.baseFilename)
+
+    return LogFile
+
+
+def _LogFile(path):
+    return _log_file_class()(path)
+
+
+def reopen():
+    """SIGHUP: the next line opens the log file by its name again, so that a
+    rotated (renamed) file is left alone. Returns whether there was one."""
+    import logging
+    done = False
+    for h in logging.getLogger("pymta").handlers:
+        if isinstance(h, logging.FileHandler):
+            h.acquire()
+            try:
+                if h.stream is not None and getattr(h, "forwarded", False) is False:
+                    try:
+                        h.stream.close()
+                    except OSError:
+                        pass
+                    h.stream = None
+                done = True
+            finally:
+                h.release()
+    return done
 
 
 def _fast_methods(logger, handler, cfg, name):

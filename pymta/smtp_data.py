@@ -181,6 +181,29 @@ class DataReceiver:
     def hops(self):
         return len(_RECEIVED_RE.findall(bytes(self.header)))
 
+    def message_id(self):
+        """The Message-ID header's value (unfolded, at most 998 characters),
+        or "" (for the log's msgid=, as sendmail writes it)."""
+        return header_value(bytes(self.header), b"message-id")
+
+
+def header_value(header, name):
+    """The first ``name:`` field of a header section (bytes, lowercase
+    ``name``), unfolded and stripped, as text; "" when absent."""
+    lines = header.split(b"\n")
+    for i, line in enumerate(lines):
+        key, colon, value = line.partition(b":")
+        if colon and key.strip().lower() == name:
+            parts = [value]
+            for more in lines[i + 1:]:
+                if more[:1] in (b" ", b"\t"):
+                    parts.append(more)
+                else:
+                    break
+            text = b" ".join(p.strip() for p in parts).strip().decode("utf-8", "replace")
+            return text[:998]
+    return ""
+
 
 class ChunkReceiver(DataReceiver):
     """The message of a BDAT transaction (RFC 3030): chunks of raw octets,

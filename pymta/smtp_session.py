@@ -754,6 +754,7 @@ class Session:
             self.tx = None
             return
         env = self._envelope(tx, data)
+        tx.msgid = data.message_id()
         if self.defer_commit:
             self.pending = (writer, env, tx)
             return
@@ -781,8 +782,10 @@ class Session:
         (getattr(writer, "close", None) or writer.abort)()
         self.messages += 1
         relay = f"{self.client_name} [{self.client_addr}]" if self.local_uid < 0 else self.peer
+        msgid = getattr(tx, "msgid", "")
         self._logi(f"{qid}: from=<{tx.sender}>, size={env.size}, nrcpts={len(tx.rcpts)}, "
-                   f"proto={env.protocol}, relay={relay}")
+                   + (f"msgid={msgid}, " if msgid else "")
+                   + f"proto={env.protocol}, relay={relay}")
         self._send(Reply(250, "2.0.0", f"Ok: queued as {qid}"))
         if self.accepted is not None:
             self.accepted(qid)

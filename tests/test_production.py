@@ -4,6 +4,7 @@ python-daemon 2.3.2, lockfile 0.12.2 on /usr/bin/python3), then the
 installed launchers run as an administrator would run them."""
 
 import contextlib
+import re
 import os
 import signal
 import smtplib
@@ -322,3 +323,136 @@ def test_init_script_finds_an_expanded_pid_file_and_reload_when_stopped_exits_7(
         assert gone(pid)
     finally:
         stop(pid)
+
+
+# -- the mail log
+
+def test_report_counts_mail_picked_up_from_the_maildrop(tmp_path):
+    from pymta import envelope
+    inst = Instance(tmp_path, mail_owner="root")
+    for i in range(3):
+        env = envelope.Envelope(sender=f"u{i}@example.test")
+        env.add_recipient("root@example.test")
+        inst.spool.drop(env, [f"Subject: dropped {i}\n\nx\n".encode()])
+    for i in range(2):
+        r = inst.sendmail("-odq", "root", input=f"Subject: direct {i}\n\nx\n".encode())
+        assert r.returncode == 0, r.stderr
+    r = inst.sendmail("-q")
+    assert r.returncode == 0, r.stderr
+    assert inst.mailbox().count(b"Subject: dropped") == 3
+    assert inst.maillog().count("(maildrop)") == 3
+    r = subprocess.run(pymta_cmd(inst, "report", inst.params["maillog_file"]),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^\s+5\s+received", r.stdout, re.M), r.stdout
+    assert re.search(r"^\s+5\s+delivered", r.stdout, re.M), r.stdout
+
+
+def test_smtp_mail_is_logged_with_its_msgid(tmp_path):
+    port = free_port()
+    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root")
+    r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    pid = int(open(inst.params["pid_file"]).read())
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+            c.sendmail("a@b.example", ["root@example.test"],
+                       b"Message-ID:\r\n <abc.123@b.example>\r\nSubject: m\r\n\r\nhi\r\n")
+            c.sendmail("a@b.example", ["root@example.test"], b"Subject: none\r\n\r\nhi\r\n")
+    finally:
+        stop(pid)
+    lines = [x for x in inst.maillog().splitlines() if "from=<a@b.example>" in x]
+    assert len(lines) == 2
+    assert "nrcpts=1, msgid=<abc.123@b.example>, proto=ESMTP" in lines[0]
+    assert "msgid=" not in lines[1]
+
+
+def test_sighup_reopens_the_log_file_the_listener_writes_through_the_master(shared_dir):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    import grp
+    import stat
+    port = free_port()
+    inst = Instance(shared_dir, smtpd_listen=f"127.0.0.1:{port}", mail_owner="mail")
+    logfile = inst.params["maillog_file"]
+    r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    pid = int(open(inst.params["pid_file"]).read())
+    try:
+        st = os.stat(logfile)
+        assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_uid == 0
+        assert st.st_gid == grp.getgrnam("adm").gr_gid
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+            c.sendmail("a@b.example", ["root@example.test"], b"Subject: one\r\n\r\nhi\r\n")
+        assert wait_for(lambda: "stat=Sent" in inst.maillog())
+        os.rename(logfile, logfile + ".1")           # what logrotate does
+        os.kill(pid, signal.SIGHUP)
+        assert wait_for(lambda: os.path.exists(logfile) and "mail log reopened" in inst.maillog())
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+            c.sendmail("b@b.example", ["root@example.test"], b"Subject: two\r\n\r\nhi\r\n")
+        # The listener (mail_owner, which cannot open the root-owned log)
+        # writes the from= line; the master the delivery.
+        assert wait_for(lambda: "from=<b@b.example>" in inst.maillog()
+                        and "stat=Sent" in inst.maillog())
+        assert "b@b.example" not in open(logfile + ".1").read()
+        assert stat.S_IMODE(os.stat(logfile).st_mode) == 0o640
+    finally:
+        stop(pid)
+
+
+def test_without_syslog_or_maillog_file_the_log_goes_to_the_default_file(tmp_path):
+    """/dev/log is absent here (checked); /var/log is a tmpfs of a mount
+    namespace of its own, so nothing touches the machine's."""
+    if os.geteuid() != 0 or os.path.exists("/dev/log"):
+        pytest.skip("needs root and no /dev/log")
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespaces here")
+    port = free_port()
+    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root")
+    inst.write_config(maillog_file="")
+    cmd = " ".join(f"'{a}'" for a in sendmail_cmd(inst, "-bd"))
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        f"mount -t tmpfs tmpfs /var/log && exec {cmd}"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert ("sendmail: warning: no syslog socket (/dev/log) and maillog_file is not set: "
+            "the mail log goes to /var/log/pymta.log") in r.stderr
+    pid = int(open(inst.params["pid_file"]).read())
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+            c.sendmail("a@b.example", ["root@example.test"], b"Subject: x\r\n\r\nhi\r\n")
+        path = f"/proc/{pid}/root/var/log/pymta.log"
+        assert wait_for(lambda: "stat=Sent" in open(path).read()), open(path).read()
+        import stat
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    finally:
+        stop(pid)
+    assert not os.path.exists("/var/log/pymta.log") or "a@b.example" not in open("/var/log/pymta.log").read()
+
+
+def test_bD_logs_to_stderr_without_maillog_file(tmp_path):
+    port = free_port()
+    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root")
+    inst.write_config(maillog_file="")
+    p = subprocess.Popen(sendmail_cmd(inst, "-bD"), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert wait_for(lambda: os.path.exists(inst.params["pid_file"]))
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+            c.noop()
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=30)
+        p.stdout.close()
+    assert b"daemon started" in err and b"daemon stopped" in err
+
+
+def test_logrotate_snippet_rotates_the_default_log_and_signals_the_daemon():
+    with open(os.path.join(TOP, "etc", "logrotate.pymta")) as f:
+        text = f.read()
+    assert "/var/log/pymta.log {" in text and "create 0640 root adm" in text
+    assert "kill -HUP" in text
+    from pymta import maillog
+    assert maillog.DEFAULT_MAILLOG == "/var/log/pymta.log"
