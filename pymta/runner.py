@@ -39,7 +39,7 @@ import importlib
 from . import envelope as E
 from .address import domain_of
 from .spool import Spool
-from .status import (EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Outcome, PymtaError, Reply,
+from .status import (EX_NOPERM, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Outcome, PymtaError, Reply,
                      SpoolCorrupt)
 
 
@@ -745,6 +745,12 @@ def main(cfg, opts):
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
+    spool = Spool.from_config(cfg)
+    for path in (spool.dir, spool.maildrop):
+        if os.path.isdir(path) and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            print(f"sendmail: cannot run the queue: {path}: Permission denied (only root "
+                  f"and {cfg.mail_owner} may)", file=sys.stderr)
+            return EX_NOPERM
     if opts.queue_hold is not None:
         return _hold_or_release(cfg, opts, log)
     runner = Runner(cfg, log=log, verbose=opts.verbose)

@@ -626,7 +626,17 @@ class _MaildropWriter:
 def serve_stdio(cfg, opts, stdin=None, stdout=None):
     """``sendmail -bs``: one SMTP session on stdin/stdout for the calling user."""
     log = logging.getLogger("pymta")
-    services = Services(cfg, log)
+    left = []                  # accepted, and no daemon was told: delivered at the end
+
+    def accepted(qid):
+        # As the command line does: a running daemon delivers it at once.
+        # (A maildrop submission is picked up by the daemon within a second.)
+        if not services.spool.writable():
+            return
+        nfd = services.spool.notify_open()
+        if nfd is None or not services.spool.notify_send(nfd, qid):
+            left.append(qid)
+    services = Services(cfg, log, notify=accepted)
     uid = os.getuid()
     try:
         user = pwd.getpwuid(uid).pw_name
@@ -657,4 +667,18 @@ def serve_stdio(cfg, opts, stdin=None, stdout=None):
         pass
     finally:
         session.close()
+    _deliver_left(cfg, services.spool, left)
     return 0
+
+
+def _deliver_left(cfg, spool, qids):
+    """-bs without a daemon: each message queued here is delivered by a
+    background process, as sendmail's -odb (delivery_mode=queue: the next
+    queue run)."""
+    if not qids or cfg.delivery_mode == "queue":
+        return
+    from . import inject
+    for qid in qids:
+        lock = spool.lock(qid)
+        if lock is not None:
+            inject._deliver_background(cfg, lock)

@@ -503,10 +503,14 @@ class Session:
         if self.submission and not self.auth_user:
             return self._reject(R_AUTH_FIRST)
         try:
-            sender, rest = A.parse_path(arg[5:], allow_null=True)
+            sender, rest = A.parse_path(arg[5:], allow_null=True,
+                                        require_domain=self.local_uid < 0)
             params = A.parse_params(rest)
         except AddressError as e:
             return self._error(e.reply)
+        if self.local_uid >= 0:
+            # sendmail -bs: a bare name is qualified as on the command line.
+            sender = A.qualify(sender, self.cfg.myorigin)
         if params and not self.esmtp:
             return self._error(Reply(555, "5.5.4", "MAIL parameters need EHLO"))
         for key, value in params.items():
@@ -552,7 +556,10 @@ class Session:
         m = _POSTMASTER_RE.match(arg)
         if m:
             return f"postmaster@{self.cfg.myhostname}", m.group(1).strip(), True
-        addr, rest = A.parse_path(arg)
+        addr, rest = A.parse_path(arg, require_domain=self.local_uid < 0)
+        if self.local_uid >= 0:
+            # sendmail -bs: a bare name is qualified as on the command line.
+            addr = A.qualify(addr, self.cfg.myorigin)
         return addr, rest, A.local_of(addr).lower() == "postmaster" and \
             self.cfg.is_local_domain(A.domain_of(addr))
 

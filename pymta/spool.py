@@ -415,6 +415,7 @@ class MessageWriter:
         else:
             raise SpoolError("could not allocate a queue id")
         self._lock_fd = fd
+        self.spool.own(fd)
         fcntl.flock(fd, fcntl.LOCK_EX)
 
     def _spill(self):
@@ -480,6 +481,7 @@ class MessageWriter:
             fd = os.open(tf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise _disk_error(e, f"write {tf}") from None
+        self.spool.own(fd)
         self._tf = tf
         try:
             try:
@@ -567,6 +569,27 @@ class Spool:
         spool.origin = cfg.myorigin
         return spool
 
+    _owner = None
+
+    def own(self, fd):
+        """A queue file root creates goes to the owner of queue/ (mail_owner),
+        as the listener's own files are: every file of the queue is then
+        readable by mail_owner (mailq, pymta show run as it)."""
+        if os.geteuid() != 0:
+            return
+        owner = self._owner
+        if owner is None:
+            try:
+                st = os.stat(self.dir)
+                owner = self._owner = (st.st_uid, st.st_gid)
+            except OSError:
+                return
+        if owner[0] != 0:
+            try:
+                os.fchown(fd, owner[0], owner[1])
+            except OSError:
+                pass
+
     # -- set-up
     def create(self, owner_uid=None, owner_gid=None):
         """Make the directories (idempotent). As root, queue/ goes to the owner."""
@@ -619,6 +642,7 @@ class Spool:
         try:
             fd = os.open(tf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
+                self.own(fd)
                 os.write(fd, data) if len(data) < 65536 else _write_all(fd, data)
                 if self.fsync:
                     os.fsync(fd)

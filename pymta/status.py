@@ -197,3 +197,9 @@ def run_program(program, body, *args):
         return EX_TEMPFAIL
     except BrokenPipeError:
         return EX_SOFTWARE
+    except PermissionError as e:
+        # A file or directory this user may not touch (the queue, a log):
+        # one line, never a traceback.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{program}: {where}{e.strerror or 'Permission denied'}", file=sys.stderr)
+        return EX_NOPERM

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import TOP, Instance
 from dnsserver import DNSServer
-from users import TESTPY
+from users import TESTPY, run_as
 
 
 def free_port():
@@ -456,3 +456,54 @@ def test_logrotate_snippet_rotates_the_default_log_and_signals_the_daemon():
     assert "kill -HUP" in text
     from pymta import maillog
     assert maillog.DEFAULT_MAILLOG == "/var/log/pymta.log"
+
+
+# -- submission paths
+
+def test_bs_tells_the_running_daemon_and_qualifies_bare_names(tmp_path):
+    port = free_port()
+    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root",
+                    queue_run_delay="1h", myorigin="example.test")
+    r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    pid = int(open(inst.params["pid_file"]).read())
+    try:
+        time.sleep(2)            # after the daemon's first queue run
+        r = inst.sendmail("-bs", input=b"HELO me\r\nMAIL FROM:<me>\r\nRCPT TO:<root>\r\n"
+                          b"DATA\r\nSubject: via -bs\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        assert b"250 2.0.0 Ok: queued as" in r.stdout, r.stdout
+        qid = r.stdout.split(b"queued as ")[1].split()[0].decode()
+        assert wait_for(lambda: b"Subject: via -bs" in inst.mailbox(), 10), inst.maillog()
+    finally:
+        stop(pid)
+    log = inst.maillog()
+    sent = [x for x in log.splitlines() if x.find(f"{qid}: to=<root@example.test>") > 0]
+    assert sent and f"[{pid}]:" in sent[0], log     # delivered by the daemon, told at once
+    assert f"{qid}: from=<me@example.test>" in log
+
+
+def test_unprivileged_queue_run_is_one_line_and_77(make_user, shared_dir, pymta_for_users):
+    alice = make_user()
+    inst = Instance(shared_dir, mail_owner="mail")
+    assert subprocess.run(pymta_cmd(inst, "check"), capture_output=True).returncode == 0
+    r = run_as(alice, [pymta_for_users.sendmail, "-C", inst.conf_path, "-q"])
+    assert r.returncode == 77
+    lines = r.stderr.decode().splitlines()
+    assert lines == [f"sendmail: cannot run the queue: {inst.spool.dir}: Permission denied "
+                     "(only root and mail may)"]
+
+
+def test_queue_files_root_writes_belong_to_mail_owner(shared_dir):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    import pwd
+    mail = pwd.getpwnam("mail")
+    inst = Instance(shared_dir, mail_owner="mail")
+    assert subprocess.run(pymta_cmd(inst, "check"), capture_output=True).returncode == 0
+    r = inst.sendmail("-odq", "root", input=b"Subject: q\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    names = os.listdir(inst.spool.dir)
+    assert {n[:2] for n in names} == {"qf", "df"}
+    for n in names:
+        assert os.stat(os.path.join(inst.spool.dir, n)).st_uid == mail.pw_uid, n
