@@ -302,8 +302,10 @@ def test_init_script_finds_an_expanded_pid_file_and_reload_when_stopped_exits_7(
     inst.write_config(pid_file="$queue_directory/pymta.pid")
     pid_file = os.path.join(inst.params["queue_directory"], "pymta.pid")
     script = os.path.join(TOP, "etc", "init.d", "pymta")
-    env = dict(os.environ, SENDMAIL=os.path.join(TOP, "bin", "sendmail"),
-               PYMTA_CONFIG=inst.conf_path)
+    wrapper = tmp_path / "sendmail"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {TOP}/bin/sendmail "$@"\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, SENDMAIL=str(wrapper), PYMTA_CONFIG=inst.conf_path)
 
     def init(action):
         return subprocess.run(["/bin/sh", script, action], capture_output=True, text=True,
