@@ -3,6 +3,7 @@
 Not the unrelated "pymta" SMTP test library on PyPI: install this one from its
 source tree (``make install`` or ``pip install .``).
 """
+import glob
 import os
 
 from setuptools import setup
@@ -25,16 +26,18 @@ setup(
     # The minimums are Debian 12's and are what `make test` runs against.
     install_requires=_deps["install_requires"](),
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "hypothesis"],
+        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "hypothesis", "wheel"],
         "plot": ["matplotlib"],
     },
-    entry_points={
-        "console_scripts": [
-            "sendmail = pymta.cli:main",
-            "mailq = pymta.cli:main",
-            "newaliases = pymta.cli:main",
-            "pymta = pymta.admin:main",
-        ],
-    },
-    scripts=[],
+    # The programs are the tree's own launchers, not console-script entry
+    # points: pip's wrapper imports re and tears the interpreter down, which
+    # sendmail (run once per message) would pay at every run. mailq and
+    # newaliases are sendmail under their names (the name picks the role).
+    scripts=["bin/sendmail", "bin/mailq", "bin/newaliases", "bin/pymta"],
+    # Samples and manual pages under the installation prefix: python -m
+    # pymta.devsetup finds the aliases sample in share/pymta.
+    data_files=[
+        ("share/pymta", ["etc/aliases", "etc/pymta.conf", "etc/pymta.dev.conf",
+                         "etc/pymta.service", "etc/cron.pymta", "etc/logrotate.pymta"]),
+    ] + [(f"share/man/man{n}", sorted(glob.glob(f"man/*.{n}"))) for n in (1, 5, 8)],
 )

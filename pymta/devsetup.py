@@ -19,7 +19,26 @@ from .options import Options
 from .spool import Spool
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE_ALIASES = os.path.join(TOP, "etc", "aliases")
+
+
+def sample(name):
+    """A sample file of etc/: beside the package in a source tree, else
+    where ``pip install .`` put it (share/pymta under the prefix), else
+    where ``make install`` and Debian put documentation."""
+    for d in (os.path.join(TOP, "etc"), os.path.join(sys.prefix, "share", "pymta"),
+              os.path.join(sys.base_prefix, "share", "pymta"), "/usr/local/share/pymta",
+              "/usr/share/pymta"):
+        path = os.path.join(d, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+SAMPLE_ALIASES = sample("aliases")
+
+# Written when no sample is found: the names RFC 5321 and RFC 2142 require.
+MINIMAL_ALIASES = ("# aliases for pymta; see aliases(5). Run newaliases after editing.\n"
+                   "postmaster: root\nMAILER-DAEMON: postmaster\nabuse: postmaster\n")
 
 
 def alias_file(cfg):
@@ -109,8 +128,13 @@ def setup(cfg, say=print):
     if path:
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            shutil.copyfile(SAMPLE_ALIASES, path)
-            say(f"aliases: copied {SAMPLE_ALIASES} to {path}")
+            if SAMPLE_ALIASES:
+                shutil.copyfile(SAMPLE_ALIASES, path)
+                say(f"aliases: copied {SAMPLE_ALIASES} to {path}")
+            else:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(MINIMAL_ALIASES)
+                say(f"aliases: wrote {path} (postmaster, MAILER-DAEMON, abuse)")
         else:
             say(f"aliases: {path} [already there]")
         if user and user != "root" and not _has_root_alias(path):
