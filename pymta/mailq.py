@@ -197,6 +197,19 @@ def ctime16(t, verbose=False):
     return text[4:] if verbose else text
 
 
+def wrap(text, width):
+    """``text`` in lines of at most ``width`` columns, cut at spaces where it can."""
+    lines = []
+    while len(text) > width:
+        cut = text.rfind(" ", 0, width + 1)
+        if cut <= 0:
+            cut = width
+        lines.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    lines.append(text)
+    return lines
+
+
 def prtstr(s, limit):
     """sendmail's prtstr(): at most ``limit`` columns, backslash doubled, control
     characters as \\ooo. Printable non-ASCII characters (UTF-8 addresses) are kept."""
@@ -271,7 +284,10 @@ def format_entry(entry, now, verbose=False):
     if status or env.body_type:
         out.append("\n    %10.10s" % env.body_type)
         if status:
-            out.append("   (%s)" % prtstr(status, width))
+            # The whole reason, on as many lines as it takes (as Postfix's
+            # mailq does): the end of it (what the server said) is the news.
+            lines = wrap(prtstr(status, 8 * width), width)
+            out.append("   (%s)" % ("\n" + " " * 18).join(lines))
     for r in env.recipients:
         if not r.pending:
             continue

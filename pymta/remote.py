@@ -222,8 +222,16 @@ def _open(cfg, host, ip, port, verbose, log, tls_ok=True, policy=None, domain=No
     return conn, why
 
 
+def host_at(host, ip):
+    """'host[ip]' as the log and mailq show a server; an address literal
+    ([192.0.2.1], [IPv6:...]) is its address already: '[ip]' once."""
+    if host.startswith("[") and host.endswith("]"):
+        return f"[{ip}]"
+    return f"{host}[{ip}]"
+
+
 def _open1(cfg, host, ip, port, verbose, log, tls_ok, policy, domain):
-    where = f"{host}[{ip}]:{port}"
+    where = f"{host_at(host, ip)}:{port}"
     level = policy.level
     wrap = cfg.smtp_tls_wrappermode and level != "none"
     ctx = None
@@ -668,7 +676,7 @@ def _deliver_batch(cfg, env, rcpts, domain, log, resolver, cache, verbose):
             conn, why = _open(cfg, host.name, ip, port, verbose, log, policy=policy, domain=name)
             if conn is None:
                 log.info(f"{env.id}: {why.text}" if why.text.startswith(("connect", "lost", "TLS"))
-                         else f"{env.id}: {host.name}[{ip}]:{port} said: {why}")
+                         else f"{env.id}: {host_at(host.name, ip)}:{port} said: {why}")
                 last, relay = why, f"{host.name.strip('[]')} [{ip}]:{port}"
                 continue
             results, reusable = transaction(cfg, conn, env, rcpts, spool)

@@ -509,3 +509,16 @@ def test_queue_files_root_writes_belong_to_mail_owner(shared_dir):
     assert {n[:2] for n in names} == {"qf", "df"}
     for n in names:
         assert os.stat(os.path.join(inst.spool.dir, n)).st_uid == mail.pw_uid, n
+
+
+def test_mailq_status_names_the_host_once_and_keeps_the_whole_reason(tmp_path):
+    port = free_port()          # nobody listens there
+    inst = Instance(tmp_path, relayhost=f"[127.0.0.1]:{port}", mail_owner="root")
+    r = inst.sendmail("-odi", "someone@remote.example", input=b"Subject: q\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    out = inst.run("mailq").stdout.decode()
+    assert "[127.0.0.1][127.0.0.1]" not in out and "[127.0.0.1][127.0.0.1]" not in inst.maillog()
+    status = out.split("   (", 1)[1].split(")", 1)[0]
+    assert f"connect to [127.0.0.1]:{port}" in status
+    assert " ".join(status.split()).endswith("Connection refused"), out
+    assert all(len(line) <= 80 for line in out.splitlines()), out
