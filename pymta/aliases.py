@@ -10,7 +10,9 @@ Syntax (see man/aliases.5)::
 Names are folded to lower case. A parse error is reported as
 ``file:line: message``; the other entries still load.
 
-The database is one file, ``<source>.db``, JSON text written to a temporary
+The database is one file, ``<source>.pymta.json`` (JSON text: not named
+``.db``, which Postfix's and sendmail's tools would try to open as a
+Berkeley DB file), written to a temporary
 name, fsync'd and renamed over the old one (os.replace), so a lookup never
 sees a half-built map. Its form::
 
@@ -32,7 +34,8 @@ from . import address
 from .status import AddressError, EX_DATAERR, EX_OK, EX_CANTCREAT, EX_NOINPUT
 
 DB_FORMAT = "pymta-aliases 1"
-DB_SUFFIX = ".db"
+DB_SUFFIX = ".pymta.json"
+OLD_SUFFIX = ".db"        # what pymta 0.1 named it; removed by newaliases
 _MAP_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*:(?=/|\$|\.)")
 
 
@@ -344,6 +347,21 @@ class AliasMaps:
         return None
 
 
+def _remove_old_db(path):
+    """An older pymta's database, <source>.db, is removed, and only when it
+    is pymta's (JSON of our format): another MTA's aliases.db is left alone."""
+    old = path + OLD_SUFFIX
+    try:
+        read_db(old)
+    except (OSError, ValueError):
+        return
+    try:
+        os.unlink(old)
+        print(f"newaliases: removed {old} (made by an older pymta; now {path}{DB_SUFFIX})")
+    except OSError:
+        pass
+
+
 def newaliases_main(cfg, opts):
     """``newaliases`` / ``sendmail -bi``: check and rebuild each alias_database file."""
     status = EX_OK
@@ -371,6 +389,7 @@ def newaliases_main(cfg, opts):
             print(f"newaliases: {path}{DB_SUFFIX}: {e.strerror}", file=sys.stderr)
             status = status or EX_CANTCREAT
             continue
+        _remove_old_db(path)
         n, longest, total = stats(af)
         print(f"{path}: {n} aliases, longest {longest} bytes, {total} bytes total")
         logging.getLogger("pymta").info(

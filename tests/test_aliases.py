@@ -53,8 +53,8 @@ def test_newaliases_builds_the_database_and_prints_counts(inst):
     assert res.returncode == 0, res.stderr
     # rhs bytes: "root" (4), "root, daemon" (12); total = names + rhs = 10+4+5+12.
     assert res.stdout.decode() == f"{path}: 2 aliases, longest 12 bytes, 31 bytes total\n"
-    assert aliases.read_db(path + ".db") == {"postmaster": ["root"], "staff": ["root", "daemon"]}
-    assert [n for n in os.listdir(inst.root) if ".db.tmp" in n] == []
+    assert aliases.read_db(path + aliases.DB_SUFFIX) == {"postmaster": ["root"], "staff": ["root", "daemon"]}
+    assert [n for n in os.listdir(inst.root) if aliases.DB_SUFFIX + ".tmp" in n] == []
     res = inst.sendmail("-bi")
     assert res.returncode == 0 and b"2 aliases" in res.stdout
 
@@ -62,14 +62,14 @@ def test_newaliases_builds_the_database_and_prints_counts(inst):
 def test_newaliases_refuses_a_bad_file_and_keeps_the_old_database(inst):
     path = write(inst, "postmaster: root\n")
     assert inst.run("newaliases").returncode == 0
-    old = open(path + ".db").read()
+    old = open(path + aliases.DB_SUFFIX).read()
     write(inst, "postmaster: root\nbroken line\nx: \"|unterminated\n")
     res = inst.run("newaliases")
     assert res.returncode == 65
     err = res.stderr.decode()
     assert f"{path}:2: missing colon" in err
     assert f"{path}:3: x: unbalanced quote" in err
-    assert open(path + ".db").read() == old
+    assert open(path + aliases.DB_SUFFIX).read() == old
 
 
 def test_newaliases_on_a_missing_file_fails(inst):
@@ -107,3 +107,18 @@ def test_source_newer_than_database_is_used_and_logged(inst, caplog):
 def test_map_type_prefixes_are_accepted():
     assert aliases.map_paths(["hash:/etc/aliases", "/etc/more", "dbm:/x"]) == [
         "/etc/aliases", "/etc/more", "/x"]
+
+
+def test_the_database_has_a_name_of_its_own_and_an_old_one_is_removed(inst):
+    path = os.path.join(inst.root, "aliases")
+    old = path + ".db"
+    with open(old, "w") as f:          # what an older pymta wrote
+        json.dump({"format": aliases.DB_FORMAT, "source": path, "aliases": {}}, f)
+    r = inst.run("newaliases")
+    assert r.returncode == 0, r.stderr
+    assert aliases.DB_SUFFIX == ".pymta.json" and os.path.exists(path + ".pymta.json")
+    assert not os.path.exists(old) and b"removed" in r.stdout
+    with open(old, "wb") as f:          # another MTA's Berkeley DB file
+        f.write(b"\x00\x06\x15\x61 not json")
+    assert inst.run("newaliases").returncode == 0
+    assert open(old, "rb").read().startswith(b"\x00\x06")
