@@ -297,6 +297,8 @@ class Master:
                     for sock, _, _ in socks:
                         if all(sock is not mine for mine, _, _ in self.sock_sets[slot]):
                             sock.close()
+            from .proctitle import set_name
+            set_name("pymta: smtpd")
             listener = Listener(self.cfg, self.opts, self.sock_sets[slot], self.wfd,
                                 share=self.nlisteners, control_fd=cr)
             # Built before the switch: the router, the TLS context and the
@@ -344,6 +346,8 @@ class Master:
             log.info(f"not started as root: everything runs as {me} in one process tree")
         elif self.owner is None:
             log.info(f"mail_owner is {cfg.mail_owner}: the listener keeps root privileges")
+        from .proctitle import set_name
+        set_name("pymta: master")
         self._prepare_spool()
         _preload()
         self.rfd, self.wfd = os.pipe()

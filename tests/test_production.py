@@ -522,3 +522,22 @@ def test_mailq_status_names_the_host_once_and_keeps_the_whole_reason(tmp_path):
     assert f"connect to [127.0.0.1]:{port}" in status
     assert " ".join(status.split()).endswith("Connection refused"), out
     assert all(len(line) <= 80 for line in out.splitlines()), out
+
+
+def test_daemon_processes_are_named_in_ps(tmp_path):
+    port = free_port()
+    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root")
+    r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    pid = int(open(inst.params["pid_file"]).read())
+    try:
+        listeners = [int(x) for x in re.findall(r"listener pid (\d+)", inst.maillog())]
+        assert open(f"/proc/{pid}/comm").read() == "pymta: master\n"
+        assert listeners and all(open(f"/proc/{p}/comm").read() == "pymta: smtpd\n"
+                                 for p in listeners)
+        out = subprocess.run(["ps", "-o", "comm=", "-p", str(pid)], capture_output=True,
+                             text=True).stdout
+        assert out.strip() == "pymta: master"
+    finally:
+        stop(pid)
