@@ -136,6 +136,7 @@ _PARAMS = [
     P("delivery_mode", ENUM, "background", "How sendmail delivers a submission without -od: background (-odb), interactive (-odi) or queue (-odq).", choices=("background", "interactive", "queue"), section="queue"),
     P("queue_sweep_age", TIME, "1d", "Age after which orphan tf and df files (no qf) are removed by a queue run.", unit="d", section="queue"),
     P("delivery_process_limit", INT, "4", "Most messages delivered at once by one queue run.", section="queue"),
+    P("authorized_mailq_users", LIST, "static:anyone", "Who may list the queue through the daemon (mailq and sendmail -bp by users who cannot read the queue): static:anyone, or user names; root and mail_owner always may.", section="queue"),
     P("bounce_notice_recipient", STR, "postmaster", "Who receives the copy of a bounce that could not be returned (double bounce).", section="queue"),
     P("double_bounce_sender", STR, "double-bounce", "Sender of notices about undeliverable bounces; mail to it is discarded.", section="queue"),
     # -- local delivery

@@ -261,6 +261,7 @@ class Master:
         self.deaths = []            # times of listener deaths (for the too-often rule)
         self.exit_code = 0
         self.log_pipe = None        # (read fd, write fd, file handler): the listeners' log lines
+        self.showq = None           # the showq socket (mailq for every user)
 
     def _spawn(self, slot):
         rfd = self.rfd
@@ -283,6 +284,8 @@ class Master:
                 os.close(fd)
             if self.ready_fd is not None:
                 os.close(self.ready_fd)
+            if self.showq is not None:
+                self.showq.close()
             if self.log_pipe:
                 # The log file is root's and is reopened on SIGHUP (after a
                 # rotation) by the master: this listener's lines go to it.
@@ -350,6 +353,7 @@ class Master:
         set_name("pymta: master")
         self._prepare_spool()
         _preload()
+        self._start_showq()
         self.rfd, self.wfd = os.pipe()
         self.pending_ids = b""
         os.set_blocking(self.wfd, False)
@@ -411,6 +415,20 @@ class Master:
 
     def _on_stop(self, *args):
         self.stop = True
+
+    def _start_showq(self):
+        """queue_directory/public/showq: mailq for the users who cannot read
+        the queue (authorized_mailq_users), answered by this process."""
+        from . import mailq
+        try:
+            self.showq = mailq.open_showq(self.cfg)
+        except OSError as e:
+            log.warning(f"warning: cannot listen on {mailq.SHOWQ} under "
+                        f"{self.cfg.queue_directory} ({e.strerror}): mailq works only for "
+                        f"root and {self.cfg.mail_owner}")
+            return
+        threading.Thread(target=mailq.serve_showq, args=(self.cfg, self.spool, self.showq, log),
+                         name="pymta-showq", daemon=True).start()
 
     def _start_log_pump(self):
         """With a log file and a listener that drops privileges, the
@@ -636,6 +654,13 @@ class Master:
         self.pool.close()
         if self.run_thread is not None:
             self.run_thread.join()
+        if self.showq is not None:
+            from . import mailq
+            try:
+                os.unlink(os.path.join(self.cfg.queue_directory, mailq.SHOWQ))
+            except OSError:
+                pass
+            self.showq.close()
         log.info("daemon stopped")
         return self.exit_code
 

@@ -22,7 +22,7 @@ import time
 
 from . import envelope as E
 from . import spool as S
-from .status import EX_NOPERM, EX_OSFILE, EX_OK, SpoolCorrupt
+from .status import EX_NOPERM, EX_OSFILE, EX_OK, EX_USAGE, SpoolCorrupt
 
 HEADER = "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------\n"
 HEADER_V = "-----Q-ID----- --Size-- -Priority- ---Q-Time--- --------Sender/Recipient--------\n"
@@ -366,37 +366,164 @@ def format_json(qdir, entries, count_only=False):
 
 # -- the command -------------------------------------------------------------------
 
+SHOWQ = os.path.join("public", "showq")     # under queue_directory: the daemon's socket
+
+
+def render(cfg, spool, count_only=False, filters=(), as_json=False, verbose=False):
+    """The listing's text; raises what scan() raises."""
+    if count_only and not filters:
+        entries = [None] * count(spool)
+    else:
+        entries = scan(spool, filters)
+    qdir = cfg.queue_directory
+    if as_json:
+        return format_json(qdir, entries, count_only)
+    if count_only:
+        return format_count(qdir, len(entries))
+    return format_listing(qdir, entries, time.time(), verbose=verbose)
+
+
 def main(cfg, opts, out=None):
-    """mailq / sendmail -bp / -bP. Exit 0; 77 if the queue may not be read;
-    72 if the queue directory does not exist."""
+    """mailq / sendmail -bp / -bP. Exit 0; 77 if the queue may not be read
+    (and no daemon lists it for this user); 72 if the queue directory does
+    not exist."""
     out = out or sys.stdout
     prog = opts.program
     spool = S.Spool.from_config(cfg)
-    qdir = cfg.queue_directory
+    request = dict(count_only=opts.count_only, filters=[list(f) for f in opts.queue_filters],
+                   as_json=bool(opts.json), verbose=bool(opts.verbose))
     try:
-        if opts.count_only and not opts.queue_filters:
-            entries = [None] * count(spool)
-        else:
-            entries = scan(spool, opts.queue_filters)
-    except PermissionError:
-        print(f"{prog}: {spool.dir}: Permission denied: only root and {cfg.mail_owner} "
-              f"may list the queue", file=sys.stderr)
-        return EX_NOPERM
+        text = render(cfg, spool, **request)
     except FileNotFoundError:
         print(f"{prog}: queue directory {spool.dir} does not exist", file=sys.stderr)
         return EX_OSFILE
     except OSError as e:
-        if e.errno in (errno.EACCES, errno.EPERM):
-            print(f"{prog}: {spool.dir}: Permission denied", file=sys.stderr)
+        if e.errno not in (errno.EACCES, errno.EPERM):
+            raise
+        # Not root nor mail_owner: the daemon lists the queue for us (as
+        # Postfix's showq does), if authorized_mailq_users lets us.
+        answer = ask_daemon(cfg, request)
+        if answer is None:
+            print(f"{prog}: {spool.dir}: Permission denied: only root and {cfg.mail_owner} "
+                  f"may read the queue, and no daemon answers on "
+                  f"{os.path.join(cfg.queue_directory, SHOWQ)}", file=sys.stderr)
             return EX_NOPERM
-        raise
-    now = time.time()
-    if opts.json:
-        text = format_json(qdir, entries, opts.count_only)
-    elif opts.count_only:
-        text = format_count(qdir, len(entries))
-    else:
-        text = format_listing(qdir, entries, now, verbose=opts.verbose)
+        code, text = answer
+        if code != EX_OK:
+            print(f"{prog}: {text.strip()}", file=sys.stderr)
+            return code
     out.write(text)
     out.flush()
     return EX_OK
+
+
+def ask_daemon(cfg, request, timeout=60):
+    """(exit code, text) from the daemon's showq socket, or None when no
+    daemon answers."""
+    import json
+    import socket
+    path = os.path.join(cfg.queue_directory, SHOWQ)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = bytearray()
+            while True:
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    head, nl, body = bytes(data).partition(b"\n")
+    if not nl or not head.isdigit():
+        return None
+    return int(head), body.decode("utf-8", "replace")
+
+
+def _authorized(cfg, uid):
+    if uid == 0:
+        return True
+    try:
+        import pwd
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    allowed = [x.lower() for x in cfg.authorized_mailq_users]
+    return "static:anyone" in allowed or name.lower() in allowed or name == cfg.mail_owner
+
+
+def serve_showq(cfg, spool, sock, log):
+    """The daemon's side (a thread of the master, as root): one listing per
+    connection, for a user that authorized_mailq_users admits (the peer's
+    uid from the kernel, SO_PEERCRED). A request is one JSON line."""
+    import json
+    import socket
+    import struct
+    import threading
+    slots = threading.BoundedSemaphore(4)
+
+    def one(conn):
+        try:
+            conn.settimeout(10)
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _, uid, _ = struct.unpack("3i", creds)
+            line = bytearray()
+            while b"\n" not in line and len(line) < 4096:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                line += chunk
+            if not _authorized(cfg, uid):
+                conn.sendall(b"%d\npermission denied: authorized_mailq_users does not "
+                             b"admit uid %d\n" % (EX_NOPERM, uid))
+                return
+            try:
+                req = json.loads(bytes(line).split(b"\n", 1)[0] or b"{}")
+                filters = [(str(k), str(v), bool(n)) for k, v, n in req.get("filters", [])
+                           if str(k) in ("I", "R", "S", "Q")]
+                text = render(cfg, spool, count_only=bool(req.get("count_only")),
+                              filters=filters, as_json=bool(req.get("as_json")),
+                              verbose=bool(req.get("verbose")))
+            except (ValueError, TypeError, AttributeError):
+                conn.sendall(b"%d\nbad request\n" % EX_USAGE)
+                return
+            conn.sendall(b"0\n" + text.encode("utf-8", "replace"))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            slots.release()
+
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return          # the socket was closed: the daemon stops
+        if not slots.acquire(blocking=False):
+            conn.close()     # four listings at once already
+            continue
+        threading.Thread(target=one, args=(conn,), name="pymta-showq", daemon=True).start()
+
+
+def open_showq(cfg):
+    """The listening socket at queue_directory/public/showq (0666 in a 0755
+    directory of root's), or None (logged by the caller) when it cannot be made."""
+    import socket
+    path = os.path.join(cfg.queue_directory, SHOWQ)
+    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    try:
+        if os.path.lexists(path):
+            os.unlink(path)
+    except OSError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(16)
+    except OSError:
+        sock.close()
+        raise
+    return sock

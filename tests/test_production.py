@@ -536,3 +536,40 @@ def test_daemon_processes_are_named_in_ps(tmp_path):
         assert out.strip() == "pymta: master"
     finally:
         stop(pid)
+
+
+def test_every_user_may_run_mailq_through_the_daemon(make_user, shared_dir, pymta_for_users):
+    alice = make_user()
+    port = free_port()
+    inst = Instance(shared_dir, smtpd_listen=f"127.0.0.1:{port}", mail_owner="mail",
+                    queue_run_delay="1h")
+    r = inst.sendmail("-odq", "-f", "queued@example.test", "someone@remote.example",
+                      input=b"Subject: q\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    mailq = [pymta_for_users.mailq, "-C", inst.conf_path]
+    r = run_as(alice, mailq)            # no daemon: the queue is mail_owner's
+    assert r.returncode == 77 and b"no daemon answers" in r.stderr
+    r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    pid = int(open(inst.params["pid_file"]).read())
+    try:
+        r = run_as(alice, mailq)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout.decode()
+        assert "<queued@example.test>" in out and "Total requests: 1" in out
+        assert out == inst.run("mailq").stdout.decode().replace("*", " ")   # as root sees it
+        r = run_as(alice, mailq + ["--json"])
+        assert r.returncode == 0 and b'"sender": "queued@example.test"' in r.stdout
+    finally:
+        stop(pid)
+    inst.write_config(authorized_mailq_users="root")
+    r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    pid = int(open(inst.params["pid_file"]).read())
+    try:
+        r = run_as(alice, mailq)
+        assert r.returncode == 77 and b"authorized_mailq_users" in r.stderr
+    finally:
+        stop(pid)
