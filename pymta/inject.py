@@ -232,6 +232,110 @@ def split_addresses(text):
     return items
 
 
+# Address fields whose bare names a local submission qualifies with myorigin
+# (Postfix's cleanup: append_at_myorigin for local mail).
+ADDRESS_FIELDS = frozenset(("from", "to", "cc", "reply-to", "sender", "resent-from",
+                            "resent-to", "resent-cc", "resent-sender"))
+
+
+def qualify_list(text, origin):
+    """``text`` (an RFC 5322 address list) with each address that has no
+    domain given @origin, everything else (display names, comments, groups,
+    folding) kept as written. Unparseable text comes back unchanged."""
+    out, i, n = [], 0, len(text)
+    item_start = 0
+    angle_open = None
+    spans = []            # (start, end) of each item's top-level text
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            if j >= n:
+                return text
+            i = j + 1
+            continue
+        if c == "(":
+            depth, i = 1, i + 1
+            while i < n and depth:
+                if text[i] == "\\":
+                    i += 1
+                elif text[i] == "(":
+                    depth += 1
+                elif text[i] == ")":
+                    depth -= 1
+                i += 1
+            if depth:
+                return text
+            continue
+        if c == "<":
+            angle_open = i
+        elif c == ">":
+            if angle_open is None:
+                return text
+            inner = text[angle_open + 1:i]
+            if inner.strip() and "@" not in inner and ":" not in inner:
+                out.append((i, "@" + origin))
+            angle_open = None
+        elif c in ",;:" and angle_open is None:
+            spans.append((item_start, i, c))
+            item_start = i + 1
+        i += 1
+    if angle_open is not None:
+        return text
+    spans.append((item_start, n, ""))
+    for start, end, sep in spans:
+        if sep == ":":
+            continue              # "name:" opens a group: the next items are its members
+        item = text[start:end]
+        if "<" not in item:
+            word = _bare_word(item)
+            if word is not None:
+                pos = start + word[1]
+                out.append((pos, "@" + origin))
+    if not out:
+        return text
+    pieces, last = [], 0
+    for pos, ins in sorted(out):
+        pieces.append(text[last:pos])
+        pieces.append(ins)
+        last = pos
+    pieces.append(text[last:])
+    return "".join(pieces)
+
+
+def _bare_word(item):
+    """(word, end offset) when ``item`` outside its comments is one word
+    without @ (an unqualified address), else None."""
+    depth, start, end, words = 0, None, None, 0
+    for k, c in enumerate(item):
+        if depth:
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            continue
+        if c == "(":
+            depth = 1
+            if start is not None and end is None:
+                end = k
+            continue
+        if c.isspace():
+            if start is not None and end is None:
+                end = k
+            continue
+        if start is None or end is not None:
+            if end is not None:
+                return None       # a second word: a display name without <>, leave it
+            start = k
+            words += 1
+    if start is None:
+        return None
+    end = end if end is not None else len(item.rstrip())
+    word = item[start:end]
+    if "@" in word or '"' in word or not word:
+        return None
+    return word, end
+
+
 def _flush(items, cur):
     if None in cur:
         if "".join(c for c in cur if c).strip():
@@ -364,7 +468,13 @@ class Submission:
             out.append(f"X-Authentication-Warning: {cfg.myhostname}: {self.login} set sender "
                        f"to {self.sender or '<>'} using -f\n".encode("utf-8", "surrogateescape"))
         drop = {"return-path", "bcc", "resent-bcc"}
-        out.extend(f for f in fields if field_name(f) not in drop)
+        for f in fields:
+            name = field_name(f)
+            if name in drop:
+                continue
+            if name in ADDRESS_FIELDS:
+                f = _qualified_field(f, cfg.myorigin)
+            out.append(f)
         if "date" not in names:
             out.append(f"Date: {now}\n".encode())
         if "from" not in names:
@@ -383,6 +493,16 @@ class Submission:
         if self.rewriter is not None:
             out = [self.rewriter.header_field(f) for f in out]
         return b"".join(out) + b"\n"
+
+
+def _qualified_field(field, origin):
+    """A header field (bytes, folded as written) with its bare addresses qualified."""
+    name, colon, value = field.partition(b":")
+    text = value.decode("utf-8", "surrogateescape")
+    new = qualify_list(text, origin)
+    if new == text:
+        return field
+    return name + colon + new.encode("utf-8", "surrogateescape")
 
 
 def recipients_from_header(sub, fields):

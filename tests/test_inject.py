@@ -518,3 +518,24 @@ def test_queueing_imports_neither_re_nor_enum_nor_threading(q):
     env, data = only(q)
     assert len(env.recipients) == 2 and env.recipients[1].address == '"x y"@example.test'
     assert b"\nFrom: Some One <" in data
+
+
+def test_local_submission_qualifies_bare_header_addresses_with_myorigin(inst):
+    """Postfix's cleanup for local mail: To: daemon is daemon@myorigin."""
+    inst.write_config(myorigin="example.test")
+    r = inst.sendmail("-t", "-odq", input=b"To: root\nCc: Root <root>, bob (Bob), "
+                      b"someone@else.example\nFrom: admin\nSubject: q\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    r = inst.sendmail("-odq", "root", input=b"To: daemon\nReply-To: undisclosed-recipients:;\n"
+                      b"Subject: r\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    heads = []
+    for name in sorted(os.listdir(inst.spool.dir)):
+        if name.startswith("df"):
+            heads.append(open(os.path.join(inst.spool.dir, name), "rb").read().split(b"\n\n")[0])
+    text = b"\n".join(heads).decode()
+    assert "To: root@example.test\n" in text
+    assert "Cc: Root <root@example.test>, bob@example.test (Bob), someone@else.example\n" in text
+    assert "From: admin@example.test\n" in text
+    assert "To: daemon@example.test\n" in text
+    assert "Reply-To: undisclosed-recipients:;\n" in text
