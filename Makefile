@@ -45,14 +45,16 @@ compile: venv
 
 venv: $(VENV)/.installed
 
-# The development instance: everything under ./var, SMTP on 127.0.0.1:2525.
+# The development instance: everything under ./var, SMTP on 127.0.0.1:2525,
+# run as the invoking user (mail_owner=$(id -un)): a checkout in /root is
+# out of the mail user's reach.
 dev-setup: venv
 	mkdir -p var/log
 	$(PY) -m pymta.devsetup $(DEVCONF)
 
 run: dev-setup compile
 	@echo "pymta: SMTP on 127.0.0.1:2525, queue in var/spool, mailboxes in var/mail (Ctrl-C stops)"
-	$(PY) bin/sendmail -C $(DEVCONF) -bD -q1m
+	$(PY) bin/sendmail -C $(DEVCONF) -O mail_owner=$$(id -un) -bD -q1m
 
 # Idempotent and quick when done: built under a temporary name, then renamed
 # into place (two makes at once cannot leave a half-built venv), umask 022 so

@@ -573,3 +573,28 @@ def test_every_user_may_run_mailq_through_the_daemon(make_user, shared_dir, pymt
         assert r.returncode == 77 and b"authorized_mailq_users" in r.stderr
     finally:
         stop(pid)
+
+
+def test_dev_instance_in_a_tree_mail_owner_cannot_enter_runs_as_the_invoking_user(tmp_path):
+    """make run's daemon command (mail_owner is who runs it) in a 0700 tree."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (the tree is out of the mail user's reach)")
+    r = subprocess.run(["make", "-s", "-n", "-C", TOP, "run"], capture_output=True, text=True)
+    run_line = [x for x in r.stdout.splitlines() if "bin/sendmail" in x][-1]
+    assert "-O mail_owner=$(id -un)" in run_line and "-bD" in run_line
+    os.chmod(tmp_path, 0o700)
+    port = free_port()
+    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="mail")
+    r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 78 and "mail_owner mail cannot reach the queue" in r.stderr
+    r = subprocess.run(sendmail_cmd(inst, "-O", "mail_owner=root", "-bd"), capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    pid = int(open(inst.params["pid_file"]).read())
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+            assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: dev\r\n\r\nx\r\n") == {}
+        assert wait_for(lambda: b"Subject: dev" in inst.mailbox(), 20), inst.maillog()
+    finally:
+        stop(pid)
