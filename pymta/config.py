@@ -379,7 +379,19 @@ def _check_users(values):
         _check_user(v, "trusted_users")
 
 
+def _check_tables(values):
+    from .tables import TableError, table_paths
+    try:
+        paths = table_paths(values)
+    except TableError as e:
+        raise ValueError(str(e)) from None
+    for path in paths:
+        _check_abs(path)
+
+
 _CHECKS = {
+    "virtual_alias_maps": _check_tables,
+    "relay_recipient_maps": _check_tables,
     "myhostname": check_hostname,
     "mydomain": lambda v: check_hostname(v, "domain"),
     "myorigin": lambda v: check_hostname(v, "domain"),
