@@ -187,6 +187,30 @@ class DataReceiver:
         return header_value(bytes(self.header), b"message-id")
 
 
+def missing_fields(header, hostname, qid, now=None):
+    """Date: and Message-ID: for a header section (bytes, LF line ends)
+    that lacks them, as Postfix's cleanup adds them for trusted clients."""
+    import time
+    have = {line.split(b":", 1)[0].strip().lower() for line in header.split(b"\n")
+            if line[:1] not in (b" ", b"\t") and b":" in line}
+    out = []
+    now = time.time() if now is None else now
+    if b"date" not in have:
+        lt = time.localtime(now)
+        off = lt.tm_gmtoff
+        sign = "+" if off >= 0 else "-"
+        off = abs(off)
+        out.append("Date: " + time.strftime("%a, %d %b %Y %H:%M:%S ", lt)
+                   + f"{sign}{off // 3600:02d}{off % 3600 // 60:02d}\n")
+    if b"message-id" not in have:
+        if not qid:
+            import os
+            qid = os.urandom(6).hex().upper()
+        out.append(f"Message-ID: <{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}.{qid}"
+                   f"@{hostname}>\n")
+    return "".join(out).encode()
+
+
 def header_value(header, name):
     """The first ``name:`` field of a header section (bytes, lowercase
     ``name``), unfolded and stripped, as text; "" when absent."""

@@ -648,9 +648,8 @@ class Session:
         written first, the header section rewritten when _rewriter says."""
         cfg = self.cfg
         line_limit = cfg.line_length_limit if cfg.smtpd_long_line_action == "reject" else 0
-        rw = self._rewriter()
         receiver = cls(writer, cfg.message_size_limit, line_limit, cfg.header_size_limit,
-                       header_filter=rw.header_section if rw else None)
+                       header_filter=self._header_filter(writer))
         try:
             writer.write(self._received_header(writer.id))
         except PymtaError as e:
@@ -761,7 +760,7 @@ class Session:
             self.tx = None
             return
         env = self._envelope(tx, data)
-        tx.msgid = data.message_id()
+        tx.msgid = data.message_id() or self._added_msgid
         if self.defer_commit:
             self.pending = (writer, env, tx)
             return
@@ -817,6 +816,35 @@ class Session:
         if rw is not None:
             rw.envelope(env)
         return env
+
+    _added_msgid = ""
+
+    def _header_filter(self, writer):
+        """What the header section goes through before it is stored: the
+        canonical rewriting (pymta.rewrite), and for mail from a local -bs
+        caller, mynetworks or an authenticated client a Date: and a
+        Message-ID: added at its end when missing, as Postfix's cleanup does
+        for the clients whose headers it fixes. None for anyone else's mail,
+        which is stored as sent."""
+        self._added_msgid = ""
+        rw = self._rewriter()
+        fix = self.local_uid >= 0 or self.trusted or bool(self.auth_user)
+        if rw is None and not fix:
+            return None
+        from .smtp_data import header_value, missing_fields
+        host, limit = self.cfg.myhostname, self.cfg.header_size_limit
+
+        def header_filter(head):
+            if rw is not None:
+                head = rw.header_section(head)
+            # Only a whole header section (one that ended within the limit).
+            if fix and head.endswith(b"\n") and len(head) <= limit:
+                extra = missing_fields(head, host, getattr(writer, "id", "") or "")
+                if extra:
+                    self._added_msgid = header_value(extra, b"message-id")
+                    head = extra + head if head == b"\n" else head + extra
+            return head
+        return header_filter
 
     def _rewriter(self):
         """The canonical rewriting of this session's mail (pymta.rewrite):

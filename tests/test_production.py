@@ -347,7 +347,9 @@ def test_report_counts_mail_picked_up_from_the_maildrop(tmp_path):
 
 def test_smtp_mail_is_logged_with_its_msgid(tmp_path):
     port = free_port()
-    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root")
+    # A client outside mynetworks: a missing Message-ID is not added for it.
+    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root",
+                    mynetworks="192.0.2.0/24")
     r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
@@ -596,5 +598,45 @@ def test_dev_instance_in_a_tree_mail_owner_cannot_enter_runs_as_the_invoking_use
         with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
             assert c.sendmail("a@b.example", ["root@example.test"], b"Subject: dev\r\n\r\nx\r\n") == {}
         assert wait_for(lambda: b"Subject: dev" in inst.mailbox(), 20), inst.maillog()
+    finally:
+        stop(pid)
+
+
+def test_date_and_message_id_added_for_trusted_smtp_clients_only(tmp_path):
+    port = free_port()
+    inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root",
+                    mynetworks="127.0.0.0/8")
+    with detached_daemon_plain(inst) as pid:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+            c.sendmail("a@b.example", ["root@example.test"], b"Subject: bare\r\n\r\nbody\r\n")
+            c.sendmail("a@b.example", ["root@example.test"],
+                       b"Subject: full\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+                       b"Message-ID: <own@b.example>\r\n\r\nbody\r\n")
+        assert wait_for(lambda: inst.mailbox().count(b"Subject:") == 2, 20), inst.maillog()
+    box = inst.mailbox().decode()
+    bare = box[box.index("Subject: bare"):].split("\n\n", 1)[0]
+    assert "\nDate: " in bare and "\nMessage-ID: <" in bare and "@mx.example.test>" in bare
+    full = box[box.index("Subject: full"):].split("\n\n", 1)[0]
+    assert full.count("Date:") == 1 and full.count("Message-ID:") == 1
+    assert f"msgid=<" in inst.maillog()
+    # A client outside mynetworks, not authenticated: stored as sent.
+    inst2 = Instance(tmp_path / "other", smtpd_listen=f"127.0.0.1:{port}", mail_owner="root",
+                     mynetworks="192.0.2.0/24")
+    with detached_daemon_plain(inst2):
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+            c.sendmail("a@b.example", ["root@example.test"], b"Subject: stranger\r\n\r\nbody\r\n")
+        assert wait_for(lambda: b"Subject: stranger" in inst2.mailbox(), 20), inst2.maillog()
+    head = inst2.mailbox().decode().split("Subject: stranger", 1)[1].split("\n\n", 1)[0]
+    assert "Message-ID:" not in head and "Date:" not in head
+
+
+@contextlib.contextmanager
+def detached_daemon_plain(inst):
+    r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    pid = int(open(inst.params["pid_file"]).read())
+    try:
+        yield pid
     finally:
         stop(pid)

@@ -352,7 +352,9 @@ def test_bdat_from_pymta_to_pymta_stores_the_message_as_sent(tmp_path, monkeypat
     monkeypatch.setattr(remote, "stream_data", None)      # DATA is not used
     import threading
     from pymta import server
-    peer = make_cfg(tmp_path / "peer", mydestination="remote.test", mynetworks="127.0.0.0/8",
+    # The peer does not count us in its mynetworks: it stores the message as
+    # sent (it would add Date and Message-ID for a trusted client).
+    peer = make_cfg(tmp_path / "peer", mydestination="remote.test", mynetworks="192.0.2.0/24",
                     smtpd_peername_lookup="no")
     srv = server.make_server(server.bind("127.0.0.1:0"), server.Services(peer, logging.getLogger("pymta")))
     port = srv.socket.getsockname()[1]
