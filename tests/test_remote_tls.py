@@ -508,3 +508,37 @@ def test_tls_contexts_are_shared_and_may_loads_no_ca_store(tmp_path, pki):
         f.write(g.read())
     v2 = tls_policy.client_context(cfg, tls_policy.Policy("verify"))
     assert v2 is not v1 and v2.cert_store_stats()["x509_ca"] == 2
+
+
+def test_address_literal_relayhost_at_verify_needs_the_address_in_the_certificate(tmp_path, pki):
+    with_ip = server_context(*pki.ca1.issue(SMTP_NAME, ips=["127.0.0.2"]))
+    for ctx, ok in ((with_ip, True), (pki.good, False)):
+        with SMTPSink("127.0.0.2", tls_context=ctx) as sink:
+            cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.2]:{sink.port}",
+                           smtp_tls_security_level="verify", smtp_tls_CAfile=pki.ca1.cert)
+            reply = send(cfg)
+            if ok:
+                assert reply.code == 250, reply
+            else:
+                assert reply.enhanced == "4.7.5" and "not 127.0.0.2" in reply.text, reply
+                assert nothing_sent(sink)
+
+
+def test_certificate_name_matching_rules():
+    from pymta.tls_policy import name_matches
+    san = {"subject": ((("commonName", "cn.example.test"),),),
+           "subjectAltName": (("DNS", "*.example.test"), ("DNS", "MX.Other.test."),
+                              ("DNS", "w*.partial.test"), ("IP Address", "192.0.2.7"))}
+    assert name_matches(san, [("a.example.test", False)])
+    assert not name_matches(san, [("a.b.example.test", False)])        # one label only
+    assert not name_matches(san, [("example.test", False)])
+    assert name_matches(san, [("mx.other.test", False)])
+    assert not name_matches(san, [("www.partial.test", False)])        # no partial wildcards
+    assert not name_matches(san, [("cn.example.test.x", False)])
+    assert name_matches(san, [("example.test", True)])                 # dot-nexthop
+    assert name_matches(san, [("other.test", True)])
+    assert name_matches(san, [("192.0.2.7", False)]) and not name_matches(san, [("192.0.2.8", False)])
+    cn_only = {"subject": ((("commonName", "Mail.Example.test"),),)}
+    assert name_matches(cn_only, [("mail.example.test", False)])       # CN only without SANs
+    assert not name_matches({"subject": san["subject"], "subjectAltName": (("DNS", "x.test"),)},
+                            [("cn.example.test", False)])              # SANs present: CN ignored
