@@ -754,6 +754,8 @@ def _pool_setup(target, groups, extra_gid):
         gc.collect()
         gc.freeze()     # the inherited heap stays shared with the parent
         os.umask(0o077)
+        from .proctitle import set_name
+        set_name("pymta: local")    # ps -o user,comm: whose deliveries it makes
         _drop(target, groups, keep_root=target.kind == "mailbox", extra_gid=extra_gid)
     return setup
 

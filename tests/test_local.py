@@ -723,3 +723,13 @@ def test_a_huge_single_line_streams_through_in_bounded_memory(inst, kind):
     else:
         (name,) = os.listdir(os.path.join(t.path, "new"))
         assert os.path.getsize(os.path.join(t.path, "new", name)) > size
+
+
+def test_delivery_workers_are_named_in_ps(inst):
+    from pymta import workers
+    cfg, env, r = queue(inst, body=b"Subject: named\n\nx\n")
+    t = me_target(cfg)
+    assert local.deliver(cfg, env, r, t).code == 250
+    pids = [w.pid for lst in workers.POOL._idle.values() for w in lst
+            if os.path.exists(f"/proc/{w.pid}")]
+    assert pids and all(open(f"/proc/{p}/comm").read() == "pymta: local\n" for p in pids)
