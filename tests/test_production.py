@@ -308,6 +308,12 @@ def test_init_script_finds_an_expanded_pid_file_and_reload_when_stopped_exits_7(
     r = init("reload")
     assert r.returncode == 7 and "not running" in r.stderr
     assert init("status").returncode == 3
+    # A pid file left by a killed daemon, naming a pid another program has
+    # now (this test's own): not running.
+    os.makedirs(os.path.dirname(pid_file), exist_ok=True)
+    with open(pid_file, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    assert init("status").returncode == 3 and init("reload").returncode == 7
     r = init("start")
     assert r.returncode == 0, r.stdout + r.stderr
     pid = int(open(pid_file).read())
