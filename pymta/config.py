@@ -400,6 +400,12 @@ def _check_tables(values):
 _CHECKS = {
     "virtual_alias_maps": _check_tables,
     "relay_recipient_maps": _check_tables,
+    "canonical_maps": _check_tables,
+    "sender_canonical_maps": _check_tables,
+    "recipient_canonical_maps": _check_tables,
+    "smtp_generic_maps": _check_tables,
+    "virtual_alias_domains": _check_domains,
+    "masquerade_domains": lambda v: _check_domains([d[1:] if d.startswith("!") else d for d in v]),
     "myhostname": check_hostname,
     "mydomain": lambda v: check_hostname(v, "domain"),
     "myorigin": lambda v: check_hostname(v, "domain"),
