@@ -163,8 +163,9 @@ class Installer:
             self.mkdir(parent, mode)
         os.mkdir(path, mode)
         self.say(f"mkdir {path}")
-        if self.made is not None:
-            self.made["dir"].append(self._undest(path))
+        real = self._undest(path)
+        if self.made is not None and real.startswith("/"):    # not DESTDIR itself
+            self.made["dir"].append(real)
 
     def _undest(self, path):
         return path[len(self.dest):] if self.dest and path.startswith(self.dest) else path

@@ -182,6 +182,7 @@ def test_postfix_files_are_moved_aside_kept_on_upgrade_and_put_back(tmp_path):
     assert (tmp_path / "usr/sbin/sendmail.pre-pymta").read_text() == "#!/bin/sh\necho postfix\n"
     manifest = (tmp_path / "usr/lib/pymta/MANIFEST").read_text()
     assert "moved /usr/bin/mailq" in manifest and "link /usr/bin/mailq" in manifest
+    assert all(line.split(" ", 1)[1].startswith("/") for line in manifest.splitlines()[1:])
     out = install(tmp_path, "--uninstall")
     left = {f for f in tree(tmp_path) if not f.startswith(("etc", "var"))}
     assert left == before
@@ -344,3 +345,12 @@ def test_pip_install_builds_a_wheel_whose_programs_work_and_start_fast(tmp_path)
     r = subprocess.run([str(venv / "bin" / "mailq"), "-C", str(conf)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "Total requests: 30" in r.stdout, r.stdout + r.stderr
+
+
+def test_manifest_names_only_paths_of_the_target_system(tmp_path):
+    dest = tmp_path / "stage"            # made by the install itself
+    install(dest)
+    lines = (dest / "usr/lib/pymta/MANIFEST").read_text().splitlines()[1:]
+    assert lines and all(line.split(" ", 1)[1].startswith("/") for line in lines), lines
+    install(dest, "--uninstall")
+    assert sorted(os.listdir(dest)) == ["etc", "var"]
