@@ -434,6 +434,10 @@ _CHECKS = {
     "syslog_facility": _check_facility,
     "recipient_delimiter": _check_delimiter,
     "smtp_port": _check_port,
+    "smtp_sasl_password_maps": _check_tables,
+    "smtp_tls_policy_maps": _check_tables,
+    "smtp_tls_CAfile": _check_abs_or_empty,
+    "data_directory": _check_abs,
 }
 
 
