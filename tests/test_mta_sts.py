@@ -67,7 +67,10 @@ def zone(web, txt='"v=STSv1; id=20260101"', mx="mx1.remote.test"):
 
 
 def send(tmp_path, dns, sink, pki, **kw):
-    params = dict(dns_nameservers=dns.address, smtp_port=str(sink.port), smtp_mta_sts_enable="yes",
+    # dns_timeout: the test DNS server is a thread of this loaded test process;
+    # 1 s (make_cfg's) was seen to run out under a full parallel suite.
+    params = dict(dns_nameservers=dns.address, dns_timeout="10s", smtp_port=str(sink.port),
+                  smtp_mta_sts_enable="yes",
                   smtp_tls_CAfile=pki.ca1.cert, data_directory=str(tmp_path / "data"))
     params.update(kw)
     cfg = make_cfg(tmp_path, **params)
