@@ -11,9 +11,15 @@ writes, one line each, into a pipe to the master.
 
 SIGHUP: both re-read the configuration (and, through a new router, the
 aliases); the master reads the TLS certificate and key, which the listener
-may not be able to read, and hands them to it through a pipe first. SIGTERM: the listener stops accepting, answers 421 to idle
-sessions, lets a DATA in progress finish its commit and exits; the master
-waits for it and for deliveries in progress, removes the pidfile, exits 0.
+may not be able to read, and hands them to it through a pipe first.
+SIGTERM: the master closes its copies of the listening sockets at once (new
+connections are refused) and passes the signal on; the listener stops
+accepting, answers 421 to idle sessions, lets a DATA in progress finish its
+commit and exits (within LISTENER_GRACE seconds, else it is killed: nothing
+it had not acknowledged is lost). No new delivery starts; those in progress
+get DELIVERY_GRACE seconds, then their connections are shut down (a tarpit
+or a blackhole holds nothing up) and their messages stay queued as they
+were; the master removes the pidfile and exits 0.
 """
 
 import errno
@@ -32,6 +38,9 @@ from .spool import Spool, valid_id
 from .status import EX_CANTCREAT, EX_CONFIG, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
 
 log = logging.getLogger("pymta")
+
+LISTENER_GRACE = 10.0   # a DATA in progress at SIGTERM may finish within this
+DELIVERY_GRACE = 2.0    # deliveries in progress at SIGTERM may finish within this
 
 
 def _owner(cfg):
@@ -262,6 +271,8 @@ class Master:
         self.exit_code = 0
         self.log_pipe = None        # (read fd, write fd, file handler): the listeners' log lines
         self.showq = None           # the showq socket (mailq for every user)
+        self.stop_time = None
+        self.abandoned = False
 
     def _spawn(self, slot):
         rfd = self.rfd
@@ -405,7 +416,8 @@ class Master:
             if interval and now >= next_run and self.runner_mod and \
                     (self.run_thread is None or not self.run_thread.is_alive()):
                 next_run = now + interval
-                self.run_thread = threading.Thread(target=self._queue_run, name="pymta-qrun")
+                self.run_thread = threading.Thread(target=self._queue_run, name="pymta-qrun",
+                                                   daemon=True)
                 self.run_thread.start()
             self._reap()
             if self.reload:
@@ -414,7 +426,25 @@ class Master:
         return self._shutdown()
 
     def _on_stop(self, *args):
+        if self.stop:
+            return
         self.stop = True
+        self.stop_time = time.monotonic()
+        # Stop accepting at once: the kernel queues connections for a
+        # listening socket as long as any process holds it open.
+        for socks in self.sock_sets:
+            for sock, _, _ in socks:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+        for child in self.children:
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if self.runner_mod is not None:
+            self.runner_mod.STOP.set()    # no new delivery starts
 
     def _start_showq(self):
         """queue_directory/public/showq: mailq for the users who cannot read
@@ -521,6 +551,8 @@ class Master:
         return runner
 
     def _deliver(self, qid):
+        if self.runner_mod.STOP.is_set():
+            return          # stopping: it stays queued for the next start
         try:
             lock = self.spool.lock(qid)
             if lock is None:
@@ -630,30 +662,23 @@ class Master:
 
     def _shutdown(self):
         log.info("stopping: no new connections; waiting for sessions and deliveries")
-        for child in self.children:
-            try:
-                os.kill(child, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for child in list(self.children):
-            while True:
-                try:
-                    os.waitpid(child, 0)
-                    break
-                except InterruptedError:
-                    continue
-                except ChildProcessError:
-                    break
-        self.children.clear()
-        # Last handoffs from the listener and sendmail; later ones wait for a queue run.
-        self._read_ids(self.rfd, b"")
-        for fd in self.notify_fds[:1]:
-            self._read_ids(fd, b"")
+        start = self.stop_time or time.monotonic()
+        self._wait_listeners(start + LISTENER_GRACE)
+        # Handoffs still in the pipes are not started: a queue run delivers them.
         for fd in self.notify_fds:
             os.close(fd)
-        self.pool.close()
-        if self.run_thread is not None:
-            self.run_thread.join()
+        deadline = start + DELIVERY_GRACE
+        if not self._wait_deliveries(deadline):
+            log.info("stopping: shutting down the connections of deliveries in progress; "
+                     "their messages stay queued")
+            if self.runner_mod is not None:
+                self.runner_mod.stop()
+            if not self._wait_deliveries(time.monotonic() + 1.0):
+                # Threads stuck anyway are abandoned: main() ends the process
+                # without waiting for them (their messages' locks go with it).
+                self.abandoned = True
+                log.warning("stopping: abandoning deliveries still in progress; "
+                            "their messages stay queued")
         if self.showq is not None:
             from . import mailq
             try:
@@ -663,6 +688,38 @@ class Master:
             self.showq.close()
         log.info("daemon stopped")
         return self.exit_code
+
+    def _wait_listeners(self, deadline):
+        """Wait for the listeners until ``deadline``, then kill them."""
+        while self.children:
+            for child in list(self.children):
+                try:
+                    pid, _ = os.waitpid(child, os.WNOHANG)
+                except ChildProcessError:
+                    pid = child
+                if pid:
+                    del self.children[child]
+            if not self.children:
+                break
+            if time.monotonic() >= deadline:
+                for child in self.children:
+                    log.warning(f"stopping: listener pid {child} still busy; killed")
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                deadline = float("inf")
+            time.sleep(0.05)
+
+    def _wait_deliveries(self, deadline):
+        """True once no delivery thread is busy, False at ``deadline``."""
+        while True:
+            busy = self.pool.busy() or (self.run_thread is not None and self.run_thread.is_alive())
+            if not busy:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
 
 def _log_pump(handler, fd):
@@ -783,9 +840,21 @@ def main(cfg, opts):
         print(f"sendmail: fatal: {cfg.pid_file}: {e.strerror}", file=sys.stderr)
         return EX_CANTCREAT
     try:
-        return master.run()
+        code = master.run()
     finally:
         pf.release()
+    _exit_if_abandoned(master, code)
+    return code
+
+
+def _exit_if_abandoned(master, code):
+    """End the process now when deliveries were abandoned: the interpreter
+    would otherwise wait for their threads at exit."""
+    if master.abandoned:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _detach(cfg, master, pf, socks):

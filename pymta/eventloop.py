@@ -88,6 +88,11 @@ class Pool:
             if self.post is not None and callback is not None:
                 self.post(callback, result)
 
+    def busy(self):
+        """Whether a job is running or waiting."""
+        with self.lock:
+            return self.idle < len(self.threads) or not self.jobs.empty()
+
     def close(self):
         """Run what is queued, then end the threads."""
         for _ in self.threads:

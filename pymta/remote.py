@@ -25,6 +25,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 
 from . import config as C
 from . import dkimsign, mx
@@ -45,6 +46,25 @@ class Results(dict):
     dsn = False
 
 
+STOPPING = threading.Event()
+_live = weakref.WeakSet()       # every socket made here, open or not
+_live_lock = threading.Lock()
+
+
+def abort_connections():
+    """The mail system stops: no new connection, and every open one (also
+    one still connecting, or waiting for a greeting) is shut down, so that
+    the threads using them get an error at once instead of a timeout."""
+    STOPPING.set()
+    with _live_lock:
+        socks = list(_live)
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class _SMTP(smtplib.SMTP):
     """smtplib.SMTP with a connect timeout distinct from the greeting's."""
 
@@ -54,7 +74,23 @@ class _SMTP(smtplib.SMTP):
         super().__init__(local_hostname=cfg.smtp_helo_name, timeout=cfg.smtp_connect_timeout)
 
     def _get_socket(self, host, port, timeout):
-        sock = socket.create_connection((host, port), timeout, self.source_address)
+        # ``host`` is an address: connect without a lookup, through a socket
+        # that abort_connections() can reach while connect() waits.
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        with _live_lock:
+            _live.add(sock)
+        if STOPPING.is_set():
+            sock.close()
+            raise OSError(0, "mail system stopping")
+        try:
+            sock.settimeout(timeout)
+            if self.source_address:
+                sock.bind(self.source_address)
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
         # Commands go out in whole groups; Nagle would only delay them.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._wrap_context is not None:
@@ -63,6 +99,8 @@ class _SMTP(smtplib.SMTP):
             except BaseException:
                 sock.close()
                 raise
+            with _live_lock:
+                _live.add(sock)
         sock.settimeout(self._greet_timeout)
         return sock
 
@@ -214,6 +252,10 @@ def _open(cfg, host, ip, port, verbose, log, tls_ok=True, policy=None, domain=No
     if policy is None:
         policy = tls_policy.static_policy(cfg, domain or host, host)
     conn, why = _open1(cfg, host, ip, port, verbose, log, tls_ok, policy, domain or host)
+    if STOPPING.is_set():
+        if conn is not None:
+            conn.close(quit=False)
+        return None, Reply(451, "4.3.2", "delivery interrupted: mail system stopping")
     if conn is not None:
         dead_hosts.clear((ip, port))
     elif (why.code == 421 or why.enhanced == "4.4.1" and why.text.startswith("connect to")

@@ -58,6 +58,21 @@ bounce, mx, remote = _LazyModule(".bounce"), _LazyModule(".mx"), _LazyModule(".r
 
 MAX_EXPANSION_ROUNDS = 10
 
+STOP = threading.Event()
+"""Set when the mail system stops (the daemon's SIGTERM): no message is
+started any more, and a message whose delivery was cut short keeps its qf
+as it was."""
+
+
+def stop():
+    """Stop delivering in this process: nothing new starts, and open SMTP
+    connections (those waiting on a tarpit or a blackhole too) are shut
+    down, so that every delivery in progress returns within moments."""
+    STOP.set()
+    mod = sys.modules.get(__package__ + ".remote")
+    if mod is not None:
+        mod.abort_connections()
+
 
 def fmt_delay(seconds):
     """sendmail's delay format: HH:MM:SS, with a D+ prefix past a day."""
@@ -364,6 +379,8 @@ class Runner:
         return not ids or any((s in qid) != n for s, n in ids)
 
     def _one(self, qid, filters, st):
+        if STOP.is_set():
+            return
         lock = self.spool.lock(qid)
         if lock is None:
             # The commit makes the df before the qf and removal unlinks the qf
@@ -456,6 +473,10 @@ class Runner:
                 r.text = last
         else:
             self._route_and_deliver(env, now, later)
+            if STOP.is_set() and not (summ.sent or summ.failed):
+                # Cut short by a stop: the qf stays as it was, due as before.
+                summ.skipped = "stopping"
+                return
         self._notify(env, now, later)
         # A recipient still F means its bounce could not be queued (a full
         # disk): the message stays, and the next pass tries the bounce again.
