@@ -179,17 +179,26 @@ class Admin:
         return f"{qid}: {_summary_text(summ)}"
 
     def flush_all(self):
+        """Deliver every queued message now with the queue run's scheduler
+        (per-destination slots, connections kept for the next message),
+        after clearing the dead-destination marks, as Postfix's flush does."""
+        try:
+            os.listdir(self.spool.dir)
+        except PermissionError:
+            raise Refused(f"{self.spool.dir}: Permission denied", EX_NOPERM) from None
         runner = self._runner()
-        lines, code = [], EX_OK
-        for qid in self.spool.ids("qf"):
-            try:
-                lines.append(self.flush(qid, runner))
-            except Refused as e:
-                if e.code == EX_NOUSER:
-                    continue  # delivered meanwhile
-                lines.append(str(e))
-                code = code or e.code
-        return lines, code
+        from . import sched
+        sched.Scheduler(self.cfg, self.log).clear_all_dead()
+        self.log.info(f"queue flushed by {self.user}")
+        st = runner.run_pass(force=True)
+        if not (st.tried or st.locked or st.quarantined):
+            return [], EX_OK
+        line = f"{st.tried} message(s) tried: {st.removed} done, {st.deferred} still queued"
+        if st.locked:
+            line += f"; {st.locked} being delivered, skipped"
+        if st.quarantined:
+            line += f"; {st.quarantined} set aside as corrupt"
+        return [line], (EX_TEMPFAIL if st.locked else EX_OK)
 
     def bounce(self, qid):
         """Fail every pending recipient now; the runner sends the one report."""

@@ -272,6 +272,8 @@ class Master:
         self.log_pipe = None        # (read fd, write fd, file handler): the listeners' log lines
         self.showq = None           # the showq socket (mailq for every user)
         self.stop_time = None
+        self.busy_ids = []          # handoffs that found their destination's slots taken
+        self.busy_lock = threading.Lock()
         self.abandoned = False
 
     def _spawn(self, slot):
@@ -382,7 +384,7 @@ class Master:
         self.runner_mod = self._load_runner()
         self._start_log_pump()
         from .eventloop import Pool
-        self.pool = Pool(max(1, cfg.delivery_process_limit), None, "pymta-handoff")
+        self.pool = Pool(max(1, cfg.delivery_thread_limit), None, "pymta-handoff")
         self.nlisteners = len(self.sock_sets)
         pids = [self._spawn(slot) for slot in range(self.nlisteners)]
         log.info(f"daemon started (pid {os.getpid()}), "
@@ -413,6 +415,10 @@ class Master:
             if now >= next_pickup:
                 next_pickup = now + 1
                 self._pickup()
+                with self.busy_lock:
+                    busy, self.busy_ids = self.busy_ids, []
+                for qid in busy:
+                    self.pool.submit(lambda qid=qid: self._deliver(qid))
             if interval and now >= next_run and self.runner_mod and \
                     (self.run_thread is None or not self.run_thread.is_alive()):
                 next_run = now + interval
@@ -558,7 +564,10 @@ class Master:
             if lock is None:
                 return
             with lock:
-                self._runner().deliver_locked(lock, keep_connections=True)
+                summ = self._runner().deliver_locked(lock, keep_connections=True)
+            if summ.skipped == "busy":
+                with self.busy_lock:
+                    self.busy_ids.append(qid)   # its destination's turn comes later
         except Exception as e:
             log.exception(f"{qid}: delivery attempt failed: {e}")
 

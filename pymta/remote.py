@@ -30,6 +30,7 @@ import weakref
 from . import config as C
 from . import dkimsign, mx
 from . import sasl_client, tls_policy
+from . import sched as _sched
 from .address import domain_of, xtext_encode
 from .spool import Spool
 from .status import PermFail, Reply, TempFail
@@ -123,8 +124,16 @@ def _temp(text, enhanced="4.4.2"):
     return Reply(451, enhanced, text)
 
 
+class Busy(Exception):
+    """Every connection slot of the destination is taken (by this process or
+    another): nothing was tried, the message waits for a free one."""
+
+
 class Connection:
-    """An open SMTP session with one server, between transactions."""
+    """An open SMTP session with one server, between transactions. It holds
+    one of its destination's connection slots (pymta.sched) until closed."""
+
+    slot = None
 
     def __init__(self, smtp, host, ip, port, tls):
         self.smtp, self.host, self.ip, self.port, self.tls = smtp, host, ip, port, tls
@@ -140,6 +149,9 @@ class Connection:
             self.smtp.close()
         except OSError:
             pass
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
 
 
 class ConnectionCache:
@@ -258,8 +270,7 @@ def _open(cfg, host, ip, port, verbose, log, tls_ok=True, policy=None, domain=No
         return None, Reply(451, "4.3.2", "delivery interrupted: mail system stopping")
     if conn is not None:
         dead_hosts.clear((ip, port))
-    elif (why.code == 421 or why.enhanced == "4.4.1" and why.text.startswith("connect to")
-          or "initial server greeting" in why.text and "timed out" in why.text):
+    elif _dead_kind(why):
         dead_hosts.mark(cfg, (ip, port), why)
     return conn, why
 
@@ -629,6 +640,12 @@ def transaction(cfg, conn, env, rcpts, spool, reset=False):
         return results, False
 
 
+def hop_key(cfg, domain):
+    """The scheduling name of the next hop ``domain``: "name:port"."""
+    name, port, _ = destination(cfg, domain)
+    return f"{name.lower()}:{port}"
+
+
 def deliver(cfg, env, rcpts, domain, log=None, resolver=None, cache=None, verbose=False):
     """Deliver ``env`` to ``rcpts`` (envelope.Recipient objects or addresses)
     at the next hop ``domain``; returns Results (address -> Reply).
@@ -637,9 +654,22 @@ def deliver(cfg, env, rcpts, domain, log=None, resolver=None, cache=None, verbos
     smtp_destination_recipient_limit. Recipients a server answered 452 (too
     many recipients) go again at once in a new transaction, over the same
     connection when it stays open, as long as each transaction gets at least
-    one recipient accepted; otherwise the 452 stands and they are deferred."""
+    one recipient accepted; otherwise the 452 stands and they are deferred.
+
+    A destination marked dead (pymta.sched) defers every recipient with the
+    mark's reply, without a connection. Raises Busy, nothing tried, when a
+    new connection is needed and every slot of the destination is taken."""
     log = log or logging.getLogger("pymta")
     rcpts = [r if hasattr(r, "address") else _Rcpt(r) for r in rcpts]
+    sch = _sched.for_config(cfg, log)
+    hop = hop_key(cfg, domain)
+    results = Results()
+    results.without_dsn = set()     # accepted by a server that does not offer DSN
+    dead = sch.dead(hop)
+    if dead is not None:
+        for r in rcpts:
+            results[r.address] = dead
+        return results
     try:
         dkimsign.for_message(cfg, env, Spool.from_config(cfg), log)
     except TempFail as e:
@@ -649,13 +679,19 @@ def deliver(cfg, env, rcpts, domain, log=None, resolver=None, cache=None, verbos
     own_cache = cache is None
     if own_cache:
         cache = ConnectionCache(per_destination=1)
-    results = Results()
-    results.without_dsn = set()     # accepted by a server that does not offer DSN
     pending = list(rcpts)
     try:
         while pending:
             batch, pending = (pending[:limit], pending[limit:]) if limit > 0 else (pending, [])
-            res = _deliver_batch(cfg, env, batch, domain, log, resolver, cache, verbose)
+            try:
+                res = _deliver_batch(cfg, env, batch, domain, log, resolver, cache, verbose, sch, hop)
+            except Busy:
+                if not results:
+                    raise
+                busy = _temp(f"all connections to {hop} in use", "4.4.5")
+                for r in batch + pending:
+                    results[r.address] = busy
+                break
             if res.relay or not results.relay:
                 results.relay = res.relay
             again = [r for r in batch if res[r.address].code == 452]
@@ -670,10 +706,19 @@ def deliver(cfg, env, rcpts, domain, log=None, resolver=None, cache=None, verbos
     finally:
         if own_cache:
             cache.close_all()
+    if any(200 <= reply.code < 300 for reply in results.values()):
+        sch.delivered(hop)
     return results
 
 
-def _deliver_batch(cfg, env, rcpts, domain, log, resolver, cache, verbose):
+def _dead_kind(why):
+    """Whether a failure to open a connection says the server is unusable for
+    a while (refused, timed out, 421 greeting), as the dead-host mark does."""
+    return (why.code == 421 or why.enhanced == "4.4.1" and why.text.startswith("connect to")
+            or "initial server greeting" in why.text and "timed out" in why.text)
+
+
+def _deliver_batch(cfg, env, rcpts, domain, log, resolver, cache, verbose, sch, hop):
     """One transaction for ``rcpts`` at ``domain`` (reusing a cached
     connection when there is one)."""
     spool = Spool.from_config(cfg)
@@ -689,48 +734,70 @@ def _deliver_batch(cfg, env, rcpts, domain, log, resolver, cache, verbose):
             except _Stale:
                 conn.close(quit=False)
                 continue
+            except BaseException:
+                conn.close(quit=False)
+                raise
             _finish(cache, key, conn, reusable)
             return results
+    slot = sch.acquire(hop)
+    if slot is None:
+        raise Busy(hop)
     try:
-        hosts = mx.lookup(cfg, name, resolver=resolver, port=port, use_mx=use_mx)
-    except (TempFail, PermFail) as e:
-        results = Results()
-        for r in rcpts:
-            results[r.address] = e.reply
-        return results
-    plan = tls_policy.Plan(cfg, name, port, use_mx, resolver, log)
-    try:
-        hosts = plan.hosts(hosts)
-    except TempFail as e:
-        results = Results()
-        for r in rcpts:
-            results[r.address] = e.reply
-        return results
-    last = _temp(f"no server for {name} answered", "4.4.1")
-    relay = ""
-    for host in hosts:
-        policy, why = plan.policy(host)
-        if why is not None:
-            log.info(f"{env.id}: {host.name}: {why.text}")
-            last, relay = why, host.name
-            continue
-        for ip in host.addresses:
-            conn, why = _open(cfg, host.name, ip, port, verbose, log, policy=policy, domain=name)
-            if conn is None:
-                log.info(f"{env.id}: {why.text}" if why.text.startswith(("connect", "lost", "TLS"))
-                         else f"{env.id}: {host_at(host.name, ip)}:{port} said: {why}")
-                last, relay = why, f"{host.name.strip('[]')} [{ip}]:{port}"
+        try:
+            hosts = mx.lookup(cfg, name, resolver=resolver, port=port, use_mx=use_mx)
+        except (TempFail, PermFail) as e:
+            results = Results()
+            for r in rcpts:
+                results[r.address] = e.reply
+            return results
+        plan = tls_policy.Plan(cfg, name, port, use_mx, resolver, log)
+        try:
+            hosts = plan.hosts(hosts)
+        except TempFail as e:
+            results = Results()
+            for r in rcpts:
+                results[r.address] = e.reply
+            return results
+        last = _temp(f"no server for {name} answered", "4.4.1")
+        relay = ""
+        all_dead = True
+        for host in hosts:
+            policy, why = plan.policy(host)
+            if why is not None:
+                log.info(f"{env.id}: {host.name}: {why.text}")
+                last, relay = why, host.name
+                all_dead = False
                 continue
-            results, reusable = transaction(cfg, conn, env, rcpts, spool)
-            _finish(cache, key, conn, reusable)
-            return results
-    results = Results()
-    results.relay = relay
-    if last.code >= 500 and not last.enhanced.startswith("5"):
-        last = Reply(last.code, "5.0.0", last.text)
-    for r in rcpts:
-        results[r.address] = last
-    return results
+            for ip in host.addresses:
+                conn, why = _open(cfg, host.name, ip, port, verbose, log, policy=policy, domain=name)
+                if conn is None:
+                    log.info(f"{env.id}: {why.text}" if why.text.startswith(("connect", "lost", "TLS"))
+                             else f"{env.id}: {host_at(host.name, ip)}:{port} said: {why}")
+                    last, relay = why, f"{host.name.strip('[]')} [{ip}]:{port}"
+                    all_dead = all_dead and _dead_kind(why)
+                    continue
+                conn.slot, slot = slot, None
+                try:
+                    results, reusable = transaction(cfg, conn, env, rcpts, spool)
+                except BaseException:
+                    conn.close(quit=False)      # and its slot with it
+                    raise
+                _finish(cache, key, conn, reusable)
+                return results
+        if all_dead and relay and not STOPPING.is_set():
+            # Every server of the destination is unusable: its other messages,
+            # in every process, are deferred without a connection for a while.
+            sch.mark_dead(hop, last)
+        results = Results()
+        results.relay = relay
+        if last.code >= 500 and not last.enhanced.startswith("5"):
+            last = Reply(last.code, "5.0.0", last.text)
+        for r in rcpts:
+            results[r.address] = last
+        return results
+    finally:
+        if slot is not None:
+            slot.release()
 
 
 def _finish(cache, key, conn, reusable):

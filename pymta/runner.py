@@ -25,6 +25,7 @@ a recorded expansion would have led to as well, so the attempt's one
 rewrite (or the removal) records it.
 """
 
+import collections
 import concurrent.futures
 import json
 import logging
@@ -120,14 +121,15 @@ class Summary:
     deferred: int = 0
     failed: int = 0
     skipped: str = ""       # why nothing was tried ("locked", "not due", "held"...)
+    busy: bool = False      # a destination had no free connection slot: try again soon
 
     @property
     def outcome(self):
         """PERMFAIL if any recipient failed (a bounce went out), else
-        TEMPFAIL if any was deferred, else OK."""
+        TEMPFAIL if any was deferred (or waits for a busy destination), else OK."""
         if self.failed:
             return Outcome.PERMFAIL
-        if self.deferred:
+        if self.deferred or self.busy:
             return Outcome.TEMPFAIL
         return Outcome.OK
 
@@ -201,6 +203,7 @@ class Runner:
     def __init__(self, cfg, log=None, now=time.time, verbose=False, processes=True):
         self.cfg = cfg
         self.processes = processes
+        self.force = False      # a flush: messages not yet due are delivered too
         self.log = log or logging.getLogger("pymta")
         self.now = now
         self.verbose = verbose
@@ -215,7 +218,7 @@ class Runner:
     def cache(self):
         """Idle SMTP connections for reuse, made on first use."""
         if self._cache is None:
-            self._cache = remote.ConnectionCache(per_destination=max(1, self.cfg.delivery_process_limit))
+            self._cache = remote.ConnectionCache(per_destination=max(1, self.cfg.delivery_thread_limit))
         return self._cache
 
     def _close_connections(self):
@@ -230,8 +233,9 @@ class Runner:
         return self._resolver
 
     # -- a pass over the queue
-    def run_pass(self, filters=()):
-        """Deliver every due message once; returns PassStats."""
+    def run_pass(self, filters=(), force=False):
+        """Deliver every due message once (every message with ``force``:
+        a flush); returns PassStats."""
         st = PassStats()
         st.picked_up = len(self.spool.pickup(log=self.log.info, hostname=self.cfg.myhostname,
                                                    mail_name=self.cfg.mail_name))
@@ -242,35 +246,98 @@ class Runner:
             st.messages += 1
             if not self._id_selected(filters, qid):
                 continue
-            y = read_next_try(self.spool.path("qf", qid))
-            if y is None:
-                continue
-            if y > now:
-                st.not_due += 1
-                continue
+            if not force:
+                y = read_next_try(self.spool.path("qf", qid))
+                if y is None:
+                    continue
+                if y > now:
+                    st.not_due += 1
+                    continue
             due.append(qid)
-        workers = min(max(1, self.cfg.delivery_process_limit), len(due))
+        self.force = force
+        threads = max(1, self.cfg.delivery_thread_limit)
+        procs = min(max(1, self.cfg.delivery_process_limit), threads, len(due))
         try:
-            if workers <= 1:
-                for qid in due:
-                    self._one(qid, filters, st)
-            elif not self.processes or not self._run_forked(due, filters, st, workers):
-                with concurrent.futures.ThreadPoolExecutor(workers, "pymta-deliver") as ex:
-                    for fut in [ex.submit(self._one, qid, filters, st) for qid in due]:
-                        fut.result()
+            if len(due) <= 1:
+                self._drain(iter(due).__next__, filters, st, 1)
+            elif not self.processes or procs <= 1 or \
+                    not self._run_forked(due, filters, st, procs, -(-threads // procs)):
+                self._drain(iter(due).__next__, filters, st, min(threads, len(due)))
         finally:
             self._close_connections()
         return st
 
+    def _drain(self, take, filters, st, nthreads):
+        """Deliver the ids ``take()`` returns (StopIteration or None: no more)
+        with ``nthreads`` threads. A message whose destination has no free
+        connection slot is put aside; a thread that finds no new message
+        takes the put-aside ones again, round after round (with a short,
+        growing wait after a round where none could go), until each one's
+        destination frees a slot or is marked dead. A thread that waits
+        closes this process's idle connections first, so that two processes
+        never wait for each other's."""
+        lock = threading.Lock()
+        later = collections.deque()
+        state = {"more": True, "misses": 0}
+
+        def next_id():
+            with lock:
+                if state["more"]:
+                    try:
+                        qid = take()
+                    except StopIteration:
+                        qid = None
+                    if qid is not None:
+                        return qid, False
+                    state["more"] = False
+                return (later.popleft(), True) if later else (None, False)
+
+        def work():
+            pause = 0.05
+            while not STOP.is_set():
+                qid, again = next_id()
+                if qid is None:
+                    return
+                if self._one(qid, filters, st) != "busy":
+                    if again:
+                        with lock:
+                            state["misses"] = 0
+                    pause = 0.05
+                    continue
+                with lock:
+                    later.append(qid)
+                    # A whole round of the put-aside messages without one
+                    # going out: wait a little before the next round.
+                    state["misses"] += again
+                    stuck = state["misses"] >= len(later)
+                    if stuck:
+                        state["misses"] = 0
+                if stuck:
+                    self._close_connections()   # no other process waits on ours
+                    STOP.wait(pause)
+                    pause = min(pause * 2, 1.0)
+
+        if nthreads <= 1:
+            work()
+            return
+        ts = [threading.Thread(target=work, name=f"pymta-deliver-{i}", daemon=True)
+              for i in range(nthreads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
     # -- several delivery processes
-    def _run_forked(self, due, filters, st, count):
-        """Deliver ``due`` with ``count`` forked, single-threaded children that
-        take ids one at a time from a shared SOCK_SEQPACKET socket (so a slow
-        message holds up one child only) and report their PassStats through
-        a pipe. Threads in one process would serialise on the GIL for the
-        Python work of every message. Returns False, nothing done, if no
-        child could be started; a child that dies leaves its message locked
-        for nobody and queued for the next pass."""
+    def _run_forked(self, due, filters, st, count, threads=1):
+        """Deliver ``due`` with ``count`` forked children of ``threads``
+        threads each, that take ids one at a time from a shared
+        SOCK_SEQPACKET socket (so a slow message holds up one thread only)
+        and report their PassStats through a pipe. Threads in one process
+        would serialise on the GIL for the Python work of every message;
+        threads within each process wait on the network side by side.
+        Returns False, nothing done, if no child could be started; a child
+        that dies leaves its message locked for nobody and queued for the
+        next pass."""
         self._before_fork()
         feed, feed_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         rfd, wfd = os.pipe()
@@ -287,7 +354,7 @@ class Runner:
                     try:
                         feed.close()
                         os.close(rfd)
-                        code = self._child(feed_child, wfd, filters)
+                        code = self._child(feed_child, wfd, filters, threads)
                     finally:
                         os._exit(code)
                 pids.append(pid)
@@ -301,10 +368,10 @@ class Runner:
         try:
             for qid in due:
                 feed.send(qid.encode("ascii"))
-            # One end mark a child, not end-of-file: a process forked meanwhile
+            # One end mark a thread, not end-of-file: a process forked meanwhile
             # by another thread holds a copy of ``feed`` and of ``wfd``, and
             # would keep both open.
-            for _ in pids:
+            for _ in range(len(pids) * threads):
                 feed.send(_END)
         except OSError as e:     # every child is gone: the rest waits for the next pass
             self.log.error(f"queue run: delivery processes gone ({e.strerror}); "
@@ -352,16 +419,19 @@ class Runner:
         self._get_router()
         remote.deliver   # noqa: B018 - the import itself is the point
 
-    def _child(self, sock, wfd, filters):
-        """A delivery process's loop: ids from ``sock`` until end-of-file."""
+    def _child(self, sock, wfd, filters, threads=1):
+        """A delivery process's loop: ids from ``sock`` until an end mark
+        (one a thread)."""
         self._cache = None       # the parent's idle connections are not ours
         st = PassStats()
+
+        def take():
+            data = sock.recv(256)
+            if not data or data == _END:
+                return None
+            return data.decode("ascii", "replace")
         try:
-            while True:
-                data = sock.recv(256)
-                if not data or data == _END:
-                    break
-                self._one(data.decode("ascii", "replace"), filters, st)
+            self._drain(take, filters, st, threads)
         finally:
             self._close_connections()
             counts = {k: getattr(st, k) for k in _COUNTS}
@@ -395,10 +465,13 @@ class Runner:
             return
         with lock:
             try:
-                summ = self._deliver(lock, filters=filters, honour_next_try=True)
+                summ = self._deliver(lock, filters=filters,
+                                     honour_next_try=not getattr(self, "force", False))
             except Exception as e:  # one bad message must not stop the pass
                 self.log.exception(f"{qid}: delivery attempt failed: {e}")
                 return
+        if summ.skipped == "busy":
+            return "busy"
         with self._stats_lock:
             if summ.skipped == "corrupt":
                 st.quarantined += 1
@@ -476,6 +549,15 @@ class Runner:
             if STOP.is_set() and not (summ.sent or summ.failed):
                 # Cut short by a stop: the qf stays as it was, due as before.
                 summ.skipped = "stopping"
+                return
+            if summ.busy:
+                # A destination had no free connection: what was done is
+                # recorded, and the message stays due, without a back-off,
+                # for its turn at that destination.
+                self._notify(env, now, later)
+                if summ.sent or summ.failed or summ.deferred:
+                    self.spool.rewrite(env)
+                summ.skipped = "busy"
                 return
         self._notify(env, now, later)
         # A recipient still F means its bounce could not be queued (a full
@@ -673,6 +755,9 @@ class Runner:
             results = remote.deliver(self.cfg, env, rcpts, domain, log=self.log,
                                      resolver=None if literal else self.resolver, cache=self.cache,
                                      verbose=self.verbose)
+        except remote.Busy:
+            env.tally.busy = True       # nothing tried: those recipients stay as they are
+            return
         except PymtaError as e:
             results = remote.Results({x.address: e.reply for x in rcpts})
         for (r, _), sent_as in zip(items, rcpts):

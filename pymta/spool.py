@@ -11,6 +11,8 @@ Layout of ``queue_directory``::
         Qf<ID>  a control file that could not be parsed: kept, never used
     maildrop/   mode 1733: unprivileged users' submissions, picked up by
                 root or mail_owner and committed to queue/ (see pickup())
+    sched/      mode 0700: per-destination connection slots and dead marks
+                shared by every delivering process (see pymta.sched)
 
 Queue ids are sendmail's shape: six characters of UTC time (year mod 60,
 month, day, hour, minute, second, each one of 60 letters), three of a

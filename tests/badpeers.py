@@ -21,8 +21,8 @@ def _bind(host, port=0, backlog=128):
 
 
 class Tarpit:
-    def __init__(self, host="127.0.0.2"):
-        self.sock = _bind(host)
+    def __init__(self, host="127.0.0.2", port=0):
+        self.sock = _bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.conns = []
         self._lock = threading.Lock()
@@ -60,8 +60,8 @@ class Tarpit:
 
 
 class Blackhole:
-    def __init__(self, host="127.0.0.2"):
-        self.sock = _bind(host, backlog=0)
+    def __init__(self, host="127.0.0.2", port=0):
+        self.sock = _bind(host, port, backlog=0)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.filler = socket.create_connection((host, self.port), timeout=5)
 

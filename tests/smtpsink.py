@@ -87,6 +87,15 @@ class _Handler(socketserver.StreamRequestHandler):
         sink = self.sink
         with sink._lock:
             sink.connections += 1
+            sink.active += 1
+            sink.peak = max(sink.peak, sink.active)
+        try:
+            self._session(sink)
+        finally:
+            with sink._lock:
+                sink.active -= 1
+
+    def _session(self, sink):
         tls = False
         if sink.implicit_tls:
             try:
@@ -186,6 +195,8 @@ class _Handler(socketserver.StreamRequestHandler):
                 t.raw = b"".join(raw)
                 t.data = b"".join(l[1:] if l.startswith(b".") else l for l in raw[:-1])
                 sink.data_seen.set()
+                if sink.data_delay:
+                    sink._stop.wait(sink.data_delay)
                 action = sink.data
                 t.complete = str(action).startswith("2")
                 if not self.act(action, f"2.0.0 Ok: queued as SINK{sink.transactions.index(t) + 1}"):
@@ -286,6 +297,11 @@ class _Handler(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 overflows when a queue run opens
+    # 20 connections at once: the kernel then drops the last ACK of a
+    # handshake, the client believes it is connected and waits for a
+    # greeting that never comes. Real servers listen with far more.
+    request_queue_size = 128
 
 
 class SMTPSink:
@@ -296,7 +312,7 @@ class SMTPSink:
                  extensions=("8BITMIME", "DSN", "PIPELINING", "ENHANCEDSTATUSCODES"),
                  tls_context=None, stall_time=30, name="sink.test", rcpt_limit=0,
                  auth=None, auth_after_tls=False, auth_reply=None, implicit_tls=False,
-                 auth_mechanisms="PLAIN LOGIN"):
+                 auth_mechanisms="PLAIN LOGIN", data_delay=0):
         self.host = host
         self.rcpt = dict(rcpt or {})
         self.default_rcpt, self.greeting, self.mail, self.data = default_rcpt, greeting, mail, data
@@ -308,6 +324,8 @@ class SMTPSink:
         self.logins = []
         self.transactions, self.commands = [], []
         self.connections = 0
+        self.active = self.peak = 0         # sessions open now, and at most at once
+        self.data_delay = data_delay        # seconds before the reply to the end of data
         self.data_seen = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from pymta import config, remote
+from pymta import config, remote, sched
 from pymta import envelope as E
 from pymta.spool import Spool
 
@@ -326,7 +326,9 @@ def test_a_refusing_server_is_tried_once_until_the_dead_host_time_passes(tmp_pat
         again = remote.deliver(cfg, env, env.recipients, "remote.test")["a@remote.test"]
         assert again.text == first.text and sink.connections == 0
         deadline = time.monotonic() + 10
-        while remote.dead_hosts.get(("127.0.0.2", port)) is not None and time.monotonic() < deadline:
+        hop = remote.hop_key(cfg, "remote.test")
+        while (remote.dead_hosts.get(("127.0.0.2", port)) is not None
+               or sched.for_config(cfg).dead(hop) is not None) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert remote.deliver(cfg, env, env.recipients, "remote.test")["a@remote.test"].code == 250
         assert sink.connections == 1

@@ -315,7 +315,8 @@ def test_a_pass_ends_though_another_process_holds_its_sockets(make_instance, mon
 
 def test_a_pass_with_several_delivery_processes_delivers_each_message_once(make_instance):
     with SMTPSink("127.0.0.2") as sink:
-        inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}", delivery_process_limit=3)
+        inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}", delivery_process_limit=3,
+                             delivery_thread_limit=3)
         subjects = [f"m{i}" for i in range(12)]
         for s in subjects:
             queue(inst, ["bob@remote.test"], subject=s)
