@@ -136,6 +136,14 @@ def scan(spool, filters=(), include_lost=True):
     Raises PermissionError when the queue directory cannot be read and
     FileNotFoundError when it does not exist.
     """
+    return list(iter_scan(spool, filters, include_lost)[1])
+
+
+def iter_scan(spool, filters=(), include_lost=True):
+    """(number of control files, generator of their entries oldest first,
+    those that match ``filters``): one entry in memory at a time.
+
+    Raises PermissionError or FileNotFoundError at once, as scan() does."""
     names = os.listdir(spool.dir)
     control = {}
     for name in names:
@@ -145,28 +153,30 @@ def scan(spool, filters=(), include_lost=True):
             # should it happen, the qf wins, as Spool.read() does.
             if prefix == "qf" or qid not in control or control[qid] == "Qf":
                 control[qid] = prefix
+    del names
     locked_inodes = _proc_locked_inodes()
-    out = []
-    for qid in sorted(control):
-        prefix = control[qid]
-        if prefix == "Qf":
-            if not include_lost:
+
+    def entries():
+        for qid in sorted(control):
+            prefix = control[qid]
+            if prefix == "Qf":
+                if not include_lost:
+                    continue
+                entry = Entry(qid, error="lost: control file could not be parsed", lost=True)
+            else:
+                entry = _read_entry(spool, qid, prefix)
+            if filters and not matches(qid, entry.env, filters):
                 continue
-            entry = Entry(qid, error="lost: control file could not be parsed", lost=True)
-        else:
-            entry = _read_entry(spool, qid, prefix)
-        if filters and not matches(qid, entry.env, filters):
-            continue
-        try:
-            st = os.stat(spool.path("df", qid))
-        except OSError:
-            st = None
-        if st is not None:
-            entry.size = st.st_size
-            if locked_inodes is None or st.st_ino in locked_inodes:
-                entry.locked = _probe_locked(spool.path("df", qid))
-        out.append(entry)
-    return out
+            try:
+                st = os.stat(spool.path("df", qid))
+            except OSError:
+                st = None
+            if st is not None:
+                entry.size = st.st_size
+                if locked_inodes is None or st.st_ino in locked_inodes:
+                    entry.locked = _probe_locked(spool.path("df", qid))
+            yield entry
+    return len(control), entries()
 
 
 def _read_entry(spool, qid, prefix):
@@ -313,6 +323,24 @@ def format_listing(qdir, entries, now, verbose=False):
     return "".join(parts)
 
 
+def write_listing(out, qdir, n, entries, now, verbose=False):
+    """format_listing() for ``n`` entries from an iterator, written to
+    ``out`` a few hundred at a time."""
+    if n == 0:
+        out.write(f"{qdir} is empty\n")
+    else:
+        out.write(f"\t\t{qdir} ({n} request{'' if n == 1 else 's'})\n")
+        out.write(HEADER_V if verbose else HEADER)
+        parts = []
+        for entry in entries:
+            parts.append(format_entry(entry, now, verbose))
+            if len(parts) >= 500:
+                out.write("".join(parts))
+                parts.clear()
+        out.write("".join(parts))
+    out.write(f"\t\tTotal requests: {n}\n")
+
+
 def format_count(qdir, n):
     """sendmail -bP style: the number of entries only."""
     head = f"{qdir} is empty\n" if n == 0 else f"{qdir}: entries={n}\n"
@@ -392,7 +420,16 @@ def main(cfg, opts, out=None):
     spool = S.Spool.from_config(cfg)
     request = dict(count_only=opts.count_only, filters=[list(f) for f in opts.queue_filters],
                    as_json=bool(opts.json), verbose=bool(opts.verbose))
+    stream = not (opts.json or opts.count_only or opts.queue_filters)
     try:
+        if stream:
+            # The whole queue, written as it is read: memory stays flat however
+            # long the queue (the count in the heading is that of its files).
+            n, entries = iter_scan(spool)
+            write_listing(out, cfg.queue_directory, n, entries, time.time(),
+                          verbose=opts.verbose)
+            out.flush()
+            return EX_OK
         text = render(cfg, spool, **request)
     except FileNotFoundError:
         print(f"{prog}: queue directory {spool.dir} does not exist", file=sys.stderr)

@@ -7,11 +7,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
 import queuefixture as Q
-from conftest import Instance, TOP
+from conftest import BIN, Instance, TOP
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 UTC = {"TZ": "UTC"}
@@ -237,3 +238,36 @@ def test_a_user_who_may_not_read_the_queue_gets_exit_77():
         assert r.stdout == b""
     finally:
         shutil.rmtree(top)
+
+
+def _fill(inst, n):
+    from pymta import envelope as E
+    from pymta.spool import Spool
+    sp = Spool(inst.params["queue_directory"], fsync=False)
+    for i in range(n):
+        with sp.new_message() as w:
+            w.write(b"Subject: q\n\nhi\n")
+            env = E.Envelope(sender="alice@sender.test", next_try=int(time.time()) + 86400)
+            env.add_recipient(f"user{i}@remote.test")
+            env.status = "Deferred: 451 4.4.1 connect to [192.0.2.1]:25: Connection timed out"
+            w.commit(env)
+
+
+def _mailq_kb(inst):
+    r = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, os.path.join(BIN, "mailq"),
+                        "-C", inst.conf_path], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return int(r.stderr.decode().split()[-1]), r.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/time"), reason="needs /usr/bin/time")
+def test_mailq_memory_stays_flat_as_the_queue_grows(make_instance):
+    small, big = make_instance(), make_instance()
+    _fill(small, 200)
+    _fill(big, 6000)
+    kb_small, _ = _mailq_kb(small)
+    kb_big, out = _mailq_kb(big)
+    assert out.count(b"<user") == 6000 and b"(6000 requests)" in out
+    # Each listed entry no longer stays in memory: a few hundred bytes of
+    # directory listing per message at most.
+    assert kb_big - kb_small < 4000, (kb_small, kb_big)
