@@ -70,6 +70,7 @@ _PARAMS = [
     P("mail_spool_directory", STR, "/var/mail", "Directory of the users' mbox files.", section="files"),
     P("home_mailbox", STR, "", "Mailbox relative to the user's home instead of mail_spool_directory; ending in / means Maildir.", section="files"),
     P("virtual_alias_maps", LIST, "", "Tables of virtual aliases (user@domain, user, @domain -> one or more addresses), applied to every recipient before local aliases; see pymta-tables(5).", section="tables"),
+    P("transport_maps", LIST, "", "Tables of 'domain transport:nexthop' entries routing domains to a given hop (smtp:[host]:port), to local delivery (local:) or to a refusal (error:text); .domain matches subdomains, * every other remote domain; see pymta(8) and pymta-tables(5).", section="tables"),
     P("virtual_alias_domains", LIST, "", "Domains that exist only in virtual_alias_maps: mail for them is accepted from anyone, and an address with no entry is refused at RCPT (550 5.1.1).", section="tables"),
     P("canonical_maps", LIST, "", "Tables rewriting sender and recipient addresses, in the envelope and in the headers, of mail submitted locally, from mynetworks or by an authenticated client.", section="tables"),
     P("sender_canonical_maps", LIST, "", "As canonical_maps, for sender addresses only (envelope sender, From, Sender, Reply-To...); tried before canonical_maps.", section="tables"),

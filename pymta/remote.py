@@ -184,11 +184,15 @@ class ConnectionCache:
 
 
 def destination(cfg, domain):
-    """(name, port, use_mx) for a next-hop ``domain``; relayhost overrides.
+    """(name, port, use_mx) for a next-hop ``domain``; relayhost overrides,
+    except for a transport_maps next hop ("smtp:" + nexthop).
 
     ``[host]:port`` as in Postfix: brackets mean no MX lookup. An IP address
     becomes an address literal."""
-    target = cfg.relayhost or domain
+    if domain.startswith("smtp:"):
+        target = domain[5:]
+    else:
+        target = cfg.relayhost or domain
     use_mx = not target.startswith("[")
     if target.startswith("[") and target.endswith("]") and literal_is_ip(target):
         return target, cfg.smtp_port, False

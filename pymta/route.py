@@ -72,6 +72,7 @@ class Router:
         self.aliases = aliases.AliasMaps.from_config(cfg, self.log)
         self.virtual = tables.maps(cfg, "virtual_alias_maps", self.log)
         self.relay_recipients = tables.maps(cfg, "relay_recipient_maps", self.log)
+        self._transports = None
 
     # -- lookups
     @staticmethod
@@ -171,8 +172,28 @@ class Router:
             return Target("command", user=user, uid=uid, gid=gid, home=home, command=text[1:])
         return Target("file", user=user, uid=uid, gid=gid, home=home, path=text)
 
-    def _remote(self, addr):
+    @property
+    def transports(self):
+        """transport_maps, read on first use."""
+        if self._transports is None:
+            from .transport import TransportMap
+            self._transports = TransportMap.from_config(self.cfg, self.log)
+        return self._transports
+
+    def _transport(self, addr, local):
+        if not self.cfg.transport_maps:
+            return None
+        return self.transports.lookup(address.domain_of(addr), local=local)
+
+    def _remote(self, addr, transport=None):
         dom = address.domain_of(addr)
+        if transport is not None:
+            # "smtp:" + next hop: remote.destination() takes it as it is,
+            # never the relayhost.
+            nexthop = transport[1] or dom
+            host, port = parse_hostport(nexthop, self.cfg.smtp_port)
+            return Route("remote", domain="smtp:" + nexthop, address=addr, host=host,
+                         port=port, mx=not nexthop.startswith("["))
         if self.cfg.relayhost:
             host, port = parse_hostport(self.cfg.relayhost, self.cfg.smtp_port)
             return Route("remote", domain=self.cfg.relayhost, address=addr, host=host,
@@ -259,7 +280,14 @@ class Router:
                 return rt
         if self.is_virtual_domain(address.domain_of(addr)):
             return _fail(550, "5.1.1", f"<{addr}>: User unknown in virtual alias table")
-        if not self.is_local(addr):
+        local = self.is_local(addr)
+        transport = self._transport(addr, local)
+        if transport is not None and transport[0] == "error":
+            from .transport import error_reply
+            return Route("fail", reply=error_reply(transport[1]))
+        if transport is not None and transport[0] == "smtp":
+            return self._remote(addr, transport)
+        if not local and (transport is None or transport[0] != "local"):
             return self._remote(addr)
         name = local_part
         if E.NO_ALIAS in rcpt.flags:
