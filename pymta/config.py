@@ -137,6 +137,7 @@ _PARAMS = [
     P("delivery_mode", ENUM, "background", "How sendmail delivers a submission without -od: background (-odb), interactive (-odi) or queue (-odq).", choices=("background", "interactive", "queue"), section="queue"),
     P("queue_sweep_age", TIME, "1d", "Age after which orphan tf and df files (no qf) are removed by a queue run.", unit="d", section="queue"),
     P("delivery_process_limit", INT, "4", "Processes a queue run delivers with (each runs its share of delivery_thread_limit).", section="queue"),
+    P("in_flow_delay", TIME, "1s", "When deliveries fall behind (the daemon's hand-off is full), how long a client waits for the 250 of each message, so that the listeners slow down before memory grows (0: never).", section="queue"),
     P("delivery_thread_limit", INT, "20", "Most deliveries in progress at once in one queue run, and in the daemon's hand-offs: a delivery waiting on the network holds a thread, not a CPU.", section="queue"),
     P("default_destination_concurrency_limit", INT, "20", "Most SMTP connections at once to one destination (next hop and port), across the daemon and every sendmail -q run (0: no limit).", section="queue"),
     P("initial_destination_concurrency", INT, "5", "Most connections at once to a destination that has delivered nothing within smtp_dead_host_time (slow start).", section="queue"),

@@ -39,6 +39,7 @@ from .status import EX_CANTCREAT, EX_CONFIG, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL,
 
 log = logging.getLogger("pymta")
 
+HANDOFF_BACKLOG = 2000  # hand-offs waiting for a delivery thread before the pipes are left unread
 LISTENER_GRACE = 10.0   # a DATA in progress at SIGTERM may finish within this
 DELIVERY_GRACE = 2.0    # deliveries in progress at SIGTERM may finish within this
 
@@ -187,10 +188,15 @@ class Listener:
             select.select([self.control_fd], [], [], 0.1)   # the rest of a frame
 
     def notify(self, qid):
+        """Hand ``qid`` to the master; False when its hand-off pipe is full
+        (deliveries fall behind: the session then waits in_flow_delay)."""
         try:
             os.write(self.notify_fd, qid.encode("ascii", "replace") + b"\n")
+        except BlockingIOError:
+            return False    # the next queue run delivers it (the master runs one soon)
         except OSError:
-            pass   # the master is busy or gone: the next queue run delivers it
+            pass   # the master is gone: the next queue run delivers it
+        return True
 
     def run(self):
         server.STOPPING.clear()
@@ -404,9 +410,23 @@ class Master:
         pending = {self.rfd: self.pending_ids}
         if self.notify_fds:
             pending[self.notify_fds[0]] = b""
+        throttled = False
         while not self.stop:
+            # A bounded hand-off: with HANDOFF_BACKLOG messages waiting for a
+            # delivery thread the pipes are not read; they fill and the
+            # listeners slow their clients down (in_flow_delay). Once the
+            # backlog is down to half, a queue run takes what was not handed.
+            backlog = self.pool.waiting()
+            if backlog >= HANDOFF_BACKLOG and not throttled:
+                throttled = True
+                log.warning(f"warning: {backlog} hand-offs wait for delivery: "
+                            "slowing down the listeners")
+            elif throttled and backlog <= HANDOFF_BACKLOG // 2:
+                throttled = False
+                next_run = time.monotonic()
             try:
-                ready, _, _ = select.select(list(pending), [], [], 1.0)
+                ready, _, _ = select.select([] if throttled else list(pending), [], [],
+                                           0.2 if throttled else 1.0)
             except InterruptedError:
                 ready = []
             for fd in ready:

@@ -88,6 +88,10 @@ class Pool:
             if self.post is not None and callback is not None:
                 self.post(callback, result)
 
+    def waiting(self):
+        """How many jobs wait for a thread."""
+        return self.jobs.qsize()
+
     def busy(self):
         """Whether a job is running or waiting."""
         with self.lock:

@@ -793,8 +793,10 @@ class Session:
                    + (f"msgid={msgid}, " if msgid else "")
                    + f"proto={env.protocol}, relay={relay}")
         self._send(Reply(250, "2.0.0", f"Ok: queued as {qid}"))
-        if self.accepted is not None:
-            self.accepted(qid)
+        if self.accepted is not None and self.accepted(qid) is False and self.cfg.in_flow_delay:
+            # Deliveries fall behind (the hand-off is full): this client waits
+            # in_flow_delay for the 250, as Postfix's smtpd waits for a token.
+            self.hold = self.cfg.in_flow_delay
 
     def _envelope(self, tx, data):
         p = tx.params

@@ -1,6 +1,7 @@
 """Delivery that a bad destination cannot stall: stopping, per-destination
 limits, the dead-host mark, against real misbehaving peers on loopback."""
 
+import logging
 import os
 import signal
 import smtplib
@@ -190,3 +191,59 @@ def test_flush_clears_the_dead_mark_and_keeps_connections(make_instance):
         assert len(sink.delivered) == 30 and inst.spool.ids() == []
         assert sink.connections <= 4
 
+
+
+# -- back-pressure ----------------------------------------------------------------
+
+def _serve(inst, notify):
+    import threading
+    from pymta import server
+    services = server.Services(inst.cfg, logging.getLogger("test"), notify=notify)
+    srv = server.make_server(server.bind("127.0.0.1:0"), services, False)
+    stop = threading.Event()
+    t = threading.Thread(target=server.serve, args=([srv],), kwargs={"stop": stop.is_set})
+    t.start()
+    return srv.socket.getsockname()[1], stop, t
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_full_hand_off_makes_the_client_wait_in_flow_delay(inst, full):
+    inst.write_config(in_flow_delay="1s")
+    handed = []
+
+    def notify(qid):
+        handed.append(qid)
+        return not full
+    port, stop, t = _serve(inst, notify)
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+            t0 = time.monotonic()
+            for i in range(3):
+                c.sendmail("a@b.example", ["root@example.test"], b"Subject: %d\r\n\r\nhi\r\n" % i)
+            took = time.monotonic() - t0
+    finally:
+        stop.set()
+        t.join(30)
+    assert len(handed) == 3 and len(qfs(inst)) == 3      # accepted all the same
+    if full:
+        assert took >= 3
+    else:
+        assert took < 1
+
+
+def test_the_listener_reports_a_full_hand_off_pipe(inst):
+    from pymta import daemon as D
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        lst = D.Listener(inst.cfg, None, [], w)
+        assert lst.notify("kB27rg000000001") is True
+        try:
+            while True:
+                os.write(w, b"x" * 4096)
+        except BlockingIOError:
+            pass
+        assert lst.notify("kB27rg000000002") is False
+    finally:
+        os.close(r)
+        os.close(w)
