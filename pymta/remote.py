@@ -778,6 +778,16 @@ def _deliver_batch(cfg, env, rcpts, domain, log, resolver, cache, verbose, sch, 
                     log.info(f"{env.id}: {why.text}" if why.text.startswith(("connect", "lost", "TLS"))
                              else f"{env.id}: {host_at(host.name, ip)}:{port} said: {why}")
                     last, relay = why, f"{host.name.strip('[]')} [{ip}]:{port}"
+                    if why.code == 421 and not STOPPING.is_set():
+                        others = sch.busy(hop) - 1          # the slot held here is one
+                        if others > 0:
+                            # It serves our other connections: its limit, not
+                            # its death. The message waits for a slot.
+                            dead_hosts.clear((ip, port))
+                            sch.cap(hop, others)
+                            log.info(f"{env.id}: {hop}: 421 with {others} other connection(s) "
+                                     f"open: at most {others} at once for now")
+                            raise Busy(hop)
                     all_dead = all_dead and _dead_kind(why)
                     continue
                 conn.slot, slot = slot, None

@@ -14,6 +14,10 @@ runs deliver at once; they agree on two things through files:
   (slow start, as Postfix's qmgr): a tarpit or a blackhole holds that many
   delivery threads, never all of them. The kernel drops a lock when its
   process dies, so a crash leaks nothing.
+- **Caps.** A server that greets with 421 while others of our connections
+  to it are open is at its own connection limit, not dead: ``<hop>.cap``
+  holds that number of connections for CAP_TIME seconds, and the message
+  waits for a slot (Postfix's concurrency feedback, in one step).
 - **Dead marks.** ``<hop>.dead`` holds an expiry time and the reply of the
   failure that made every server of the destination unusable (refused,
   timed out, 421 greeting); until it expires, messages for it are deferred
@@ -33,6 +37,7 @@ from .status import Reply
 
 SUBDIR = "sched"
 _PROVEN_REFRESH = 10.0      # <hop>.ok is touched at most this often per process
+CAP_TIME = 60.0             # how long a server's connection limit, learnt from a 421, holds
 
 
 def _file_name(hop):
@@ -96,7 +101,35 @@ class Scheduler:
     def limit_for(self, hop):
         if self.limit <= 0:
             return 0
-        return self.limit if self.proven(hop) else min(self.limit, self.initial)
+        limit = self.limit if self.proven(hop) else min(self.limit, self.initial)
+        cap = self.capped(hop)
+        return min(limit, cap) if cap else limit
+
+    # -- a server's own connection limit
+    def cap(self, hop, n):
+        """The server greeted a connection with 421 while ``n`` others were
+        open: it takes no more than ``n`` at once, for CAP_TIME seconds."""
+        if n <= 0 or not self._usable():
+            return
+        path = self._path(hop, ".cap")
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{time.time() + CAP_TIME:.3f} {n}\n")
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def capped(self, hop):
+        try:
+            with open(self._path(hop, ".cap"), "rb") as f:
+                expiry, n = f.read(100).split()
+            return int(n) if float(expiry) > time.time() else 0
+        except (OSError, ValueError):
+            return 0
 
     def acquire(self, hop):
         """A Slot for a new connection to ``hop``, or None when all its slots

@@ -96,6 +96,11 @@ class _Handler(socketserver.StreamRequestHandler):
                 sink.active -= 1
 
     def _session(self, sink):
+        if sink.max_sessions and sink.active > sink.max_sessions:
+            with sink._lock:
+                sink.refused += 1
+            self.send("421 4.7.0 Too many connections")
+            return
         tls = False
         if sink.implicit_tls:
             try:
@@ -312,7 +317,7 @@ class SMTPSink:
                  extensions=("8BITMIME", "DSN", "PIPELINING", "ENHANCEDSTATUSCODES"),
                  tls_context=None, stall_time=30, name="sink.test", rcpt_limit=0,
                  auth=None, auth_after_tls=False, auth_reply=None, implicit_tls=False,
-                 auth_mechanisms="PLAIN LOGIN", data_delay=0):
+                 auth_mechanisms="PLAIN LOGIN", data_delay=0, max_sessions=0):
         self.host = host
         self.rcpt = dict(rcpt or {})
         self.default_rcpt, self.greeting, self.mail, self.data = default_rcpt, greeting, mail, data
@@ -326,6 +331,8 @@ class SMTPSink:
         self.connections = 0
         self.active = self.peak = 0         # sessions open now, and at most at once
         self.data_delay = data_delay        # seconds before the reply to the end of data
+        self.max_sessions = max_sessions    # more at once are greeted with 421
+        self.refused = 0
         self.data_seen = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()

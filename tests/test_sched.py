@@ -172,6 +172,19 @@ def test_the_destination_limit_holds_across_concurrent_queue_runs(make_instance)
         assert sink.connections < 24
 
 
+def test_a_server_at_its_connection_limit_is_not_taken_for_dead(make_instance):
+    # It serves two connections at once and greets a third with 421.
+    with SMTPSink("127.0.0.2", data_delay=0.2, max_sessions=2) as sink:
+        inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}", delivery_process_limit=2,
+                             delivery_thread_limit=6, initial_destination_concurrency=6)
+        for i in range(20):
+            put(inst, f"u{i}@remote.test")
+        assert inst.sendmail("-q").returncode == 0
+        assert sink.refused >= 1
+        assert len(sink.delivered) == 20 and inst.spool.ids() == []
+        assert "at most 2 at once" in inst.maillog() or "at most 1 at once" in inst.maillog()
+
+
 def test_flush_clears_the_dead_mark_and_keeps_connections(make_instance):
     with SMTPSink("127.0.0.2") as sink:
         inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}", delivery_process_limit=2,
