@@ -278,6 +278,7 @@ class Master:
         self.log_pipe = None        # (read fd, write fd, file handler): the listeners' log lines
         self.showq = None           # the showq socket (mailq for every user)
         self.stop_time = None
+        self.wake_r = self.wake_w = -1  # the signal wake-up pipe of the main loop
         self.busy_ids = []          # handoffs that found their destination's slots taken
         self.busy_lock = threading.Lock()
         self.abandoned = False
@@ -294,6 +295,10 @@ class Master:
             return pid
         code = 1
         try:
+            signal.set_wakeup_fd(-1)
+            for fd in (self.wake_r, self.wake_w):
+                if fd >= 0:
+                    os.close(fd)
             os.close(rfd)
             os.close(cw)
             for fd in self.control.values():
@@ -384,6 +389,12 @@ class Master:
             log.warning(f"cannot open {self.spool.notify_path} ({e.strerror}): sendmail "
                         "submissions are delivered by their own background process")
             self.notify_fds = ()
+        # Signals wake the main loop at once (not at its next second): a
+        # SIGHUP reaches the listeners before a SIGTERM that follows it.
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
@@ -425,12 +436,15 @@ class Master:
                 throttled = False
                 next_run = time.monotonic()
             try:
-                ready, _, _ = select.select([] if throttled else list(pending), [], [],
-                                           0.2 if throttled else 1.0)
+                ready, _, _ = select.select(([] if throttled else list(pending)) + [self.wake_r],
+                                           [], [], 0.2 if throttled else 1.0)
             except InterruptedError:
                 ready = []
             for fd in ready:
-                pending[fd] = self._read_ids(fd, pending[fd])
+                if fd == self.wake_r:
+                    _read_available(fd)
+                else:
+                    pending[fd] = self._read_ids(fd, pending[fd])
             now = time.monotonic()
             if now >= next_pickup:
                 next_pickup = now + 1
@@ -778,6 +792,14 @@ def _log_pump(handler, fd):
             pass
         finally:
             handler.release()
+
+
+def _read_available(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
 
 
 def _status_text(status):
