@@ -10,6 +10,11 @@ Cases (the reference table of the performance issue):
 and, for pymta alone: mailq and an idle queue pass with 10,000 and 100,000
 messages queued (10,000 only with --quick), and the peak RSS while a 100 MB message goes
 through SMTP, sendmail injection and local delivery.
+sched (issue 14): healthy mail beside a tarpit and a blackhole (Postfix too),
+connection attempts deferring 10,000 to a dead relay, pymta flush of 10,000
+(Postfix's postqueue -f), mailq at 100,000 with its peak RSS, a drain to a
+sink taking 1 s a message, the time from SIGTERM to exit with hand-offs
+hanging on a tarpit.
 
 Postfix runs when the peer scripts (../shared/peers, or $PYMTA_PEERS) and
 postfix are installed; each case alternates pymta and Postfix for --reps
@@ -398,12 +403,306 @@ def case_big_message(work, mb=100):
     return result
 
 
+# -- delivery that a bad destination cannot stall (issue 14) ---------------------
+
+class BadPeer:
+    """A tarpit (accepts, never greets) or a blackhole (connect() hangs: a
+    listening socket whose one-connection backlog is taken and never
+    accepted) on 127.0.0.1; a 421 server counts its connections."""
+
+    def __init__(self, kind):
+        import threading
+        self.kind, self.connections = kind, 0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held = []
+        if kind == "blackhole":
+            self.sock.listen(0)
+            self.held.append(socket.create_connection(("127.0.0.1", self.port), 5))
+            return
+        self.sock.listen(1024)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            if self.kind == "421":
+                try:
+                    c.sendall(b"421 4.3.2 Service not available\r\n")
+                except OSError:
+                    pass
+                c.close()
+            else:
+                self.held.append(c)
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+def _sink(*extra):
+    port = free_port()
+    p = subprocess.Popen([SMTP_SINK, "-u", "nobody", *extra, f"127.0.0.1:{port}", "1024"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_port(port)
+    return p, port
+
+
+def _stop(p):
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+def _pymta_relay(work, transport, **params):
+    root = tempfile.mkdtemp(prefix="pymta-", dir=work)
+    path = os.path.join(root, "transport")
+    with open(path, "w") as f:
+        f.write(transport)
+    return Pymta(root, free_port(), transport_maps=path, **params)
+
+
+def _time_until(pred, timeout):
+    t0 = time.perf_counter()
+    end = t0 + timeout
+    while time.perf_counter() < end:
+        if pred():
+            return time.perf_counter() - t0
+        time.sleep(0.02)
+    return float("nan")
+
+
+def case_stall_pymta(work, bad_kind, n_good, n_bad, size=5120):
+    """Seconds until n_good messages to a healthy sink are delivered by one
+    `sendmail -q`, with n_bad messages to a bad peer queued before them
+    (bad_kind None: without them)."""
+    sink, sink_port = _sink()
+    bad = BadPeer(bad_kind) if bad_kind else None
+    try:
+        tmap = f"healthy.test smtp:[127.0.0.1]:{sink_port}\n"
+        if bad:
+            tmap += f"bad.test smtp:[127.0.0.1]:{bad.port}\n"
+        pm = _pymta_relay(work, tmap)
+        if bad:
+            _fill_queue(pm, n_bad, size, rcpt="user@bad.test")
+        _fill_queue(pm, n_good, size, rcpt="user@healthy.test")
+        p = subprocess.Popen([PY, SENDMAIL, "-C", pm.conf, "-q"], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            left = n_bad if bad else 0
+            took = _time_until(lambda: pm.queue_count() <= left, 600)
+        finally:
+            _stop(p)
+        shutil.rmtree(pm.root, ignore_errors=True)
+        return took
+    finally:
+        _stop(sink)
+        if bad:
+            bad.close()
+
+
+def _sink_count(port):
+    out = subprocess.run([os.path.join(PEERS, "sink.sh"), "count", str(port)],
+                         capture_output=True, text=True).stdout.strip()
+    return int(out or 0)
+
+
+def case_stall_postfix(work, bad_kind, n_good, n_bad, size=5120):
+    """The same through a private Postfix: mail held, then postqueue -f; the
+    time until smtp-sink counted n_good more messages."""
+    sink_port = free_port()
+    subprocess.run([os.path.join(PEERS, "sink.sh"), "start", str(sink_port)], capture_output=True)
+    bad = BadPeer(bad_kind) if bad_kind else None
+    pdir, pport = os.path.join(work, "pfxs"), free_port()
+    env = dict(os.environ, HOLD="1", DOMAINS="healthy.test bad.test")
+    try:
+        subprocess.run([os.path.join(PEERS, "postfix-down.sh"), pdir, "--purge"], capture_output=True)
+        subprocess.run([os.path.join(PEERS, "postfix-up.sh"), str(pport), pdir, f"relay:{sink_port}"],
+                       env=env, check=True, capture_output=True)
+        etc = os.path.join(pdir, "etc")
+        if bad:
+            with open(os.path.join(etc, "transport"), "w") as f:
+                f.write(f"bad.test relay:[127.0.0.1]:{bad.port}\n")
+            subprocess.run(["postconf", "-c", etc, "-e", f"transport_maps = texthash:{etc}/transport"],
+                           check=True, capture_output=True)
+            subprocess.run(["postfix", "-c", etc, "reload"], capture_output=True)
+            time.sleep(1)
+            subprocess.run([os.path.join(PEERS, "bench-accept.sh"), "127.0.0.1", str(pport), "20",
+                            str(n_bad), str(size)], env=dict(os.environ, TO="user@bad.test"),
+                           capture_output=True)
+        subprocess.run([os.path.join(PEERS, "bench-accept.sh"), "127.0.0.1", str(pport), "20",
+                        str(n_good), str(size)], env=dict(os.environ, TO="user@healthy.test"),
+                       capture_output=True)
+        total = n_good + (n_bad if bad else 0)
+        deferred = os.path.join(pdir, "spool", "deferred")
+        _time_until(lambda: sum(len(f) for _, _, f in os.walk(deferred)) >= total, 120)
+        c0 = _sink_count(sink_port)
+        subprocess.run(["postqueue", "-c", etc, "-f"], capture_output=True)
+        return _time_until(lambda: _sink_count(sink_port) >= c0 + n_good, 600)
+    finally:
+        subprocess.run([os.path.join(PEERS, "postfix-down.sh"), pdir, "--purge"], capture_output=True)
+        subprocess.run([os.path.join(PEERS, "sink.sh"), "stop", str(sink_port)], capture_output=True)
+        if bad:
+            bad.close()
+
+
+def case_dead_hop(work, n):
+    """Connection attempts while one queue run defers n messages to a relay
+    that greets with 421, and the run's time."""
+    bad = BadPeer("421")
+    try:
+        pm = _pymta_relay(work, "", relayhost=f"[127.0.0.1]:{bad.port}")
+        _fill_queue(pm, n, 1024, rcpt="user@remote.test")
+        t0 = time.perf_counter()
+        pm.run_cmd("-q")
+        took = time.perf_counter() - t0
+        shutil.rmtree(pm.root, ignore_errors=True)
+        return bad.connections, took
+    finally:
+        bad.close()
+
+
+def case_flush(work, n, size=5120):
+    """pymta flush of n deferred messages once the relay is back (msgs/s)."""
+    sink, sink_port = _sink()
+    try:
+        pm = _pymta_relay(work, "", relayhost=f"[127.0.0.1]:{sink_port}")
+        _fill_queue(pm, n, size, rcpt="user@remote.test", next_try=int(time.time()) + 3600)
+        t0 = time.perf_counter()
+        subprocess.run([PY, os.path.join(TOP, "bin", "pymta"), "-C", pm.conf, "flush"],
+                       capture_output=True)
+        took = time.perf_counter() - t0
+        left = pm.queue_count()
+        shutil.rmtree(pm.root, ignore_errors=True)
+        return (n - left) / took
+    finally:
+        _stop(sink)
+
+
+def case_flush_postfix(work, n, size=5120):
+    pfx_sink = free_port()
+    out = subprocess.run([os.path.join(PEERS, "bench-relay.sh"), str(free_port()),
+                          os.path.join(work, "pfxf"), str(pfx_sink), str(n), str(size)],
+                         capture_output=True, text=True).stdout
+    subprocess.run([os.path.join(PEERS, "sink.sh"), "stop", str(pfx_sink)], capture_output=True)
+    subprocess.run([os.path.join(PEERS, "postfix-down.sh"), os.path.join(work, "pfxf"), "--purge"],
+                   capture_output=True)
+    for line in out.splitlines():
+        if line.startswith("drain:"):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def case_mailq_rss(work, n):
+    root = tempfile.mkdtemp(prefix="pymta-", dir=work)
+    pm = Pymta(root, free_port(), relayhost="[127.0.0.1]:1")
+    _fill_queue(pm, n, 1024, rcpt="user@remote.test", next_try=int(time.time()) + 86400)
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-f", "%M", PY, SENDMAIL, "-C", pm.conf, "-bp"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    took = time.perf_counter() - t0
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        return took, int(r.stderr.decode().split()[-1]) / 1024
+    except (ValueError, IndexError):
+        return took, float("nan")
+
+
+def case_slow_sink(work, n, delay=1):
+    """Drain n messages to a sink that takes ``delay`` s a message (msgs/s)."""
+    sink, sink_port = _sink("-w", str(delay))
+    try:
+        pm = _pymta_relay(work, "", relayhost=f"[127.0.0.1]:{sink_port}")
+        _fill_queue(pm, n, 5120, rcpt="user@remote.test")
+        t0 = time.perf_counter()
+        pm.run_cmd("-q")
+        took = time.perf_counter() - t0
+        left = pm.queue_count()
+        shutil.rmtree(pm.root, ignore_errors=True)
+        return (n - left) / took
+    finally:
+        _stop(sink)
+
+
+def case_sigterm(work):
+    """Seconds from SIGTERM to exit of a daemon whose hand-offs hang on a tarpit."""
+    bad = BadPeer("tarpit")
+    try:
+        pm = _pymta_relay(work, "", relayhost=f"[127.0.0.1]:{bad.port}")
+        pm.start()
+        import smtplib
+        with smtplib.SMTP("127.0.0.1", pm.port, timeout=30) as c:
+            for i in range(10):
+                c.sendmail("a@example.test", [f"u{i}@remote.test"], b"Subject: x\r\n\r\nhi\r\n")
+        _time_until(lambda: bad.connections >= 1, 30)
+        t0 = time.perf_counter()
+        os.killpg(pm.proc.pid, signal.SIGTERM)
+        try:
+            pm.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            pm.stop()
+        took = time.perf_counter() - t0
+        shutil.rmtree(pm.root, ignore_errors=True)
+        return took
+    finally:
+        bad.close()
+
+
+def run_sched_cases(work, quick, with_postfix):
+    """The rows of issue 14; returns (text rows, markdown lines)."""
+    n_good, n_bad = (500, 50) if quick else (2000, 200)
+    md = ["", "Delivery with a bad destination (issue 14):", "",
+          "| case | pymta | Postfix |", "|---|---|---|"]
+
+    def add(name, p, q="-"):
+        md.append(f"| {name} | {p} | {q} |")
+        print(f"{name}: pymta {p}, postfix {q}", flush=True)
+
+    base = case_stall_pymta(work, None, n_good, 0)
+    pbase = case_stall_postfix(work, None, n_good, 0) if with_postfix else float("nan")
+    add(f"{n_good} to a healthy sink, alone: healthy mail done", f"{base:.1f} s",
+        f"{pbase:.1f} s" if with_postfix else "-")
+    for kind in ("tarpit", "blackhole"):
+        t = case_stall_pymta(work, kind, n_good, n_bad)
+        q = case_stall_postfix(work, kind, n_good, n_bad) if with_postfix else float("nan")
+        add(f"same + {n_bad} to a {kind}, queued first: healthy mail done",
+            f"{t:.1f} s ({t / base:.2f}x alone)",
+            f"{q:.1f} s ({q / pbase:.2f}x alone)" if with_postfix else "-")
+    nd = 2000 if quick else 10000
+    conns, took = case_dead_hop(work, nd)
+    add(f"one queue run deferring {nd} to a relay that greets 421: connection attempts",
+        f"{conns} ({took:.1f} s)")
+    nf = 2000 if quick else 10000
+    add(f"flush {nf} deferred messages, relay back", f"{case_flush(work, nf):.0f} msgs/s",
+        f"{case_flush_postfix(work, nf):.0f} msgs/s" if with_postfix else "-")
+    nm = 10000 if quick else 100000
+    t, mb = case_mailq_rss(work, nm)
+    add(f"mailq with {nm} queued: time, peak RSS", f"{t:.1f} s, {mb:.0f} MB")
+    ns = 100 if quick else 400
+    add(f"drain {ns} to a sink taking 1 s a message", f"{case_slow_sink(work, ns):.1f} msgs/s")
+    add("SIGTERM to exit, daemon hand-offs hanging on a tarpit", f"{case_sigterm(work):.1f} s")
+    return md
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller loads, one repetition")
     ap.add_argument("--no-postfix", action="store_true")
-    ap.add_argument("--cases", default="accept,drain,inject,queue,bigmsg")
+    ap.add_argument("--cases", default="accept,drain,inject,queue,bigmsg,sched")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     a = ap.parse_args()
     reps = 1 if a.quick else a.reps
@@ -445,6 +744,9 @@ def main():
             scale_rows = case_queue_scale(work, counts)
             for n, tm, tp, rc in scale_rows:
                 print(f"queue of {n}: mailq {tm:.2f} s (exit {rc}), idle queue pass {tp:.2f} s", flush=True)
+        sched_md = []
+        if "sched" in cases and SMTP_SINK:
+            sched_md = run_sched_cases(work, a.quick, with_postfix)
         big = {}
         if "bigmsg" in cases:
             big = case_big_message(work, 100 // scale)
@@ -462,6 +764,7 @@ def main():
     if scale_rows:
         lines += ["", "| messages queued (none due) | mailq | idle queue pass |", "|---|---|---|"]
         lines += [f"| {n} | {tm:.2f} s | {tp:.2f} s |" for n, tm, tp, rc in scale_rows]
+    lines += sched_md
     if big:
         lines += ["", f"Peak RSS with one {100 // scale} MB message: "
                   + ", ".join(f"{k} {v:.0f} MB" for k, v in big.items()) + "."]
