@@ -29,7 +29,7 @@ TESTPY_REQS := $(shell $(TESTPY_BASE) pymta/deps.py 2>/dev/null || python3 pymta
 # later installs (upgrades) keep it.
 INSTALL_PYTHON ?=
 
-.PHONY: all venv testpy compile run dev-setup test man check-man bench install uninstall clean
+.PHONY: all venv testpy lint compile run dev-setup test man check-man bench install uninstall clean
 
 all: venv
 
@@ -71,7 +71,10 @@ testpy:
 	    rm -rf '$(TESTPY)' && mv -T "$$tmp" '$(TESTPY)' || { rm -rf "$$tmp"; exit 1; }; \
 	    echo "testpy: $(TESTPY) ($(TESTPY_REQS))"; fi
 
-test: venv testpy
+lint: venv
+	$(VENV)/bin/ruff check --no-cache pymta tests bin bench
+
+test: venv testpy lint
 	PYMTA_TESTPY='$(TESTPY)' $(PY) -m pytest -q -n 2 --timeout 600 -p no:cacheprovider $(PYTEST_ARGS) tests
 
 man: check-man

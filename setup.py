@@ -26,7 +26,7 @@ setup(
     # The minimums are Debian 12's and are what `make test` runs against.
     install_requires=_deps["install_requires"](),
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "hypothesis", "wheel"],
+        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "hypothesis", "wheel", "ruff==0.17.6"],
         "plot": ["matplotlib"],
     },
     # The programs are the tree's own launchers, not console-script entry

@@ -85,7 +85,7 @@ def check_dependencies(report, cfg=None):
     for dist, minimum, module, debian, needed_by in deps.REQUIRES:
         try:
             importlib.import_module(module)
-        except Exception as e:   # noqa: B902 - any failure to import is the finding
+        except Exception as e:   # noqa: BLE001 - any failure to import is the finding
             text = (f"this interpreter cannot import {module} ({dist} {minimum} or later; "
                     f"on Debian: apt install {debian}): {type(e).__name__}: {e}")
             if needed_by and not (cfg is not None and cfg.get(needed_by)):
@@ -95,7 +95,7 @@ def check_dependencies(report, cfg=None):
             continue
         try:
             have = metadata.version(dist) if metadata else ""
-        except Exception:   # noqa: B902 - no metadata (a copied module): nothing to compare
+        except Exception:   # noqa: BLE001 - no metadata (a copied module): nothing to compare
             have = ""
         if have and _version_tuple(have) < _version_tuple(minimum):
             report.error(f"{dist} {have} is older than {minimum}, the oldest pymta works with",
@@ -110,7 +110,7 @@ def check_modules(report):
             continue
         try:
             importlib.import_module(f"pymta.{mod}")
-        except Exception as e:   # noqa: B902
+        except Exception as e:   # noqa: BLE001 - any failure to import is the finding
             report.error(f"cannot import pymta.{mod} from {pkg}: {type(e).__name__}: {e}",
                          EX_UNAVAILABLE)
 

@@ -35,7 +35,7 @@ import time
 from . import config as C
 from . import server
 from .spool import Spool, valid_id
-from .status import EX_CANTCREAT, EX_CONFIG, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
+from .status import EX_CANTCREAT, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
 
 log = logging.getLogger("pymta")
 
@@ -334,7 +334,7 @@ class Master:
             if self.owner:
                 _drop_privileges(self.owner)
             code = listener.run()
-        except BaseException as e:   # noqa: B902 - the child must never return
+        except BaseException as e:   # noqa: BLE001 - the child must never return
             log.exception("listener failed")
             try:
                 text = " ".join(f"{type(e).__name__}: {e}".split())[:400]
@@ -967,7 +967,7 @@ def _detach(cfg, master, pf, socks):
             code = master.run()
         finally:
             pf.release()
-    except BaseException as e:   # noqa: B902 - the child must never return
+    except BaseException as e:   # noqa: BLE001 - the child must never return
         log.exception("daemon failed")
         try:
             os.write(wfd, f"{EX_SOFTWARE} {type(e).__name__}: {e}\n".encode("utf-8", "replace"))

@@ -81,7 +81,7 @@ class Pool:
             fn, callback = job
             try:
                 result = fn()
-            except Exception as e:   # noqa: B902 - handed to the callback
+            except Exception as e:   # noqa: BLE001 - handed to the callback
                 result = e
             with self.lock:
                 self.idle += 1

@@ -662,7 +662,7 @@ def _runner():
         if e.name != "pymta.runner":
             log.warning(f"delivery unavailable: {e}")
         return None
-    except Exception as e:   # the message is queued; delivery can wait
+    except Exception as e:   # noqa: BLE001 - the message is queued; delivery can wait
         log.warning(f"delivery unavailable: {e}")
         return None
     if not hasattr(runner, "Runner") or not hasattr(runner.Runner, "deliver_locked"):

@@ -777,7 +777,7 @@ def _pool_handle(cfg):
             reply = e.reply
         except OSError as e:
             reply = _os_reply(e, target.path)
-        except Exception as e:   # report, never kill the worker's loop
+        except Exception as e:   # noqa: BLE001 - report, never kill the worker's loop
             reply = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
         return [reply.code, reply.enhanced, reply.text, notes]
     return handle
@@ -845,13 +845,13 @@ def _deliver_child(cfg, env, rcpt, target, df, log):
                 reply = e.reply
             except OSError as e:
                 reply = _os_reply(e, target.path or target.command)
-            except BaseException as e:   # report, never escape into the parent's code
+            except BaseException as e:   # noqa: BLE001 - report, never escape into the parent's code
                 reply = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
             body = json.dumps([reply.code, reply.enhanced, reply.text, notes]).encode()
             view = memoryview(b"%d\n" % len(body) + body)
             while view:
                 view = view[os.write(wfd, view):]
-        except BaseException:
+        except BaseException:   # noqa: BLE001 - the child must never return
             code = 1
         finally:
             os._exit(code)

@@ -181,7 +181,7 @@ def _syslog_handler(name, facility):
         def emit(self, record):
             try:
                 syslog.syslog(_LEVELS.get(record.levelname.lower(), 6), self.format(record))
-            except Exception:
+            except Exception:   # noqa: BLE001 - logging's own convention (Handler.emit)
                 self.handleError(record)
 
     return Handler()

@@ -25,7 +25,7 @@ from . import address, aliases, safefile, tables
 from . import envelope as E
 from .config import parse_hostport
 from .local import Target
-from .status import Reply, EX_OK, EX_NOUSER
+from .status import AddressError, Reply, EX_OK, EX_NOUSER
 
 MAX_DEPTH = 20
 INCLUDE_TIME_LIMIT = 10            # seconds to read a .forward or :include: file
@@ -598,7 +598,7 @@ def verify_main(cfg, opts):
                 continue
             try:
                 addr = address.check_mailbox(one, require_domain=False)
-            except Exception as e:
+            except AddressError as e:
                 print(f"{one}... {e}")
                 ok = False
                 continue

@@ -26,7 +26,6 @@ rewrite (or the removal) records it.
 """
 
 import collections
-import concurrent.futures
 import json
 import logging
 import os

@@ -200,7 +200,7 @@ def read_file_as(path, limit, seconds, uid, gid, groups):
             view = memoryview(json.dumps(head).encode() + b"\n" + data)
             while view:
                 view = view[os.write(wfd, view):]
-        except BaseException:
+        except BaseException:   # noqa: BLE001 - the child must never return
             code = 1
         finally:
             os._exit(code)

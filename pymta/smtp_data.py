@@ -127,7 +127,7 @@ class DataReceiver:
         head, rest = held[:n], held[n:]
         try:
             head = self.header_filter(head)
-        except Exception:           # a table problem never loses the message
+        except Exception:   # noqa: BLE001 - a table problem never loses the message
             pass
         self._write(head + rest)
 

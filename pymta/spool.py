@@ -680,10 +680,7 @@ class Spool:
                     raw = f.read()
             except FileNotFoundError:
                 continue
-            try:
-                text = raw.decode("utf-8", "surrogateescape")
-            except Exception as e:  # pragma: no cover - surrogateescape never fails
-                raise SpoolCorrupt(str(e)) from None
+            text = raw.decode("utf-8", "surrogateescape")     # never fails
             env = parse_control(text, qid)
             env.held = held
             try:

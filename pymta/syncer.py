@@ -84,7 +84,7 @@ class Syncers:
                 os.closerange(3, fd)
                 os.closerange(fd + 1, 1 << 16)
                 _serve(theirs)
-            except BaseException:   # noqa: B902 - the child must never return
+            except BaseException:   # noqa: BLE001 - the child must never return
                 code = 1
             finally:
                 os._exit(code)

@@ -95,7 +95,7 @@ class Worker:
                 close_other_fds({child.fileno()})
                 setup()
                 _serve(child, handle)
-            except BaseException:   # noqa: B902 - the child must never return
+            except BaseException:   # noqa: BLE001 - the child must never return
                 code = 1
             finally:
                 os._exit(code)

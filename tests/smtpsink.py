@@ -198,7 +198,7 @@ class _Handler(socketserver.StreamRequestHandler):
                     if dline == b".\r\n":
                         break
                 t.raw = b"".join(raw)
-                t.data = b"".join(l[1:] if l.startswith(b".") else l for l in raw[:-1])
+                t.data = b"".join(ln[1:] if ln.startswith(b".") else ln for ln in raw[:-1])
                 sink.data_seen.set()
                 if sink.data_delay:
                     sink._stop.wait(sink.data_delay)

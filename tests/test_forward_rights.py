@@ -192,7 +192,7 @@ def test_alias_include_of_fifo_device_and_big_file_refused(tmp_path):
                 f"b: :include:{big}\ns: :include:{small}\n")
     t0 = time.monotonic()
     for name in ("f", "z", "b", "s"):
-        r = inst.sendmail("-odi", name, input=b"Subject: x\n\nbody\n", timeout=30)
+        inst.sendmail("-odi", name, input=b"Subject: x\n\nbody\n", timeout=30)
     assert time.monotonic() - t0 < 20
     log = inst.maillog()
     assert f"cannot open :include:{fifo}: is not a regular file" in log, log

@@ -620,7 +620,7 @@ def test_date_and_message_id_added_for_trusted_smtp_clients_only(tmp_path):
     port = free_port()
     inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root",
                     mynetworks="127.0.0.0/8")
-    with detached_daemon_plain(inst) as pid:
+    with detached_daemon_plain(inst):
         with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
             c.sendmail("a@b.example", ["root@example.test"], b"Subject: bare\r\n\r\nbody\r\n")
             c.sendmail("a@b.example", ["root@example.test"],
@@ -632,7 +632,7 @@ def test_date_and_message_id_added_for_trusted_smtp_clients_only(tmp_path):
     assert "\nDate: " in bare and "\nMessage-ID: <" in bare and "@mx.example.test>" in bare
     full = box[box.index("Subject: full"):].split("\n\n", 1)[0]
     assert full.count("Date:") == 1 and full.count("Message-ID:") == 1
-    assert f"msgid=<" in inst.maillog()
+    assert "msgid=<" in inst.maillog()
     # A client outside mynetworks, not authenticated: stored as sent.
     inst2 = Instance(tmp_path / "other", smtpd_listen=f"127.0.0.1:{port}", mail_owner="root",
                      mynetworks="192.0.2.0/24")

@@ -10,8 +10,6 @@ import email
 import os
 import re
 import shutil
-import smtplib
-import socket
 import ssl
 import subprocess
 import time
