@@ -747,6 +747,12 @@ def _deliver_batch(cfg, env, rcpts, domain, log, resolver, cache, verbose, sch, 
     if slot is None:
         raise Busy(hop)
     try:
+        # Looked at again with the slot in hand: another thread or process
+        # may have marked the hop dead between deliver()'s look and now
+        # (it marks before it lets its slot go).
+        dead = sch.dead(hop)
+        if dead is not None:
+            return Results({r.address: dead for r in rcpts})
         try:
             hosts = mx.lookup(cfg, name, resolver=resolver, port=port, use_mx=use_mx)
         except (TempFail, PermFail) as e:
