@@ -177,11 +177,26 @@ def field_value(field):
     return value.replace("\n", "").strip()
 
 
+def _after_comment(text, i):
+    """The index after the RFC 5322 comment that opens at ``text[i]`` (nested
+    comments and quoted pairs allowed), or -1 when it never closes."""
+    depth, i, n = 1, i + 1, len(text)
+    while i < n and depth:
+        if text[i] == "\\":
+            i += 1
+        elif text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+        i += 1
+    return -1 if depth else i
+
+
 def split_addresses(text):
     """RFC 5322 address list -> addr-specs: display names, comments and group
     names are dropped; raises ValueError on unbalanced quotes or brackets."""
     items, cur, angle = [], [], None
-    i, n, depth = 0, len(text), 0
+    i, n = 0, len(text)
     while i < n:
         c = text[i]
         if c == '"':
@@ -194,17 +209,8 @@ def split_addresses(text):
             i = j + 1
             continue
         if c == "(":
-            depth = 1
-            i += 1
-            while i < n and depth:
-                if text[i] == "\\":
-                    i += 1
-                elif text[i] == "(":
-                    depth += 1
-                elif text[i] == ")":
-                    depth -= 1
-                i += 1
-            if depth:
+            i = _after_comment(text, i)
+            if i < 0:
                 raise ValueError("unbalanced parenthesis")
             cur.append(" ")
             continue
@@ -257,16 +263,8 @@ def qualify_list(text, origin):
             i = j + 1
             continue
         if c == "(":
-            depth, i = 1, i + 1
-            while i < n and depth:
-                if text[i] == "\\":
-                    i += 1
-                elif text[i] == "(":
-                    depth += 1
-                elif text[i] == ")":
-                    depth -= 1
-                i += 1
-            if depth:
+            i = _after_comment(text, i)
+            if i < 0:
                 return text
             continue
         if c == "<":

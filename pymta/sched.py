@@ -47,6 +47,22 @@ def _file_name(hop):
     return clean
 
 
+def _write_atomically(path, text):
+    """``path`` replaced whole by ``text`` (a temporary file renamed over
+    it, so a reader in another process sees the old or the new); a failure
+    only leaves the mark unwritten."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
 class Slot:
     """A held connection slot; release() (or the process's end) frees it."""
 
@@ -111,17 +127,7 @@ class Scheduler:
         open: it takes no more than ``n`` at once, for CAP_TIME seconds."""
         if n <= 0 or not self._usable():
             return
-        path = self._path(hop, ".cap")
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
-        try:
-            with open(tmp, "w") as f:
-                f.write(f"{time.time() + CAP_TIME:.3f} {n}\n")
-            os.replace(tmp, path)
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        _write_atomically(self._path(hop, ".cap"), f"{time.time() + CAP_TIME:.3f} {n}\n")
 
     def capped(self, hop):
         try:
@@ -215,18 +221,9 @@ class Scheduler:
             return
         with self._lock:
             self._proven.pop(hop, None)
-        path = self._path(hop, ".dead")
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
         text = " ".join(str(reply.text).split())
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(f"{time.time() + self.dead_time:.3f} {reply.code} {reply.enhanced} {text}\n")
-            os.replace(tmp, path)
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        _write_atomically(self._path(hop, ".dead"),
+                          f"{time.time() + self.dead_time:.3f} {reply.code} {reply.enhanced} {text}\n")
         try:
             os.unlink(self._path(hop, ".ok"))
         except OSError:
