@@ -177,6 +177,15 @@ def field_value(field):
     return value.replace("\n", "").strip()
 
 
+def _after_quoted(text, i):
+    """The index after the quoted string that opens at ``text[i]`` (quoted
+    pairs allowed), or -1 when it never closes."""
+    j, n = i + 1, len(text)
+    while j < n and text[j] != '"':
+        j += 2 if text[j] == "\\" else 1
+    return j + 1 if j < n else -1
+
+
 def _after_comment(text, i):
     """The index after the RFC 5322 comment that opens at ``text[i]`` (nested
     comments and quoted pairs allowed), or -1 when it never closes."""
@@ -200,13 +209,11 @@ def split_addresses(text):
     while i < n:
         c = text[i]
         if c == '"':
-            j = i + 1
-            while j < n and text[j] != '"':
-                j += 2 if text[j] == "\\" else 1
-            if j >= n:
+            j = _after_quoted(text, i)
+            if j < 0:
                 raise ValueError("unbalanced quote")
-            (angle if angle is not None else cur).append(text[i:j + 1])
-            i = j + 1
+            (angle if angle is not None else cur).append(text[i:j])
+            i = j
             continue
         if c == "(":
             i = _after_comment(text, i)
@@ -255,12 +262,9 @@ def qualify_list(text, origin):
     while i < n:
         c = text[i]
         if c == '"':
-            j = i + 1
-            while j < n and text[j] != '"':
-                j += 2 if text[j] == "\\" else 1
-            if j >= n:
+            i = _after_quoted(text, i)
+            if i < 0:
                 return text
-            i = j + 1
             continue
         if c == "(":
             i = _after_comment(text, i)
