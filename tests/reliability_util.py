@@ -12,19 +12,13 @@ import time
 
 import pytest
 
+from helpers import free_port  # noqa: F401 - the reliability tests take it from here
 from smtpsink import SMTPSink, _Handler
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, chattr)")
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def queue_files(inst, prefixes=("qf", "df", "tf", "hf", "Qf")):

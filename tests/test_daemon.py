@@ -14,22 +14,7 @@ import time
 import pytest
 
 from conftest import BIN, Instance
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred, timeout=15, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    return pred()
+from helpers import free_port, wait_for
 
 
 def can_connect(port, host="127.0.0.1"):

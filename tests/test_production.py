@@ -17,23 +17,7 @@ import pytest
 from conftest import TOP, Instance
 from dnsserver import DNSServer
 from users import TESTPY, run_as
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred, timeout=15, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    return pred()
+from helpers import free_port, wait_for
 
 
 def need_testpy():
