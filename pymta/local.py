@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 
+from . import address as _address
 from . import safefile as _safefile
 from . import spool as _spool
 from . import workers as _workers
@@ -531,8 +532,8 @@ def command_environment(cfg, env, rcpt, target):
         return "".join(c if c in allowed else "_" for c in value or "")
 
     to = _recipient(rcpt)
-    local, _, domain = to.rpartition("@") if "@" in to else (to, "", "")
-    local = local.lower()
+    local, domain = _address.split(to)
+    local = _address.unquote_local(local).lower()     # "a b"@x: LOCAL is a b
     delim = cfg.recipient_delimiter
     extension = local.split(delim, 1)[1] if delim and delim in local else ""
     environ = {"HOME": target.home or "/", "USER": target.user, "LOGNAME": target.user,

@@ -390,6 +390,11 @@ def test_command_environment_values_are_censored(inst):
     assert environ["CLIENT_PROTOCOL"] == "ESMTP"
     assert (environ["USER"], environ["LOGNAME"], environ["HOME"], environ["SHELL"]) == \
         ("bob", "bob", "/home/bob", "/bin/bash")
+    # A quoted local part: LOCAL and EXTENSION are its unquoted text, censored.
+    r.via = '"bob+$(id);x"@Example.TEST'
+    environ = local.command_environment(cfg, env, r, t)
+    assert (environ["LOCAL"], environ["EXTENSION"], environ["DOMAIN"]) == \
+        ("bob+__id__x", "__id__x", "example.test")
 
 
 def test_pipe_exit_75_defers_and_exit_1_fails_with_its_output(inst):
