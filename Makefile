@@ -29,7 +29,7 @@ TESTPY_REQS := $(shell $(TESTPY_BASE) pymta/deps.py 2>/dev/null || python3 pymta
 # later installs (upgrades) keep it.
 INSTALL_PYTHON ?=
 
-.PHONY: all venv testpy lint compile run dev-setup test man check-man bench install uninstall clean
+.PHONY: all venv testpy lint compile run dev-setup test test-fast man check-man bench install uninstall clean
 
 all: venv
 
@@ -76,6 +76,11 @@ lint: venv
 
 test: venv testpy lint
 	PYMTA_TESTPY='$(TESTPY)' $(PY) -m pytest -q -n 2 --timeout 600 -p no:cacheprovider $(PYTEST_ARGS) tests
+
+# The pure units only (no process, no socket; pytest -m unit): seconds, for
+# the edit-test loop. make test runs everything, these included.
+test-fast: venv
+	$(PY) -m pytest -q -p no:cacheprovider -m unit $(PYTEST_ARGS) tests
 
 man: check-man
 check-man:

@@ -2,6 +2,7 @@
 in a temporary directory, and a way to run bin/sendmail against it."""
 
 import os
+import socket as _socket
 import subprocess
 import sys
 
@@ -103,3 +104,30 @@ def make_instance(tmp_path_factory):
 
 # Throwaway users and a pymta they can run: see tests/users.py.
 from users import make_user, pymta_for_users, shared_dir  # noqa: E402,F401
+
+
+
+# A test marked ``unit`` is a pure unit: it starts no process and opens no
+# socket (files in its tmp_path are fine). `make test-fast` runs only these;
+# this fixture makes a test that breaks the rule fail, so the mark stays true.
+def _not_in_a_unit_test(what):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a test marked unit may not {what}: mark it otherwise")
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _unit_is_pure(request, monkeypatch):
+    if request.node.get_closest_marker("unit") is not None:
+        monkeypatch.setattr(os, "fork", _not_in_a_unit_test("fork"))
+        monkeypatch.setattr(subprocess.Popen, "_execute_child", _not_in_a_unit_test("start a process"))
+        monkeypatch.setattr(_socket.socket, "__init__", _not_in_a_unit_test("open a socket"))
+    yield
+
+
+def pytest_collection_modifyitems(items):
+    # Tests that make throwaway users need root: mark them so that
+    # `-m "not users"` leaves them out on a developer's unprivileged machine.
+    for item in items:
+        if {"make_user", "pymta_for_users"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.users)

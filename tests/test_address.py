@@ -8,6 +8,8 @@ from hypothesis import given, settings, strategies as st
 from pymta import address as A
 from pymta.status import AddressError
 
+pytestmark = pytest.mark.unit   # pure units: make test-fast runs them
+
 
 @pytest.mark.parametrize("text,expected", [
     ("<user@example.com>", "user@example.com"),

@@ -6,6 +6,8 @@ import logging
 import os
 import time
 
+import pytest
+
 from pymta import aliases, route
 from pymta import envelope as E
 
@@ -16,6 +18,7 @@ def golden(name):
     return os.path.join(DATA, name)
 
 
+@pytest.mark.unit
 def test_good_file_parses_to_the_golden_table():
     af = aliases.read(golden("good.aliases"))
     assert af.errors == []
@@ -26,6 +29,7 @@ def test_good_file_parses_to_the_golden_table():
     assert af.aliases["staff"].lineno == 7
 
 
+@pytest.mark.unit
 def test_bad_file_reports_each_bad_line_with_its_number():
     af = aliases.read(golden("bad.aliases"))
     got = [str(e).replace(DATA + "/", "") for e in af.errors]
@@ -35,6 +39,7 @@ def test_bad_file_reports_each_bad_line_with_its_number():
     assert {k: a.targets for k, a in af.aliases.items()} == {"postmaster": ["alice"], "ok": ["root"]}
 
 
+@pytest.mark.unit
 def test_targets_are_canonical():
     assert aliases.parse_targets(' "|cmd a" , /x/y ,:INCLUDE: /l , \\Root, u@D.test, <v@e.test>') == (
         ["|cmd a", "/x/y", ":include:/l", "\\Root", "u@D.test", "v@e.test"], [])
@@ -104,6 +109,7 @@ def test_source_newer_than_database_is_used_and_logged(inst, caplog):
     assert "out of date" in caplog.text
 
 
+@pytest.mark.unit
 def test_map_type_prefixes_are_accepted():
     assert aliases.map_paths(["hash:/etc/aliases", "/etc/more", "dbm:/x"]) == [
         "/etc/aliases", "/etc/more", "/x"]

@@ -7,6 +7,9 @@ import time
 from pymta import bounce, config
 from pymta import envelope as E
 from pymta.spool import Spool
+import pytest
+
+pytestmark = pytest.mark.unit   # pure units: make test-fast runs them
 
 
 def setup(tmp_path, **kw):

@@ -44,6 +44,7 @@ from pymta.cli import UsageError, parse_args
     (["-oQ/tmp/q"], dict(overrides=["queue_directory=/tmp/q"])),
     (["-m", "-oL9", "-Am", "-U", "x"], dict(recipients=["x"])),
 ])
+@pytest.mark.unit
 def test_flags(argv, attrs):
     opts = parse_args(argv)
     for k, v in attrs.items():
@@ -53,11 +54,13 @@ def test_flags(argv, attrs):
 @pytest.mark.parametrize("argv", [["-Z"], ["-bz"], ["-odx"], ["-oez"], ["-B", "binary"],
                                   ["-N", "sometimes"], ["-N", "never,success"], ["-R", "all"],
                                   ["-f"], ["-h", "x"], ["-q5x"], ["-ox"]])
+@pytest.mark.unit
 def test_bad_flags_are_usage_errors(argv):
     with pytest.raises(UsageError):
         parse_args(argv)
 
 
+@pytest.mark.unit
 def test_personality_from_program_name():
     assert parse_args([], "mailq").mode == "p"
     assert parse_args([], "newaliases").mode == "i"

@@ -20,12 +20,14 @@ def load_text(tmp_path, text, overrides=()):
     return config.load(str(p), overrides)
 
 
+@pytest.mark.unit
 def test_defaults_without_a_file(tmp_path):
     cfg = config.load(str(tmp_path / "missing.conf"), must_exist=False)
     assert cfg.smtp_port == 25 and cfg.maximal_queue_lifetime == 5 * 86400
     assert cfg.myorigin == cfg.myhostname
 
 
+@pytest.mark.unit
 def test_syntax_comments_and_continuations(tmp_path):
     cfg = load_text(tmp_path, "# comment\n\nmydestination = a.example,\n"
                               "    b.example\n\t c.example\n  # indented comment\n"
@@ -34,6 +36,7 @@ def test_syntax_comments_and_continuations(tmp_path):
     assert cfg.mail_name == "Foo # not a comment"
 
 
+@pytest.mark.unit
 def test_dollar_expansion(tmp_path):
     cfg = load_text(tmp_path, "myhostname = mx.example.com\nmydomain = example.com\n"
                               "mydestination = $myhostname, localhost.${mydomain}\n")
@@ -43,11 +46,13 @@ def test_dollar_expansion(tmp_path):
     assert cfg.forward_path == ("$home/.forward",)
 
 
+@pytest.mark.unit
 def test_config_directory(tmp_path):
     cfg = load_text(tmp_path, "queue_directory = $config_directory/spool\n")
     assert cfg.queue_directory == f"{tmp_path}/spool"
 
 
+@pytest.mark.unit
 def test_time_units(tmp_path):
     cfg = load_text(tmp_path, "maximal_queue_lifetime = 4h\nsmtpd_timeout = 30\n"
                               "delay_warning_time = 2\nminimal_backoff_time = 1w\n")
@@ -57,6 +62,7 @@ def test_time_units(tmp_path):
     assert cfg.minimal_backoff_time == 7 * 86400
 
 
+@pytest.mark.unit
 def test_O_overrides(tmp_path):
     cfg = load_text(tmp_path, "smtp_port = 26\n", ["smtp_port=2525", "relayhost = [mx]:587"])
     assert cfg.smtp_port == 2525 and cfg.relayhost == "[mx]:587"
@@ -95,6 +101,7 @@ def test_O_overrides(tmp_path):
     ("   continued\n", 1, None, "continuation"),
     ("just words\n", 1, None, "expected 'name = value'"),
 ])
+@pytest.mark.unit
 def test_errors_name_file_line_and_parameter(tmp_path, text, lineno, param, what):
     with pytest.raises(ConfigError) as e:
         load_text(tmp_path, text)
@@ -143,6 +150,7 @@ def test_O_with_an_unknown_parameter_is_still_an_error(inst):
     assert r.returncode == 78 and b"smtpd_frobnicate: unknown parameter" in r.stderr
 
 
+@pytest.mark.unit
 def test_mydomain_defaults_to_myhostname_less_its_first_label(tmp_path):
     assert load_text(tmp_path, "myhostname = mx1.mail.example.org\n").mydomain == "mail.example.org"
     cfg = load_text(tmp_path, "myhostname = mx1.example.org\n")
@@ -157,6 +165,7 @@ JUNK = ["[host:abc", "x y z", "-1", "$", "${", "99999999999999999999", "\u00e9",
         "$nosuch", "[1.2.3.4", "\x01"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", sorted(config.PARAMS))
 def test_no_value_of_any_parameter_ends_in_a_traceback(tmp_path, name):
     """Each value either fails at load, naming the file, line and parameter,
@@ -241,6 +250,7 @@ def test_pymta_config_all_set_one_and_as_written(inst):
     assert r.returncode == 64 and "no_such_parameter: unknown parameter" in r.stderr
 
 
+@pytest.mark.unit
 def test_committed_sample_config_and_man_page_match_the_generator():
     """After changing config.PARAMS: python -m pymta.confdoc conf > etc/pymta.conf
     and python -m pymta.confdoc man > man/pymta.conf.5."""
@@ -250,6 +260,7 @@ def test_committed_sample_config_and_man_page_match_the_generator():
         assert f.read() == confdoc.man(), "regenerate man/pymta.conf.5"
 
 
+@pytest.mark.unit
 def test_sample_config_loads_with_every_line_uncommented(tmp_path):
     import re
     text = re.sub(r"^#([A-Za-z_]+ =)", r"\1", confdoc.conf(), flags=re.M)
@@ -257,12 +268,14 @@ def test_sample_config_loads_with_every_line_uncommented(tmp_path):
     assert cfg.explicit >= set(config.PARAMS) - {"config_directory"}
 
 
+@pytest.mark.unit
 def test_every_parameter_is_in_the_man_page():
     page = confdoc.man()
     for name in config.PARAMS:
         assert f"\n.B {name}\n" in page
 
 
+@pytest.mark.unit
 @settings(max_examples=1500, deadline=None)
 @given(st.lists(st.sampled_from(list("${}ab_91 -,\t.émsw")), max_size=30).map("".join))
 def test_expansion_and_lists_agree_with_their_grammar(value):

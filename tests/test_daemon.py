@@ -362,6 +362,7 @@ def test_out_of_descriptors_the_listener_pauses_then_serves_again(inst):
             p.wait(5)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cpus,expected", [(1, 1), (2, 2), (3, 2), (4, 3), (5, 4), (16, 4), (None, 1)])
 def test_default_listener_count_follows_the_cpus(inst, monkeypatch, cpus, expected):
     from pymta import daemon as D

@@ -179,6 +179,7 @@ def test_signing_a_large_message_keeps_memory_small(dkim_inst):
         assert verify(wire, dnsfunc)
 
 
+@pytest.mark.unit
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from([b"a", b" ", b"\t", b"\n", b"\r", b"xy", b"\n\n", b"  \t"]),
                 max_size=40),

@@ -15,6 +15,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pymta import aliases, config, inject
 from pymta.smtp_session import Session
+import pytest
+
+pytestmark = pytest.mark.unit   # pure units: make test-fast runs them
 
 FUZZ = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -369,6 +369,7 @@ def test_pipe_without_from_line_when_command_from_line_is_off(inst, open_dir):
                                          b"Subject: x\n\nno final newline\n")
 
 
+@pytest.mark.unit
 def test_command_environment_values_are_censored(inst):
     cfg = inst.cfg
     env = E.Envelope(sender="we$(touch /tmp/x)ird;`id`@evil.test", client_addr="127.0.0.1",
@@ -680,6 +681,7 @@ def test_debian_spool_layout_mailboxes_made_by_the_recipient_and_no_one_else(
     assert sorted(os.listdir(spool)) == [victim.pw_name]
 
 
+@pytest.mark.unit
 def test_existing_world_writable_spool_is_warned_about(tmp_path):
     from pymta import devsetup
     spool = tmp_path / "mail"

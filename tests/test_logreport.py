@@ -5,6 +5,8 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import pytest
+
 
 from conftest import BIN
 from pymta import logreport
@@ -18,6 +20,7 @@ def report(inst, *args):
     return subprocess.run(cmd, capture_output=True, timeout=60)
 
 
+@pytest.mark.unit
 def test_counts_from_the_fixture_log():
     st = logreport.read_files([SAMPLE])
     assert st.received == 5
@@ -40,6 +43,7 @@ def test_counts_from_the_fixture_log():
     assert st.admin["held"] == 2 and st.admin["removed"] == 1 and st.admin["released"] == 1
 
 
+@pytest.mark.unit
 def test_delay_parsing_and_percentiles():
     assert logreport.parse_delay("00:00:07") == 7
     assert logreport.parse_delay("2+01:00:00") == 2 * 86400 + 3600

@@ -178,6 +178,7 @@ def test_relayhost_deliveries_ignore_mta_sts(tmp_path, web, pki):
         assert reply.code == 250 and web.requests == []
 
 
+@pytest.mark.unit
 def test_mx_patterns():
     p = mta_sts.Policy("remote.test", "1", "enforce", ["mx1.remote.test", "*.backup.test"], 1, 0)
     assert p.mx_matches("MX1.remote.test.") and p.mx_matches("a.backup.test")
@@ -185,6 +186,7 @@ def test_mx_patterns():
     assert not p.mx_matches("mx2.remote.test")
 
 
+@pytest.mark.unit
 def test_txt_record_parsing():
     assert mta_sts.parse_txt(["v=STSv1; id=20160831085700Z;"]) == "20160831085700Z"
     assert mta_sts.parse_txt(["v=spf1 -all", "v=STSv1; id=abc"]) == "abc"

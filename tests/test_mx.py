@@ -93,6 +93,7 @@ def test_mx_host_without_address_is_5_4_4(dns_server):
     assert e.value.reply.enhanced == "5.4.4"
 
 
+@pytest.mark.unit
 def test_address_literal_needs_no_dns(dns_server):
     hosts = mx.lookup(cfg_for(dns_server), "[127.0.0.9]")
     assert hosts[0].addresses == ["127.0.0.9"]
@@ -116,6 +117,7 @@ def test_mx_at_our_own_listen_address_and_port_is_a_loop(dns_server):
     assert mx.lookup(cfg, "selfonly.test")[0].addresses == ["127.0.0.50"]
 
 
+@pytest.mark.unit
 def test_literal_of_our_listen_address_is_a_loop(dns_server):
     cfg = cfg_for(dns_server).with_overrides(smtpd_listen="127.0.0.50:2525", smtp_port="2525")
     with pytest.raises(PermFail):

@@ -446,6 +446,7 @@ def test_bD_logs_to_stderr_without_maillog_file(tmp_path):
     assert b"daemon started" in err and b"daemon stopped" in err
 
 
+@pytest.mark.unit
 def test_logrotate_snippet_rotates_the_default_log_and_signals_the_daemon():
     with open(os.path.join(TOP, "etc", "logrotate.pymta")) as f:
         text = f.read()

@@ -6,6 +6,9 @@ from hypothesis import given, settings, strategies as st
 from pymta import envelope as E
 from pymta import spool
 from pymta.status import SpoolCorrupt
+import pytest
+
+pytestmark = pytest.mark.unit   # pure units: make test-fast runs them
 
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80)
 ints = st.integers(min_value=0, max_value=2 ** 40)

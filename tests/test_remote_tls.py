@@ -489,6 +489,7 @@ def test_relaying_through_pymtas_own_submission_service(make_instance, tmp_path,
     assert "sasl_method=PLAIN, sasl_username=me@example.test\n" in log
 
 
+@pytest.mark.unit
 def test_tls_contexts_are_shared_and_may_loads_no_ca_store(tmp_path, pki):
     """Loading the system's CA store costs ~60 ms of CPU: once per process
     and period, not per connection; never at the levels that check nothing."""
@@ -524,6 +525,7 @@ def test_address_literal_relayhost_at_verify_needs_the_address_in_the_certificat
                 assert nothing_sent(sink)
 
 
+@pytest.mark.unit
 def test_certificate_name_matching_rules():
     from pymta.tls_policy import name_matches
     san = {"subject": ((("commonName", "cn.example.test"),),),

@@ -30,6 +30,7 @@ def kids(r):
     return [(c.address, c.flags) for c in r.children]
 
 
+@pytest.mark.unit
 def test_unknown_local_user_fails_user_unknown(make_instance):
     _, rt = setup(make_instance, "")
     r = go(rt, "nosuchuser@" + HOST)
@@ -37,6 +38,7 @@ def test_unknown_local_user_fails_user_unknown(make_instance):
     assert "User unknown" in r.reply.text
 
 
+@pytest.mark.unit
 def test_passwd_user_routes_to_its_mailbox(make_instance):
     inst, rt = setup(make_instance, "")
     r = go(rt, "ROOT@" + HOST)
@@ -45,12 +47,14 @@ def test_passwd_user_routes_to_its_mailbox(make_instance):
     assert r.target.uid == 0
 
 
+@pytest.mark.unit
 def test_home_mailbox_ending_in_slash_is_a_maildir(make_instance):
     _, rt = setup(make_instance, "", home_mailbox="Maildir/")
     t = go(rt, "daemon@localhost").target
     assert (t.kind, t.path) == ("maildir", os.path.join(pwd.getpwnam("daemon").pw_dir, "Maildir"))
 
 
+@pytest.mark.unit
 def test_list_expands_to_users_programs_files_and_remote(make_instance):
     _, rt = setup(make_instance, "staff: root, Daemon, \"|/usr/bin/logger -t x\", /var/log/x, "
                                   "bob@remote.test\n")
@@ -67,11 +71,13 @@ def test_list_expands_to_users_programs_files_and_remote(make_instance):
     assert go(rt, "bob@remote.test").kind == "remote"
 
 
+@pytest.mark.unit
 def test_nested_aliases_and_duplicates_give_one_copy_per_target(make_instance):
     _, rt = setup(make_instance, "all: a, b, root\na: root, daemon\nb: daemon, a\n")
     assert kids(go(rt, "all@localhost")) == [(f"root@{HOST}", "n"), (f"daemon@{HOST}", "n")]
 
 
+@pytest.mark.unit
 def test_alias_loop_fails_5_4_6(make_instance):
     _, rt = setup(make_instance, "a: b\nb: c\nc: a\n")
     r = go(rt, "a@localhost")
@@ -79,18 +85,21 @@ def test_alias_loop_fails_5_4_6(make_instance):
     assert "a -> b -> c -> a" in r.reply.text
 
 
+@pytest.mark.unit
 def test_loop_inside_a_list_is_dropped_and_the_rest_delivered(make_instance, caplog):
     _, rt = setup(make_instance, "a: b, root\nb: a, daemon\n")
     assert kids(go(rt, "a@localhost")) == [(f"daemon@{HOST}", "n"), (f"root@{HOST}", "n")]
     assert "a -> b -> a" in caplog.text
 
 
+@pytest.mark.unit
 def test_user_aliased_to_itself_is_the_user_not_a_loop(make_instance):
     _, rt = setup(make_instance, "daemon: daemon, root\nroot: \\root, daemon\n")
     assert kids(go(rt, "daemon@localhost")) == [(f"daemon@{HOST}", "n"), (f"root@{HOST}", "n")]
     assert kids(go(rt, "root@localhost")) == [(f"root@{HOST}", "n"), (f"daemon@{HOST}", "n")]
 
 
+@pytest.mark.unit
 def test_depth_is_bounded(make_instance):
     chain = "".join(f"l{i}: l{i + 1}\n" for i in range(40)) + "l40: root\n"
     _, rt = setup(make_instance, chain)
@@ -98,6 +107,7 @@ def test_depth_is_bounded(make_instance):
     assert r.kind == "fail" and r.reply.enhanced == "5.4.6"
 
 
+@pytest.mark.unit
 def test_owner_list_becomes_the_envelope_sender(make_instance):
     _, rt = setup(make_instance, "list: root, daemon\nowner-list: root\nlist-request: root\n")
     assert go(rt, "list@localhost").sender == f"owner-list@{HOST}"
@@ -105,6 +115,7 @@ def test_owner_list_becomes_the_envelope_sender(make_instance):
     assert go(rt, "list-request@localhost").sender is None
 
 
+@pytest.mark.unit
 def test_recipient_delimiter_falls_back_to_user_and_alias(make_instance):
     _, rt = setup(make_instance, "team: root\n")
     r = go(rt, "root+tag@localhost")
@@ -115,6 +126,7 @@ def test_recipient_delimiter_falls_back_to_user_and_alias(make_instance):
     assert go(rt2, "root+tag@localhost").kind == "fail"
 
 
+@pytest.mark.unit
 def test_include_file_expands_one_address_per_line(make_instance, tmp_path):
     members = tmp_path / "members"
     members.write_text("# the members\nroot\n\ndaemon, bob@remote.test\n")
@@ -123,6 +135,7 @@ def test_include_file_expands_one_address_per_line(make_instance, tmp_path):
                                               ("bob@remote.test", "")]
 
 
+@pytest.mark.unit
 def test_include_loop_fails(make_instance, tmp_path):
     a = tmp_path / "a"
     a.write_text(f":include:{a}\n")
@@ -130,6 +143,7 @@ def test_include_loop_fails(make_instance, tmp_path):
     assert go(rt, "x@localhost").reply.enhanced == "5.4.6"
 
 
+@pytest.mark.unit
 def test_programs_from_a_writable_include_file_are_not_trusted(make_instance, tmp_path):
     inc = tmp_path / "inc"
     inc.write_text("|/bin/true\nroot\n")
@@ -140,6 +154,7 @@ def test_programs_from_a_writable_include_file_are_not_trusted(make_instance, tm
     assert rt.route(r.children[0]).reply.enhanced == "5.7.1"
 
 
+@pytest.mark.unit
 def test_allow_mail_to_commands_restricts_where_pipes_come_from(make_instance):
     _, rt = setup(make_instance, "p: \"|/bin/true\", /tmp/f\n",
                   allow_mail_to_commands="forward", allow_mail_to_files="include")
@@ -151,6 +166,7 @@ def test_allow_mail_to_commands_restricts_where_pipes_come_from(make_instance):
 @pytest.mark.parametrize("addr", ["|/bin/sh -c 'touch /tmp/x'", "/tmp/pymta-owned",
                                   ":include:/etc/passwd", '"|/bin/true"@mx.example.test',
                                   '"/tmp/x"@localhost'])
+@pytest.mark.unit
 def test_pipes_and_files_typed_by_a_client_are_refused(make_instance, addr):
     _, rt = setup(make_instance, "")
     r = go(rt, addr)
@@ -158,6 +174,7 @@ def test_pipes_and_files_typed_by_a_client_are_refused(make_instance, addr):
     assert rt.recipient_check('"|/bin/true"@localhost').enhanced == "5.7.1"
 
 
+@pytest.mark.unit
 def test_recipient_check_for_the_smtp_server(make_instance):
     _, rt = setup(make_instance, "sales: root\n")
     assert rt.recipient_check(f"root@{HOST}") is None
@@ -168,6 +185,7 @@ def test_recipient_check_for_the_smtp_server(make_instance):
     assert (bad.code, bad.enhanced) == (550, "5.1.1")
 
 
+@pytest.mark.unit
 def test_remote_goes_to_the_domain_or_the_relayhost(make_instance):
     _, rt = setup(make_instance, "")
     r = go(rt, "x@Remote.Test")
@@ -178,6 +196,7 @@ def test_remote_goes_to_the_domain_or_the_relayhost(make_instance):
                                                           False, "x@remote.test")
 
 
+@pytest.mark.unit
 def test_only_local_names_are_aliased(make_instance):
     _, rt = setup(make_instance, "x: root\n")
     assert go(rt, "x@other.test").kind == "remote"
@@ -191,6 +210,7 @@ def write_forward(path, text, mode=0o644, uid=None):
         os.chown(path, uid, -1)
 
 
+@pytest.mark.unit
 @needs_root
 def test_forward_file_redirects_and_backslash_keeps_a_copy(make_instance, tmp_path):
     fw = tmp_path / "fw"
@@ -202,6 +222,7 @@ def test_forward_file_redirects_and_backslash_keeps_a_copy(make_instance, tmp_pa
     assert r.children[2].uid == -1      # root's own programs run as default_privs
 
 
+@pytest.mark.unit
 @needs_root
 def test_forward_runs_commands_as_its_user(make_instance, tmp_path):
     fw = tmp_path / "fw"
@@ -214,6 +235,7 @@ def test_forward_runs_commands_as_its_user(make_instance, tmp_path):
     assert rt.route(r.children[0]).target.user == "daemon"
 
 
+@pytest.mark.unit
 @needs_root
 def test_unsafe_forward_is_ignored(make_instance, tmp_path, caplog):
     fw = tmp_path / "fw"
@@ -227,6 +249,7 @@ def test_unsafe_forward_is_ignored(make_instance, tmp_path, caplog):
     assert "ignored" in caplog.text
 
 
+@pytest.mark.unit
 @needs_root
 def test_forward_pair_loop_fails(make_instance, tmp_path):
     fw = tmp_path / "fw"
@@ -253,6 +276,7 @@ def test_verify_prints_where_addresses_go(make_instance):
     assert "nosuch... User unknown\n" in res.stdout.decode()
 
 
+@pytest.mark.unit
 def test_final_users_stay_in_a_local_domain(make_instance):
     _, rt = setup(make_instance, "x: root\nowner-x: root\n", mydestination="example.test")
     r = go(rt, "x@example.test")

@@ -244,6 +244,7 @@ def test_a_full_hand_off_makes_the_client_wait_in_flow_delay(inst, full):
         assert took < 1
 
 
+@pytest.mark.unit
 def test_the_listener_reports_a_full_hand_off_pipe(inst):
     from pymta import daemon as D
     r, w = os.pipe()

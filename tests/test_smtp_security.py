@@ -188,6 +188,7 @@ def test_envid_and_orcpt_decoding_to_control_characters_get_501(daemon, model):
         assert c.cmd(b"QUIT\r\n")[0] == 221
 
 
+@pytest.mark.unit
 def test_a_bounce_escapes_what_it_copies_from_the_client(tmp_path):
     """Older queue files (or any path that let them in) may hold ENVID,
     ORCPT and addresses with CR/LF: the bounce keeps them on one line."""

@@ -9,6 +9,8 @@ from pymta import config
 from pymta.smtp_session import Session
 from pymta.status import Reply, SpoolError
 
+pytestmark = pytest.mark.unit   # pure units: make test-fast runs them
+
 REPLY_RE = re.compile(rb"(\d{3})([ -])(.*)\r\n")
 
 

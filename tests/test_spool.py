@@ -40,6 +40,7 @@ def spool(tmp_path):
     return s
 
 
+@pytest.mark.unit
 def test_commit_leaves_exactly_a_qf_and_a_df(spool):
     qid = commit(spool)
     assert S.valid_id(qid)
@@ -51,6 +52,7 @@ def test_commit_leaves_exactly_a_qf_and_a_df(spool):
     assert stat.S_IMODE(os.stat(spool.maildrop).st_mode) == 0o1733
 
 
+@pytest.mark.unit
 def test_leaving_the_writer_without_commit_removes_the_data(spool):
     with pytest.raises(RuntimeError):
         with spool.new_message() as w:
@@ -59,6 +61,7 @@ def test_leaving_the_writer_without_commit_removes_the_data(spool):
     assert os.listdir(spool.dir) == []
 
 
+@pytest.mark.unit
 def test_qf_round_trip(spool):
     env = make_env("s@example.com", "r1@example.com", "r 2@example.com")
     env.recipients[0].flags = "pSF"
@@ -75,6 +78,7 @@ def test_qf_round_trip(spool):
     assert got.recipients == env.recipients
 
 
+@pytest.mark.unit
 def test_ids_are_time_ordered_and_unique_across_threads(spool):
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         ids = list(ex.map(lambda _: commit(spool), range(200)))
@@ -100,11 +104,13 @@ def test_ids_are_unique_across_processes(spool):
     assert len(os.listdir(spool.dir)) == 300
 
 
+@pytest.mark.unit
 def test_id_time_decodes_the_arrival_second():
     now = int(time.time())
     assert S.id_time(S.new_id(now)) == now
 
 
+@pytest.mark.unit
 def test_a_locked_message_cannot_be_locked_again(spool):
     qid = commit(spool)
     lock = spool.lock(qid)
@@ -116,6 +122,7 @@ def test_a_locked_message_cannot_be_locked_again(spool):
         assert again is not None
 
 
+@pytest.mark.unit
 def test_lock_of_a_removed_message_is_none(spool):
     qid = commit(spool)
     spool.remove(qid)
@@ -123,6 +130,7 @@ def test_lock_of_a_removed_message_is_none(spool):
     assert os.listdir(spool.dir) == []
 
 
+@pytest.mark.unit
 def test_a_new_message_is_locked_until_handed_off_and_released(spool):
     with spool.new_message() as w:
         w.write(b"x\n")
@@ -134,6 +142,7 @@ def test_a_new_message_is_locked_until_handed_off_and_released(spool):
     assert not spool.is_locked(qid)
 
 
+@pytest.mark.unit
 def test_rewrite_replaces_the_qf_whole(spool):
     qid = commit(spool)
     env = spool.read(qid)
@@ -144,6 +153,7 @@ def test_rewrite_replaces_the_qf_whole(spool):
     assert sorted(os.listdir(spool.dir)) == ["df" + qid, "qf" + qid]
 
 
+@pytest.mark.unit
 def test_hold_and_release(spool):
     qid = commit(spool)
     env = spool.read(qid)
@@ -164,6 +174,7 @@ def _plant(spool, prefix, qid, data, age=0):
     return path
 
 
+@pytest.mark.unit
 def test_torn_files_are_never_deliverable(spool):
     good = commit(spool)
     text = open(spool.path("qf", good), "rb").read()
@@ -188,6 +199,7 @@ def test_torn_files_are_never_deliverable(spool):
     assert set(spool.ids("Qf")) == {torn_qf, garbage, no_df}
 
 
+@pytest.mark.unit
 def test_sweep_removes_old_orphans_only(spool):
     good = commit(spool)
     quarantined = S.new_id()
@@ -216,6 +228,7 @@ def test_sweep_removes_old_orphans_only(spool):
             "df" + young_df, "df" + locked_df} == left
 
 
+@pytest.mark.unit
 def test_drop_and_pickup_in_process(spool):
     env = make_env("user@example.com", "a@example.com", "|/bin/evil", "b@example.com")
     env.recipients[0].flags = "pSFa"
@@ -239,6 +252,7 @@ def test_drop_and_pickup_in_process(spool):
     assert any("refused" in line for line in logged)
 
 
+@pytest.mark.unit
 def test_pickup_ignores_an_incomplete_drop_and_removes_a_torn_one(spool):
     path = os.path.join(spool.maildrop, "incomplete")
     with open(path, "wb") as f:
@@ -338,6 +352,7 @@ def test_unprivileged_user_submits_through_the_maildrop(public_instance):
     assert data.endswith(b"\nhello\n")
 
 
+@pytest.mark.unit
 def test_writev_all_writes_every_chunk_in_order_through_partial_writes():
     # A pipe takes at most its buffer per call: the writes come back partial.
     import random
@@ -363,6 +378,7 @@ def test_writev_all_writes_every_chunk_in_order_through_partial_writes():
     assert bytes(got) == b"".join(chunks)
 
 
+@pytest.mark.unit
 @settings(max_examples=1500, deadline=None)
 @given(st.text(max_size=20) | st.lists(st.sampled_from(list("%0aF9g z\udcc3\udca9é\n%41")), max_size=30).map("".join))
 def test_qf_percent_encoding_agrees_with_its_grammar(value):
@@ -379,6 +395,7 @@ def test_qf_percent_encoding_agrees_with_its_grammar(value):
     assert S._dec(S._enc(value, space=False)) == S._dec(S._enc(value))
 
 
+@pytest.mark.unit
 @settings(max_examples=2000, deadline=None)
 @given(st.text(alphabet="0123456789AZaxyz\n%", max_size=21))
 def test_valid_id_agrees_with_its_grammar(qid):

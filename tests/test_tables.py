@@ -26,6 +26,7 @@ def table(tmp_path, text, name="virtual"):
     return tables.Maps([f"hash:{path}"])
 
 
+@pytest.mark.unit
 def test_file_format_comments_continuations_case_and_bad_lines(tmp_path, caplog):
     m = table(tmp_path, "# comment\nInfo@Virt.TEST   root,\n   bob@remote.test\n\n"
                         "lonely\n\n  continued after a blank line\nkey\tvalue  with   spaces\n")
@@ -39,6 +40,7 @@ def test_file_format_comments_continuations_case_and_bad_lines(tmp_path, caplog)
     assert "continued after" not in text        # no line's text in the log
 
 
+@pytest.mark.unit
 def test_table_is_read_again_when_it_changes(tmp_path):
     m = table(tmp_path, "a  one\n")
     assert m.get("a") == "one"
@@ -48,11 +50,13 @@ def test_table_is_read_again_when_it_changes(tmp_path):
     assert m.get("a") == "two, three"
 
 
+@pytest.mark.unit
 def test_unsupported_table_type_is_an_error():
     with pytest.raises(tables.TableError):
         tables.Maps(["ldap:/etc/ldap.cf"])
 
 
+@pytest.mark.unit
 def test_lookup_order_extensions_domains_and_qualification(tmp_path):
     cfg = cfg_for()
     m = table(tmp_path, "joe+x@virt.test  exact\njoe@virt.test  joseph\nsam  samuel\n"
@@ -183,6 +187,7 @@ def canonical_inst(make_instance, **more):
     return inst
 
 
+@pytest.mark.unit
 def test_masquerade_domains_first_match_exceptions_and_bang():
     cfg = cfg_for(masquerade_domains="!keep.example.org, example.org", masquerade_exceptions="root")
     assert rewrite.masquerade(cfg, "u@host.example.org") == "u@example.org"
@@ -194,6 +199,7 @@ def test_masquerade_domains_first_match_exceptions_and_bang():
     assert rewrite.masquerade(cfg, "") == ""
 
 
+@pytest.mark.unit
 def test_header_rewriting_keeps_names_comments_and_quoted_strings(make_instance):
     inst = canonical_inst(make_instance)
     rw = rewrite.Rewriter(inst.cfg)
@@ -253,6 +259,7 @@ def test_smtp_mail_from_mynetworks_is_rewritten_not_from_others(make_instance):
     assert b"\nFrom: noreply@example.test\nTo: joe@mx.example.test\n" in data
 
 
+@pytest.mark.unit
 def test_smtp_header_filter_holds_the_header_back_across_any_chunking():
     from pymta.smtp_data import DataReceiver
 

@@ -3,6 +3,8 @@ or to a refusal, with real sinks on loopback."""
 
 import logging
 
+import pytest
+
 from pymta import config
 from pymta.transport import TransportMap
 
@@ -16,6 +18,7 @@ def tmap(tmp_path, text):
     return TransportMap(cfg, logging.getLogger("test"))
 
 
+@pytest.mark.unit
 def test_exact_then_subdomain_then_star(tmp_path):
     m = tmap(tmp_path, "# comment\nexample.com smtp:[10.0.0.1]:2525\n"
                        ".example.com  smtp:mx.example.net\n"
@@ -29,6 +32,7 @@ def test_exact_then_subdomain_then_star(tmp_path):
     assert m.lookup("no.test") == ("error", "go away")
 
 
+@pytest.mark.unit
 def test_malformed_entries_are_logged_and_not_used(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         m = tmap(tmp_path, "a.test\nb.test bogus:x\nc.test smtp:[1.2.3.4]:99999\nd.test smtp:\n")
@@ -37,6 +41,7 @@ def test_malformed_entries_are_logged_and_not_used(tmp_path, caplog):
     assert sum("transport_maps" in r.getMessage() for r in caplog.records) == 2
 
 
+@pytest.mark.unit
 def test_an_edited_map_is_read_again(tmp_path):
     m = tmap(tmp_path, "a.test smtp:[10.0.0.1]\n")
     assert m.lookup("a.test") == ("smtp", "[10.0.0.1]")
