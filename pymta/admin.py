@@ -26,8 +26,7 @@ from . import envelope as E
 from . import mailq
 from .spool import Spool, valid_id
 from .status import (EX_CANTCREAT, EX_DATAERR, EX_NOINPUT, EX_NOPERM, EX_NOUSER, EX_OK,
-                     EX_SOFTWARE, EX_TEMPFAIL,
-                     EX_UNAVAILABLE, EX_USAGE, SpoolCorrupt, run_program)
+                     EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, SpoolCorrupt, run_program)
 
 PROG = "pymta"
 BOUNCE_REPLY = ("5.0.0", "Message bounced by the administrator")
@@ -162,20 +161,17 @@ class Admin:
         self.log.info(f"{qid}: requeued by {self.user}")
         return f"{qid}: requeued" + (" (still held)" if env.held else "")
 
-    def _runner(self):
-        try:
-            from . import runner
-        except ImportError as e:
-            raise Refused(f"delivery is not available: {e}", EX_SOFTWARE) from None
-        return runner.Runner(self.cfg, log=self.log)
+    def _deliverer(self):
+        from . import queue_attempt
+        return queue_attempt.Deliverer(self.cfg, log=self.log)
 
-    def flush(self, qid, runner=None):
+    def flush(self, qid):
         with self.locked(qid) as lock:
             env = self._read(qid)
             if env.held:
                 raise Refused(f"{qid}: message is held; release it first", EX_UNAVAILABLE)
             self.log.info(f"{qid}: flushed by {self.user}")
-            summ = (runner or self._runner()).deliver_locked(lock)
+            summ = self._deliverer().deliver_locked(lock)
         return f"{qid}: {_summary_text(summ)}"
 
     def flush_all(self):
@@ -186,11 +182,10 @@ class Admin:
             os.listdir(self.spool.dir)
         except PermissionError:
             raise Refused(f"{self.spool.dir}: Permission denied", EX_NOPERM) from None
-        runner = self._runner()
-        from . import sched
+        from . import queue_run, sched
         sched.Scheduler(self.cfg, self.log).clear_all_dead()
         self.log.info(f"queue flushed by {self.user}")
-        st = runner.run_pass(force=True)
+        st = queue_run.Runner(self.cfg, log=self.log).run_pass(force=True)
         if not (st.tried or st.locked or st.quarantined):
             return [], EX_OK
         line = f"{st.tried} message(s) tried: {st.removed} done, {st.deferred} still queued"
@@ -216,11 +211,7 @@ class Admin:
             self.spool.rewrite(env)
             self.log.info(f"{qid}: bounced by {self.user}: "
                           + ", ".join(f"<{r.address}>" for r in pending))
-            try:
-                runner = self._runner()
-            except Refused:
-                return f"{qid}: marked failed; the next queue run sends the report"
-            runner.deliver_locked(lock)
+            self._deliverer().deliver_locked(lock)
         return f"{qid}: bounced to <{env.sender}>" if env.sender else f"{qid}: bounced"
 
     def show(self, qid, header_limit=64 * 1024):

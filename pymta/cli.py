@@ -240,8 +240,8 @@ def _dispatch(cfg, opts):
         from . import route
         return route.verify_main(cfg, opts)
     if mode == "q":
-        from . import runner
-        return runner.main(cfg, opts)
+        from . import queue_run
+        return queue_run.main(cfg, opts)
     raise UsageError(f"unknown mode {mode}")
 
 

@@ -33,7 +33,7 @@ import threading
 import time
 
 from . import config as C
-from . import server
+from . import queue_attempt, queue_run, server
 from .spool import Spool, valid_id
 from .status import EX_CANTCREAT, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
 
@@ -264,8 +264,7 @@ class Master:
         self.children = {}          # listener pid -> its slot
         self.control = {}           # listener pid -> the pipe that hands it TLS keys
         self.owner = _owner(cfg)
-        self.runner_mod = None
-        self.handoff_runner = None
+        self.deliverer = None     # for the messages the listeners hand over
         self.notify_fds = ()
         self.pool = None
         self.run_thread = None
@@ -357,15 +356,6 @@ class Master:
             spool.create()
         self.spool = spool
 
-    def _load_runner(self):
-        try:
-            from . import runner
-        except ImportError as e:
-            log.error(f"queue runner unavailable ({e}): messages are accepted and stay "
-                      "queued; no deliveries are made by this daemon")
-            return None
-        return runner
-
     def run(self):
         cfg = self.cfg
         if os.geteuid() != 0:
@@ -398,7 +388,6 @@ class Master:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
-        self.runner_mod = self._load_runner()
         self._start_log_pump()
         from .eventloop import Pool
         self.pool = Pool(max(1, cfg.delivery_thread_limit), None, "pymta-handoff")
@@ -453,7 +442,7 @@ class Master:
                     busy, self.busy_ids = self.busy_ids, []
                 for qid in busy:
                     self.pool.submit(lambda qid=qid: self._deliver(qid))
-            if interval and now >= next_run and self.runner_mod and \
+            if interval and now >= next_run and \
                     (self.run_thread is None or not self.run_thread.is_alive()):
                 next_run = now + interval
                 self.run_thread = threading.Thread(target=self._queue_run, name="pymta-qrun",
@@ -483,8 +472,7 @@ class Master:
                 os.kill(child, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        if self.runner_mod is not None:
-            self.runner_mod.STOP.set()    # no new delivery starts
+        queue_attempt.STOP.set()    # no new delivery starts
 
     def _start_showq(self):
         """queue_directory/public/showq: mailq for the users who cannot read
@@ -566,7 +554,7 @@ class Master:
             if qid[:1] in ("+", "!") and fd == self.rfd:
                 self._listener_says(line.decode("utf-8", "replace"))
                 continue
-            if valid_id(qid) and self.runner_mod:
+            if valid_id(qid):
                 self.pool.submit(lambda qid=qid: self._deliver(qid))
         return rest
 
@@ -582,23 +570,23 @@ class Master:
         elif word == "!":
             self.errors[int(pid)] = text.strip()
 
-    def _runner(self):
-        """One Runner for the handoffs (its router, alias map, resolver and idle
-        connections are kept between messages); a new one after a reload."""
-        runner = self.handoff_runner
-        if runner is None or runner.cfg is not self.cfg:
-            runner = self.handoff_runner = self.runner_mod.Runner(self.cfg, log=log)
-        return runner
+    def _deliverer(self):
+        """One Deliverer for the handoffs (its router, alias map, resolver and
+        idle connections are kept between messages); a new one after a reload."""
+        deliverer = self.deliverer
+        if deliverer is None or deliverer.cfg is not self.cfg:
+            deliverer = self.deliverer = queue_attempt.Deliverer(self.cfg, log=log)
+        return deliverer
 
     def _deliver(self, qid):
-        if self.runner_mod.STOP.is_set():
+        if queue_attempt.STOP.is_set():
             return          # stopping: it stays queued for the next start
         try:
             lock = self.spool.lock(qid)
             if lock is None:
                 return
             with lock:
-                summ = self._runner().deliver_locked(lock, keep_connections=True)
+                summ = self._deliverer().deliver_locked(lock, keep_connections=True)
             if summ.skipped == "busy":
                 with self.busy_lock:
                     self.busy_ids.append(qid)   # its destination's turn comes later
@@ -606,23 +594,22 @@ class Master:
             log.exception(f"{qid}: delivery attempt failed: {e}")
 
     def _pickup(self):
-        if self.handoff_runner is not None:
-            self.handoff_runner._close_connections()   # idle SMTP connections live ~1 s
+        if self.deliverer is not None:
+            self.deliverer.close_connections()   # idle SMTP connections live ~1 s
         try:
             ids = self.spool.pickup(log=log.info, hostname=self.cfg.myhostname,
                                     mail_name=self.cfg.mail_name)
         except OSError as e:
             log.error(f"maildrop pickup failed: {e}")
             return
-        if self.runner_mod:
-            for qid in ids:
-                self.pool.submit(lambda qid=qid: self._deliver(qid))
+        for qid in ids:
+            self.pool.submit(lambda qid=qid: self._deliver(qid))
 
     def _queue_run(self):
         try:
             # Threads, not forked processes: this process has other threads,
             # whose locks a fork would copy held.
-            self.runner_mod.Runner(self.cfg, log=log, processes=False).run_pass()
+            queue_run.Runner(self.cfg, log=log, processes=False).run_pass()
         except Exception as e:
             log.exception(f"queue run failed: {e}")
 
@@ -714,8 +701,7 @@ class Master:
         if not self._wait_deliveries(deadline):
             log.info("stopping: shutting down the connections of deliveries in progress; "
                      "their messages stay queued")
-            if self.runner_mod is not None:
-                self.runner_mod.stop()
+            queue_attempt.stop()
             if not self._wait_deliveries(time.monotonic() + 1.0):
                 # Threads stuck anyway are abandoned: main() ends the process
                 # without waiting for them (their messages' locks go with it).

@@ -616,11 +616,7 @@ def _commit(cfg, opts, sub, spool, fields, first, inp, traffic):
         lock = w.handoff()
     if mode == "i":
         full_logging()
-        runner = _runner()
-        if runner is None:
-            lock.release()
-            return EX_OK
-        return _deliver_now(cfg, opts, runner, lock, sub.sender)
+        return _deliver_now(cfg, opts, lock, sub.sender)
     # A running daemon delivers it (told through queue/notify); else a
     # background child does. The lock goes first, so the daemon can take it.
     nfd = spool.notify_open()
@@ -632,7 +628,7 @@ def _commit(cfg, opts, sub, spool, fields, first, inp, traffic):
         lock = spool.lock(qid)
         if lock is None:       # someone else is on it already
             return EX_OK
-    # The queue runner is imported in the background child, not here: its
+    # The delivery code is imported in the background child, not here: its
     # import is not the submitter's to wait for.
     return _deliver_background(cfg, lock)
 
@@ -655,40 +651,14 @@ def _log_accept(sub, qid, size):
              f"msgid={sub.msgid}, relay={sub.login}@localhost")
 
 
-def _runner():
-    """pymta.runner if delivery is available, else None (the message waits
-    for the next queue run)."""
-    try:
-        from . import runner
-    except ModuleNotFoundError as e:
-        if e.name != "pymta.runner":
-            log.warning(f"delivery unavailable: {e}")
-        return None
-    except Exception as e:   # noqa: BLE001 - the message is queued; delivery can wait
-        log.warning(f"delivery unavailable: {e}")
-        return None
-    if not hasattr(runner, "Runner") or not hasattr(runner.Runner, "deliver_locked"):
-        return None
-    return runner
-
-
-def _outcome(result):
-    """Outcome of what Runner.deliver_locked returned (an Outcome, something
-    with an ``outcome``, or None for nothing to report)."""
-    from .status import Outcome
-    if isinstance(result, Outcome):
-        return result
-    return getattr(result, "outcome", None) if result is not None else None
-
-
-def _deliver_now(cfg, opts, runner, lock, sender):
+def _deliver_now(cfg, opts, lock, sender):
     """-odi: deliver in the foreground; a permanent failure is reported."""
+    from . import queue_attempt
     from .status import Outcome
     try:
-        result = runner.Runner(cfg).deliver_locked(lock)
+        outcome = queue_attempt.Deliverer(cfg).deliver_locked(lock).outcome
     finally:
         lock.release()
-    outcome = _outcome(result)
     if outcome == Outcome.PERMFAIL:
         if opts.error_mode != "q":
             told = f"a bounce went to <{sender}>" if sender else "no bounce to <>"
@@ -715,9 +685,8 @@ def _deliver_background(cfg, lock):
                 os.dup2(fd, n)
             try:
                 full_logging()
-                runner = _runner()
-                if runner is not None:
-                    runner.Runner(cfg).deliver_locked(lock)
+                from . import queue_attempt
+                queue_attempt.Deliverer(cfg).deliver_locked(lock)
             except BaseException as e:  # noqa: BLE001 - the queue run retries
                 log.error(f"{lock.id}: background delivery failed: {e!r}")
             lock.release()

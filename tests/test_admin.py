@@ -221,15 +221,6 @@ def test_usage_errors_exit_64(inst):
     assert pymta(inst, "delete", "--sender", "x", ID1).returncode == 64
 
 
-def _runner_available():
-    try:
-        import pymta.runner  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-@pytest.mark.skipif(not _runner_available(), reason="the runner is not built")
 def test_flush_delivers_now_ignoring_the_retry_time(make_instance):
     inst = make_instance()
     mail = os.path.join(inst.root, "mail")
@@ -246,7 +237,6 @@ def test_flush_delivers_now_ignoring_the_retry_time(make_instance):
         assert os.listdir(mail), inst.maillog()
 
 
-@pytest.mark.skipif(not _runner_available(), reason="the runner is not built")
 def test_bounce_returns_the_message_to_its_sender_now(inst):
     # The sender is local, so the report is delivered here without DNS.
     Q.put(inst.spool, ID3, "root@mx.example.test", ["erin@remote.test"],
@@ -260,7 +250,6 @@ def test_bounce_returns_the_message_to_its_sender_now(inst):
     assert ": DSN: <erin@remote.test> 5.0.0" in log
 
 
-@pytest.mark.skipif(not _runner_available(), reason="the runner is not built")
 def test_flush_without_ids_tries_every_queued_message(inst):
     for qid in (ID1, ID2):
         Q.put(inst.spool, qid, "root@mx.example.test", ["root@mx.example.test"],

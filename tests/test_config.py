@@ -172,7 +172,7 @@ def test_no_value_of_any_parameter_ends_in_a_traceback(tmp_path, name):
     or is taken by everything that reads it: the router, the SMTP server's
     services, the resolver, remote delivery, the queue runner, pymta check."""
     import logging
-    from pymta import check, daemon, mx, remote, route, runner, server
+    from pymta import check, daemon, mx, queue_run, remote, route, server
     log = logging.getLogger("pymta.test")
     path = tmp_path / "pymta.conf"
     for junk in JUNK:
@@ -187,7 +187,7 @@ def test_no_value_of_any_parameter_ends_in_a_traceback(tmp_path, name):
         mx.make_resolver(cfg)
         remote.destination(cfg, "example.com")
         daemon.listener_count(cfg)
-        runner.Runner(cfg, log=log, processes=False)
+        queue_run.Runner(cfg, log=log, processes=False)
         check.run(cfg, fix=False, dependencies=False)
 
 

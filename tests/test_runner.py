@@ -14,7 +14,8 @@ import pytest
 
 from pymta import cli
 from pymta import envelope as E
-from pymta import runner as R
+from pymta import queue_attempt
+from pymta import queue_run as R
 
 from conftest import BIN, TOP
 from dnsserver import DNSServer
@@ -117,7 +118,7 @@ def test_deferred_recipient_waits_for_its_backoff_and_done_ones_are_not_retried(
 
 def test_backoff_doubles_up_to_the_maximum(relay_inst):
     cfg = relay_inst.cfg
-    assert [R.backoff(cfg, n) for n in (1, 2, 3, 4, 5, 6)] == [300, 600, 1200, 2400, 4000, 4000]
+    assert [queue_attempt.backoff(cfg, n) for n in (1, 2, 3, 4, 5, 6)] == [300, 600, 1200, 2400, 4000, 4000]
 
 
 def test_failed_recipient_gets_one_rfc3464_bounce_with_the_original(relay_inst, sink):
@@ -344,9 +345,9 @@ def test_several_delivery_processes_add_up_their_counts(make_instance):
 
 def test_delivery_to_a_bracketed_relayhost_never_loads_the_dns_resolver(relay_inst, sink):
     queue(relay_inst, ["bob@remote.test"], subject="no-dns")
-    script = ("import sys; from pymta import cli, config, runner; "
+    script = ("import sys; from pymta import cli, config, queue_run; "
               f"cfg = config.load({relay_inst.conf_path!r}); cli.setup_logging(cfg); "
-              "st = runner.Runner(cfg).run_pass(); "
+              "st = queue_run.Runner(cfg).run_pass(); "
               "print(st.removed, 'dns.resolver' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        cwd=TOP, timeout=60)
@@ -424,7 +425,8 @@ def test_mailq_shows_why_a_message_is_deferred(relay_inst, sink):
 
 def test_deliver_locked_summary_gives_sendmail_exit_codes(relay_inst, sink):
     sink.rcpt = {"later@remote.test": "451", "nobody@remote.test": "550"}
-    run = make_runner(relay_inst)
+    cli.setup_logging(relay_inst.cfg)
+    run = queue_attempt.Deliverer(relay_inst.cfg)
     for rcpts, code in ((["bob@remote.test"], 0), (["later@remote.test"], 75),
                         (["nobody@remote.test", "later@remote.test"], 69)):
         qid = queue(relay_inst, rcpts)

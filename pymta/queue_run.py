@@ -1,0 +1,411 @@
+"""A queue run: list the due messages and deliver them, in parallel.
+
+One pass (``sendmail -q``, the daemon's interval, cron, ``pymta flush``)
+picks up the maildrop, sweeps orphans, then hands every due message, one at
+a time, to up to delivery_process_limit forked delivery processes (threads
+would serialise on the GIL: Python work per message is what a queue run
+spends), each with a few threads that wait on the network side by side. A
+process takes the message's lock (a locked message is someone else's:
+skipped) and makes one attempt (queue_attempt.Deliverer); a message whose
+destination has no free connection slot is put aside and taken again once
+a slot frees. The processes report their counts (PassStats) through a pipe.
+
+Whether a message is due is read from its ``Y`` line in the qf's first
+bytes, so an idle pass costs one small read per queued message, not a parse.
+A delivery process that dies leaves its message locked for nobody and
+queued for the next pass; what an attempt records, and when, is in
+queue_attempt's docstring.
+"""
+
+import collections
+import json
+import logging
+import os
+import select
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from .queue_attempt import STOP, Deliverer, matches
+from .spool import Spool
+from .status import EX_NOPERM, EX_OK, SpoolCorrupt
+
+
+def read_next_try(path):
+    """The Y value of a qf from its first bytes (0 when absent), or None if
+    the file is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        head = os.read(fd, 512)
+    finally:
+        os.close(fd)
+    i = head.find(b"\nY")
+    if i < 0:
+        return 0
+    j = head.find(b"\n", i + 1)
+    try:
+        return int(head[i + 2:j if j > 0 else None])
+    except ValueError:
+        return 0
+
+
+
+def _read_available(fd):
+    """What a non-blocking descriptor has now (b"" at end-of-file too)."""
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+@dataclass
+class PassStats:
+    """What one pass did (sendmail -v -q prints it; pymta flush sums it up)."""
+
+    messages: int = 0
+    tried: int = 0
+    removed: int = 0
+    deferred: int = 0
+    locked: int = 0
+    not_due: int = 0
+    quarantined: int = 0
+    picked_up: int = 0
+
+
+_COUNTS = ("tried", "removed", "deferred", "locked", "quarantined")
+_END = b"."                 # to a delivery process: no more ids (never a queue id)
+
+
+class Runner:
+    """Runs passes over the queue. ``now`` is the clock (tests move it);
+    ``processes`` False keeps the deliveries in threads of this process
+    (the daemon's master, which has other threads, never forks for them)."""
+
+    def __init__(self, cfg, log=None, now=time.time, verbose=False, processes=True):
+        self.cfg = cfg
+        self.processes = processes
+        self.force = False      # a flush: messages not yet due are delivered too
+        self.log = log or logging.getLogger("pymta")
+        self.now = now
+        self.spool = Spool.from_config(cfg)
+        self.deliverer = Deliverer(cfg, log=self.log, now=now, verbose=verbose)
+        self._stats_lock = threading.Lock()
+
+    # -- a pass over the queue
+    def run_pass(self, filters=(), force=False):
+        """Deliver every due message once (every message with ``force``:
+        a flush); returns PassStats."""
+        st = PassStats()
+        st.picked_up = len(self.spool.pickup(log=self.log.info, hostname=self.cfg.myhostname,
+                                                   mail_name=self.cfg.mail_name))
+        self.spool.sweep(self.cfg.queue_sweep_age, now=self.now(), log=self.log.info)
+        now = self.now()
+        due = []
+        for qid in self.spool.ids("qf"):
+            st.messages += 1
+            if not self._id_selected(filters, qid):
+                continue
+            if not force:
+                y = read_next_try(self.spool.path("qf", qid))
+                if y is None:
+                    continue
+                if y > now:
+                    st.not_due += 1
+                    continue
+            due.append(qid)
+        self.force = force
+        threads = max(1, self.cfg.delivery_thread_limit)
+        procs = min(max(1, self.cfg.delivery_process_limit), threads, len(due))
+        try:
+            if len(due) <= 1:
+                self._drain(iter(due).__next__, filters, st, 1)
+            elif not self.processes or procs <= 1 or \
+                    not self._run_forked(due, filters, st, procs, -(-threads // procs)):
+                self._drain(iter(due).__next__, filters, st, min(threads, len(due)))
+        finally:
+            self.deliverer.close_connections()
+        return st
+
+    def _drain(self, take, filters, st, nthreads):
+        """Deliver the ids ``take()`` returns (StopIteration or None: no more)
+        with ``nthreads`` threads. A message whose destination has no free
+        connection slot is put aside; a thread that finds no new message
+        takes the put-aside ones again, round after round (with a short,
+        growing wait after a round where none could go), until each one's
+        destination frees a slot or is marked dead. A thread that waits
+        closes this process's idle connections first, so that two processes
+        never wait for each other's."""
+        lock = threading.Lock()
+        later = collections.deque()
+        state = {"more": True, "misses": 0}
+
+        def next_id():
+            with lock:
+                if state["more"]:
+                    try:
+                        qid = take()
+                    except StopIteration:
+                        qid = None
+                    if qid is not None:
+                        return qid, False
+                    state["more"] = False
+                return (later.popleft(), True) if later else (None, False)
+
+        def work():
+            pause = 0.05
+            while not STOP.is_set():
+                qid, again = next_id()
+                if qid is None:
+                    return
+                if self._one(qid, filters, st) != "busy":
+                    if again:
+                        with lock:
+                            state["misses"] = 0
+                    pause = 0.05
+                    continue
+                with lock:
+                    later.append(qid)
+                    # A whole round of the put-aside messages without one
+                    # going out: wait a little before the next round.
+                    state["misses"] += again
+                    stuck = state["misses"] >= len(later)
+                    if stuck:
+                        state["misses"] = 0
+                if stuck:
+                    self.deliverer.close_connections()   # no other process waits on ours
+                    STOP.wait(pause)
+                    pause = min(pause * 2, 1.0)
+
+        if nthreads <= 1:
+            work()
+            return
+        ts = [threading.Thread(target=work, name=f"pymta-deliver-{i}", daemon=True)
+              for i in range(nthreads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    # -- several delivery processes
+    def _run_forked(self, due, filters, st, count, threads=1):
+        """Deliver ``due`` with ``count`` forked children of ``threads``
+        threads each, that take ids one at a time from a shared
+        SOCK_SEQPACKET socket (so a slow message holds up one thread only)
+        and report their PassStats through a pipe. Threads in one process
+        would serialise on the GIL for the Python work of every message;
+        threads within each process wait on the network side by side.
+        Returns False, nothing done, if no child could be started; a child
+        that dies leaves its message locked for nobody and queued for the
+        next pass."""
+        self.deliverer.preload()
+        feed, feed_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        rfd, wfd = os.pipe()
+        pids = []
+        try:
+            for _ in range(count):
+                try:
+                    pid = os.fork()
+                except OSError as e:
+                    self.log.warning(f"queue run: cannot fork a delivery process: {e.strerror}")
+                    break
+                if pid == 0:
+                    code = 1
+                    try:
+                        feed.close()
+                        os.close(rfd)
+                        code = self._child(feed_child, wfd, filters, threads)
+                    finally:
+                        os._exit(code)
+                pids.append(pid)
+        finally:
+            feed_child.close()
+            os.close(wfd)
+        if not pids:
+            feed.close()
+            os.close(rfd)
+            return False
+        try:
+            for qid in due:
+                feed.send(qid.encode("ascii"))
+            # One end mark a thread, not end-of-file: a process forked meanwhile
+            # by another thread holds a copy of ``feed`` and of ``wfd``, and
+            # would keep both open.
+            for _ in range(len(pids) * threads):
+                feed.send(_END)
+        except OSError as e:     # every child is gone: the rest waits for the next pass
+            self.log.error(f"queue run: delivery processes gone ({e.strerror}); "
+                           "the remaining messages stay queued")
+        finally:
+            feed.close()
+        # Wait for the children, reading their lines meanwhile (many children
+        # could fill the pipe); then what is left, without waiting for an
+        # end-of-file (see above).
+        os.set_blocking(rfd, False)
+        data = bytearray()
+        left = set(pids)
+        try:
+            while True:
+                data += _read_available(rfd)
+                for pid in list(left):
+                    try:
+                        done, status = os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        done, status = pid, 0
+                    if done:
+                        left.discard(pid)
+                        if status:
+                            self.log.error(f"queue run: delivery process {pid} ended abnormally "
+                                           f"(status {status:#x}); its messages stay queued")
+                if not left:
+                    break
+                select.select([rfd], [], [], 0.05)
+            data += _read_available(rfd)
+        finally:
+            os.close(rfd)
+        for line in data.splitlines():
+            try:
+                counts = json.loads(line)
+            except ValueError:
+                continue
+            for k, v in counts.items():
+                if k in _COUNTS:
+                    setattr(st, k, getattr(st, k) + int(v))
+        return True
+
+    def _child(self, sock, wfd, filters, threads=1):
+        """A delivery process's loop: ids from ``sock`` until an end mark
+        (one a thread)."""
+        self.deliverer.forget_connections()
+        st = PassStats()
+
+        def take():
+            data = sock.recv(256)
+            if not data or data == _END:
+                return None
+            return data.decode("ascii", "replace")
+        try:
+            self._drain(take, filters, st, threads)
+        finally:
+            self.deliverer.close_connections()
+            counts = {k: getattr(st, k) for k in _COUNTS}
+            os.write(wfd, json.dumps(counts).encode() + b"\n")
+            for h in self.log.handlers:
+                try:
+                    h.flush()
+                except Exception:   # noqa: BLE001 - exiting anyway
+                    pass
+        return 0
+
+    @staticmethod
+    def _id_selected(filters, qid):
+        ids = [(s, n) for k, s, n in filters if k == "I"]
+        return not ids or any((s in qid) != n for s, n in ids)
+
+    def _one(self, qid, filters, st):
+        if STOP.is_set():
+            return
+        lock = self.spool.lock(qid)
+        if lock is None:
+            # The commit makes the df before the qf and removal unlinks the qf
+            # first, so a qf without its df is damage: kept aside, not "locked".
+            if not os.path.exists(self.spool.path("df", qid)) and self.spool.quarantine(qid):
+                self.log.error(f"{qid}: control file without data file, quarantined as Qf{qid}")
+                with self._stats_lock:
+                    st.quarantined += 1
+                return
+            with self._stats_lock:
+                st.locked += 1
+            return
+        with lock:
+            try:
+                summ = self.deliverer.deliver(lock, filters=filters,
+                                              honour_next_try=not self.force)
+            except Exception as e:  # one bad message must not stop the pass
+                self.log.exception(f"{qid}: delivery attempt failed: {e}")
+                return
+        if summ.skipped == "busy":
+            return "busy"
+        with self._stats_lock:
+            if summ.skipped == "corrupt":
+                st.quarantined += 1
+            elif not summ.skipped:
+                st.tried += 1
+                if summ.deferred:
+                    st.deferred += 1
+                else:
+                    st.removed += 1
+
+
+def _hold_or_release(cfg, opts, log):
+    """-Q[reason] with -q filters: hold the selected messages with the
+    reason (M text), or release them when the reason is empty."""
+    spool = Spool.from_config(cfg)
+    reason = opts.queue_hold
+    prefix = "qf" if reason else "hf"
+    count = 0
+    for qid in spool.ids(prefix):
+        lock = spool.lock(qid, wait=False)
+        if lock is None:
+            print(f"{qid}: locked, skipped", file=sys.stderr)
+            continue
+        with lock:
+            try:
+                env = spool.read(qid)
+            except (FileNotFoundError, SpoolCorrupt):
+                continue
+            if not matches(opts.queue_filters, qid, env):
+                continue
+            if reason:
+                spool.hold(env)
+                env.status = reason
+                spool.rewrite(env)
+                log.info(f"{qid}: quarantine: {reason}")
+            else:
+                spool.release(env)
+                env.status = ""
+                env.next_try = 0
+                spool.rewrite(env)
+                log.info(f"{qid}: released")
+            count += 1
+    what = "held" if reason else "released"
+    print(f"{count} message(s) {what}")
+    return EX_OK
+
+
+def main(cfg, opts):
+    """``sendmail -q[...]``: one pass (or one per interval, in the
+    foreground, when an interval is given without -bd)."""
+    log = logging.getLogger("pymta")
+    if opts.verbose:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    spool = Spool.from_config(cfg)
+    for path in (spool.dir, spool.maildrop):
+        if os.path.isdir(path) and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            print(f"sendmail: cannot run the queue: {path}: Permission denied (only root "
+                  f"and {cfg.mail_owner} may)", file=sys.stderr)
+            return EX_NOPERM
+    if opts.queue_hold is not None:
+        return _hold_or_release(cfg, opts, log)
+    runner = Runner(cfg, log=log, verbose=opts.verbose)
+    interval = opts.queue_interval or 0
+    while True:
+        st = runner.run_pass(opts.queue_filters)
+        if opts.verbose:
+            print(f"queue run: {st.messages} queued, {st.tried} tried, {st.removed} done, "
+                  f"{st.deferred} deferred, {st.locked} locked, {st.not_due} not due")
+        if not interval:
+            return EX_OK
+        time.sleep(interval)
