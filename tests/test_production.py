@@ -462,12 +462,16 @@ def test_bs_tells_the_running_daemon_and_qualifies_bare_names(tmp_path):
     port = free_port()
     inst = Instance(tmp_path, smtpd_listen=f"127.0.0.1:{port}", mail_owner="root",
                     queue_run_delay="1h", myorigin="example.test")
+    # Queued before the start: its delivery shows the start-up queue run is
+    # done, the next one being an hour away.
+    r = inst.sendmail("-odq", "-i", "root", input=b"Subject: queued before\n\nhi\n")
+    assert r.returncode == 0, r.stderr
     r = subprocess.run(sendmail_cmd(inst, "-bd"), capture_output=True, text=True, timeout=60,
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     pid = int(open(inst.params["pid_file"]).read())
     try:
-        time.sleep(2)            # after the daemon's first queue run
+        assert wait_for(lambda: b"Subject: queued before" in inst.mailbox(), 10), inst.maillog()
         r = inst.sendmail("-bs", input=b"HELO me\r\nMAIL FROM:<me>\r\nRCPT TO:<root>\r\n"
                           b"DATA\r\nSubject: via -bs\r\n\r\nhi\r\n.\r\nQUIT\r\n")
         assert b"250 2.0.0 Ok: queued as" in r.stdout, r.stdout

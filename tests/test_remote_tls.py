@@ -325,7 +325,7 @@ def test_daemon_logs_in_from_the_root_side_with_a_root_only_password_file(dns, p
     import subprocess
     import tempfile
     from conftest import Instance
-    from test_daemon import daemon, wait_for
+    from helpers import daemon, wait_for
     top = tempfile.mkdtemp(prefix="pymta-sasl-", dir="/tmp")
     os.chmod(top, 0o755)
     try:
@@ -459,7 +459,7 @@ def test_relaying_through_pymtas_own_submission_service(make_instance, tmp_path,
     certificate from the test CA; secure level; a wrong password is refused
     there and deferred here."""
     from pymta import auth
-    from test_daemon import daemon, free_port, wait_for
+    from helpers import daemon, free_port, wait_for
     cert, key = pki.ca1.issue(SMTP_NAME)
     provider = make_instance()
     pwfile = os.path.join(provider.root, "passwd")

@@ -16,7 +16,7 @@ from badpeers import Blackhole, Tarpit
 from conftest import BIN
 from dnsserver import DNSServer
 from smtpsink import SMTPSink
-from test_daemon import daemon, wait_for
+from helpers import daemon, wait_for
 
 
 def qfs(inst):
@@ -69,7 +69,7 @@ def test_sigterm_stops_a_daemon_whose_queue_run_hangs_on_a_blackhole(inst):
         queued = qfs(inst)
         with daemon(inst, "-q1s") as (p, port):
             # The queue run starts a second after start-up and hangs in connect().
-            time.sleep(2.5)
+            assert wait_for(bh.connecting, 15)
             t0 = time.monotonic()
             p.send_signal(signal.SIGTERM)
             assert p.wait(10) == 0

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from helpers import wait_for
 from pymta import auth, server
 
 LOG = logging.getLogger("pymta")
@@ -227,14 +228,10 @@ def test_client_dropping_mid_data_leaves_nothing(inst, logs):
     with running(inst) as port:
         s, f = raw_in_data(port)
         s.sendall(b"Subject: half\r\n\r\n" + b"x" * 100000)
-        time.sleep(0.3)
         f.close()
         s.close()
-        deadline = time.time() + 5
-        while queued(inst) and time.time() < deadline:
-            time.sleep(0.05)
-    assert queued(inst) == []
-    assert "lost connection after DATA from unknown[127.0.0.1]" in logs.text()
+        assert wait_for(lambda: "lost connection after DATA from unknown[127.0.0.1]" in logs.text(), 10)
+        assert wait_for(lambda: queued(inst) == [], 5)
 
 
 def test_size_declared_over_limit_and_free_space_below_minfree(inst):
@@ -270,7 +267,7 @@ def test_session_limit_and_per_client_limit_answer_421(inst):
         assert read_reply(fc)[0].startswith(b"421 4.7.0")
         a.sendall(b"QUIT\r\n")
         read_reply(fa)
-        time.sleep(0.3)
+        assert fa.read() == b""             # closed by the server: its slot is free
         d, fd = raw(port)
         assert read_reply(fd)[0].startswith(b"220")
         for s, f in ((a, fa), (d, fd), (c, fc)):
@@ -799,33 +796,39 @@ def test_nul_bytes_in_data_are_kept_as_they_come(inst):
 
 
 def test_idle_sessions_get_the_stress_timeout_when_slots_run_short(inst, logs):
-    # All 8 slots taken (new clients get 421): the idle sessions are closed
-    # after smtpd_stress_timeout, not smtpd_timeout; with fewer, they stay.
-    with running(inst, smtpd_session_limit=8, smtpd_timeout="300s",
+    # With slots to spare, idle sessions get smtpd_timeout; once all 8 are
+    # taken (new clients would get 421), the idle ones are closed after
+    # smtpd_stress_timeout. Each case is seen by when its 421 arrives.
+    def timed_out_after(s, since):
+        s.settimeout(10)
+        assert s.recv(1000).startswith(b"421 4.4.2")
+        return time.monotonic() - since
+
+    with running(inst, smtpd_session_limit=8, smtpd_timeout="4s",
                  smtpd_stress_timeout="1s") as port:
+        t0 = time.monotonic()
         few = [raw(port) for _ in range(3)]
         for s, f in few:
             assert read_reply(f)[0].startswith(b"220")
-        time.sleep(2.5)
         for s, f in few:
-            s.settimeout(0.1)
-            with pytest.raises(socket.timeout):
-                s.recv(100)                 # nothing: still open, no 421
-        more = [raw(port) for _ in range(5)]
+            assert timed_out_after(s, t0) >= 3.5          # smtpd_timeout, not the stress one
+            f.close()
+            s.close()
         t0 = time.monotonic()
+        few = [raw(port) for _ in range(3)]
+        for s, f in few:
+            assert read_reply(f)[0].startswith(b"220")
+        time.sleep(1.5)                                    # idle past the stress timeout
+        more = [raw(port) for _ in range(5)]
+        t1 = time.monotonic()
         for s, f in more:
             assert read_reply(f)[0].startswith(b"220")
-        # The 3 idle for 2.5 s go at once; then 5 of 8 are in use, no
-        # stress: the 5 new ones keep smtpd_timeout.
+        # All 8 in use: the 3 idle for 1.5 s go at once; then 5 of 8 are in
+        # use, no stress: the 5 new ones keep smtpd_timeout.
         for s, f in few:
-            s.settimeout(10)
-            assert s.recv(1000).startswith(b"421 4.4.2")
-        assert time.monotonic() - t0 < 5
-        time.sleep(1.5)
+            assert timed_out_after(s, t1) < 1.5             # else at t1 + 2.5
         for s, f in more:
-            s.settimeout(0.1)
-            with pytest.raises(socket.timeout):
-                s.recv(100)
+            assert timed_out_after(s, t1) >= 3.5
         for s, f in few + more:
             f.close()
             s.close()

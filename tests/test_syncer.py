@@ -8,7 +8,7 @@ import smtplib
 import time
 
 from pymta import syncer
-from test_daemon import daemon, listener_pids, wait_for
+from helpers import daemon, listener_pids, wait_for
 
 
 def _run_until(syncers, done, timeout=10):
