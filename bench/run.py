@@ -123,8 +123,8 @@ class Pymta:
             for k, v in p.items():
                 f.write(f"{k} = {v}\n")
         self.proc = None
-        from pymta import spool as sp
-        sp.Spool(p["queue_directory"]).create()
+        from pymta.queue_dir import Spool
+        Spool(p["queue_directory"]).create()
         self.run_cmd("-bi", check=True)
 
     def run_cmd(self, *args, input=b"", check=False):
@@ -246,8 +246,9 @@ def case_accept(work, sessions, msgs, size, reps, with_postfix, deliver=True, **
 
 def _fill_queue(pm, n, size, rcpt="user@example.test", next_try=0):
     """Put n messages straight into pymta's queue (no delivery)."""
-    from pymta import spool as sp, envelope as E
-    s = sp.Spool(os.path.join(pm.root, "spool"), fsync=False)
+    from pymta import envelope as E
+    from pymta.queue_dir import Spool
+    s = Spool(os.path.join(pm.root, "spool"), fsync=False)
     s.create()
     body = b"From: bench@example.test\nTo: %s\nSubject: bench\n\n" % rcpt.encode()
     line = b"La de da de da de da de da de da de da de da de da de da de da\n"

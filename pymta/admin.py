@@ -24,7 +24,8 @@ import sys
 
 from . import envelope as E
 from . import mailq
-from .spool import Spool, valid_id
+from .queue_dir import Spool
+from .queue_id import valid_id
 from .status import (EX_CANTCREAT, EX_DATAERR, EX_NOINPUT, EX_NOPERM, EX_NOUSER, EX_OK,
                      EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, SpoolCorrupt, run_program)
 
@@ -100,9 +101,7 @@ class Admin:
             if env.held:
                 return f"{qid}: already held"
             reason = reason or f"held by {self.user}"
-            self.spool.hold(env)
-            env.status = reason
-            self.spool.rewrite(env)
+            self.spool.hold(env, reason)
         self.log.info(f"{qid}: held by {self.user}: {reason}")
         return f"{qid}: held"
 
@@ -112,9 +111,6 @@ class Admin:
             if not env.held:
                 return f"{qid}: not held"
             self.spool.release(env)
-            env.status = ""
-            env.next_try = 0
-            self.spool.rewrite(env)
         self.log.info(f"{qid}: released by {self.user}")
         return f"{qid}: released"
 
@@ -127,28 +123,20 @@ class Admin:
         return f"{qid}: removed"
 
     def _delete_lost(self, qid):
-        """A Qf (corrupt) message has no qf, so Spool.lock() refuses it: lock its
-        df directly (or nothing, if the df is gone too)."""
-        import fcntl
+        """A Qf (corrupt) message has no qf, so it is locked by its df alone
+        (or not at all, if the df is gone too)."""
+        lock = self.spool.lock(qid, wait=self.wait, control=())
+        if lock is None and os.path.exists(self.spool.path("df", qid)):
+            raise Refused(f"{qid}: message is being worked on, try again", EX_TEMPFAIL)
         try:
-            fd = os.open(self.spool.path("df", qid), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = None
-        try:
-            if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
-                except BlockingIOError:
-                    raise Refused(f"{qid}: message is being worked on, try again",
-                                  EX_TEMPFAIL) from None
             for prefix in ("Qf", "tf", "df"):
                 try:
                     os.unlink(self.spool.path(prefix, qid))
                 except FileNotFoundError:
                     pass
         finally:
-            if fd is not None:
-                os.close(fd)
+            if lock is not None:
+                lock.release()
         self.log.info(f"{qid}: removed by {self.user} (corrupt control file)")
         return f"{qid}: removed"
 
@@ -204,7 +192,6 @@ class Admin:
                 return f"{qid}: no pending recipient"
             if env.held:
                 self.spool.release(env)
-                env.status = ""
             dsn, text = BOUNCE_REPLY
             for r in pending:
                 r.set_state(E.FAILED, dsn, f"550 {dsn} {text} ({self.user})")
@@ -228,7 +215,7 @@ class Admin:
                     "utf-8", "replace").splitlines())
         else:
             env = self._read(qid)
-            locked = mailq._probe_locked(self.spool.path("df", qid))
+            locked = self.spool.is_locked(qid)
             lines.extend(_envelope_lines(env, locked))
         lines.append("")
         try:

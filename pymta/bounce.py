@@ -18,7 +18,7 @@ import time
 
 from . import envelope as E
 from .address import qualify
-from .spool import Spool
+from .queue_dir import Spool
 
 CHUNK = 256 * 1024
 

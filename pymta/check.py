@@ -187,7 +187,7 @@ def _mkdir(report, path, mode, fix, what):
 
 
 def check_queue(report, cfg, owner, fix):
-    from .spool import Spool
+    from .queue_dir import Spool
     spool = Spool.from_config(cfg)
     root = os.geteuid() == 0
     uid = owner.pw_uid if owner and root else None

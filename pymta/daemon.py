@@ -33,8 +33,9 @@ import threading
 import time
 
 from . import config as C
-from . import queue_attempt, queue_run, server
-from .spool import Spool, valid_id
+from . import queue_attempt, queue_maildrop, queue_run, server
+from .queue_dir import Spool
+from .queue_id import valid_id
 from .status import EX_CANTCREAT, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
 
 log = logging.getLogger("pymta")
@@ -597,8 +598,7 @@ class Master:
         if self.deliverer is not None:
             self.deliverer.close_connections()   # idle SMTP connections live ~1 s
         try:
-            ids = self.spool.pickup(log=log.info, hostname=self.cfg.myhostname,
-                                    mail_name=self.cfg.mail_name)
+            ids = queue_maildrop.pickup(self.spool, self.cfg, log=log.info)
         except OSError as e:
             log.error(f"maildrop pickup failed: {e}")
             return

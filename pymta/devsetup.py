@@ -16,7 +16,7 @@ import sys
 
 from . import config
 from .options import Options
-from .spool import Spool
+from .queue_dir import Spool
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

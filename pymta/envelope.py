@@ -7,7 +7,7 @@ its own state so that a recipient delivered once is never tried again.
 from .record import REQUIRED, Record
 import time
 
-# Recipient states, as written in the qf (see spool.py).
+# Recipient states, as written in the qf (see queue_file.py).
 QUEUED = "Q"      # not yet tried
 DEFERRED = "D"    # tried, temporary failure; tried again later
 SENT = "S"        # delivered (or handed to the next MTA)
@@ -79,7 +79,7 @@ class Envelope(Record):
         ("attempts", 0),              # N
         ("next_try", 0),              # Y: not before this time
         ("priority", 0),              # P
-        ("flags", ""),                # F: see spool.py
+        ("flags", ""),                # F: see queue_file.py
         ("body_type", ""),            # B: 7BIT / 8BITMIME / BINARYMIME
         ("smtputf8", False),
         ("envid", ""),                # DSN ENVID

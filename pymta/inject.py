@@ -16,7 +16,8 @@ import time
 from . import address as A
 from . import envelope as E
 from .maillog import full_logging, log
-from .spool import Spool
+from . import queue_maildrop
+from .queue_dir import Spool
 from .status import (EX_DATAERR, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE,
                      EX_USAGE, PymtaError, AddressError)
 
@@ -638,7 +639,7 @@ def _drop(cfg, opts, sub, spool, fields, first, inp, traffic):
     body = _Body(sub.fix_header(fields, "", warn=False), first, inp, cfg.message_size_limit,
                  traffic)
     env = sub.envelope("")
-    name = spool.drop(env, body)
+    name = queue_maildrop.drop(spool, env, body)
     log.info(f"maildrop/{name}: uid={sub.uid} from=<{sub.sender}>, size={body.size}, "
              f"nrcpts={len(sub.recipients)}, msgid={sub.msgid}")
     if opts.verbose:

@@ -350,7 +350,7 @@ class Installer:
                 self.write(dst, f.read(), 0o644, record=False)
 
     def _queue(self, cfg):
-        from .spool import Spool
+        from .queue_dir import Spool
         top = self.D(cfg.queue_directory)
         existed = os.path.isdir(os.path.join(top, "queue"))
         try:

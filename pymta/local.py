@@ -26,7 +26,7 @@ import time
 
 from . import address as _address
 from . import safefile as _safefile
-from . import spool as _spool
+from .queue_dir import Spool
 from . import workers as _workers
 from .status import Reply, EX_TEMPFAIL
 
@@ -720,7 +720,7 @@ def deliver(cfg, env, rcpt, target, log=None):
     if target is None:
         return Reply(451, "4.3.0", f"default_privs user {cfg.default_privs!r} does not exist")
     try:
-        df = _spool.Spool.from_config(cfg).open_data(env.id)
+        df = Spool.from_config(cfg).open_data(env.id)
     except OSError as e:
         return Reply(451, "4.3.0", f"cannot open df{env.id}: {e.strerror}")
     with df:

@@ -14,14 +14,15 @@ A control file that cannot be read or parsed is listed as such.
 """
 
 import errno
-import fcntl
 import json
 import os
 import sys
 import time
 
 from . import envelope as E
-from . import spool as S
+from .queue_dir import Spool
+from .queue_file import matches, parse_control
+from .queue_id import valid_id
 from .status import EX_NOPERM, EX_OSFILE, EX_OK, EX_USAGE, SpoolCorrupt
 
 HEADER = "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------\n"
@@ -45,48 +46,6 @@ class Entry:
         self.locked = False
 
 
-# -- selection ---------------------------------------------------------------
-
-def _contains(hay, needle, fold):
-    return needle.lower() in hay.lower() if fold else needle in hay
-
-
-def matches(qid, env, filters):
-    """sendmail's -qI/-qR/-qS/-qQ[!]substring selection.
-
-    Filters of one kind are alternatives (any may match); kinds combine with
-    AND. I compares the id (case-sensitive); S the sender and R any recipient
-    not yet delivered (case-insensitive), as the queue runner selects; Q selects held messages whose reason contains the
-    substring (empty: every held message). ``!`` negates one filter. An
-    entry whose control file cannot be read matches I filters only.
-    """
-    by_kind = {}
-    for kind, sub, neg in filters:
-        by_kind.setdefault(kind, []).append((sub, neg))
-    for kind, items in by_kind.items():
-        ok = False
-        for sub, neg in items:
-            if kind == "I":
-                hit = sub in qid
-            elif env is None:
-                return False
-            elif kind == "S":
-                hit = _contains(env.sender, sub, True)
-            elif kind == "R":
-                hit = any(_contains(r.address, sub, True) for r in env.recipients
-                          if not r.done)
-            elif kind == "Q":
-                hit = env.held and _contains(env.status, sub, True)
-            else:
-                hit = False
-            if hit != neg:
-                ok = True
-                break
-        if not ok:
-            return False
-    return True
-
-
 # -- reading the queue --------------------------------------------------------
 
 def _proc_locked_inodes():
@@ -107,27 +66,10 @@ def _proc_locked_inodes():
     return inodes
 
 
-def _probe_locked(path):
-    """Whether someone holds an exclusive lock on ``path`` (a shared-lock probe)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return False
-
-
 def count(spool):
     """The number of messages (qf, hf and Qf control files), reading none."""
     return len({name[2:] for name in os.listdir(spool.dir)
-                if name[:2] in ("qf", "hf", "Qf") and S.valid_id(name[2:])})
+                if name[:2] in ("qf", "hf", "Qf") and valid_id(name[2:])})
 
 
 def scan(spool, filters=(), include_lost=True):
@@ -148,7 +90,7 @@ def iter_scan(spool, filters=(), include_lost=True):
     control = {}
     for name in names:
         prefix, qid = name[:2], name[2:]
-        if prefix in ("qf", "hf", "Qf") and S.valid_id(qid):
+        if prefix in ("qf", "hf", "Qf") and valid_id(qid):
             # A qf and an hf for one id cannot both exist (hold is a rename);
             # should it happen, the qf wins, as Spool.read() does.
             if prefix == "qf" or qid not in control or control[qid] == "Qf":
@@ -174,7 +116,7 @@ def iter_scan(spool, filters=(), include_lost=True):
             if st is not None:
                 entry.size = st.st_size
                 if locked_inodes is None or st.st_ino in locked_inodes:
-                    entry.locked = _probe_locked(spool.path("df", qid))
+                    entry.locked = spool.is_locked(qid)
             yield entry
     return len(control), entries()
 
@@ -191,7 +133,7 @@ def _read_entry(spool, qid, prefix):
     except OSError as e:
         return Entry(qid, error=e.strerror or str(e), held=held)
     try:
-        env = S.parse_control(raw.decode("utf-8", "surrogateescape"), qid)
+        env = parse_control(raw.decode("utf-8", "surrogateescape"), qid)
     except SpoolCorrupt as e:
         return Entry(qid, error=f"unreadable control file: {e}", held=held)
     env.held = held
@@ -417,7 +359,7 @@ def main(cfg, opts, out=None):
     not exist."""
     out = out or sys.stdout
     prog = opts.program
-    spool = S.Spool.from_config(cfg)
+    spool = Spool.from_config(cfg)
     request = dict(count_only=opts.count_only, filters=[list(f) for f in opts.queue_filters],
                    as_json=bool(opts.json), verbose=bool(opts.verbose))
     stream = not (opts.json or opts.count_only or opts.queue_filters)

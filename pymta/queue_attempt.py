@@ -35,7 +35,8 @@ import time
 from dataclasses import dataclass
 
 from . import envelope as E
-from .spool import Spool
+from .queue_dir import Spool
+from .queue_file import matches
 from .status import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Outcome, PymtaError, Reply, SpoolCorrupt
 
 MAX_EXPANSION_ROUNDS = 10
@@ -99,32 +100,6 @@ class Summary:
         some deferred and none failed."""
         return {Outcome.OK: EX_OK, Outcome.TEMPFAIL: EX_TEMPFAIL,
                 Outcome.PERMFAIL: EX_UNAVAILABLE}[self.outcome]
-
-
-def matches(filters, qid, env):
-    """sendmail's -qI/-qR/-qS/-qQ selection: filters of one kind are OR'ed,
-    kinds are AND'ed; '!' negates; R and S ignore case."""
-    by_kind = {}
-    for kind, sub, negate in filters:
-        by_kind.setdefault(kind, []).append((sub, negate))
-    for kind, items in by_kind.items():
-        if kind == "I":
-            values = [qid]
-        elif kind == "R":
-            values = [r.address.lower() for r in env.recipients if not r.done]
-        elif kind == "S":
-            values = [env.sender.lower()]
-        else:  # Q: the hold (quarantine) reason
-            values = [env.status.lower()] if env.held else []
-        ok = False
-        for sub, negate in items:
-            s = sub if kind == "I" else sub.lower()
-            hit = any(s in v for v in values)
-            if hit != negate:
-                ok = True
-        if not ok:
-            return False
-    return True
 
 
 class Deliverer:
@@ -216,7 +191,7 @@ class Deliverer:
         if honour_next_try and env.next_try > now:
             summ.skipped = "not due"
             return summ
-        if filters and not matches(filters, qid, env):
+        if filters and not matches(qid, env, filters):
             summ.skipped = "filtered"
             return summ
         later = []      # locks of messages made here (bounces, owner- copies)

@@ -28,8 +28,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .queue_attempt import STOP, Deliverer, matches
-from .spool import Spool
+from . import queue_maildrop
+from .queue_attempt import STOP, Deliverer
+from .queue_dir import Spool
+from .queue_file import matches
 from .status import EX_NOPERM, EX_OK, SpoolCorrupt
 
 
@@ -107,8 +109,7 @@ class Runner:
         """Deliver every due message once (every message with ``force``:
         a flush); returns PassStats."""
         st = PassStats()
-        st.picked_up = len(self.spool.pickup(log=self.log.info, hostname=self.cfg.myhostname,
-                                                   mail_name=self.cfg.mail_name))
+        st.picked_up = len(queue_maildrop.pickup(self.spool, self.cfg, log=self.log.info))
         self.spool.sweep(self.cfg.queue_sweep_age, now=self.now(), log=self.log.info)
         now = self.now()
         due = []
@@ -309,8 +310,8 @@ class Runner:
 
     @staticmethod
     def _id_selected(filters, qid):
-        ids = [(s, n) for k, s, n in filters if k == "I"]
-        return not ids or any((s in qid) != n for s, n in ids)
+        """The I filters, before the qf is read."""
+        return matches(qid, None, [f for f in filters if f[0] == "I"])
 
     def _one(self, qid, filters, st):
         if STOP.is_set():
@@ -364,18 +365,13 @@ def _hold_or_release(cfg, opts, log):
                 env = spool.read(qid)
             except (FileNotFoundError, SpoolCorrupt):
                 continue
-            if not matches(opts.queue_filters, qid, env):
+            if not matches(qid, env, opts.queue_filters):
                 continue
             if reason:
-                spool.hold(env)
-                env.status = reason
-                spool.rewrite(env)
+                spool.hold(env, reason)
                 log.info(f"{qid}: quarantine: {reason}")
             else:
                 spool.release(env)
-                env.status = ""
-                env.next_try = 0
-                spool.rewrite(env)
                 log.info(f"{qid}: released")
             count += 1
     what = "held" if reason else "released"

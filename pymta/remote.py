@@ -32,7 +32,7 @@ from . import dkimsign, mx
 from . import sasl_client, tls_policy
 from . import sched as _sched
 from .address import domain_of, xtext_encode
-from .spool import Spool
+from .queue_dir import Spool
 from .status import PermFail, Reply, TempFail
 
 CHUNK = 256 * 1024

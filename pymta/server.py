@@ -25,7 +25,8 @@ import time
 
 from . import address as A
 from .smtp_session import Session, in_networks
-from .spool import Spool
+from . import queue_maildrop
+from .queue_dir import Spool
 from .status import Reply, SpoolError
 
 STOPPING = threading.Event()
@@ -616,7 +617,7 @@ class _MaildropWriter:
 
     def commit(self, env):
         self.file.seek(0)
-        name = self.spool.drop(env, iter(lambda: self.file.read(256 * 1024), b""))
+        name = queue_maildrop.drop(self.spool, env, iter(lambda: self.file.read(256 * 1024), b""))
         return f"maildrop/{name}"
 
     def abort(self):

@@ -5,6 +5,8 @@ RFC 3463 enhanced status code and a text. The same Reply travels from the
 protocol to the log line, the qf ``M`` status and the bounce.
 """
 
+import errno
+
 # sysexits.h, the exit codes sendmail's callers understand.
 EX_OK = 0
 EX_USAGE = 64
@@ -171,6 +173,14 @@ class SpoolError(TempFail):
 
     reply = Reply(451, "4.3.0", "Error writing message to the queue")
     exit_code = EX_TEMPFAIL
+
+    @classmethod
+    def writing(cls, e, what):
+        """An OSError from writing the queue as a SpoolError with the right
+        reply: 452 4.3.1 when the disk or the quota is full."""
+        reply = Reply(452, "4.3.1", "Insufficient system storage") \
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) else cls.reply
+        return cls(f"{what}: {e.strerror or e}", reply)
 
 
 class SpoolCorrupt(PymtaError):

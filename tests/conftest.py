@@ -13,7 +13,7 @@ BIN = os.path.join(TOP, "bin")
 sys.path.insert(0, TOP)
 
 from pymta import config as _config  # noqa: E402
-from pymta import spool as _spool  # noqa: E402
+from pymta.queue_dir import Spool  # noqa: E402
 
 
 class Instance:
@@ -46,7 +46,7 @@ class Instance:
             with open(os.path.join(self.root, "aliases"), "w") as f:
                 f.write("postmaster: root\nMAILER-DAEMON: postmaster\n")
         self.write_config()
-        self.spool = _spool.Spool(self.params["queue_directory"])
+        self.spool = Spool(self.params["queue_directory"])
         self.spool.create()
 
     def write_config(self, **more):

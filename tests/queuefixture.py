@@ -1,7 +1,7 @@
 """Deterministic queues for the mailq and admin tests: fixed ids, fixed times.
 
 Messages are written through the spool's own control-file writer
-(Spool.write_control) beside a hand-written df, so the ids and arrival times
+(Spool.rewrite) beside a hand-written df, so the ids and arrival times
 are known in advance and the listing can be compared with a file.
 """
 
@@ -22,7 +22,7 @@ def put(spool, qid, sender, rcpts, body=b"Subject: test\n\nhello\n", held=False,
     for r in rcpts:
         env.recipients.append(r if isinstance(r, E.Recipient) else E.Recipient(r))
     env.held = held
-    spool.write_control(env)
+    spool.rewrite(env)
     return env
 
 

@@ -6,7 +6,7 @@ import time
 
 from pymta import bounce, config
 from pymta import envelope as E
-from pymta.spool import Spool
+from pymta.queue_dir import Spool
 import pytest
 
 pytestmark = pytest.mark.unit   # pure units: make test-fast runs them

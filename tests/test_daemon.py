@@ -171,11 +171,11 @@ def test_bd_detaches_and_stops_on_sigterm(inst):
 
 
 def test_maildrop_is_picked_up_by_the_daemon(inst):
-    from pymta import envelope
+    from pymta import envelope, queue_maildrop
     with daemon(inst) as (p, port):
         env = envelope.Envelope(sender="u@example.test")
         env.add_recipient("root@example.test")
-        inst.spool.drop(env, [b"Subject: dropped\n\nx\n"])
+        queue_maildrop.drop(inst.spool, env, [b"Subject: dropped\n\nx\n"])
         assert wait_for(lambda: b"Subject: dropped" in inst.mailbox(), 20)
 
 

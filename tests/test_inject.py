@@ -513,7 +513,7 @@ def test_queueing_imports_neither_re_nor_enum_nor_threading(q):
     assert r.returncode == 0, r.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.decode().splitlines()
                 if line.startswith("import time:")}
-    assert "pymta.inject" in imported and "pymta.spool" in imported
+    assert "pymta.inject" in imported and "pymta.queue_dir" in imported
     assert not imported & {"re", "enum", "threading", "socket", "email"}, sorted(imported)
     env, data = only(q)
     assert len(env.recipients) == 2 and env.recipients[1].address == '"x y"@example.test'

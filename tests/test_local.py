@@ -19,7 +19,7 @@ import pytest
 from conftest import Instance
 from pymta import envelope as E
 from pymta import local, route
-from pymta import spool as S
+from pymta.queue_dir import Spool
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root")
@@ -53,7 +53,7 @@ def queue(inst, body=BODY, sender="alice@remote.test", rcpt="me@mx.example.test"
     cfg = inst.cfg
     env = E.Envelope(sender=sender)
     r = env.add_recipient(rcpt, flags=flags)
-    with S.Spool.from_config(cfg).new_message() as w:
+    with Spool.from_config(cfg).new_message() as w:
         w.write(body)
         w.commit(env)
     return cfg, env, r
@@ -263,9 +263,9 @@ def test_write_error_truncates_the_mailbox_back(inst):
     script = textwrap.dedent(f"""
         import resource, sys
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-        from pymta import config, envelope, local, spool
+        from pymta import config, envelope, local, queue_dir
         cfg = config.load({inst.conf_path!r})
-        env = spool.Spool.from_config(cfg).read({env2.id!r})
+        env = queue_dir.Spool.from_config(cfg).read({env2.id!r})
         t = local.Target("mailbox", user={t.user!r}, uid={t.uid}, gid={t.gid}, home="/",
                          path={t.path!r})
         resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 5000}, {len(before) + 5000}))
@@ -480,13 +480,13 @@ def test_unprivileged_pymta_delivers_as_itself_and_says_so(open_inst):
     script = textwrap.dedent(f"""
         import os, pwd, sys
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-        from pymta import cli, config, local, route, spool
+        from pymta import cli, config, local, queue_dir, route
         os.setgroups([])                 # everything is imported: now become nobody
         os.setgid({nobody.pw_gid})
         os.setuid({nobody.pw_uid})
         cfg = config.load({inst.conf_path!r})
         cli.setup_logging(cfg)
-        env = spool.Spool.from_config(cfg).read({env.id!r})
+        env = queue_dir.Spool.from_config(cfg).read({env.id!r})
         t = route.Router(cfg).mailbox_target(pwd.getpwuid(os.getuid()))
         for _ in range(2):
             print(local.deliver(cfg, env, env.recipients[0], t))

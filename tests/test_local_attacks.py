@@ -13,10 +13,10 @@ def _forge(user, inst, installed, sender, body):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.join(installed.prefix, "lib", "pymta")!r})
-        from pymta import envelope as E, spool as S
+        from pymta import envelope as E, queue_dir, queue_maildrop
         env = E.Envelope(sender={sender!r})
         env.add_recipient("root", flags="p")
-        print(S.Spool({inst.params["queue_directory"]!r}).drop(env, [{body!r}]))
+        print(queue_maildrop.drop(queue_dir.Spool({inst.params["queue_directory"]!r}), env, [{body!r}]))
         """)
     r = run_as(user, [os.path.join(TESTPY, "bin", "python"), "-c", script])
     assert r.returncode == 0, r.stderr

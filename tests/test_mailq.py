@@ -242,7 +242,7 @@ def test_a_user_who_may_not_read_the_queue_gets_exit_77():
 
 def _fill(inst, n):
     from pymta import envelope as E
-    from pymta.spool import Spool
+    from pymta.queue_dir import Spool
     sp = Spool(inst.params["queue_directory"], fsync=False)
     for i in range(n):
         with sp.new_message() as w:

@@ -323,12 +323,12 @@ def test_init_script_finds_an_expanded_pid_file_and_reload_when_stopped_exits_7(
 # -- the mail log
 
 def test_report_counts_mail_picked_up_from_the_maildrop(tmp_path):
-    from pymta import envelope
+    from pymta import envelope, queue_maildrop
     inst = Instance(tmp_path, mail_owner="root")
     for i in range(3):
         env = envelope.Envelope(sender=f"u{i}@example.test")
         env.add_recipient("root@example.test")
-        inst.spool.drop(env, [f"Subject: dropped {i}\n\nx\n".encode()])
+        queue_maildrop.drop(inst.spool, env, [f"Subject: dropped {i}\n\nx\n".encode()])
     for i in range(2):
         r = inst.sendmail("-odq", "root", input=f"Subject: direct {i}\n\nx\n".encode())
         assert r.returncode == 0, r.stderr

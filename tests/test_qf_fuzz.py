@@ -4,7 +4,7 @@ garbage read is a clean SpoolCorrupt, never a crash of the queue runner."""
 from hypothesis import given, settings, strategies as st
 
 from pymta import envelope as E
-from pymta import spool
+from pymta import queue_file
 from pymta.status import SpoolCorrupt
 import pytest
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit   # pure units: make test-fast runs them
 
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80)
 ints = st.integers(min_value=0, max_value=2 ** 40)
-times = st.integers(min_value=0, max_value=spool.TIME_MAX)   # a qf's range for times
+times = st.integers(min_value=0, max_value=queue_file.TIME_MAX)   # a qf's range for times
 
 recipients = st.builds(
     E.Recipient,
@@ -50,9 +50,9 @@ def _comparable(env):
 @settings(max_examples=300, deadline=None)
 @given(envelopes)
 def test_control_file_round_trips(env):
-    text_ = spool.format_control(env)
+    text_ = queue_file.format_control(env)
     assert text_.endswith("\n.\n")
-    back = spool.parse_control(text_, env.id)
+    back = queue_file.parse_control(text_, env.id)
     assert _comparable(back) == _comparable(env)
 
 
@@ -60,7 +60,7 @@ def test_control_file_round_trips(env):
 @given(st.binary(max_size=600))
 def test_garbage_control_files_are_refused_cleanly(data):
     try:
-        spool.parse_control(data.decode("utf-8", "surrogateescape"), "kASHWR000002297")
+        queue_file.parse_control(data.decode("utf-8", "surrogateescape"), "kASHWR000002297")
     except SpoolCorrupt:
         pass
 
@@ -68,11 +68,11 @@ def test_garbage_control_files_are_refused_cleanly(data):
 @settings(max_examples=200, deadline=None)
 @given(envelopes, st.integers(min_value=0, max_value=10 ** 6))
 def test_a_torn_control_file_is_never_taken_for_whole(env, cut):
-    text_ = spool.format_control(env)
+    text_ = queue_file.format_control(env)
     cut = cut % len(text_)
     torn = text_[:cut]
     try:
-        spool.parse_control(torn, env.id)
+        queue_file.parse_control(torn, env.id)
     except SpoolCorrupt:
         return
     raise AssertionError("a truncated control file was accepted")

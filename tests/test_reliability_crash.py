@@ -79,15 +79,15 @@ def test_torn_spool_files_are_never_delivered_and_never_crash_a_pass(inst, tmp_p
         f.write(_qf("kASHWR000009006")[:-9])
     # The maildrop: a symlink to a complete submission elsewhere, a FIFO, and
     # a submission never marked complete.
-    from pymta import spool as S
-    other = S.Spool(str(tmp_path / "elsewhere"))
+    from pymta import queue_dir, queue_maildrop
+    other = queue_dir.Spool(str(tmp_path / "elsewhere"))
     other.create()
     env = E.Envelope(sender="a@b.example", recipients=[E.Recipient("root@example.test")])
-    name = other.drop(env, [b"Message-ID: <symlink@torn>\n\nx\n"])
+    name = queue_maildrop.drop(other, env, [b"Message-ID: <symlink@torn>\n\nx\n"])
     os.symlink(os.path.join(other.maildrop, name), os.path.join(sp.maildrop, "evil"))
     os.mkfifo(os.path.join(sp.maildrop, "fifo"))
     env = E.Envelope(sender="a@b.example", recipients=[E.Recipient("root@example.test")])
-    name = sp.drop(env, [b"Message-ID: <incomplete@torn>\n\nx\n"])
+    name = queue_maildrop.drop(sp, env, [b"Message-ID: <incomplete@torn>\n\nx\n"])
     os.chmod(os.path.join(sp.maildrop, name), 0o600)
     # And one good message, to show the pass does deliver.
     put(sp, "kASHWR000009010", "a@b.example", ["root@example.test"],

@@ -11,7 +11,7 @@ import pytest
 
 from pymta import config, remote, sched
 from pymta import envelope as E
-from pymta.spool import Spool
+from pymta.queue_dir import Spool
 
 from dnsserver import DNSServer
 from smtpsink import SMTPSink

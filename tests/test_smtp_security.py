@@ -194,7 +194,7 @@ def test_a_bounce_escapes_what_it_copies_from_the_client(tmp_path):
     ORCPT and addresses with CR/LF: the bounce keeps them on one line."""
     from pymta import bounce, config
     from pymta import envelope as E
-    from pymta.spool import Spool
+    from pymta.queue_dir import Spool
     cfg = config.from_dict(queue_directory=str(tmp_path / "spool"),
                            myhostname="mx.example.test", myorigin="example.test")
     sp = Spool.from_config(cfg)

@@ -16,7 +16,9 @@ from hypothesis import given, settings, strategies as st
 from conftest import BIN, TOP
 
 from pymta import envelope as E
-from pymta import spool as S
+from pymta import queue_file, queue_id, queue_maildrop
+from pymta.queue_dir import Spool
+from pymta import config as _config
 from pymta.status import SpoolCorrupt
 
 
@@ -35,7 +37,7 @@ def commit(spool, data=b"Subject: x\n\nbody\n", env=None):
 
 @pytest.fixture
 def spool(tmp_path):
-    s = S.Spool(str(tmp_path / "q"))
+    s = Spool(str(tmp_path / "q"))
     s.create()
     return s
 
@@ -43,7 +45,7 @@ def spool(tmp_path):
 @pytest.mark.unit
 def test_commit_leaves_exactly_a_qf_and_a_df(spool):
     qid = commit(spool)
-    assert S.valid_id(qid)
+    assert queue_id.valid_id(qid)
     assert sorted(os.listdir(spool.dir)) == ["df" + qid, "qf" + qid]
     env = spool.read(qid)
     assert env.sender == "a@example.com" and env.size == len(b"Subject: x\n\nbody\n")
@@ -87,7 +89,7 @@ def test_ids_are_time_ordered_and_unique_across_threads(spool):
 
 
 def _commit_many(path, n, out):
-    s = S.Spool(path)
+    s = Spool(path)
     out.put([commit(s) for _ in range(n)])
 
 
@@ -107,7 +109,7 @@ def test_ids_are_unique_across_processes(spool):
 @pytest.mark.unit
 def test_id_time_decodes_the_arrival_second():
     now = int(time.time())
-    assert S.id_time(S.new_id(now)) == now
+    assert queue_id.id_time(queue_id.new_id(now)) == now
 
 
 @pytest.mark.unit
@@ -157,11 +159,15 @@ def test_rewrite_replaces_the_qf_whole(spool):
 def test_hold_and_release(spool):
     qid = commit(spool)
     env = spool.read(qid)
-    spool.hold(env)
+    env.next_try = 2 ** 31
+    spool.hold(env, "spam?")
     assert spool.ids() == [] and spool.ids("hf") == [qid]
-    assert spool.read(qid).held
+    held = spool.read(qid)
+    assert held.held and held.status == "spam?"
     spool.release(env)
     assert spool.ids() == [qid]
+    back = spool.read(qid)
+    assert not back.held and back.status == "" and back.next_try == 0
 
 
 def _plant(spool, prefix, qid, data, age=0):
@@ -178,7 +184,7 @@ def _plant(spool, prefix, qid, data, age=0):
 def test_torn_files_are_never_deliverable(spool):
     good = commit(spool)
     text = open(spool.path("qf", good), "rb").read()
-    torn_tf, torn_qf, garbage, no_df, orphan = (S.new_id() for _ in range(5))
+    torn_tf, torn_qf, garbage, no_df, orphan = (queue_id.new_id() for _ in range(5))
     _plant(spool, "tf", torn_tf, text)
     _plant(spool, "df", torn_tf, b"x")
     _plant(spool, "qf", torn_qf, text[:-2])          # no final '.'
@@ -202,11 +208,11 @@ def test_torn_files_are_never_deliverable(spool):
 @pytest.mark.unit
 def test_sweep_removes_old_orphans_only(spool):
     good = commit(spool)
-    quarantined = S.new_id()
+    quarantined = queue_id.new_id()
     _plant(spool, "qf", quarantined, b"garbage\n")
     _plant(spool, "df", quarantined, b"x", age=10 * 86400)
     spool.quarantine(quarantined)
-    old_tf, old_df, young_df, locked_df = (S.new_id() for _ in range(4))
+    old_tf, old_df, young_df, locked_df = (queue_id.new_id() for _ in range(4))
     _plant(spool, "tf", old_tf, b"V1\n", age=2 * 86400)
     _plant(spool, "df", old_df, b"x", age=2 * 86400)
     _plant(spool, "df", young_df, b"x", age=60)
@@ -234,11 +240,12 @@ def test_drop_and_pickup_in_process(spool):
     env.recipients[0].flags = "pSFa"
     env.recipients[0].state = E.SENT
     env.client_addr = "192.0.2.1"
-    name = spool.drop(env, iter([b"Subject: d\n\n", "grüße\n".encode()]))
+    name = queue_maildrop.drop(spool, env, iter([b"Subject: d\n\n", "grüße\n".encode()]))
     path = os.path.join(spool.maildrop, name)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
     logged = []
-    ids = spool.pickup(log=logged.append, hostname="mx.example.test")
+    ids = queue_maildrop.pickup(spool, _config.load(os.devnull, ["myhostname=mx.example.test"]),
+                                 log=logged.append)
     assert len(ids) == 1 and os.listdir(spool.maildrop) == []
     got = spool.read(ids[0])
     assert got.uid == os.getuid() and got.protocol == "local" and got.client_addr == ""
@@ -256,14 +263,14 @@ def test_drop_and_pickup_in_process(spool):
 def test_pickup_ignores_an_incomplete_drop_and_removes_a_torn_one(spool):
     path = os.path.join(spool.maildrop, "incomplete")
     with open(path, "wb") as f:
-        f.write(S.format_control(make_env()).encode() + b"body\n")
+        f.write(queue_file.format_control(make_env()).encode() + b"body\n")
     os.chmod(path, 0o600)
-    assert spool.pickup() == [] and os.path.exists(path)
+    assert queue_maildrop.pickup(spool) == [] and os.path.exists(path)
     torn = os.path.join(spool.maildrop, "torn")
     with open(torn, "wb") as f:
         f.write(b"V1\nSa@b\n")
     os.chmod(torn, 0o700)
-    assert spool.pickup() == [] and not os.path.exists(torn)
+    assert queue_maildrop.pickup(spool) == [] and not os.path.exists(torn)
     assert spool.ids() == []
 
 
@@ -303,7 +310,7 @@ def public_instance():
         for dirpath, dirnames, filenames in os.walk(top):
             for d in dirnames:
                 os.chmod(os.path.join(dirpath, d), 0o755)
-        spool = S.Spool(os.path.join(top, "spool"))
+        spool = Spool(os.path.join(top, "spool"))
         spool.create()
         yield top, conf, spool
     finally:
@@ -337,9 +344,9 @@ def test_unprivileged_user_submits_through_the_maildrop(public_instance):
                         capture_output=True, text=True, preexec_fn=_as_user(1, 1), timeout=60)
     assert r2.stdout.split("\n")[:3] == ["list denied", "read denied", "unlink denied"], r2
 
-    from pymta import config as _config
-    spool = S.Spool.from_config(_config.load(conf))    # as the daemon has it
-    ids = spool.pickup(hostname="mx.example.test")
+    cfg = _config.load(conf)
+    spool = Spool.from_config(cfg)    # as the daemon has it
+    ids = queue_maildrop.pickup(spool, cfg)
     assert len(ids) == 1 and os.listdir(spool.maildrop) == []
     env = spool.read(ids[0])
     assert env.uid == 65534
@@ -389,14 +396,14 @@ def test_qf_percent_encoding_agrees_with_its_grammar(value):
         want = enc(value, r"[^\x21-\x24\x26-\x7e ]+"), enc(value, r"[^\x21-\x24\x26-\x7e]+")
     except UnicodeEncodeError:      # a lone surrogate not from surrogateescape: never in a str we read
         return
-    assert (S._enc(value), S._enc(value, space=False)) == want
-    assert S._dec(value) == re.sub(r"(?:%[0-9A-Fa-f]{2})+", lambda m: bytes.fromhex(
+    assert (queue_file._enc(value), queue_file._enc(value, space=False)) == want
+    assert queue_file._dec(value) == re.sub(r"(?:%[0-9A-Fa-f]{2})+", lambda m: bytes.fromhex(
         m.group().replace("%", "")).decode("utf-8", "surrogateescape"), value)
-    assert S._dec(S._enc(value, space=False)) == S._dec(S._enc(value))
+    assert queue_file._dec(queue_file._enc(value, space=False)) == queue_file._dec(queue_file._enc(value))
 
 
 @pytest.mark.unit
 @settings(max_examples=2000, deadline=None)
 @given(st.text(alphabet="0123456789AZaxyz\n%", max_size=21))
 def test_valid_id_agrees_with_its_grammar(qid):
-    assert S.valid_id(qid) == bool(re.fullmatch(r"[0-9A-Za-x]{9}[0-9]{6,10}", qid))
+    assert queue_id.valid_id(qid) == bool(re.fullmatch(r"[0-9A-Za-x]{9}[0-9]{6,10}", qid))
