@@ -371,10 +371,11 @@ class Deliverer:
         a user named directly and through a list) share the first one's
         delivery and its outcome."""
         from . import local
+        from .local_target import target_key
         t0 = self.now()
         kind = getattr(target, "kind", "")
         mailer = {"command": "prog", "file": "file"}.get(kind, "local")
-        key = local.target_key(target)
+        key = target_key(target)
         first = done_targets.get(key)
         if first is not None:
             first_rcpt, reply = first

@@ -24,7 +24,7 @@ import time
 from . import address, aliases, safefile, tables
 from . import envelope as E
 from .config import parse_hostport
-from .local import Target
+from .local_target import Target
 from .status import AddressError, Reply, EX_OK, EX_NOUSER
 
 MAX_DEPTH = 20

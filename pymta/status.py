@@ -183,6 +183,14 @@ class SpoolError(TempFail):
         return cls(f"{what}: {e.strerror or e}", reply)
 
 
+class DeliveryError(PymtaError):
+    """A delivery to one local target that ends with ``reply`` (4xx or
+    5xx), raised where that is decided (a lock not had, a mailbox full)."""
+
+    def __init__(self, reply):
+        super().__init__(str(reply), reply=reply)
+
+
 class SpoolCorrupt(PymtaError):
     """A queue file that cannot be parsed."""
 

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import Instance
 from pymta import envelope as E
-from pymta import local, route
+from pymta import local, local_command, local_mbox, local_target, route
 from pymta.queue_dir import Spool
 
 ROOT = os.geteuid() == 0
@@ -164,7 +164,7 @@ def test_mailbox_in_a_group_mail_spool_gets_group_mail(open_inst):
 def test_pipe_without_the_alias_flag_is_never_run(inst, open_dir):
     out = writable_dir(open_dir / "o")
     cfg, env, _ = queue(inst)
-    t = local.Target("command", user="nobody", uid=65534, gid=65534,
+    t = local_target.Target("command", user="nobody", uid=65534, gid=65534,
                      command=f"touch {out}/ran")
     reply = local.deliver(cfg, env, E.Recipient("|x", flags="p"), t)
     assert (reply.code, reply.enhanced) == (550, "5.7.1")
@@ -206,7 +206,7 @@ def test_stale_dot_lock_is_broken(inst, caplog):
     t = me_target(cfg)
     with open(t.path + ".lock", "w"):
         pass
-    old = time.time() - local.STALE_LOCK_AGE - 60
+    old = time.time() - local_mbox.STALE_LOCK_AGE - 60
     os.utime(t.path + ".lock", (old, old))
     t0 = time.monotonic()
     assert local.deliver(cfg, env, r, t).code == 250
@@ -220,13 +220,13 @@ def test_kill_9_while_locked_leaves_only_the_lock_broken_after_stale_lock_time(i
     # A delivery killed while it holds the dot-lock leaves USER.lock and
     # nothing else; a lock younger than stale_lock_time (500 s, Postfix's)
     # holds, an older one is broken, and the spool then holds the mailbox only.
-    assert local.STALE_LOCK_AGE == 500 and inst.cfg.stale_lock_time == 500
+    assert local_mbox.STALE_LOCK_AGE == 500 and inst.cfg.stale_lock_time == 500
     cfg, env, r = queue(inst)
     t = me_target(cfg)
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; sys.path.insert(0, sys.argv[1]); from pymta import local\n"
-         "lock = local._dot_lock(sys.argv[2], [])\n"
+         "import sys; sys.path.insert(0, sys.argv[1]); from pymta import local_mbox\n"
+         "lock = local_mbox._dot_lock(sys.argv[2], [])\n"
          "print('locked', flush=True); sys.stdin.read()",
          os.path.dirname(os.path.dirname(os.path.abspath(__file__))), t.path],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -239,12 +239,12 @@ def test_kill_9_while_locked_leaves_only_the_lock_broken_after_stale_lock_time(i
     assert os.listdir(folder) == [os.path.basename(t.path) + ".lock"]
     young = time.time() - 400
     os.utime(t.path + ".lock", (young, young))
-    old_timeout = local.LOCK_TIMEOUT
-    local.LOCK_TIMEOUT = 1
+    old_timeout = local_mbox.LOCK_TIMEOUT
+    local_mbox.LOCK_TIMEOUT = 1
     try:
         reply = local.deliver(cfg, env, r, t)
     finally:
-        local.LOCK_TIMEOUT = old_timeout
+        local_mbox.LOCK_TIMEOUT = old_timeout
     assert (reply.code, reply.enhanced) == (450, "4.2.0") and "locked" in reply.text
     old = time.time() - 501
     os.utime(t.path + ".lock", (old, old))
@@ -263,10 +263,10 @@ def test_write_error_truncates_the_mailbox_back(inst):
     script = textwrap.dedent(f"""
         import resource, sys
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-        from pymta import config, envelope, local, queue_dir
+        from pymta import config, envelope, local, local_target, queue_dir
         cfg = config.load({inst.conf_path!r})
         env = queue_dir.Spool.from_config(cfg).read({env2.id!r})
-        t = local.Target("mailbox", user={t.user!r}, uid={t.uid}, gid={t.gid}, home="/",
+        t = local_target.Target("mailbox", user={t.user!r}, uid={t.uid}, gid={t.gid}, home="/",
                          path={t.path!r})
         resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 5000}, {len(before) + 5000}))
         print(local.deliver(cfg, env, env.recipients[0], t))
@@ -289,7 +289,7 @@ def test_mailbox_size_limit_refuses_with_552(make_instance):
 def test_maildir_delivery_goes_through_tmp_into_new(inst, tmp_path):
     cfg, env, r = queue(inst)
     pw = pwd.getpwuid(os.getuid())
-    t = local.Target("maildir", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
+    t = local_target.Target("maildir", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
                      home=str(tmp_path), path=str(tmp_path / "Maildir"))
     assert local.deliver(cfg, env, r, t).code == 250
     assert local.deliver(cfg, env, r, t).code == 250
@@ -309,7 +309,7 @@ def test_maildir_message_is_what_postfix_writes_with_a_final_newline(inst, tmp_p
     body = b"Subject: nl\n\nFrom me\nbare\rcr\nno newline at end"
     cfg, env, r = queue(inst, body=body)
     pw = pwd.getpwuid(os.getuid())
-    t = local.Target("maildir", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
+    t = local_target.Target("maildir", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
                      home=str(tmp_path), path=str(tmp_path / "Maildir"))
     assert local.deliver(cfg, env, r, t).code == 250
     (name,) = os.listdir(os.path.join(t.path, "new"))
@@ -377,9 +377,9 @@ def test_command_environment_values_are_censored(inst):
     r = env.add_recipient("|x", flags="a")
     r.parent = "Bob+Tag@Example.TEST"
     r.via = "bob+tag@example.test"
-    t = local.Target("command", user="bob", uid=1234, gid=1234, home="/home/bob",
+    t = local_target.Target("command", user="bob", uid=1234, gid=1234, home="/home/bob",
                      command="x", shell="/bin/bash")
-    environ = local.command_environment(cfg, env, r, t)
+    environ = local_command.command_environment(cfg, env, r, t)
     assert environ["SENDER"] == "we__touch_/tmp/x_ird__id_@evil.test"
     assert environ["RECIPIENT"] == "bob+tag@example.test"
     assert environ["LOCAL"] == "bob+tag"
@@ -393,7 +393,7 @@ def test_command_environment_values_are_censored(inst):
         ("bob", "bob", "/home/bob", "/bin/bash")
     # A quoted local part: LOCAL and EXTENSION are its unquoted text, censored.
     r.via = '"bob+$(id);x"@Example.TEST'
-    environ = local.command_environment(cfg, env, r, t)
+    environ = local_command.command_environment(cfg, env, r, t)
     assert (environ["LOCAL"], environ["EXTENSION"], environ["DOMAIN"]) == \
         ("bob+__id__x", "__id__x", "example.test")
 
@@ -443,7 +443,7 @@ def test_file_target_appends_in_mbox_format(inst, open_dir):
 def test_pipe_named_by_root_still_never_runs_as_root(inst, open_dir):
     out = writable_dir(open_dir / "o")
     cfg, env, _ = queue(inst)
-    t = local.Target("command", user="root", uid=0, gid=0, home="/root",
+    t = local_target.Target("command", user="root", uid=0, gid=0, home="/root",
                      command=f"id -u > {out}/uid")
     rcpt = E.Recipient("|x", flags="a")
     assert local.deliver(cfg, env, rcpt, t).code == 250
@@ -565,7 +565,7 @@ def test_stale_lock_of_another_user_defers_within_the_bound_without_spinning(
     lock = os.path.join(spool, victim.pw_name + ".lock")
     p = run_as(attacker, ["/bin/sh", "-c", f": > {lock} && touch -d '2 hours ago' {lock}"])
     assert p.returncode == 0, p.stderr
-    monkeypatch.setattr(local, "LOCK_TIMEOUT", 2)
+    monkeypatch.setattr(local_mbox, "LOCK_TIMEOUT", 2)
     cfg, env, r = queue(open_inst)
     t = route.Router(cfg).mailbox_target(victim)
     t0 = time.monotonic()
