@@ -32,7 +32,7 @@ from . import queue_maildrop
 from .queue_attempt import STOP, Deliverer
 from .queue_dir import Spool
 from .queue_file import matches
-from .status import EX_NOPERM, EX_OK, SpoolCorrupt
+from .status import EX_NOPERM, EX_OK, EX_SOFTWARE, SpoolCorrupt
 
 
 def read_next_try(path):
@@ -221,7 +221,7 @@ class Runner:
                     self.log.warning(f"queue run: cannot fork a delivery process: {e.strerror}")
                     break
                 if pid == 0:
-                    code = 1
+                    code = EX_SOFTWARE
                     try:
                         feed.close()
                         os.close(rfd)
@@ -306,7 +306,7 @@ class Runner:
                     h.flush()
                 except Exception:   # noqa: BLE001 - exiting anyway
                     pass
-        return 0
+        return EX_OK
 
     @staticmethod
     def _id_selected(filters, qid):

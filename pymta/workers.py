@@ -25,6 +25,8 @@ import struct
 import threading
 import time
 
+from .status import EX_OK, EX_SOFTWARE, TempFail
+
 IDLE_EXIT = 60.0          # a worker with no request for this long exits
 REUSE_WINDOW = 45.0       # the parent retires workers idle for longer
 REAP_TICK = 5.0           # how often the parent's reaper looks at idle workers
@@ -33,7 +35,7 @@ MAX_REQUESTS = 5000       # then the worker is retired (bounded growth)
 _HDR = struct.Struct("!I")
 
 
-class WorkerGone(Exception):
+class WorkerGone(TempFail):
     """The worker died or broke the protocol; the delivery's fate is unknown."""
 
 
@@ -87,7 +89,7 @@ class Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:   # the worker: never returns
-            code = 0
+            code = EX_OK
             try:
                 parent.close()
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -96,7 +98,7 @@ class Worker:
                 setup()
                 _serve(child, handle)
             except BaseException:   # noqa: BLE001 - the child must never return
-                code = 1
+                code = EX_SOFTWARE
             finally:
                 os._exit(code)
         child.close()
