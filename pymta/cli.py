@@ -228,8 +228,8 @@ def _dispatch(cfg, opts):
         sys.stdout.write(config.dump(cfg))     # as `pymta config`: expanded
         return 0
     if mode == "s":
-        from . import server
-        return server.serve_stdio(cfg, opts)
+        from . import smtpd_pump
+        return smtpd_pump.serve_stdio(cfg, opts)
     if mode in ("d", "D"):
         from . import daemon
         return daemon.main(cfg, opts)

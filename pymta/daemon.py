@@ -33,7 +33,7 @@ import threading
 import time
 
 from . import config as C
-from . import queue_attempt, queue_maildrop, queue_run, server
+from . import queue_attempt, queue_maildrop, queue_run, smtpd_common
 from .queue_dir import Spool
 from .queue_id import valid_id
 from .status import EX_CANTCREAT, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
@@ -72,7 +72,8 @@ def _preload():
             importlib.import_module(name)
         except ImportError:
             pass
-    for name in ("route", "aliases", "auth", "smtp_session", "server"):
+    for name in ("route", "aliases", "auth", "smtp_session", "smtpd_common", "smtpd_pump",
+                 "smtpd_loop"):
         try:
             importlib.import_module(f"pymta.{name}")
         except ImportError:
@@ -134,7 +135,7 @@ def _bind_retry(spec, port, copies, wait=5.0):
     deadline = time.monotonic() + wait
     while True:
         try:
-            return server.bind_copies(spec, port, copies)
+            return smtpd_common.bind_copies(spec, port, copies)
         except OSError as e:
             if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                 raise
@@ -200,13 +201,15 @@ class Listener:
         return True
 
     def run(self):
-        server.STOPPING.clear()
+        stopping = smtpd_common.STOPPING
+        stopping.clear()
         threading.stack_size(1 << 20)   # many idle sessions must not cost 8 MB each
-        signal.signal(signal.SIGTERM, lambda *a: server.STOPPING.set())
-        signal.signal(signal.SIGINT, lambda *a: server.STOPPING.set())
+        signal.signal(signal.SIGTERM, lambda *a: stopping.set())
+        signal.signal(signal.SIGINT, lambda *a: stopping.set())
         signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
-        services = self.services or server.Services(self.cfg, log, notify=self.notify)
-        servers = [server.make_server(sock, services, sub) for sock, sub, _ in self.socks]
+        services = self.services or smtpd_common.Services(self.cfg, log, notify=self.notify)
+        model = smtpd_common.driver(self.cfg)
+        servers = [model.Server(sock, services, sub) for sock, sub, _ in self.socks]
         for s in servers:
             s.share = self.share
         for _, submission, spec in self.socks:
@@ -227,13 +230,13 @@ class Listener:
             # Called at every turn of the event loop: the reload flag is
             # looked at each time, the master twice a second.
             now = time.monotonic()
-            if now >= next_check[0] and not server.STOPPING.is_set():
+            if now >= next_check[0] and not stopping.is_set():
                 next_check[0] = now + 0.5
                 if os.getppid() != master:
                     # The master is gone (kill -9, the OOM killer): stop taking
                     # mail so that a restarted daemon can bind the port again.
                     log.error("listener: master process gone, stopping")
-                    server.STOPPING.set()
+                    stopping.set()
             if not self.reload:
                 return
             self.reload = False
@@ -242,7 +245,7 @@ class Listener:
                 return
             self.cfg = cfg
             pem = self._handed_pem()
-            new = server.Services(cfg, log, notify=self.notify, pem=pem,
+            new = smtpd_common.Services(cfg, log, notify=self.notify, pem=pem,
                                   previous=servers[0].services if servers else None)
             if pem is not None and new.ssl_ctx is not None and \
                     new.ssl_ctx is not getattr(servers[0].services, "ssl_ctx", None):
@@ -251,7 +254,7 @@ class Listener:
                 s.services = new
             log.info("listener: configuration reloaded")
 
-        server.serve(servers, tick=tick)
+        model.serve(servers, tick=tick)
         return 0
 
 
@@ -330,7 +333,7 @@ class Master:
                                 share=self.nlisteners, control_fd=cr)
             # Built before the switch: the router, the TLS context and the
             # modules they import may live where mail_owner cannot read.
-            listener.services = server.Services(self.cfg, log, notify=listener.notify)
+            listener.services = smtpd_common.Services(self.cfg, log, notify=listener.notify)
             if self.owner:
                 _drop_privileges(self.owner)
             code = listener.run()
@@ -390,7 +393,7 @@ class Master:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, lambda *a: setattr(self, "reload", True))
         self._start_log_pump()
-        from .eventloop import Pool
+        from .smtpd_loop import Pool
         self.pool = Pool(max(1, cfg.delivery_thread_limit), None, "pymta-handoff")
         self.nlisteners = len(self.sock_sets)
         pids = [self._spawn(slot) for slot in range(self.nlisteners)]
@@ -663,7 +666,7 @@ class Master:
         # The listeners run as mail_owner: the key, which only root may
         # read, is read here and handed to them before their SIGHUP.
         try:
-            pem = server.tls_pem(cfg)
+            pem = smtpd_common.tls_pem(cfg)
         except OSError as e:
             log.warning(f"warning: reload: cannot read TLS certificate or key: "
                         f"{e.strerror or e}: {e.filename}; the listeners keep theirs")

@@ -4,9 +4,22 @@ Bytes go in through :meth:`Session.feed`, reply bytes come out. The session
 knows no socket and no spool: the server injects ``begin_message()`` (a
 writer with write/commit/abort, in production a spool.MessageWriter),
 ``recipient_check(address)``, ``auth_verify(user, password)``,
-``free_space()`` and ``clock()``. STARTTLS is only requested here
-(:attr:`Session.starttls_wanted`); the server wraps the socket and calls
-:meth:`Session.tls_started`.
+``free_space()`` and ``clock()``.
+
+After each feed the driver asks :meth:`Session.next_step` what comes next:
+
+- ``READ``: more bytes from the client;
+- ``COMMIT``: a message is complete (nothing more is read until it is
+  committed): the blocking drivers call :meth:`Session.commit`; the event
+  loop commits :meth:`Session.message` itself and hands the result to
+  :meth:`Session.committed`; both return the replies (the 250 and those
+  of commands pipelined after the message);
+- ``STARTTLS``: the 220 is out: the driver does the handshake and calls
+  :meth:`Session.tls_started` (or :meth:`Session.close`);
+- ``CLOSE``: the session has ended (QUIT, too many errors, 421).
+
+A failed AUTH sets :attr:`Session.hold`: the driver sends that feed's
+replies only after so many seconds, then calls :meth:`Session.release`.
 
 DATA is processed in large chunks with bytes operations: only CRLF.CRLF
 ends it, dot-unstuffing and CRLF -> LF are ``bytes.replace`` over whole
@@ -91,6 +104,13 @@ def _networks(networks):
     return tuple(parsed)
 
 
+# What the driver does next (Session.next_step).
+READ = "read"
+COMMIT = "commit"
+STARTTLS = "starttls"
+CLOSE = "close"
+
+
 class _Transaction:
     """The envelope being built between MAIL and the end of DATA."""
 
@@ -152,13 +172,9 @@ class Session:
         self._chunk_reply = None     # (Reply, last): what to answer once it is read
         self._auth = None            # (mechanism, step, user) during AUTH
         self._out = []
-        # With defer_commit set, the end of DATA does not commit the message:
-        # it leaves (writer, envelope, transaction) in ``pending`` and input
-        # waits until the server has committed it (the event loop through
-        # the writer's commit_steps, else :meth:`run_commit`) and handed the
-        # result to :meth:`commit_done` (or :meth:`commit_error`'s reply).
-        self.defer_commit = False
-        self.pending = None
+        # (writer, envelope, transaction) of a message waiting for its
+        # commit (next_step() is COMMIT); input waits until it is done.
+        self._pending = None
 
     # -- the interface to the server ---------------------------------------
     @property
@@ -182,7 +198,7 @@ class Session:
     def feed(self, data):
         """Consume client bytes; return the reply bytes to send (maybe b"")."""
         self._out = []
-        if self._data is not None and not self._buf and self.pending is None and not self.closed:
+        if self._data is not None and not self._buf and self._pending is None and not self.closed:
             # Message data with nothing held back: straight to the receiver,
             # and only what it leaves (a part line) is kept.
             used, done = self._data.feed(data)
@@ -195,7 +211,7 @@ class Session:
 
     def _run(self):
         while (self._buf or self._chunk_left == 0) and not self.closed and \
-                not self.starttls_wanted and self.pending is None and not self.hold:
+                not self.starttls_wanted and self._pending is None and not self.hold:
             if self._chunk_left is not None:
                 if self._chunk_step():
                     continue
@@ -230,19 +246,44 @@ class Session:
         out, self._out = b"".join(self._out), []
         return out
 
-    def run_commit(self):
-        """Commit the pending message (blocking: the fsyncs); returns the
-        queue id, or the Reply to give. Safe to run in another thread."""
-        writer, env, _ = self.pending
-        return self._commit(writer, env)
+    def next_step(self):
+        """What the driver does next: READ, COMMIT, STARTTLS or CLOSE."""
+        if self.closed:
+            return CLOSE
+        if self._pending is not None:
+            return COMMIT
+        if self.starttls_wanted:
+            return STARTTLS
+        return READ
 
-    def commit_done(self, result):
-        """The result of :meth:`run_commit`: returns the reply bytes, with
-        those of any commands the client pipelined after the message."""
-        writer, env, tx = self.pending
-        self.pending = None
+    def message(self):
+        """(writer, envelope) of the message to commit (next_step() is COMMIT)."""
+        return self._pending[0], self._pending[1]
+
+    def commit(self):
+        """Commit the message here, blocking (the fsyncs); returns the
+        replies, as :meth:`committed` does."""
+        writer, env, _ = self._pending
+        try:
+            result = writer.commit(env)
+        except (PymtaError, OSError) as e:
+            result = e
+        return self.committed(result)
+
+    def committed(self, result):
+        """The message's commit ended with ``result``: its queue id, or the
+        PymtaError or OSError it failed with (the message is then removed
+        and the client gets 4xx). Returns the reply bytes, with those of
+        any commands the client pipelined after the message."""
+        writer, env, tx = self._pending
+        self._pending = None
         self._out = []
-        self._committed(writer, env, tx, result)
+        if isinstance(result, Exception):
+            writer.abort()
+            self._logi(f"warning: {self.peer}: queue commit failed: {result}")
+            self._send(result.reply if isinstance(result, PymtaError) else R_LOCAL_ERROR)
+        else:
+            self._accepted(writer, env, tx, result)
         return self._run()
 
     def release(self):
@@ -262,10 +303,15 @@ class Session:
         return Reply(421, "4.3.2", f"{self.cfg.myhostname} {R_SHUTDOWN.text}").lines()
 
     def close(self):
-        """End the session; an unfinished message is removed from the spool."""
+        """End the session; an unfinished or uncommitted message is removed
+        from the spool (the event loop never closes a session whose commit
+        is running)."""
         if self._data is not None:
             self._data.writer.abort()
             self._data = None
+        if self._pending is not None:
+            self._pending[0].abort()
+            self._pending = None
         self._drop_chunks()
         self.closed = True
 
@@ -761,30 +807,9 @@ class Session:
             return
         env = self._envelope(tx, data)
         tx.msgid = data.message_id() or self._added_msgid
-        if self.defer_commit:
-            self.pending = (writer, env, tx)
-            return
-        self._committed(writer, env, tx, self._commit(writer, env))
+        self._pending = (writer, env, tx)
 
-    def _commit(self, writer, env):
-        try:
-            return writer.commit(env)
-        except (PymtaError, OSError) as e:
-            return self._commit_error(writer, e)
-
-    def commit_error(self, e):
-        """The pending message's commit failed with ``e``: the message is
-        removed; returns the Reply to hand to :meth:`commit_done`."""
-        return self._commit_error(self.pending[0], e)
-
-    def _commit_error(self, writer, e):
-        writer.abort()
-        self._logi(f"warning: {self.peer}: queue commit failed: {e}")
-        return e.reply if isinstance(e, PymtaError) else R_LOCAL_ERROR
-
-    def _committed(self, writer, env, tx, qid):
-        if isinstance(qid, Reply):
-            return self._send(qid)
+    def _accepted(self, writer, env, tx, qid):
         (getattr(writer, "close", None) or writer.abort)()
         self.messages += 1
         relay = f"{self.client_name} [{self.client_addr}]" if self.local_uid < 0 else self.peer

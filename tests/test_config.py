@@ -172,7 +172,7 @@ def test_no_value_of_any_parameter_ends_in_a_traceback(tmp_path, name):
     or is taken by everything that reads it: the router, the SMTP server's
     services, the resolver, remote delivery, the queue runner, pymta check."""
     import logging
-    from pymta import check, daemon, mx, queue_run, remote, route, server
+    from pymta import check, daemon, mx, queue_run, remote, route, smtpd_common
     log = logging.getLogger("pymta.test")
     path = tmp_path / "pymta.conf"
     for junk in JUNK:
@@ -183,7 +183,7 @@ def test_no_value_of_any_parameter_ends_in_a_traceback(tmp_path, name):
             assert f"{path}:2: {name}:" in str(e) or "recursive" in str(e), (junk, str(e))
             continue
         route.Router(cfg, log=log)
-        server.Services(cfg, log)
+        smtpd_common.Services(cfg, log)
         mx.make_resolver(cfg)
         remote.destination(cfg, "example.com")
         daemon.listener_count(cfg)

@@ -36,7 +36,7 @@ def test_pidfile_holds_the_master_pid_and_a_second_daemon_is_refused(inst):
         assert second.returncode == 75 and b"already running" in second.stderr
 
 
-@pytest.mark.parametrize("model", ["threads", "fork"])
+@pytest.mark.parametrize("model", ["loop", "fork"])
 def test_sigterm_during_data_lets_the_commit_finish_then_421(inst, model):
     with daemon(inst, smtpd_process_model=model) as (p, port):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -19,7 +19,7 @@ dkim = pytest.importorskip("dkim")
 import dns.resolver  # noqa: E402
 from dkim.canonicalization import Relaxed  # noqa: E402
 
-from pymta import dkimsign, server  # noqa: E402
+from pymta import dkimsign, smtpd_common  # noqa: E402
 
 from dnsserver import DNSServer  # noqa: E402
 from smtpsink import SMTPSink  # noqa: E402
@@ -124,10 +124,11 @@ def test_from_outside_dkim_domains_is_not_signed(dkim_inst, sink):
 @contextlib.contextmanager
 def smtp_server(inst, **params):
     inst.write_config(**params)
-    services = server.Services(inst.cfg, logging.getLogger("pymta"))
-    srv = server.make_server(server.bind("127.0.0.1:0"), services)
+    services = smtpd_common.Services(inst.cfg, logging.getLogger("pymta"))
+    model = smtpd_common.driver(services.cfg)
+    srv = model.Server(smtpd_common.bind("127.0.0.1:0"), services)
     stop = threading.Event()
-    t = threading.Thread(target=server.serve, args=([srv],), kwargs={"stop": stop.is_set})
+    t = threading.Thread(target=model.serve, args=([srv],), kwargs={"stop": stop.is_set})
     t.start()
     try:
         yield srv.socket.getsockname()[1]

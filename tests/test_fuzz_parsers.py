@@ -14,7 +14,7 @@ import re
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pymta import aliases, config, inject
-from pymta.smtp_session import Session
+from pymta.smtp_session import COMMIT, Session
 import pytest
 
 pytestmark = pytest.mark.unit   # pure units: make test-fast runs them
@@ -175,6 +175,8 @@ def _converse(pieces):
         if s.closed:
             break
         out += s.feed(p)
+        while s.next_step() is COMMIT:     # as the blocking pump does
+            out += s.commit()
     s.close()
     return [int(c) for c in REPLY_CODE.findall(out)], store
 

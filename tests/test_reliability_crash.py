@@ -309,7 +309,7 @@ def _drain(inst, rounds=3):
             return
 
 
-MODELS = ["threads", "fork"]
+MODELS = ["loop", "fork"]
 
 
 @pytest.mark.parametrize("model", MODELS)

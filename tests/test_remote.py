@@ -353,15 +353,15 @@ def test_bdat_from_pymta_to_pymta_stores_the_message_as_sent(tmp_path, monkeypat
     import logging
     monkeypatch.setattr(remote, "stream_data", None)      # DATA is not used
     import threading
-    from pymta import server
+    from pymta import smtpd_common, smtpd_loop
     # The peer does not count us in its mynetworks: it stores the message as
     # sent (it would add Date and Message-ID for a trusted client).
     peer = make_cfg(tmp_path / "peer", mydestination="remote.test", mynetworks="192.0.2.0/24",
                     smtpd_peername_lookup="no")
-    srv = server.make_server(server.bind("127.0.0.1:0"), server.Services(peer, logging.getLogger("pymta")))
+    srv = smtpd_loop.Server(smtpd_common.bind("127.0.0.1:0"), smtpd_common.Services(peer, logging.getLogger("pymta")))
     port = srv.socket.getsockname()[1]
     stop = threading.Event()
-    th = threading.Thread(target=server.serve, args=([srv],), kwargs={"stop": stop.is_set})
+    th = threading.Thread(target=smtpd_loop.serve, args=([srv],), kwargs={"stop": stop.is_set})
     th.start()
     try:
         cfg = make_cfg(tmp_path, relayhost=f"[127.0.0.1]:{port}")

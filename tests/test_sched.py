@@ -210,11 +210,12 @@ def test_flush_clears_the_dead_mark_and_keeps_connections(make_instance):
 
 def _serve(inst, notify):
     import threading
-    from pymta import server
-    services = server.Services(inst.cfg, logging.getLogger("test"), notify=notify)
-    srv = server.make_server(server.bind("127.0.0.1:0"), services, False)
+    from pymta import smtpd_common
+    services = smtpd_common.Services(inst.cfg, logging.getLogger("test"), notify=notify)
+    model = smtpd_common.driver(services.cfg)
+    srv = model.Server(smtpd_common.bind("127.0.0.1:0"), services, False)
     stop = threading.Event()
-    t = threading.Thread(target=server.serve, args=([srv],), kwargs={"stop": stop.is_set})
+    t = threading.Thread(target=model.serve, args=([srv],), kwargs={"stop": stop.is_set})
     t.start()
     return srv.socket.getsockname()[1], stop, t
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from helpers import wait_for
-from pymta import auth, server
+from pymta import auth, smtpd_common
 
 LOG = logging.getLogger("pymta")
 
@@ -44,18 +44,19 @@ def logs():
 @contextlib.contextmanager
 def running(inst, submission=False, **params):
     inst.write_config(**params)
-    services = server.Services(inst.cfg, LOG)
-    srv = server.make_server(server.bind("127.0.0.1:0"), services, submission)
+    services = smtpd_common.Services(inst.cfg, LOG)
+    model = smtpd_common.driver(services.cfg)
+    srv = model.Server(smtpd_common.bind("127.0.0.1:0"), services, submission)
     stop = threading.Event()
-    t = threading.Thread(target=server.serve, args=([srv],), kwargs={"stop": stop.is_set})
+    t = threading.Thread(target=model.serve, args=([srv],), kwargs={"stop": stop.is_set})
     t.start()
     try:
         yield srv.socket.getsockname()[1]
     finally:
         stop.set()
-        server.STOPPING.set()
+        smtpd_common.STOPPING.set()
         t.join(30)
-        server.STOPPING.clear()
+        smtpd_common.STOPPING.clear()
         assert not t.is_alive()
 
 
@@ -118,7 +119,7 @@ def test_smtplib_message_is_queued_with_received_header_and_logged(inst, logs):
             "proto=ESMTP, relay=unknown [127.0.0.1]") in text
 
 
-@pytest.mark.parametrize("model", ["threads", "fork"])
+@pytest.mark.parametrize("model", ["loop", "fork"])
 def test_bdat_chunks_pipelined_over_a_socket_are_queued_as_one_message(inst, model):
     body = (b"Subject: chunks\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
             b"Message-ID: <chunks@b.example>\r\n\r\n" + b"line of text\r\n" * 20000)
@@ -308,17 +309,17 @@ def _trickle(port, prelude, seconds=8.0):
     return elapsed, got
 
 
-@pytest.mark.parametrize("model", ["threads", "fork"])
+@pytest.mark.parametrize("model", ["loop", "fork"])
 def test_client_trickling_a_command_line_is_dropped_after_smtpd_timeout(inst, logs, model):
     with running(inst, smtpd_timeout="2s", smtpd_process_model=model) as port:
         elapsed, got = _trickle(port, b"EHLO x\r\n")
     assert got.startswith(b"421 4.4.2"), got
     assert 1.5 < elapsed < 5
-    if model == "threads":      # a forked session logs in its own process
+    if model == "loop":      # a forked session logs in its own process
         assert "timeout after EHLO from unknown[127.0.0.1]" in logs.text()
 
 
-@pytest.mark.parametrize("model", ["threads", "fork"])
+@pytest.mark.parametrize("model", ["loop", "fork"])
 def test_client_trickling_a_message_line_is_dropped_after_smtpd_timeout(inst, model):
     with running(inst, smtpd_timeout="2s", smtpd_min_data_rate=0,
                  smtpd_process_model=model) as port:
@@ -599,7 +600,7 @@ def test_submission_requires_auth_before_mail(inst, cert):
             assert c.mail("a@b.example") == (530, b"5.7.0 Authentication required")
 
 
-@pytest.mark.parametrize("model", ["threads", "fork"])
+@pytest.mark.parametrize("model", ["loop", "fork"])
 def test_submissions_speaks_tls_from_the_first_byte_and_requires_auth(inst, cert, model):
     pwfile = os.path.join(inst.root, "passwd")
     tmp, _ = auth.set_password(pwfile, "alice", "s3cret")
@@ -720,7 +721,7 @@ def _hosts_names_loopback():
     return names[0][0]
 
 
-@pytest.mark.parametrize("model", ["threads", "fork"])
+@pytest.mark.parametrize("model", ["loop", "fork"])
 def test_client_name_comes_from_etc_hosts_without_dns_nameservers(inst, logs, model):
     """No dns_nameservers: the client's name is looked up in the system's
     order (nsswitch.conf: /etc/hosts first), so a loopback client is named."""
@@ -731,7 +732,7 @@ def test_client_name_comes_from_etc_hosts_without_dns_nameservers(inst, logs, mo
                  smtpd_process_model=model) as port:
         with smtplib.SMTP("127.0.0.1", port) as c:
             c.sendmail("a@b.example", ["root@example.test"], b"Subject: n\r\n\r\nx\r\n")
-    if model == "threads":     # a forked session logs in its own process
+    if model == "loop":     # a forked session logs in its own process
         assert f"connect from {name}[127.0.0.1]" in logs.text()
     env = inst.spool.read([n for n in queued(inst) if n.startswith("qf")][0][2:])
     assert env.client_name == name

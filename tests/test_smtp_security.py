@@ -19,7 +19,7 @@ import pytest
 from pymta import auth
 from reliability_util import Daemon, Raw, daemon_instance
 
-MODELS = ["threads", "fork"]
+MODELS = ["loop", "fork"]
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pymta import config
-from pymta.smtp_session import Session
+from pymta import config, smtp_session
+from pymta.smtp_session import COMMIT, READ
 from pymta.status import Reply, SpoolError
 
 pytestmark = pytest.mark.unit   # pure units: make test-fast runs them
@@ -41,6 +41,22 @@ class Writer:
 
     def abort(self):
         self.aborted = True
+
+
+class Session(smtp_session.Session):
+    """The session as the blocking pump drives it: a message is committed
+    as soon as next_step() asks for it."""
+
+    def feed(self, data):
+        return self._drive(super().feed(data))
+
+    def release(self):
+        return self._drive(super().release())
+
+    def _drive(self, out):
+        while self.next_step() is COMMIT:
+            out += self.commit()
+        return out
 
 
 def make(cfg=None, client="192.0.2.10", fail_commit=None, **kw):
@@ -453,3 +469,24 @@ def test_bdat_stores_the_same_message_however_it_is_chunked_and_read(parts, cuts
     assert codes(out) == [250] * len(chunks)
     stored = s.store[0][1]
     assert stored[stored.index(b"Subject: p"):] == message.replace(b"\r\n", b"\n")
+
+
+def test_next_step_stops_at_a_complete_message_until_its_commit_is_done():
+    store = []
+    s = smtp_session.Session(make().cfg, begin_message=lambda: Writer(store), client_addr="127.0.0.1",
+                             recipient_check=lambda a: None)
+    assert s.next_step() is READ
+    out = talk(s, b"EHLO c.example", b"MAIL FROM:<a@b.example>", b"RCPT TO:<user@example.test>",
+               b"DATA", b"x", b".", b"NOOP")
+    assert codes(out) == [250, 250, 250, 354]      # the NOOP waits behind the commit
+    assert s.next_step() is COMMIT and not store
+    writer, env = s.message()
+    assert env.sender == "a@b.example"
+    out = s.committed(writer.commit(env))
+    assert codes(out) == [250, 250] and b"queued as TESTID" in out and len(store) == 1
+    assert s.next_step() is READ
+    talk(s, b"MAIL FROM:<a@b.example>", b"RCPT TO:<user@example.test>", b"DATA", b"y", b".")
+    writer, env = s.message()
+    out = s.committed(SpoolError("disk on fire"))        # a failed commit: 4xx, message removed
+    assert codes(out) == [451] and writer.aborted and len(store) == 1
+    assert talk(s, b"QUIT").startswith(b"221") and s.next_step() is smtp_session.CLOSE

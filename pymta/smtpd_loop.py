@@ -1,31 +1,43 @@
-"""The ``threads`` process model: one thread runs every SMTP session through
+"""The ``loop`` process model: one thread runs every SMTP session through
 a selector, and what would block it runs beside it.
 
 A thread per connection costs a thread start per message and, under load,
 a storm of GIL hand-offs (every send, recv and fsync releases the lock to
 one of twenty runnable threads). Here the loop thread owns the sockets: it
 reads what a client sent, feeds it to the connection's
-:class:`~pymta.smtp_session.Session` (a pure state machine) and writes the
-replies without blocking. Three things leave the loop:
+:class:`~pymta.smtp_session.Session` (a pure state machine), writes the
+replies without blocking and does what the session's ``next_step()``
+asks. Three things leave the loop:
 
-- the fsyncs of the commit at the end of DATA: the session is created with
-  ``defer_commit``; the loop runs the writer's ``commit_steps`` generator
-  and hands each descriptor it yields to one of the syncer processes
-  (:mod:`pymta.syncer`: processes, as threads would take the GIL back at
-  each of their system calls); many commits then wait on the disk
-  together, one fsync of the queue directory serves all that are ready
-  for it, and a session reads nothing more until its 250 (or 4xx) is out.
-  A writer without ``commit_steps`` commits in a pool thread;
+- the fsyncs of the commit at the end of DATA: the loop runs the writer's
+  ``commit_steps`` generator and hands each descriptor it yields to one of
+  the syncer processes (:mod:`pymta.syncer`: processes, as threads would
+  take the GIL back at each of their system calls); many commits then wait
+  on the disk together, one fsync of the queue directory serves all that
+  are ready for it, and a session reads nothing more until its 250 (or
+  4xx) is out;
 - the reverse lookup of the client (``smtpd_peername_lookup``), in a pool
   of lookup threads, before the greeting;
 - a session that starts TLS: after the 220 to STARTTLS it moves to a
-  thread of its own, which runs the blocking :func:`pymta.server.pump`.
+  thread of its own, which runs the blocking :func:`pymta.smtpd_pump.pump`.
 
-Thread results come back to the loop through a queue and a wake-up pipe,
-syncer answers on their sockets. The
-timeouts (``smtpd_timeout``, ``smtpd_min_data_rate``, ``smtpd_greet_pause``)
-and the shutdown (idle sessions get 421, a DATA in progress finishes) are
-checked by a scan of the sessions four times a second.
+A connection is in one of the states below, and changes it only in
+:meth:`Loop._enter`, which also says what the selector watches for it::
+
+    LOOKUP  --name-->  PAUSE (smtpd_greet_pause) --pause over--> OPEN
+       `----------------------------------------------------->  OPEN
+    OPEN  --next_step() COMMIT-->  COMMITTING  --committed-->  OPEN
+    OPEN  --a failed AUTH (session.hold)-->  HOLD  --hold over-->  OPEN
+    OPEN  --next_step() STARTTLS, or submissions-->  HANDED (a TLS thread)
+    OPEN, PAUSE  --CLOSE, timeout, shutdown, early talker-->  CLOSING
+    any  --lost, or CLOSING with its replies out-->  CLOSED
+
+Only OPEN and PAUSE connections are read; any with replies to send is
+watched for writing. Thread results come back to the loop through a queue
+and a wake-up pipe, syncer answers on their sockets. The timeouts
+(``smtpd_timeout``, ``smtpd_min_data_rate``, ``smtpd_greet_pause``) and the
+shutdown (idle sessions get 421, a DATA in progress finishes) are checked
+by a scan of the connections four times a second.
 """
 
 import collections
@@ -36,7 +48,9 @@ import socket
 import threading
 import time
 
-from . import server as S
+from . import smtpd_common as common
+from .smtpd_pump import implicit_tls, pump
+from .smtp_session import CLOSE, COMMIT, STARTTLS
 from .spool import SYNC_DIR
 from .status import PymtaError
 from .syncer import DirSync, Syncers
@@ -46,6 +60,17 @@ _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 COMMIT_THREADS = 16
 LOOKUP_THREADS = 16
 SYNCERS = 8
+
+# Connection states (see the module docstring).
+LOOKUP = "lookup"       # the client's name is being looked up
+PAUSE = "pause"         # smtpd_greet_pause: a client that talks now is refused
+OPEN = "open"           # the session reads and answers
+HOLD = "hold"           # replies held back (a failed AUTH) until pause_until
+COMMITTING = "committing"  # a message's commit is running
+HANDED = "handed"       # moved to a thread of its own (TLS)
+CLOSING = "closing"     # the last replies go out, then the connection closes
+CLOSED = "closed"
+_READING = (OPEN, PAUSE)
 
 
 class Pool:
@@ -105,23 +130,13 @@ class Pool:
             t.join()
 
 
-class LoopServer(S._Admission):
-    """A listening socket whose sessions the :class:`Loop` runs."""
-
-    forking = False
+class Server(common.Admission):
+    """The loop model's sessions of one listening socket."""
 
     def __init__(self, sock, services, submission=False):
+        super().__init__(services, submission)
         self.socket = sock
-        self.services = services
-        self.submission = submission
-        self._admit_init()
         sock.setblocking(False)
-
-    def server_close(self):
-        self.socket.close()
-
-    def service_actions(self):
-        pass
 
 
 class Conn:
@@ -139,12 +154,19 @@ class Conn:
         self.session = None
         self.out = bytearray()
         self.events = 0
-        self.state = "lookup"
+        self.state = LOOKUP
         self.idle_since = time.monotonic()
         self.data_start = None
         self.pause_until = 0.0
         self.held = b""            # replies held back while the session's hold runs
         self.partial = 0           # bytes of the line in progress (smtpd_per_record_deadline)
+
+
+def serve(servers, stop=None, tick=None):
+    """Run the sessions of every server until ``stop()`` (default:
+    STOPPING) is true, then let those in progress end; ``tick()`` runs at
+    every turn, at least four times a second (the daemon's reload check)."""
+    Loop(servers, stop or common.STOPPING.is_set, tick).run()
 
 
 class Loop:
@@ -163,8 +185,7 @@ class Loop:
         self.lookups = Pool(LOOKUP_THREADS, self._post, "lookup")
         # Forked now, while this process has no other thread.
         log = self.servers[0].services.log if self.servers else None
-        use_syncers = use_syncers and any(not s.forking for s in self.servers)
-        self.syncers = Syncers(SYNCERS if use_syncers else 0, log)
+        self.syncers = Syncers(SYNCERS if use_syncers and self.servers else 0, log)
         self.syncers.on_lost = self.sel.unregister
         self.dirsyncs = {}
         self.paused = {}          # listening sockets not watched until then
@@ -214,18 +235,14 @@ class Loop:
                 elif isinstance(obj, Conn):
                     if mask & _WRITE:
                         self._writable(obj)
-                    if mask & _READ and obj in self.conns:
+                    if mask & _READ and obj.state in _READING:
                         self._readable(obj)
-                elif obj.forking:
-                    obj._handle_request_noblock()
                 else:
                     self._accept(obj)
             now = time.monotonic()
             if now >= next_scan:
                 next_scan = now + _SCAN
-                self._scan(now, stopping or S.STOPPING.is_set())
-                for s in self.servers:
-                    s.service_actions()
+                self._scan(now, stopping or common.STOPPING.is_set())
             if self.tick and not stopping:
                 self.tick()
         for t in self.handed:
@@ -241,14 +258,80 @@ class Loop:
 
     def _close_listeners(self):
         for s in self.servers:
-            try:
-                if s not in self.paused:
+            if s not in self.paused:
+                try:
                     self.sel.unregister(s.socket)
-            except (KeyError, ValueError):
-                pass
-            if s.forking:
-                S.stop_children(s)
-            s.server_close()
+                except (KeyError, ValueError):
+                    pass
+            s.socket.close()
+
+    # -- the one place a connection changes state
+    def _enter(self, c, state, out=b""):
+        """Move ``c`` to ``state``, after queueing ``out`` (replies) to send.
+        Entering OPEN does what the session asks next: COMMITTING (the
+        commit starts), HANDED (STARTTLS: the TLS thread sends ``out``),
+        CLOSING, or OPEN to read on."""
+        if state is OPEN:
+            step = c.session.next_step()
+            if step is COMMIT:
+                state = COMMITTING
+            elif step is STARTTLS:
+                state = HANDED
+            elif step is CLOSE:
+                state = CLOSING
+        was, c.state = c.state, state
+        if out:
+            c.out += out
+        if state is CLOSED:
+            return self._closed(c, was)
+        if state is HANDED:
+            return self._hand_off(c)
+        self._flush(c)
+        if c.state is not state:     # lost while sending
+            return
+        self._update(c)
+        if state is COMMITTING:
+            self._start_commit(c)
+
+    def _update(self, c):
+        """What the selector watches for ``c``: its replies while any wait
+        to go out, else its input in a reading state; a CLOSING connection
+        with nothing left to send is closed."""
+        if c.out:
+            self._interest(c, _WRITE)
+        elif c.state is CLOSING:
+            self._enter(c, CLOSED)
+        elif c.state in _READING:
+            self._interest(c, _READ)
+        else:
+            self._interest(c, 0)
+
+    def _flush(self, c):
+        """Send what the socket takes of ``c``'s queued replies."""
+        if c.out:
+            try:
+                n = c.sock.send(c.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                return self._lost(c, e)
+            del c.out[:n]
+
+    def _writable(self, c):
+        self._flush(c)
+        if c.state is not CLOSED:
+            self._update(c)
+
+    def _interest(self, c, events):
+        if events == c.events:
+            return
+        if not events:
+            self.sel.unregister(c.fd)
+        elif not c.events:
+            self.sel.register(c.fd, events, c)
+        else:
+            self.sel.modify(c.fd, events, c)
+        c.events = events
 
     # -- connections
     def _accept(self, srv):
@@ -266,8 +349,8 @@ class Loop:
                 self.sel.unregister(srv.socket)
                 self.paused[srv] = time.monotonic() + 1.0
                 return
-            ip = S.client_ip(addr)
-            refusal = srv._admit(ip)
+            ip = common.client_ip(addr)
+            refusal = srv.admit(ip)
             if refusal is not None:
                 srv.services.log.info(f"warning: {ip}: {refusal}")
                 try:
@@ -282,7 +365,6 @@ class Loop:
             self.conns.add(c)
             lookup = c.services.peer_lookup
             if lookup is not None:
-                self._interest(c, 0)
                 self.lookups.submit(lambda ip=ip: lookup(ip),
                                     lambda name, c=c: self._named(c, name))
             else:
@@ -296,32 +378,24 @@ class Loop:
         c.services.log.info(f"connect from {c.peer}")
         pause = c.services.cfg.smtpd_greet_pause
         if pause and not c.server.implicit_tls:     # a TLS client speaks first
-            c.state = "pause"
             c.pause_until = time.monotonic() + pause
-            self._interest(c, _READ)
+            self._enter(c, PAUSE)
         else:
             self._open(c)
 
     def _open(self, c):
         services = c.services
-        session = services.session(c.ip, c.name, submission=c.server.submission,
-                                   tls_available=services.ssl_ctx is not None)
-        session.defer_commit = True
-        c.session = session
-        c.state = "open"
+        c.session = services.session(c.ip, c.name, submission=c.server.submission,
+                                     tls_available=services.ssl_ctx is not None)
         c.idle_since = time.monotonic()
         if c.server.implicit_tls:     # the handshake and all after it in a thread
-            return self._hand_off(c, implicit=True)
-        self._emit(c, session.greeting())
+            return self._enter(c, HANDED)
+        self._enter(c, OPEN, c.session.greeting())
 
     def _readable(self, c):
-        if c.state == "pause":
-            c.services.log.info(S.early_line(c.peer))
-            c.state = "closing"
-            self._emit(c, S.R_EARLY.lines())
-            return
-        if c.state != "open":
-            return
+        if c.state is PAUSE:
+            c.services.log.info(common.early_line(c.peer))
+            return self._enter(c, CLOSING, common.R_EARLY.lines())
         session = c.session
         try:
             data = c.sock.recv(65536)
@@ -331,11 +405,11 @@ class Loop:
             return self._lost(c, e)
         if not data:
             if session.last_command != "QUIT":
-                c.services.log.info(S.lost_line(session.last_command, c.peer))
-            return self._close(c)
+                c.services.log.info(common.lost_line(session.last_command, c.peer))
+            return self._enter(c, CLOSED)
         now = time.monotonic()
         out = session.feed(data)
-        again, c.partial = S.record_clock(c.services.cfg, session, data, c.partial)
+        again, c.partial = common.record_clock(c.services.cfg, session, data, c.partial)
         if again:
             c.idle_since = now
         if session.in_data:
@@ -351,31 +425,15 @@ class Loop:
         the hold releases them."""
         if c.session.hold:
             c.held += out
-            c.state = "hold"
             c.pause_until = time.monotonic() + c.session.hold
-            self._update(c)
-            return
-        self._emit(c, out)
-
-    def _after(self, c):
-        """What the session wants next, once its replies are queued."""
-        session = c.session
-        if session.pending is not None:
-            c.state = "commit"
-            self._start_commit(c)
-        elif session.starttls_wanted:
-            self._hand_off(c)
-            return
-        elif session.closed:
-            c.state = "closing"
-        self._update(c)
+            return self._enter(c, HOLD)
+        self._enter(c, OPEN, out)
 
     # -- commits: the fsyncs go to the syncer processes
     def _start_commit(self, c):
-        session = c.session
-        writer, env, _ = session.pending
+        writer, env = c.session.message()
         if not hasattr(writer, "commit_steps"):
-            return self.commits.submit(session.run_commit, lambda r, c=c: self._committed(c, r))
+            return self.commits.submit(c.session.commit, lambda out, c=c: self._commit_done(c, out))
         self._step(c, writer, writer.commit_steps(env), None)
 
     def _step(self, c, writer, steps, err):
@@ -384,10 +442,10 @@ class Loop:
         except StopIteration as done:
             return self._committed(c, done.value)
         except (PymtaError, OSError) as e:
-            return self._committed(c, c.session.commit_error(e))
+            return self._committed(c, e)
         except Exception as e:   # noqa: BLE001 - a bug: the client gets 451, the loop goes on
             c.services.log.exception(f"error: commit for {c.peer}")
-            return self._committed(c, c.session.commit_error(e))
+            return self._committed(c, OSError(f"internal error: {e!r}"))
 
         def go_on(e, c=c, writer=writer, steps=steps):
             self._step(c, writer, steps, e)
@@ -415,101 +473,70 @@ class Loop:
             self.syncers.submit(what, callback)
 
     def _committed(self, c, result):
-        if isinstance(result, Exception):   # from run_commit in a pool thread: a bug
-            c.services.log.error(f"error: commit for {c.peer}: {result!r}")
-            result = c.session.commit_error(result)
-        c.state = "open"
-        c.idle_since = time.monotonic()
-        self._reply(c, c.session.commit_done(result))
-
-    def _emit(self, c, data):
-        if data:
-            c.out += data
-        if c.out:
-            try:
-                n = c.sock.send(c.out)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as e:
-                return self._lost(c, e)
-            del c.out[:n]
-        if c.state == "open":
-            self._after(c)
-        else:
-            self._update(c)
-
-    def _writable(self, c):
-        self._emit(c, b"")
-
-    def _update(self, c):
-        if c.out:
-            self._interest(c, _WRITE)
-        elif c.state == "closing":
-            self._close(c)
-        elif c.state in ("open", "pause"):
-            self._interest(c, _READ)
-        else:
-            self._interest(c, 0)
-
-    def _interest(self, c, events):
-        if events == c.events:
+        out = c.session.committed(result)
+        if c.state is CLOSED:       # the client went while its commit ran
+            c.session.close()
             return
-        if not events:
-            self.sel.unregister(c.fd)
-        elif not c.events:
-            self.sel.register(c.fd, events, c)
-        else:
-            self.sel.modify(c.fd, events, c)
-        c.events = events
+        c.idle_since = time.monotonic()
+        self._reply(c, out)
+
+    def _commit_done(self, c, out):
+        """The replies of a commit that ran in a pool thread."""
+        if isinstance(out, Exception):   # a bug
+            c.services.log.error(f"error: commit for {c.peer}: {out!r}")
+            out = b""
+        if c.state is CLOSED:
+            c.session.close()
+            return
+        c.idle_since = time.monotonic()
+        self._reply(c, out)
 
     def _lost(self, c, e):
         last = c.session.last_command if c.session else "CONNECT"
-        c.services.log.info(S.lost_line(last, c.peer, e))
-        self._close(c)
+        c.services.log.info(common.lost_line(last, c.peer, e))
+        self._enter(c, CLOSED)
 
-    def _close(self, c, log_disconnect=True):
+    def _closed(self, c, was):
         if c not in self.conns:
             return
         self.conns.discard(c)
         self._interest(c, 0)
-        if c.session is not None and c.session.pending is None:
+        if c.session is not None and was is not COMMITTING:
             c.session.close()
         _close_socket(c.sock)
-        c.state = "closed"
-        if log_disconnect:
-            c.services.log.info(f"disconnect from {c.peer}")
-        c.server._leave(c.ip)
+        c.services.log.info(f"disconnect from {c.peer}")
+        c.server.leave(c.ip)
 
-    def _hand_off(self, c, implicit=False):
-        """STARTTLS (or a submissions connection, ``implicit``): the session
-        goes on, blocking, in a thread of its own."""
+    def _hand_off(self, c):
+        """STARTTLS (or a submissions connection): the session goes on,
+        blocking, in a thread of its own."""
         self._interest(c, 0)
         self.conns.discard(c)
-        c.state = "handed"
-        t = threading.Thread(target=self._tls_session, args=(c, implicit), name="tls", daemon=True)
+        t = threading.Thread(target=self._tls_session, args=(c,), name="tls", daemon=True)
         self.handed = [h for h in self.handed if h.is_alive()]
         self.handed.append(t)
         t.start()
 
     @staticmethod
-    def _tls_session(c, implicit=False):
+    def _tls_session(c):
         sock, session = c.sock, c.session
+        implicit = c.server.implicit_tls
         try:
             sock.setblocking(True)
             if implicit:
-                last = S.implicit_tls(sock, session, c.services, c.peer)
+                last = implicit_tls(sock, session, c.services, c.peer)
                 if last is None:
                     return
                 sock = last
             first = session.greeting() if implicit else bytes(c.out)
-            last = S.pump(sock, session, c.services, c.peer, first=first)
+            last = pump(sock, session, c.services, c.peer, first=first)
             if last is not None:
                 sock = last
         finally:
             session.close()
             _close_socket(sock)
             c.services.log.info(f"disconnect from {c.peer}")
-            c.server._leave(c.ip)
+            c.server.leave(c.ip)
 
     # -- timeouts and shutdown
     def _scan(self, now, stopping):
@@ -520,17 +547,17 @@ class Loop:
                     self.sel.register(srv.socket, _READ, srv)
         stress = {}     # server -> under stress, looked at once a scan
         for c in list(self.conns):
-            if c.state == "pause":
+            if c.state is PAUSE:
                 if now >= c.pause_until:
                     self._open(c)
                 continue
-            if c.state == "hold":
+            if c.state is HOLD:
                 if now >= c.pause_until:
-                    c.state, c.idle_since = "open", now
+                    c.idle_since = now
                     out, c.held = c.held, b""
                     self._reply(c, out + c.session.release())
                 continue
-            if c.state != "open":
+            if c.state is not OPEN:
                 continue
             session = c.session
             cfg = c.services.cfg
@@ -539,20 +566,18 @@ class Loop:
             stressed = stress.get(c.server)
             if stressed is None:
                 stressed = stress[c.server] = c.server.stressed
-            if now >= S.deadline(cfg, session, c.idle_since, c.data_start, stressed):
-                c.state = "closing"
-                self._emit(c, S.expire(cfg, c.services.log, session, c.peer, now, c.idle_since,
-                                       stressed))
+            if now >= common.deadline(cfg, session, c.idle_since, c.data_start, stressed):
+                self._enter(c, CLOSING, common.expire(cfg, c.services.log, session, c.peer,
+                                                      now, c.idle_since, stressed))
                 self._close_soon(c)
             elif stopping and not session.in_data:
-                c.state = "closing"
-                self._emit(c, session.shutdown_reply())
+                self._enter(c, CLOSING, session.shutdown_reply())
                 self._close_soon(c)
 
     def _close_soon(self, c):
         """A session ended by the server: what it cannot send now is dropped."""
         if c in self.conns and c.out:
-            self._close(c)
+            self._enter(c, CLOSED)
 
 
 def _close_socket(sock):
