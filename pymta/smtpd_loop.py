@@ -233,6 +233,8 @@ class Loop:
                 elif obj is self.syncers:
                     obj.ready(key.fileobj)
                 elif isinstance(obj, Conn):
+                    if obj.state is CLOSED:     # closed earlier in this turn
+                        continue
                     if mask & _WRITE:
                         self._writable(obj)
                     if mask & _READ and obj.state in _READING:
