@@ -17,6 +17,7 @@ import sys
 from . import config
 from .options import Options
 from .queue_dir import Spool
+from .status import EX_CONFIG, EX_OK, EX_USAGE
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,20 +143,11 @@ def setup(cfg, say=print):
                 f.write(f"\n# Added by make dev-setup: mail to root goes to you.\nroot: {user}\n")
             say(f"aliases: added 'root: {user}' to {path}")
         _newaliases(cfg, say)
-    return 0
+    return EX_OK
 
 
 def _newaliases(cfg, say):
-    try:
-        from . import aliases
-    except ModuleNotFoundError as e:
-        if e.name != "pymta.aliases":
-            raise
-        say("newaliases: not available in this build; skipped")
-        return
-    if not hasattr(aliases, "newaliases_main"):
-        say("newaliases: not available in this build; skipped")
-        return
+    from . import aliases
     rc = aliases.newaliases_main(cfg, Options(program="newaliases", mode="i"))
     say(f"newaliases: exit {rc}")
 
@@ -164,12 +156,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m pymta.devsetup CONFIG", file=sys.stderr)
-        return 64
+        return EX_USAGE
     try:
         cfg = config.load(argv[0])
     except config.ConfigError as e:
         print(f"devsetup: fatal: {e}", file=sys.stderr)
-        return 78
+        return EX_CONFIG
     return setup(cfg)
 
 

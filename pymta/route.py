@@ -25,7 +25,7 @@ from . import address, aliases, safefile, tables
 from . import envelope as E
 from .config import parse_hostport
 from .local_target import Target
-from .status import AddressError, Reply, EX_OK, EX_NOUSER
+from .status import AddressError, PermFail, Reply, EX_OK, EX_NOUSER, EX_USAGE
 
 MAX_DEPTH = 20
 INCLUDE_TIME_LIMIT = 10            # seconds to read a .forward or :include: file
@@ -52,7 +52,11 @@ def _fail(code, enhanced, text):
     return Route("fail", reply=Reply(code, enhanced, text))
 
 
-class _Loop(Exception):
+class _Loop(PermFail):
+    """An alias, .forward or virtual alias chain that loops or goes too deep."""
+
+    reply = Reply(554, "5.4.6", "Aliasing/forwarding loop broken")
+
     def __init__(self, chain):
         super().__init__(" -> ".join(chain))
         self.chain = chain
@@ -589,7 +593,7 @@ def verify_main(cfg, opts):
     addrs = list(opts.recipients) + list(opts.args)
     if not addrs:
         print("sendmail: -bv needs at least one address", file=sys.stderr)
-        return 64
+        return EX_USAGE
     ok = True
     for text in addrs:
         for one in aliases._split_outside_quotes(text):
