@@ -66,28 +66,33 @@ def _drop(target, groups, keep_root=False, extra_gid=None):
         os.setuid(target.uid)
 
 
-def _run(cfg, env, rcpt, target, df, privileged, notes, groups=()):
-    """The delivery itself, in the process that runs it (child or self)."""
+def _write(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_root=False):
+    """The delivery to ``target`` by its module, in a process that already has
+    the target's ids (``ids``: a mailbox delivery by root, see local_mbox)."""
     kind = target.kind
-    if privileged:
-        os.umask(0o077)
-    if kind == "mailbox":
-        if privileged:
-            gid = local_mbox.spool_group(target)
-            as_root = local_mbox.root_only_dir(target.path)
-            _drop(target, groups, keep_root=True, extra_gid=gid)
-            return local_mbox.deliver(cfg, env, rcpt, target, df, notes, ids=_Ids(target),
-                                      create_gid=gid, as_root=as_root)
-        return local_mbox.deliver(cfg, env, rcpt, target, df, notes)
-    if privileged:
-        _drop(target, groups)
-    if kind == "file":
-        return local_mbox.deliver(cfg, env, rcpt, target, df, notes)
+    if kind in ("mailbox", "file"):
+        return local_mbox.deliver(cfg, env, rcpt, target, df, notes, ids=ids,
+                                  create_gid=create_gid, as_root=as_root)
     if kind == "maildir":
         return local_maildir.deliver(env, rcpt, target, df)
     if kind == "command":
         return local_command.deliver(cfg, env, rcpt, target, df)
     return Reply(550, "5.3.0", f"unknown local target kind {kind!r}")
+
+
+def _run(cfg, env, rcpt, target, df, privileged, notes, groups=()):
+    """The delivery itself, in the process that runs it (child or self)."""
+    if not privileged:
+        return _write(cfg, env, rcpt, target, df, notes)
+    os.umask(0o077)
+    if target.kind == "mailbox":
+        gid = local_mbox.spool_group(target)
+        as_root = local_mbox.root_only_dir(target.path)
+        _drop(target, groups, keep_root=True, extra_gid=gid)
+        return _write(cfg, env, rcpt, target, df, notes, ids=_Ids(target), create_gid=gid,
+                      as_root=as_root)
+    _drop(target, groups)
+    return _write(cfg, env, rcpt, target, df, notes)
 
 
 def _safe_target(cfg, target):
@@ -176,12 +181,10 @@ def _pool_handle(cfg):
         try:
             with os.fdopen(os.dup(fd), "rb") as df:
                 if target.kind == "mailbox":
-                    reply = local_mbox.deliver(cfg, env, rcpt, target, df, notes,
-                                               ids=_Ids(target), create_gid=gid, as_root=as_root)
-                elif target.kind == "file":
-                    reply = local_mbox.deliver(cfg, env, rcpt, target, df, notes)
+                    reply = _write(cfg, env, rcpt, target, df, notes, ids=_Ids(target),
+                                   create_gid=gid, as_root=as_root)
                 else:
-                    reply = local_maildir.deliver(env, rcpt, target, df)
+                    reply = _write(cfg, env, rcpt, target, df, notes)
         except DeliveryError as e:
             reply = e.reply
         except OSError as e:
