@@ -32,7 +32,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import envelope as E
 from .queue_dir import Spool
@@ -100,6 +100,19 @@ class Summary:
         some deferred and none failed."""
         return {Outcome.OK: EX_OK, Outcome.TEMPFAIL: EX_TEMPFAIL,
                 Outcome.PERMFAIL: EX_UNAVAILABLE}[self.outcome]
+
+
+@dataclass
+class _Attempt:
+    """One message's attempt in progress: what its steps share."""
+
+    env: E.Envelope
+    summary: Summary
+    now: float                  # when it started: every outcome is recorded at this time
+    later: list = field(default_factory=list)     # locks of messages made here (reports,
+                                                  # owner- copies), delivered after it
+    success: dict = field(default_factory=dict)   # action -> recipients whose NOTIFY=SUCCESS
+                                                  # asks for a report
 
 
 class Deliverer:
@@ -194,11 +207,11 @@ class Deliverer:
         if filters and not matches(qid, env, filters):
             summ.skipped = "filtered"
             return summ
-        later = []      # locks of messages made here (bounces, owner- copies)
+        a = _Attempt(env, summ, now)
         try:
-            self._attempt(env, summ, now, later)
+            self._attempt(a)
         finally:
-            for new_lock in later:
+            for new_lock in a.later:
                 with new_lock:
                     try:
                         self.deliver(new_lock)
@@ -206,23 +219,22 @@ class Deliverer:
                         self.log.exception(f"{new_lock.id}: delivery attempt failed: {e}")
         return summ
 
-    def _attempt(self, env, summ, now, later):
-        cfg = self.cfg
-        env.tally = summ
+    def _attempt(self, a):
+        cfg, env, summ, now = self.cfg, a.env, a.summary, a.now
         lifetime = cfg.bounce_queue_lifetime if env.is_bounce else cfg.maximal_queue_lifetime
         expired = now - env.created >= lifetime
         if expired:
             for r in env.pending:
                 last = r.text
-                self._record(env, r, Reply(554, "4.4.7", f"Message expired after "
-                                           f"{fmt_delay(now - env.created)}; last error: "
-                                           f"{last or 'no attempt made'}"),
-                             now, now, "", relay=r.relay, state=E.FAILED)
+                self._record(a, r, Reply(554, "4.4.7", f"Message expired after "
+                                         f"{fmt_delay(now - env.created)}; last error: "
+                                         f"{last or 'no attempt made'}"),
+                             now, "", relay=r.relay, state=E.FAILED)
                 # The log says why; the report's Diagnostic-Code is the last
                 # reply really received, or none: no server said 554 4.4.7.
                 r.text = last
         else:
-            self._route_and_deliver(env, now, later)
+            self._route_and_deliver(a)
             if STOP.is_set() and not (summ.sent or summ.failed):
                 # Cut short by a stop: the qf stays as it was, due as before.
                 summ.skipped = "stopping"
@@ -231,12 +243,12 @@ class Deliverer:
                 # A destination had no free connection: what was done is
                 # recorded, and the message stays due, without a back-off,
                 # for its turn at that destination.
-                self._notify(env, now, later)
+                self._notify(a)
                 if summ.sent or summ.failed or summ.deferred:
                     self.spool.rewrite(env)
                 summ.skipped = "busy"
                 return
-        self._notify(env, now, later)
+        self._notify(a)
         # A recipient still F means its bounce could not be queued (a full
         # disk): the message stays, and the next pass tries the bounce again.
         if not env.pending and not any(r.state == E.FAILED for r in env.recipients):
@@ -250,14 +262,16 @@ class Deliverer:
         env.status = f"Deferred: {deferred[-1].text}" if deferred else env.status
         self.spool.rewrite(env)
 
-    def _notify(self, env, now, later):
+    def _notify(self, a):
         """Bounce F recipients (then mark them B); report successes asked
         for with NOTIFY=SUCCESS; send a delay warning once."""
-        for action, rcpts in env.__dict__.pop("success", {}).items():
-            self._report(env, rcpts, action, now, later, "success notice")
+        env, now = a.env, a.now
+        success, a.success = a.success, {}
+        for action, rcpts in success.items():
+            self._report(a, rcpts, action, "success notice")
         failed = [r for r in env.recipients if r.state == E.FAILED]
         if failed:
-            if not self._report(env, failed, "failed", now, later, "bounce"):
+            if not self._report(a, failed, "failed", "bounce"):
                 return
             for r in failed:
                 r.state = E.BOUNCED
@@ -266,25 +280,27 @@ class Deliverer:
         dwt = self.cfg.delay_warning_time
         if dwt and not env.warned and not env.is_bounce and now - env.created >= dwt:
             delayed = [r for r in env.pending if r.state == E.DEFERRED]
-            if delayed and self._report(env, delayed, "delayed", now, later, "delay warning"):
+            if delayed and self._report(a, delayed, "delayed", "delay warning"):
                 env.warned = True
 
-    def _report(self, env, rcpts, action, now, later, what):
+    def _report(self, a, rcpts, action, what):
         """Queue one RFC 3464 report (bounce.py, imported only when a report
-        is due); its lock goes to ``later``. False when it could not be queued."""
+        is due), to be delivered after this message. False when it could not
+        be queued."""
         from . import bounce
         try:
-            lock = bounce.report(self.cfg, env, rcpts, action, now=now, log=self.log,
+            lock = bounce.report(self.cfg, a.env, rcpts, action, now=a.now, log=self.log,
                                  spool=self.spool)
         except PymtaError as e:
-            self.log.error(f"{env.id}: could not queue the {what}: {e}")
+            self.log.error(f"{a.env.id}: could not queue the {what}: {e}")
             return False
         if lock is not None:
-            later.append(lock)
+            a.later.append(lock)
         return True
 
     # -- routing
-    def _route_and_deliver(self, env, now, later):
+    def _route_and_deliver(self, a):
+        env = a.env
         done_targets = {}     # one delivery per final target of the message
         for _ in range(MAX_EXPANSION_ROUNDS):
             pending = [r for r in env.recipients if r.pending]
@@ -298,33 +314,34 @@ class Deliverer:
                 try:
                     rt = router.route(r, env)
                 except PymtaError as e:
-                    self._record(env, r, e.reply, now, now, "local")
+                    self._record(a, r, e.reply, a.now, "local")
                     continue
                 if rt.kind == "fail":
-                    self._record(env, r, rt.reply, now, now, "local")
+                    self._record(a, r, rt.reply, a.now, "local")
                 elif rt.kind == "local":
                     locals_.append((r, rt.target))
                 elif rt.kind == "remote":
                     groups.setdefault(rt.domain, []).append((r, getattr(rt, "address", r.address)))
                 elif rt.kind == "expand":
-                    cloned = self._expand(env, r, rt, now, later) or cloned
+                    cloned = self._expand(a, r, rt) or cloned
                     expanded = True
             if cloned:
                 # The clone is queued: the parent must not make another one.
                 self.spool.rewrite(env)
             for r, target in locals_:
-                self._deliver_local(env, r, target, now, done_targets)
+                self._deliver_local(a, r, target, done_targets)
             for domain, items in groups.items():
-                self._deliver_remote(env, domain, items, now)
+                self._deliver_remote(a, domain, items)
             if not expanded:
                 return
         for r in env.pending:
             if r.state == E.QUEUED:
-                self._record(env, r, Reply(554, "5.4.6", "alias expansion too deep"), now, now, "local")
+                self._record(a, r, Reply(554, "5.4.6", "alias expansion too deep"), a.now, "local")
 
-    def _expand(self, env, parent, rt, now, later):
+    def _expand(self, a, parent, rt):
         """Mark ``parent`` expanded and add its children, or queue them as a
         new message (owner- lists): then returns True."""
+        env, now = a.env, a.now
         children = list(rt.children)
         parent.set_state(E.EXPANDED, "2.0.0", f"expanded to {len(children)} recipient(s)",
                          now=now)
@@ -333,7 +350,7 @@ class Deliverer:
         if len(children) > 1 and parent.notify(E.NOTIFY_SUCCESS):
             # RFC 3461 6.2.7.3: one "expanded" report for the list, none
             # for each member (whom the sender is not to learn of).
-            self._success(env, parent, "expanded")
+            self._success(a, parent, "expanded")
             for c in children:
                 c.flags = c.flags.replace(E.NOTIFY_SUCCESS, "")
                 if not any(f in c.flags for f in "SFDN"):
@@ -354,7 +371,7 @@ class Deliverer:
                         break
                     w.write(chunk)
                 qid = w.commit(new)
-                later.append(w.handoff())
+                a.later.append(w.handoff())
             self.log.info(f"{env.id}: {qid}: clone: owner={rt.sender}, "
                           f"{len(children)} recipient(s) of <{parent.address}>")
         else:
@@ -365,13 +382,14 @@ class Deliverer:
                     seen.add(c.address.lower())
         return bool(rt.sender)
 
-    def _deliver_local(self, env, r, target, now, done_targets):
+    def _deliver_local(self, a, r, target, done_targets):
         """Deliver to one local target, once per message: recipients that end
         at the same mailbox, file or command (``DAEMON`` and ``daemon@host``,
         a user named directly and through a list) share the first one's
         delivery and its outcome."""
         from . import local
         from .local_target import target_key
+        env = a.env
         t0 = self.now()
         kind = getattr(target, "kind", "")
         mailer = {"command": "prog", "file": "file"}.get(kind, "local")
@@ -381,20 +399,21 @@ class Deliverer:
             first_rcpt, reply = first
             reply = Reply(reply.code, reply.enhanced,
                           f"{reply.text} (duplicate of <{first_rcpt}>, delivered once)")
-            self._record(env, r, reply, now, t0, mailer, relay="local")
-            self._success(env, r, "delivered")
+            self._record(a, r, reply, t0, mailer, relay="local")
+            self._success(a, r, "delivered")
             return
         try:
             reply = local.deliver(self.cfg, env, r, target, log=self.log)
         except PymtaError as e:
             reply = e.reply
         done_targets[key] = (r.address, reply)
-        self._record(env, r, reply, now, t0, mailer, relay="local")
-        self._success(env, r, "delivered")
+        self._record(a, r, reply, t0, mailer, relay="local")
+        self._success(a, r, "delivered")
 
-    def _deliver_remote(self, env, domain, items, now):
+    def _deliver_remote(self, a, domain, items):
         """One SMTP transaction for the recipients routed to ``domain``."""
         from . import remote
+        env = a.env
         t0 = self.now()
         rcpts = []
         for r, addr in items:
@@ -410,37 +429,37 @@ class Deliverer:
                                      resolver=None if literal else self.resolver, cache=self.cache,
                                      verbose=self.verbose)
         except remote.Busy:
-            env.tally.busy = True       # nothing tried: those recipients stay as they are
+            a.summary.busy = True       # nothing tried: those recipients stay as they are
             return
         except PymtaError as e:
             results = remote.Results({x.address: e.reply for x in rcpts})
         for (r, _), sent_as in zip(items, rcpts):
             reply = results.get(sent_as.address,
                                 Reply(451, "4.3.0", "no result from remote delivery"))
-            self._record(env, r, reply, now, t0, "esmtp", relay=results.relay)
+            self._record(a, r, reply, t0, "esmtp", relay=results.relay)
             if sent_as.address in getattr(results, "without_dsn", ()):
                 # A server with DSN reports success itself (NOTIFY went on).
-                self._success(env, r, "relayed")
+                self._success(a, r, "relayed")
 
     @staticmethod
-    def _success(env, r, action):
+    def _success(a, r, action):
         """Note a recipient whose NOTIFY=SUCCESS asks for a report (sent by _notify)."""
         if r.state in (E.SENT, E.EXPANDED) and r.notify(E.NOTIFY_SUCCESS):
-            env.__dict__.setdefault("success", {}).setdefault(action, []).append(r)
+            a.success.setdefault(action, []).append(r)
 
-    def _record(self, env, r, reply, now, t0, mailer, relay="", state=None):
-        """Set a recipient's outcome and write its maillog line."""
+    def _record(self, a, r, reply, t0, mailer, relay="", state=None):
+        """Set a recipient's outcome, count it and write its maillog line
+        (``t0``: when this delivery started, for xdelay)."""
+        env, summ = a.env, a.summary
         if state is None:
             state = {"ok": E.SENT, "tempfail": E.DEFERRED, "permfail": E.FAILED}[reply.outcome.value]
-        r.set_state(state, reply.dsn, str(reply), relay=relay, now=now)
-        tally = getattr(env, "tally", None)
-        if tally is not None:
-            if state == E.SENT:
-                tally.sent += 1
-            elif state == E.DEFERRED:
-                tally.deferred += 1
-            else:
-                tally.failed += 1
+        r.set_state(state, reply.dsn, str(reply), relay=relay, now=a.now)
+        if state == E.SENT:
+            summ.sent += 1
+        elif state == E.DEFERRED:
+            summ.deferred += 1
+        else:
+            summ.failed += 1
         end = self.now()
         if state == E.SENT:
             stat = f"Sent ({reply.text if reply.code == 250 else reply})"
