@@ -225,7 +225,7 @@ def _append_at(cfg, env, rcpt, target, df, notes, ids, create_gid, as_root, path
     if as_root:
         ids.root()
     try:
-        lock = _dot_lock(path, notes, shown, getattr(cfg, "stale_lock_time", None))
+        lock = _dot_lock(path, notes, shown, cfg.stale_lock_time)
         # Root makes the new mailbox only in a directory root alone can write
         # (no one can have planted a symlink on the way); anywhere else (a
         # home, a shared spool) it is created by the user's own open below,

@@ -321,7 +321,7 @@ class Deliverer:
                 elif rt.kind == "local":
                     locals_.append((r, rt.target))
                 elif rt.kind == "remote":
-                    groups.setdefault(rt.domain, []).append((r, getattr(rt, "address", r.address)))
+                    groups.setdefault(rt.domain, []).append((r, rt.address))
                 elif rt.kind == "expand":
                     cloned = self._expand(a, r, rt) or cloned
                     expanded = True
@@ -391,8 +391,7 @@ class Deliverer:
         from .local_target import target_key
         env = a.env
         t0 = self.now()
-        kind = getattr(target, "kind", "")
-        mailer = {"command": "prog", "file": "file"}.get(kind, "local")
+        mailer = {"command": "prog", "file": "file"}.get(target.kind, "local")
         key = target_key(target)
         first = done_targets.get(key)
         if first is not None:
@@ -437,7 +436,7 @@ class Deliverer:
             reply = results.get(sent_as.address,
                                 Reply(451, "4.3.0", "no result from remote delivery"))
             self._record(a, r, reply, t0, "esmtp", relay=results.relay)
-            if sent_as.address in getattr(results, "without_dsn", ()):
+            if sent_as.address in results.without_dsn:
                 # A server with DSN reports success itself (NOTIFY went on).
                 self._success(a, r, "relayed")
 

@@ -45,6 +45,7 @@ class Results(dict):
 
     relay = ""
     dsn = False
+    without_dsn = frozenset()   # accepted by a server that does not offer DSN
 
 
 STOPPING = threading.Event()
