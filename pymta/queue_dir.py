@@ -17,7 +17,7 @@ Layout of ``queue_directory``::
 
 The files' names are built from valid ids only (pymta.queue_id); the
 control file's format is pymta.queue_file's, the commit that makes a new
-message pymta.spool's, the maildrop's pymta.queue_maildrop's.
+message pymta.queue_commit's, the maildrop's pymta.queue_maildrop's.
 
 A rewrite (after a delivery attempt, hold, release) is tf, fsync, rename,
 never an edit in place; a crash leaves the old or the new qf, both whole.
@@ -135,10 +135,6 @@ class Spool:
                 self._dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             return self._dirfd
 
-    def _sync_dir(self):
-        if self.fsync:
-            os.fsync(self.dir_fd())
-
     def free_space(self):
         st = os.statvfs(self.dir if self.exists() else self.top)
         return st.f_bavail * st.f_frsize
@@ -146,7 +142,7 @@ class Spool:
     # -- writing
     def new_message(self):
         """A MessageWriter for a new message (creates and locks its df)."""
-        from .spool import MessageWriter     # the commit builds on this module
+        from .queue_commit import MessageWriter     # the commit builds on this module
         return MessageWriter(self)
 
     def write_tf(self, env, new=False):
@@ -176,7 +172,7 @@ class Spool:
     def rewrite(self, env):
         """Record a new state of a locked message: tf, fsync, rename over
         the qf (or hf if held). A new message's first control file is
-        written by its commit (pymta.spool)."""
+        written by its commit (pymta.queue_commit)."""
         fd, final = self.write_tf(env)
         tf = self.path("tf", env.id)
         try:

@@ -5,7 +5,7 @@ month, day, hour, minute, second, each one of 60 letters), three of a
 per-process sequence, then the process id: ``6ASHBJ000012345``. They sort
 by time and are unique across processes (pid) and threads (the sequence,
 under a lock); creating the df with O_EXCL catches the rest (see
-pymta.spool). An id is checked against its grammar before any path is
+pymta.queue_commit). An id is checked against its grammar before any path is
 built from it, so no file outside the queue directory is ever named.
 """
 

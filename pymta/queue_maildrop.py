@@ -10,7 +10,7 @@ written, fsync'd, and only then marked complete by its owner-execute bit
 which pickup ignores and removes after a day.
 
 pickup(), run by root in the daemon and at every queue run, commits each
-complete file to queue/ through the one commit (pymta.spool) and then
+complete file to queue/ through the one commit (pymta.queue_commit) and then
 unlinks it: a crash between leaves the file, picked up again (the message
 may be queued twice, never lost). It trusts nothing in the file but its
 owner (fstat): recipients lose every flag but DSN NOTIFY and n, states

@@ -2,7 +2,7 @@
 
 Bytes go in through :meth:`Session.feed`, reply bytes come out. The session
 knows no socket and no spool: the server injects ``begin_message()`` (a
-writer with write/commit/abort, in production a spool.MessageWriter),
+writer with write/commit/abort, in production a queue_commit.MessageWriter),
 ``recipient_check(address)``, ``auth_verify(user, password)``,
 ``free_space()`` and ``clock()``.
 

@@ -9,13 +9,12 @@ reads what a client sent, feeds it to the connection's
 replies without blocking and does what the session's ``next_step()``
 asks. Three things leave the loop:
 
-- the fsyncs of the commit at the end of DATA: the loop runs the writer's
-  ``commit_steps`` generator and hands each descriptor it yields to one of
-  the syncer processes (:mod:`pymta.syncer`: processes, as threads would
-  take the GIL back at each of their system calls); many commits then wait
-  on the disk together, one fsync of the queue directory serves all that
-  are ready for it, and a session reads nothing more until its 250 (or
-  4xx) is out;
+- the fsyncs of the commit at the end of DATA: the loop hands the message
+  to its :class:`~pymta.queue_commit.Committer`, whose syncer processes
+  do them (processes, as threads would take the GIL back at each of their
+  system calls); many commits then wait on the disk together, one fsync of
+  the queue directory serves all that are ready for it, and a session
+  reads nothing more until its 250 (or 4xx) is out;
 - the reverse lookup of the client (``smtpd_peername_lookup``), in a pool
   of lookup threads, before the greeting;
 - a session that starts TLS: after the 220 to STARTTLS it moves to a
@@ -51,13 +50,10 @@ import time
 from . import smtpd_common as common
 from .smtpd_pump import implicit_tls, pump
 from .smtp_session import CLOSE, COMMIT, STARTTLS
-from .spool import SYNC_DIR
-from .status import PymtaError
-from .syncer import DirSync, Syncers
+from .queue_commit import Committer
 
 _SCAN = 0.25
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-COMMIT_THREADS = 16
 LOOKUP_THREADS = 16
 SYNCERS = 8
 
@@ -170,7 +166,7 @@ def serve(servers, stop=None, tick=None):
 
 
 class Loop:
-    def __init__(self, servers, stop, tick=None, use_syncers=True):
+    def __init__(self, servers, stop, tick=None):
         self.servers = list(servers)
         self.stop, self.tick = stop, tick
         self.sel = selectors.DefaultSelector()
@@ -181,16 +177,14 @@ class Loop:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.sel.register(self.wake_r, _READ, None)
-        self.commits = Pool(COMMIT_THREADS, self._post, "commit")
         self.lookups = Pool(LOOKUP_THREADS, self._post, "lookup")
-        # Forked now, while this process has no other thread.
+        # Its syncers are forked now, while this process has no other thread.
         log = self.servers[0].services.log if self.servers else None
-        self.syncers = Syncers(SYNCERS if use_syncers and self.servers else 0, log)
-        self.syncers.on_lost = self.sel.unregister
-        self.dirsyncs = {}
+        self.committer = Committer(SYNCERS if self.servers else 0, log,
+                                   on_lost=self.sel.unregister)
         self.paused = {}          # listening sockets not watched until then
-        for sock in self.syncers.socks:
-            self.sel.register(sock, _READ, self.syncers)
+        for sock in self.committer.socks:
+            self.sel.register(sock, _READ, self.committer)
         for s in self.servers:
             self.sel.register(s.socket, _READ, s)
 
@@ -230,7 +224,7 @@ class Loop:
                 obj = key.data
                 if obj is None:
                     self._drain_done()
-                elif obj is self.syncers:
+                elif obj is self.committer:
                     obj.ready(key.fileobj)
                 elif isinstance(obj, Conn):
                     if obj.state is CLOSED:     # closed earlier in this turn
@@ -249,11 +243,10 @@ class Loop:
                 self.tick()
         for t in self.handed:
             t.join()
-        self.commits.close()
         self.lookups.close()
-        for sock in self.syncers.socks:
+        for sock in self.committer.socks:
             self.sel.unregister(sock)
-        self.syncers.close()
+        self.committer.close()
         self.sel.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
@@ -431,63 +424,14 @@ class Loop:
             return self._enter(c, HOLD)
         self._enter(c, OPEN, out)
 
-    # -- commits: the fsyncs go to the syncer processes
+    # -- commits: the fsyncs go to the Committer's syncer processes
     def _start_commit(self, c):
         writer, env = c.session.message()
-        if not hasattr(writer, "commit_steps"):
-            return self.commits.submit(c.session.commit, lambda out, c=c: self._commit_done(c, out))
-        self._step(c, writer, writer.commit_steps(env), None)
-
-    def _step(self, c, writer, steps, err):
-        try:
-            step = steps.send(None) if err is None else steps.throw(err)
-        except StopIteration as done:
-            return self._committed(c, done.value)
-        except (PymtaError, OSError) as e:
-            return self._committed(c, e)
-        except Exception as e:   # noqa: BLE001 - a bug: the client gets 451, the loop goes on
-            c.services.log.exception(f"error: commit for {c.peer}")
-            return self._committed(c, OSError(f"internal error: {e!r}"))
-
-        def go_on(e, c=c, writer=writer, steps=steps):
-            self._step(c, writer, steps, e)
-        if not isinstance(step, tuple):
-            return self._sync(writer.spool, step, go_on)
-        # Several fsyncs at once: go on when the last one is done.
-        left = [len(step), None]
-
-        def one_done(e):
-            left[0] -= 1
-            left[1] = left[1] or e
-            if left[0] == 0:
-                go_on(left[1])
-        for one in sorted(step, key=lambda one: one is not SYNC_DIR):   # the directory's first
-            self._sync(writer.spool, one, one_done)
-
-    def _sync(self, spool, what, callback):
-        if what is SYNC_DIR:
-            ds = self.dirsyncs.get(spool.dir)
-            if ds is None or ds.spool is not spool:
-                ds = self.dirsyncs[spool.dir] = DirSync(self.syncers, spool.dir_fd())
-                ds.spool = spool
-            ds.request(callback)
-        else:
-            self.syncers.submit(what, callback)
+        self.committer.commit(writer, env, lambda result, c=c: self._committed(c, result))
 
     def _committed(self, c, result):
         out = c.session.committed(result)
         if c.state is CLOSED:       # the client went while its commit ran
-            c.session.close()
-            return
-        c.idle_since = time.monotonic()
-        self._reply(c, out)
-
-    def _commit_done(self, c, out):
-        """The replies of a commit that ran in a pool thread."""
-        if isinstance(out, Exception):   # a bug
-            c.services.log.error(f"error: commit for {c.peer}: {out!r}")
-            out = b""
-        if c.state is CLOSED:
             c.session.close()
             return
         c.idle_since = time.monotonic()

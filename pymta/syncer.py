@@ -1,4 +1,5 @@
-"""fsync in helper processes, for the SMTP server's event loop.
+"""fsync in helper processes, for the SMTP server's event loop (whose
+:class:`pymta.queue_commit.Committer` owns them).
 
 The loop must not block on the disk, and threads that fsync for it cost a
 hand-off of Python's global lock at every system call they make. So the

@@ -144,7 +144,7 @@ def test_stdin_reader_is_the_same_however_the_reads_fall(data, cuts, ignore_dots
 # -- SMTP DATA cut at arbitrary reads -----------------------------------------------
 
 class Writer:
-    """The session's injected writer (spool.MessageWriter's interface), in memory."""
+    """The session's injected writer (queue_commit.MessageWriter's interface), in memory."""
 
     def __init__(self, store):
         self.id, self.size, self.data, self.store = "FUZZ00000000001", 0, bytearray(), store

@@ -39,7 +39,7 @@ def test_install_puts_every_file_in_its_debian_place(tmp_path):
     files = tree(tmp_path)
     for expected in ("usr/sbin/sendmail", "usr/sbin/pymta", "usr/bin/mailq", "usr/bin/newaliases",
                      "usr/lib/sendmail", "usr/lib/pymta/pymta/cli.py",
-                     "usr/lib/pymta/pymta/spool.py", "usr/lib/pymta/pymta/admin.py",
+                     "usr/lib/pymta/pymta/queue_commit.py", "usr/lib/pymta/pymta/admin.py",
                      "usr/share/man/man8/sendmail.8", "usr/share/man/man5/pymta.conf.5",
                      "etc/pymta/pymta.conf", "etc/aliases",
                      "var/spool/pymta/queue", "var/spool/pymta/maildrop"):

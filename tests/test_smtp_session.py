@@ -15,7 +15,7 @@ REPLY_RE = re.compile(rb"(\d{3})([ -])(.*)\r\n")
 
 
 class Writer:
-    """A writer like spool.MessageWriter, in memory."""
+    """A writer like queue_commit.MessageWriter, in memory."""
 
     count = 0
 

@@ -364,7 +364,7 @@ def test_writev_all_writes_every_chunk_in_order_through_partial_writes():
     # A pipe takes at most its buffer per call: the writes come back partial.
     import random
     import threading
-    from pymta.spool import _writev_all
+    from pymta.queue_commit import _writev_all
     rnd = random.Random(7)
     chunks = [bytes([i % 251]) * rnd.randint(0, 3000) for i in range(3000)]
     r, w = os.pipe()

@@ -1,13 +1,19 @@
-"""The syncer processes that fsync for the SMTP event loop, with real
-processes, sockets and files."""
+"""The syncer processes that fsync for the SMTP event loop, and the
+Committer that runs the loop's commits on them, with real processes,
+sockets and files."""
 
+import errno
 import os
 import select
 import signal
 import smtplib
 import time
 
+from pymta import envelope as E
 from pymta import syncer
+from pymta.queue_commit import Committer
+from pymta.queue_dir import Spool
+from pymta.status import SpoolError
 from helpers import daemon, listener_pids, wait_for
 
 
@@ -125,3 +131,73 @@ def test_daemon_accepts_mail_after_its_syncers_are_killed(inst):
                 assert c.sendmail("a@b.example", ["root@example.test"],
                                   b"Subject: after %d\r\n\r\nx\r\n" % n) == {}
         assert wait_for(lambda: "a syncer process is gone" in inst.maillog())
+
+
+def _spool(tmp_path):
+    spool = Spool(str(tmp_path / "q"))
+    spool.create()
+    return spool
+
+
+def _writer(spool, text=b"Subject: x\n\nbody\n"):
+    w = spool.new_message()
+    w.write(text)
+    return w, E.Envelope(sender="a@b.example", recipients=[E.Recipient("u@example.test")])
+
+
+def test_the_committer_commits_through_its_syncers(tmp_path):
+    spool = _spool(tmp_path)
+    c = Committer(2)
+    try:
+        assert len(c.socks) == 2
+        results, writers = [], []
+        for i in range(6):       # more than there are syncers
+            w, env = _writer(spool, b"Subject: %d\n\nbody\n" % i)
+            writers.append(w)
+            c.commit(w, env, results.append)
+        assert not any(w.committed for w in writers)     # nothing waited here
+        _run_until(c, lambda: len(results) == 6)
+        assert sorted(results) == sorted(w.id for w in writers)
+        for w in writers:
+            w.close()
+            assert spool.read(w.id).sender == "a@b.example"
+        assert sorted(n[:2] for n in os.listdir(spool.dir)) == ["df"] * 6 + ["qf"] * 6
+    finally:
+        c.close()
+
+
+def _failing_fsync(monkeypatch, which):
+    real = os.fsync
+
+    def fsync(fd):
+        if fd == which():
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_failed_data_fsync_leaves_no_control_file(tmp_path, monkeypatch):
+    spool = _spool(tmp_path)
+    c = Committer(0)         # no syncer: the fsyncs are done here, through os.fsync
+    w, env = _writer(spool)
+    _failing_fsync(monkeypatch, lambda: w.data_fd)
+    results = []
+    c.commit(w, env, results.append)
+    err, = results
+    assert isinstance(err, SpoolError) and "Input/output error" in str(err)
+    assert sorted(n[:2] for n in os.listdir(spool.dir)) == ["df", "tf"]     # never renamed
+    w.abort()
+    assert os.listdir(spool.dir) == []
+
+
+def test_a_failed_directory_fsync_fails_the_commit(tmp_path, monkeypatch):
+    spool = _spool(tmp_path)
+    c = Committer(0)
+    w, env = _writer(spool)
+    _failing_fsync(monkeypatch, spool.dir_fd)
+    results = []
+    c.commit(w, env, results.append)
+    err, = results
+    assert isinstance(err, SpoolError) and not w.committed
+    w.abort()                # the client got 4xx: the qf goes first, then the df
+    assert os.listdir(spool.dir) == []
