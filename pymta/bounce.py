@@ -11,20 +11,16 @@ the df. A message from ``<>`` is never bounced: its report goes to
 failed double bounce is only logged.
 """
 
-import email.utils
 import logging
 import secrets
 import time
 
 from . import envelope as E
+from . import headers
 from .address import qualify
 from .queue_dir import Spool
+from .status import MESSAGE_BLOCK
 
-CHUNK = 256 * 1024
-
-
-def _date(t):
-    return email.utils.formatdate(t, localtime=True)
 
 
 def double_bounce_address(cfg):
@@ -67,7 +63,7 @@ def _status_fields(cfg, env, rcpts, action, now):
     lines = [f"Reporting-MTA: dns; {cfg.myhostname}", f"X-Pymta-Queue-ID: {env.id}"]
     if env.envid:
         lines.append(f"Original-Envelope-Id: {_clean(env.envid)}")
-    lines.append(f"Arrival-Date: {_date(env.created or now)}")
+    lines.append(f"Arrival-Date: {headers.date(env.created or now)}")
     for r in rcpts:
         final, actual = _final(r)
         lines.append("")
@@ -86,11 +82,11 @@ def _status_fields(cfg, env, rcpts, action, now):
         diag = _diagnostic(r) if r.text and action in ("failed", "delayed", "relayed") else ""
         if diag:
             lines.append(f"Diagnostic-Code: smtp; {diag}")
-        lines.append(f"Last-Attempt-Date: {_date(r.updated or env.last_attempt or now)}")
+        lines.append(f"Last-Attempt-Date: {headers.date(r.updated or env.last_attempt or now)}")
         if action == "delayed":
             until = env.created + (cfg.bounce_queue_lifetime if env.is_bounce
                                    else cfg.maximal_queue_lifetime)
-            lines.append(f"Will-Retry-Until: {_date(until)}")
+            lines.append(f"Will-Retry-Until: {headers.date(until)}")
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +164,7 @@ def report(cfg, env, rcpts, action="failed", now=None, log=None, spool=None):
     else:
         subject = "Successful Mail Delivery Report"
     head = (
-        f"Date: {_date(now)}\n"
+        f"Date: {headers.date(now)}\n"
         f"From: Mail Delivery System <MAILER-DAEMON@{cfg.myhostname}>\n"
         f"To: <{_clean(to)}>\n"
         f"Subject: {subject}\n"
@@ -214,7 +210,7 @@ def report(cfg, env, rcpts, action="failed", now=None, log=None, spool=None):
                     last = line[-1:]
             else:
                 while True:
-                    chunk = f.read(CHUNK)
+                    chunk = f.read(MESSAGE_BLOCK)
                     if not chunk:
                         break
                     w.write(chunk)

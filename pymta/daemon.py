@@ -36,7 +36,7 @@ from . import config as C
 from . import queue_attempt, queue_maildrop, queue_run, smtpd_common
 from .queue_dir import Spool
 from .queue_id import valid_id
-from .status import EX_CANTCREAT, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, ConfigError
+from .status import ConfigError, EX_CANTCREAT, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, READ_SIZE
 
 log = logging.getLogger("pymta")
 
@@ -172,7 +172,7 @@ class Listener:
         deadline = time.monotonic() + 2
         while True:
             try:
-                more = os.read(self.control_fd, 65536)
+                more = os.read(self.control_fd, READ_SIZE)
             except BlockingIOError:
                 more = None
             except OSError:
@@ -549,7 +549,7 @@ class Master:
     def _read_ids(self, fd, pending):
         """Queue ids from the listener's pipe or queue/notify, one a line."""
         try:
-            pending += os.read(fd, 65536)
+            pending += os.read(fd, READ_SIZE)
         except BlockingIOError:
             return pending
         *lines, rest = pending.split(b"\n")
@@ -759,7 +759,7 @@ def _log_pump(handler, fd):
     buf = b""
     while True:
         try:
-            chunk = os.read(fd, 65536)
+            chunk = os.read(fd, READ_SIZE)
         except InterruptedError:
             continue
         except OSError:

@@ -29,9 +29,8 @@ import re
 import threading
 import time
 
-from .status import Reply, TempFail
+from .status import MESSAGE_BLOCK, Reply, TempFail
 
-CHUNK = 256 * 1024
 HEADER_MAX = 1024 * 1024      # a longer header section is not signed
 _LINE_MAX = 1024 * 1024       # a longer line is hashed in parts
 _WSP = re.compile(rb"[ \t]+")
@@ -154,7 +153,7 @@ def _read_header(f):
             return buf[:end + 1], buf[end + 2:]
         if len(buf) > HEADER_MAX:
             return None, b""
-        chunk = f.read(CHUNK)
+        chunk = f.read(MESSAGE_BLOCK)
         if not chunk:
             return buf + (b"" if buf.endswith(b"\n") or not buf else b"\n"), b""
         buf = (buf + chunk).replace(b"\r", b"")
@@ -204,7 +203,7 @@ def sign(cfg, f, log=None, qid=""):
     body = BodyHash()
     body.update(rest)
     while True:
-        chunk = f.read(CHUNK)
+        chunk = f.read(MESSAGE_BLOCK)
         if not chunk:
             break
         body.update(chunk)

@@ -15,6 +15,7 @@ import time
 
 from . import address as A
 from . import envelope as E
+from . import headers
 from .maillog import full_logging, log
 from . import queue_maildrop
 from .queue_dir import Spool
@@ -33,16 +34,6 @@ def _is_field_line(line):
     """Does ``line`` (bytes) start with a field name and its colon?"""
     k = line.find(b":")
     return k > 0 and not line[:k].translate(None, _FIELD_NAME_CHARS)
-
-
-def rfc5322_date(t=None):
-    """email.utils.formatdate(localtime=True), without importing the email
-    package (socket, urllib, datetime...) into every sendmail run."""
-    lt = time.localtime(time.time() if t is None else t)
-    off = lt.tm_gmtoff
-    sign = "+" if off >= 0 else "-"
-    off = abs(off)
-    return time.strftime("%a, %d %b %Y %H:%M:%S ", lt) + f"{sign}{off // 3600:02d}{off % 3600 // 60:02d}"
 
 
 def format_from(name, address):
@@ -460,16 +451,15 @@ class Submission:
         (a maildrop file): the X-Authentication-Warning: for -f is left to
         pickup, which writes it from the file's owner."""
         cfg = self.cfg
-        now = rfc5322_date()
+        now = time.time()
         names = {field_name(f) for f in fields}
         out = []
         if qid:
-            out.append(f"Received: (from {self.login}@localhost)\n\tby {cfg.myhostname} "
-                       f"({cfg.mail_name}) id {qid};\n\t{now}\n".encode())
+            out.append(headers.received(qid, cfg.myhostname, cfg.mail_name,
+                                        f"(from {self.login}@localhost)", t=now))
         if warn and self.opts.sender is not None and not self.trusted \
                 and self.sender not in (self.own_address, self.login):
-            out.append(f"X-Authentication-Warning: {cfg.myhostname}: {self.login} set sender "
-                       f"to {self.sender or '<>'} using -f\n".encode("utf-8", "surrogateescape"))
+            out.append(headers.auth_warning(cfg.myhostname, self.login, self.sender))
         drop = {"return-path", "bcc", "resent-bcc"}
         for f in fields:
             name = field_name(f)
@@ -479,7 +469,7 @@ class Submission:
                 f = _qualified_field(f, cfg.myorigin)
             out.append(f)
         if "date" not in names:
-            out.append(f"Date: {now}\n".encode())
+            out.append(f"Date: {headers.date(now)}\n".encode())
         if "from" not in names:
             from_ = format_from(self.fullname, self.own_address) if self.fullname \
                 else self.own_address
@@ -491,7 +481,7 @@ class Submission:
                 break
         else:
             token = qid or os.urandom(6).hex().upper()
-            self.msgid = f"<{time.strftime('%Y%m%d%H%M%S', time.gmtime())}.{token}@{cfg.myhostname}>"
+            self.msgid = headers.message_id(token, cfg.myhostname, now)
             out.append(f"Message-ID: {self.msgid}\n".encode())
         if self.rewriter is not None:
             out = [self.rewriter.header_field(f) for f in out]

@@ -22,7 +22,7 @@ from . import local_command, local_maildir, local_mbox
 from .queue_dir import Spool
 from . import workers as _workers
 from .local_target import Target, os_reply
-from .status import EX_OK, EX_SOFTWARE, DeliveryError, Reply
+from .status import EX_OK, EX_SOFTWARE, READ_SIZE, DeliveryError, Reply
 
 _noted_unprivileged = []
 
@@ -223,7 +223,7 @@ def _read_reply(rfd, pid):
                 break
         ready, _, _ = select.select([rfd], [], [], 0.5)
         if ready:
-            chunk = os.read(rfd, 65536)
+            chunk = os.read(rfd, READ_SIZE)
             if not chunk:
                 break
             buf += chunk

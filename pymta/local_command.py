@@ -15,7 +15,7 @@ import threading
 
 from . import address as _address
 from .local_target import from_line, prefix, recipient
-from .status import EX_TEMPFAIL, DeliveryError, Reply
+from .status import EX_TEMPFAIL, READ_SIZE, DeliveryError, Reply
 
 OUTPUT_LINES = 5           # lines of a failed command's output kept for the bounce
 OUTPUT_BYTES = 4096
@@ -71,7 +71,7 @@ def deliver(cfg, env, rcpt, target, df):
 
     def reader():
         while True:
-            chunk = proc.stdout.read(65536)
+            chunk = proc.stdout.read(READ_SIZE)
             if not chunk:
                 return
             if len(output) < OUTPUT_BYTES:
@@ -98,7 +98,7 @@ def deliver(cfg, env, rcpt, target, df):
             proc.stdin.write(head)
             last = b"\n"
             while True:
-                chunk = df.read(65536)
+                chunk = df.read(READ_SIZE)
                 if not chunk:
                     break
                 proc.stdin.write(chunk)

@@ -18,7 +18,7 @@ import stat
 import time
 
 from .local_target import LINE_CHUNK, beneath_home, from_line, os_reply, prefix
-from .status import DeliveryError, Reply
+from .status import MESSAGE_BLOCK, DeliveryError, Reply
 
 LOCK_TIMEOUT = 60          # seconds to wait for a dot-lock or fcntl lock
 STALE_LOCK_AGE = 500       # a dot-lock older than this is broken (stale_lock_time's default)
@@ -40,7 +40,7 @@ def _write_mbox(fd, env, rcpt, df, limit, style="mboxo"):
     st = os.fstat(df.fileno())
     if limit and start + st.st_size + 200 > limit:
         raise DeliveryError(Reply(552, "5.2.2", f"Mailbox full (mailbox_size_limit {limit} bytes)"))
-    out = open(fd, "wb", buffering=256 * 1024, closefd=False)
+    out = open(fd, "wb", buffering=MESSAGE_BLOCK, closefd=False)
     try:
         out.write(from_line(env))
         out.write(prefix(env, rcpt))

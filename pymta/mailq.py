@@ -23,7 +23,7 @@ from . import envelope as E
 from .queue_dir import Spool
 from .queue_file import matches, parse_control
 from .queue_id import valid_id
-from .status import EX_NOPERM, EX_OSFILE, EX_OK, EX_USAGE, SpoolCorrupt
+from .status import EX_NOPERM, EX_OK, EX_OSFILE, EX_USAGE, READ_SIZE, SpoolCorrupt
 
 HEADER = "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------\n"
 HEADER_V = "-----Q-ID----- --Size-- -Priority- ---Q-Time--- --------Sender/Recipient--------\n"
@@ -409,7 +409,7 @@ def ask_daemon(cfg, request, timeout=60):
             sock.sendall(json.dumps(request).encode() + b"\n")
             data = bytearray()
             while True:
-                chunk = sock.recv(1 << 16)
+                chunk = sock.recv(READ_SIZE)
                 if not chunk:
                     break
                 data += chunk

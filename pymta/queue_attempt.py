@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from . import envelope as E
 from .queue_dir import Spool
 from .queue_file import matches
-from .status import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Outcome, PymtaError, Reply, SpoolCorrupt
+from .status import (EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, MESSAGE_BLOCK, Outcome, PymtaError,
+                     Reply, SpoolCorrupt)
 
 MAX_EXPANSION_ROUNDS = 10
 
@@ -366,7 +367,7 @@ class Deliverer:
             new.recipients = children
             with self.spool.new_message() as w, self.spool.open_data(env.id) as f:
                 while True:
-                    chunk = f.read(256 * 1024)
+                    chunk = f.read(MESSAGE_BLOCK)
                     if not chunk:
                         break
                     w.write(chunk)

@@ -41,7 +41,7 @@ import fcntl
 
 from .queue_id import new_id
 from .queue_dir import MessageLock
-from .status import SpoolError
+from .status import MESSAGE_BLOCK, SpoolError
 
 
 class MessageWriter:
@@ -58,7 +58,7 @@ class MessageWriter:
     ``close()`` drops it.
     """
 
-    SPILL = 256 * 1024
+    SPILL = MESSAGE_BLOCK
 
     def __init__(self, spool):
         self.spool = spool

@@ -29,9 +29,10 @@ import time
 import fcntl
 
 from . import envelope as E
+from . import headers
 from .queue_dir import unlink_quiet
 from .queue_file import format_control, parse_control
-from .status import SpoolCorrupt, SpoolError
+from .status import MESSAGE_BLOCK, SpoolCorrupt, SpoolError
 
 HEAD_MAX = 16 << 20           # the most control text a maildrop file may start with
 
@@ -46,7 +47,7 @@ def drop(spool, env, chunks):
     except OSError as e:
         raise SpoolError.writing(e, f"create {path}") from None
     try:
-        with open(fd, "wb", buffering=256 * 1024, closefd=False) as f:
+        with open(fd, "wb", buffering=MESSAGE_BLOCK, closefd=False) as f:
             env.id = env.id or "0" * 15
             f.write(format_control(env).encode("utf-8", "surrogateescape"))
             for chunk in chunks:
@@ -153,15 +154,17 @@ def _pickup_one(spool, cfg, fd, st, log, name):
         r.uid = -1
         r.extra = {}
     env.status = ""
-    hostname = cfg.myhostname if cfg is not None else None
-    mail_name = cfg.mail_name if cfg is not None else "pymta"
+    hostname, mail_name = (cfg.myhostname, cfg.mail_name) if cfg is not None \
+        else (os.uname().nodename, "pymta")
+    login = _login(st.st_uid)
     with spool.new_message() as w:
-        w.write(_received(w.id, st.st_uid, hostname, mail_name))
+        w.write(headers.received(w.id, hostname, mail_name,
+                                 f"(from {login}@localhost uid {st.st_uid})"))
         if cfg is not None:
-            w.write(_auth_warning(cfg, st.st_uid, env.sender))
+            w.write(_auth_warning(cfg, login, env.sender))
         eight_bit = False
         while True:
-            chunk = f.read(256 * 1024)
+            chunk = f.read(MESSAGE_BLOCK)
             if not chunk:
                 break
             eight_bit = eight_bit or not chunk.isascii()
@@ -176,36 +179,24 @@ def _pickup_one(spool, cfg, fd, st, log, name):
     return qid
 
 
-def _auth_warning(cfg, uid, sender):
+def _login(uid):
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+def _auth_warning(cfg, login, sender):
     """sendmail's X-Authentication-Warning: for a maildrop file whose
     envelope sender is not its owner's own address, when the owner is
     not trusted: written here, at pickup, from the file's owner (the
     only thing a maildrop file cannot forge). b"" when none is due."""
-    import pwd
     from . import address as _address
-    try:
-        login = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        login = f"uid{uid}"
     if login in cfg.trusted_users:
         return b""
     if sender in (login, _address.qualify(login, cfg.myorigin)):
         return b""
-    shown = "".join(c if c.isprintable() and c not in "\r\n" else "?"
-                    for c in sender) or "<>"
-    return (f"X-Authentication-Warning: {cfg.myhostname}: {login} set sender to {shown} "
-            f"using -f\n").encode("utf-8", "surrogateescape")
+    return headers.auth_warning(cfg.myhostname, login, sender)
 
 
-def _received(qid, uid, hostname, mail_name):
-    """The Received: line of a message picked up from the maildrop."""
-    import pwd
-    import socket
-    from email.utils import formatdate
-    try:
-        login = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        login = f"uid{uid}"
-    host = hostname or socket.gethostname()
-    return (f"Received: (from {login}@localhost uid {uid})\n\tby {host} ({mail_name}) "
-            f"id {qid};\n\t{formatdate(localtime=True)}\n").encode("utf-8", "surrogateescape")

@@ -32,7 +32,7 @@ from . import queue_maildrop
 from .queue_attempt import STOP, Deliverer
 from .queue_dir import Spool
 from .queue_file import matches
-from .status import EX_NOPERM, EX_OK, EX_SOFTWARE, SpoolCorrupt
+from .status import EX_NOPERM, EX_OK, EX_SOFTWARE, READ_SIZE, SpoolCorrupt
 
 
 def read_next_try(path):
@@ -62,7 +62,7 @@ def _read_available(fd):
     out = bytearray()
     while True:
         try:
-            chunk = os.read(fd, 65536)
+            chunk = os.read(fd, READ_SIZE)
         except BlockingIOError:
             break
         if not chunk:

@@ -33,9 +33,9 @@ from . import sasl_client, tls_policy
 from . import sched as _sched
 from .address import domain_of, xtext_encode
 from .queue_dir import Spool
-from .status import PermFail, Reply, TempFail
+from .status import MESSAGE_BLOCK, PermFail, Reply, TempFail
 
-CHUNK = 256 * 1024
+CHUNK = MESSAGE_BLOCK
 _ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 

@@ -19,6 +19,8 @@ import signal
 import stat
 import time
 
+from .status import READ_SIZE
+
 
 class Refused(OSError):
     """A file not used; ``str()`` is the reason, fit for a log line."""
@@ -153,7 +155,7 @@ def read_fd(fd, limit, deadline):
         if time.monotonic() > deadline:
             raise Refused("not read in time")
         try:
-            chunk = os.read(fd, min(65536, limit + 1 - size))
+            chunk = os.read(fd, min(READ_SIZE, limit + 1 - size))
         except BlockingIOError:
             time.sleep(0.01)
             continue
@@ -216,7 +218,7 @@ def read_file_as(path, limit, seconds, uid, gid, groups):
             ready, _, _ = select.select([rfd], [], [], left)
             if not ready:
                 continue
-            chunk = os.read(rfd, 65536)
+            chunk = os.read(rfd, READ_SIZE)
             if not chunk:
                 break
             buf.extend(chunk)

@@ -9,6 +9,7 @@ the reply once the real end has come.
 
 import re
 
+from . import headers
 from .status import PymtaError, Reply
 
 DATA_SPLIT = 64 * 1024
@@ -196,18 +197,12 @@ def missing_fields(header, hostname, qid, now=None):
     out = []
     now = time.time() if now is None else now
     if b"date" not in have:
-        lt = time.localtime(now)
-        off = lt.tm_gmtoff
-        sign = "+" if off >= 0 else "-"
-        off = abs(off)
-        out.append("Date: " + time.strftime("%a, %d %b %Y %H:%M:%S ", lt)
-                   + f"{sign}{off // 3600:02d}{off % 3600 // 60:02d}\n")
+        out.append(f"Date: {headers.date(now)}\n")
     if b"message-id" not in have:
         if not qid:
             import os
             qid = os.urandom(6).hex().upper()
-        out.append(f"Message-ID: <{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}.{qid}"
-                   f"@{hostname}>\n")
+        out.append(f"Message-ID: {headers.message_id(qid, hostname, now)}\n")
     return "".join(out).encode()
 
 

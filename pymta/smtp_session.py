@@ -32,7 +32,6 @@ a dot, stored with the same conversion and checks (smtp_data.ChunkReceiver).
 
 import base64
 import binascii
-import email.utils
 import functools
 import ipaddress
 import re
@@ -40,6 +39,7 @@ import time
 
 from . import address as A
 from . import envelope as E
+from . import headers
 from .smtp_data import ChunkReceiver, DataReceiver
 from .status import AddressError, PymtaError, Reply
 
@@ -707,11 +707,9 @@ class Session:
             origin = f"{self.helo} ({self.local_user or 'uid'}@localhost uid={self.local_uid})"
         else:
             origin = f"{self.helo} ({self.client_name} [{self.client_addr}])"
-        rcpt = f"\n\tfor <{self.tx.rcpts[0].address}>" if len(self.tx.rcpts) == 1 else ""
-        date = email.utils.formatdate(self.clock(), localtime=True)
-        text = (f"Received: from {origin}\n\tby {self.cfg.myhostname} ({self.cfg.mail_name}) "
-                f"with {self._proto()} id {qid}{rcpt}; {date}\n")
-        return text.encode("utf-8", "surrogateescape")
+        rcpt = self.tx.rcpts[0].address if len(self.tx.rcpts) == 1 else ""
+        return headers.received(qid, self.cfg.myhostname, self.cfg.mail_name, f"from {origin}",
+                                self._proto(), rcpt, self.clock())
 
     # -- BDAT (RFC 3030): length-counted chunks, never a command inside one
     def cmd_BDAT(self, arg):

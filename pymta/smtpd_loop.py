@@ -51,6 +51,7 @@ from . import smtpd_common as common
 from .smtpd_pump import implicit_tls, pump
 from .smtp_session import CLOSE, COMMIT, STARTTLS
 from .queue_commit import Committer
+from .status import READ_SIZE
 
 _SCAN = 0.25
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -393,7 +394,7 @@ class Loop:
             return self._enter(c, CLOSING, common.R_EARLY.lines())
         session = c.session
         try:
-            data = c.sock.recv(65536)
+            data = c.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:

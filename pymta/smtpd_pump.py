@@ -27,7 +27,7 @@ import time
 from . import smtpd_common as common
 from .smtp_session import CLOSE, COMMIT, STARTTLS
 from . import queue_maildrop
-from .status import SpoolError
+from .status import MESSAGE_BLOCK, READ_SIZE, SpoolError
 
 _POLL = 1.0     # how often a blocked session looks at STOPPING
 _SCAN = 0.25    # how often the fork server reaps its children and ticks
@@ -123,7 +123,7 @@ def _pump(sock, session, services, peer):
             return sock
         sock.settimeout(min(_POLL, limit - now))
         try:
-            data = sock.recv(65536)
+            data = sock.recv(READ_SIZE)
         except (socket.timeout, ssl.SSLWantReadError):
             continue
         if not data:
@@ -278,7 +278,7 @@ class _MaildropWriter:
 
     def commit(self, env):
         self.file.seek(0)
-        name = queue_maildrop.drop(self.spool, env, iter(lambda: self.file.read(256 * 1024), b""))
+        name = queue_maildrop.drop(self.spool, env, iter(lambda: self.file.read(MESSAGE_BLOCK), b""))
         return f"maildrop/{name}"
 
     def abort(self):
@@ -317,7 +317,7 @@ def serve_stdio(cfg, opts, stdin=None, stdout=None):
             if not ready:
                 out.write(session.timeout())
                 break
-            data = os.read(infd, 65536)
+            data = os.read(infd, READ_SIZE)
             if not data:
                 break
             reply = session.feed(data)

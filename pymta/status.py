@@ -25,6 +25,13 @@ EX_PROTOCOL = 76
 EX_NOPERM = 77
 EX_CONFIG = 78
 
+# The sizes of one I/O call, the same in every module: what one read from a
+# pipe or a socket asks for, and the block in which message data moves
+# between files (df, maildrop, mailboxes) and the network (and the size of
+# message held in memory before the commit spills it to its df).
+READ_SIZE = 65536
+MESSAGE_BLOCK = 256 * 1024
+
 
 class Reply:
     """An SMTP reply: ``code`` (e.g. 250), ``enhanced`` ("2.0.0" or ""), ``text``.
