@@ -27,18 +27,18 @@ from . import mailq
 from .queue_dir import Spool
 from .queue_id import valid_id
 from .status import (EX_CANTCREAT, EX_DATAERR, EX_NOINPUT, EX_NOPERM, EX_NOUSER, EX_OK,
-                     EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, SpoolCorrupt, run_program)
+                     EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, PymtaError, SpoolCorrupt,
+                     run_program)
 
 PROG = "pymta"
 BOUNCE_REPLY = ("5.0.0", "Message bounced by the administrator")
 
 
-class Refused(Exception):
+class Refused(PymtaError):
     """An action that cannot be done on one message: what to say, which exit code."""
 
     def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, exit_code=code)
 
 
 def _user():
@@ -430,7 +430,7 @@ def run(cfg, args, out=None):
             text = op(qid)
         except Refused as e:
             print(f"{PROG}: {e}", file=sys.stderr)
-            code = code or e.code
+            code = code or e.exit_code
             continue
         except PermissionError as e:
             print(f"{PROG}: {qid}: {e.strerror}: {e.filename}", file=sys.stderr)
