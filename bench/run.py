@@ -638,6 +638,44 @@ def case_slow_sink(work, n, delay=1):
         _stop(sink)
 
 
+def _postfix_held(work, name, sink_port, n, size=5120, to="user@remote.test", hold=True):
+    """A private Postfix relaying to 127.0.0.1:sink_port with n messages
+    queued (held, deferred, when ``hold``); returns (its directory, etc)."""
+    pdir, pport = os.path.join(work, name), free_port()
+    subprocess.run([os.path.join(PEERS, "postfix-down.sh"), pdir, "--purge"], capture_output=True)
+    subprocess.run([os.path.join(PEERS, "postfix-up.sh"), str(pport), pdir, f"relay:{sink_port}"],
+                   env=dict(os.environ, HOLD="1" if hold else "0"), check=True, capture_output=True)
+    subprocess.run([os.path.join(PEERS, "bench-accept.sh"), "127.0.0.1", str(pport), "20",
+                    str(n), str(size)], env=dict(os.environ, TO=to), capture_output=True)
+    deferred = os.path.join(pdir, "spool", "deferred")
+    if hold:
+        _time_until(lambda: sum(len(f) for _, _, f in os.walk(deferred)) >= n, 600)
+    return pdir, os.path.join(pdir, "etc")
+
+
+def _postfix_down(pdir):
+    subprocess.run([os.path.join(PEERS, "postfix-down.sh"), pdir, "--purge"], capture_output=True)
+
+
+def case_slow_sink_postfix(work, n, delay=1):
+    """The same drain through a private Postfix: n held, then postqueue -f;
+    the time until its queue is empty."""
+    sink, sink_port = _sink("-w", str(delay))
+    pdir = None
+    try:
+        pdir, etc = _postfix_held(work, "pfxw", sink_port, n)
+        pf = Postfix(pdir, 0)
+        t0 = time.perf_counter()
+        subprocess.run(["postqueue", "-c", etc, "-f"], capture_output=True)
+        pf.wait_empty(600)
+        took = time.perf_counter() - t0
+        return (n - pf.queue_count()) / took
+    finally:
+        if pdir:
+            _postfix_down(pdir)
+        _stop(sink)
+
+
 def case_sigterm(work):
     """Seconds from SIGTERM to exit of a daemon whose hand-offs hang on a tarpit."""
     bad = BadPeer("tarpit")
@@ -693,7 +731,8 @@ def run_sched_cases(work, quick, with_postfix):
     t, mb = case_mailq_rss(work, nm)
     add(f"mailq with {nm} queued: time, peak RSS", f"{t:.1f} s, {mb:.0f} MB")
     ns = 100 if quick else 400
-    add(f"drain {ns} to a sink taking 1 s a message", f"{case_slow_sink(work, ns):.1f} msgs/s")
+    add(f"drain {ns} to a sink taking 1 s a message", f"{case_slow_sink(work, ns):.1f} msgs/s",
+        f"{case_slow_sink_postfix(work, ns):.1f} msgs/s" if with_postfix else "-")
     add("SIGTERM to exit, daemon hand-offs hanging on a tarpit", f"{case_sigterm(work):.1f} s")
     return md
 

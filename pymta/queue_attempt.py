@@ -83,7 +83,7 @@ class Summary:
     deferred: int = 0
     failed: int = 0
     skipped: str = ""       # why nothing was tried ("locked", "not due", "held"...)
-    busy: bool = False      # a destination had no free connection slot: try again soon
+    busy: str = ""          # a destination that had no free connection slot: try again soon
 
     @property
     def outcome(self):
@@ -428,8 +428,8 @@ class Deliverer:
             results = remote.deliver(self.cfg, env, rcpts, domain, log=self.log,
                                      resolver=None if literal else self.resolver, cache=self.cache,
                                      verbose=self.verbose)
-        except remote.Busy:
-            a.summary.busy = True       # nothing tried: those recipients stay as they are
+        except remote.Busy as e:
+            a.summary.busy = str(e)     # nothing tried: those recipients stay as they are
             return
         except PymtaError as e:
             results = remote.Results({x.address: e.reply for x in rcpts})

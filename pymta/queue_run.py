@@ -6,9 +6,12 @@ a time, to up to delivery_process_limit forked delivery processes (threads
 would serialise on the GIL: Python work per message is what a queue run
 spends), each with a few threads that wait on the network side by side. A
 process takes the message's lock (a locked message is someone else's:
-skipped) and makes one attempt (queue_attempt.Deliverer); a message whose
-destination has no free connection slot is put aside and taken again once
-a slot frees. The processes report their counts (PassStats) through a pipe.
+skipped) and makes one attempt (queue_attempt.Deliverer). A message whose
+destination has no free connection slot (pymta.sched) goes back to the
+parent, which hands it out again when the destination has room, to
+whichever process is free: no process sits on messages while another's
+threads are idle. The processes report their counts (PassStats) through a
+pipe.
 
 Whether a message is due is read from its ``Y`` line in the qf's first
 bytes, so an idle pass costs one small read per queued message, not a parse.
@@ -169,7 +172,8 @@ class Runner:
                 qid, again = next_id()
                 if qid is None:
                     return
-                if self._one(qid, filters, st) != "busy":
+                summ = self._one(qid, filters, st)
+                if summ is None or summ.skipped != "busy":
                     if again:
                         with lock:
                             state["misses"] = 0
@@ -206,6 +210,17 @@ class Runner:
         and report their PassStats through a pipe. Threads in one process
         would serialise on the GIL for the Python work of every message;
         threads within each process wait on the network side by side.
+
+        The socket carries notes back: each id handed out comes back once,
+        done or busy (its destination had no free connection slot, with the
+        destination's name). A busy one waits here, in the parent, and goes
+        out again, to whichever thread takes it, when its destination has a
+        free slot (pymta.sched: the limit, less the slots held, less the
+        ones already sent back out) or is marked dead: no process keeps
+        messages that another's idle threads could deliver, and nothing is
+        tried while its destination is full. The end marks go when nothing
+        is out and nothing waits.
+
         Returns False, nothing done, if no child could be started; a child
         that dies leaves its message locked for nobody and queued for the
         next pass."""
@@ -236,43 +251,12 @@ class Runner:
             feed.close()
             os.close(rfd)
             return False
-        try:
-            for qid in due:
-                feed.send(qid.encode("ascii"))
-            # One end mark a thread, not end-of-file: a process forked meanwhile
-            # by another thread holds a copy of ``feed`` and of ``wfd``, and
-            # would keep both open.
-            for _ in range(len(pids) * threads):
-                feed.send(_END)
-        except OSError as e:     # every child is gone: the rest waits for the next pass
-            self.log.error(f"queue run: delivery processes gone ({e.strerror}); "
-                           "the remaining messages stay queued")
-        finally:
-            feed.close()
-        # Wait for the children, reading their lines meanwhile (many children
-        # could fill the pipe); then what is left, without waiting for an
-        # end-of-file (see above).
         os.set_blocking(rfd, False)
         data = bytearray()
-        left = set(pids)
         try:
-            while True:
-                data += _read_available(rfd)
-                for pid in list(left):
-                    try:
-                        done, status = os.waitpid(pid, os.WNOHANG)
-                    except ChildProcessError:
-                        done, status = pid, 0
-                    if done:
-                        left.discard(pid)
-                        if status:
-                            self.log.error(f"queue run: delivery process {pid} ended abnormally "
-                                           f"(status {status:#x}); its messages stay queued")
-                if not left:
-                    break
-                select.select([rfd], [], [], 0.05)
-            data += _read_available(rfd)
+            self._feed(feed, due, len(pids) * threads, pids, rfd, data)
         finally:
+            feed.close()
             os.close(rfd)
         for line in data.splitlines():
             try:
@@ -284,19 +268,158 @@ class Runner:
                     setattr(st, k, getattr(st, k) + int(v))
         return True
 
+    def _feed(self, feed, due, ends, pids, rfd, data):
+        """The parent's side of _run_forked: hand out ``due``, keep the busy
+        ones until their destination has room, then ``ends`` end marks; read
+        the children's count lines into ``data`` until every child is gone
+        (not until end-of-file: a process forked meanwhile by another thread
+        holds copies of both descriptors)."""
+        from . import sched
+        sch = sched.for_config(self.cfg, self.log)
+        feed.setblocking(False)
+        todo = collections.deque(due)       # to send: new ids, and busy ones given room
+        waiting = {}                        # destination -> deque of busy ids
+        resent = collections.Counter()      # destination -> its ids sent back out
+        resent_of = {}                      # id sent back out -> its destination
+        hold, pause = {}, {}                # destination -> no resending before; its wait
+        out = 0                             # ids sent and not yet reported
+        left = set(pids)
+        lost = False                        # a child died: its ids never come back
+        last_wait = 0.0
+        while left:
+            # Notes from the children: b"d<id>" done, b"b<id> <destination>" busy.
+            while True:
+                try:
+                    note = feed.recv(512)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    note = b""
+                if not note:
+                    break
+                out -= 1
+                qid, _, hop = note[1:].decode("ascii", "replace").partition(" ")
+                was = resent_of.pop(qid, None)
+                if was is not None:
+                    resent[was] -= 1
+                    if note[:1] == b"b":
+                        # Sent back out and busy again: the slots are held
+                        # elsewhere (another queue run, idle connections).
+                        pause[was] = min(pause.get(was, 0.025) * 2, 0.25)
+                        hold[was] = time.monotonic() + pause[was]
+                    else:
+                        pause.pop(was, None)
+                if note[:1] == b"b" and not STOP.is_set():
+                    waiting.setdefault(hop, collections.deque()).append(qid)
+            # Busy ids go out again while their destination has room: up to
+            # its limit in flight (less the ones out already), all of them
+            # once it is marked dead.
+            now = time.monotonic()
+            for hop in list(waiting):
+                ids = waiting[hop]
+                if hold.get(hop, 0) > now:
+                    continue
+                if sch.dead(hop) is not None:
+                    room = len(ids)
+                else:
+                    limit = sch.limit_for(hop)
+                    room = len(ids) if limit <= 0 else limit - resent[hop]
+                for _ in range(min(room, len(ids))):
+                    qid = ids.popleft()
+                    resent[hop] += 1
+                    resent_of[qid] = hop
+                    todo.append(qid)
+                if not ids:
+                    del waiting[hop]
+            if STOP.is_set():
+                todo.clear()
+                waiting.clear()
+            while todo:
+                try:
+                    feed.send(todo[0].encode("ascii"))
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:     # every child is gone: the rest waits for the next pass
+                    self.log.error(f"queue run: delivery processes gone ({e.strerror}); "
+                                   "the remaining messages stay queued")
+                    todo.clear()
+                    waiting.clear()
+                    ends = 0
+                    break
+                todo.popleft()
+                out += 1
+            if not todo and not waiting and (out <= 0 or lost):
+                while ends > 0:
+                    try:
+                        feed.send(_END)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        ends = 0
+                        break
+                    ends -= 1
+            data += _read_available(rfd)
+            if now - last_wait >= 0.05:
+                last_wait = now
+                for pid in list(left):
+                    try:
+                        done, status = os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        done, status = pid, 0
+                    if done:
+                        left.discard(pid)
+                        if status:
+                            lost = True
+                            self.log.error(f"queue run: delivery process {pid} ended abnormally "
+                                           f"(status {status:#x}); its messages stay queued")
+            if left:
+                select.select([feed, rfd], [feed] if todo or (ends and not waiting and
+                                                              (out <= 0 or lost)) else [], [],
+                              0.02 if waiting else 0.05)
+        data += _read_available(rfd)
+
     def _child(self, sock, wfd, filters, threads=1):
         """A delivery process's loop: ids from ``sock`` until an end mark
-        (one a thread)."""
+        (one a thread), a note back for each. A thread that has waited a
+        moment for an id closes the process's idle connections, so that
+        their slots serve the other processes."""
         self.deliverer.forget_connections()
         st = PassStats()
+        sock.settimeout(0.2)
 
-        def take():
-            data = sock.recv(256)
-            if not data or data == _END:
-                return None
-            return data.decode("ascii", "replace")
+        def work():
+            while not STOP.is_set():
+                try:
+                    data = sock.recv(256)
+                except TimeoutError:
+                    self.deliverer.close_connections()
+                    continue
+                except OSError:
+                    return
+                if not data or data == _END:
+                    return
+                qid = data.decode("ascii", "replace")
+                summ = self._one(qid, filters, st)
+                busy = summ is not None and summ.skipped == "busy"
+                note = (f"b{qid} {summ.busy}" if busy else f"d{qid}").encode("ascii", "replace")
+                while True:     # the parent counts on every note
+                    try:
+                        sock.send(note)
+                        break
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        return
         try:
-            self._drain(take, filters, st, threads)
+            if threads <= 1:
+                work()
+            else:
+                ts = [threading.Thread(target=work, name=f"pymta-deliver-{i}", daemon=True)
+                      for i in range(threads)]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join()
         finally:
             self.deliverer.close_connections()
             counts = {k: getattr(st, k) for k in _COUNTS}
@@ -314,8 +437,10 @@ class Runner:
         return matches(qid, None, [f for f in filters if f[0] == "I"])
 
     def _one(self, qid, filters, st):
+        """One attempt at ``qid`` if its lock is free; its Summary, or None
+        when nothing was attempted."""
         if STOP.is_set():
-            return
+            return None
         lock = self.spool.lock(qid)
         if lock is None:
             # The commit makes the df before the qf and removal unlinks the qf
@@ -324,19 +449,19 @@ class Runner:
                 self.log.error(f"{qid}: control file without data file, quarantined as Qf{qid}")
                 with self._stats_lock:
                     st.quarantined += 1
-                return
+                return None
             with self._stats_lock:
                 st.locked += 1
-            return
+            return None
         with lock:
             try:
                 summ = self.deliverer.deliver(lock, filters=filters,
                                               honour_next_try=not self.force)
             except Exception as e:  # one bad message must not stop the pass
                 self.log.exception(f"{qid}: delivery attempt failed: {e}")
-                return
+                return None
         if summ.skipped == "busy":
-            return "busy"
+            return summ
         with self._stats_lock:
             if summ.skipped == "corrupt":
                 st.quarantined += 1
@@ -346,6 +471,7 @@ class Runner:
                     st.deferred += 1
                 else:
                     st.removed += 1
+        return summ
 
 
 def _hold_or_release(cfg, opts, log):
