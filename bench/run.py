@@ -10,10 +10,12 @@ Cases (the reference table of the performance issue):
 and, for pymta alone: mailq and an idle queue pass with 10,000 and 100,000
 messages queued (10,000 only with --quick), and the peak RSS while a 100 MB message goes
 through SMTP, sendmail injection and local delivery.
-sched (issue 14): healthy mail beside a tarpit and a blackhole (Postfix too),
-connection attempts deferring 10,000 to a dead relay, pymta flush of 10,000
-(Postfix's postqueue -f), mailq at 100,000 with its peak RSS, a drain to a
-sink taking 1 s a message, the time from SIGTERM to exit with hand-offs
+sched (issue 14), each beside Postfix: healthy mail beside a tarpit and a
+blackhole, connection attempts deferring 10,000 to a relay that greets 421,
+flush of 10,000 and of 100,000 (postqueue -f), 2000 messages to a server
+that takes 2 connections and 421s a third, mailq at 100,000 (postqueue -p)
+with pymta's peak RSS at 10,000 and 100,000, a drain to a sink taking 1 s a
+message, the time from SIGTERM (postfix stop) to exit with deliveries
 hanging on a tarpit.
 
 Postfix runs when the peer scripts (../shared/peers, or $PYMTA_PEERS) and
@@ -700,6 +702,204 @@ def case_sigterm(work):
         bad.close()
 
 
+def case_dead_hop_postfix(work, n):
+    """Postfix's side of case_dead_hop: n held for a relay that greets 421,
+    then postqueue -f; connection attempts until every one is deferred
+    again, and the time that took."""
+    bad = BadPeer("421")
+    pdir = None
+    try:
+        pdir, etc = _postfix_held(work, "pfxd", bad.port, n, size=1024)
+        log = os.path.join(pdir, "log", "maillog")
+
+        def deferred_again():
+            with open(log, errors="replace") as f:
+                return sum(1 for line in f if "status=deferred" in line
+                           and "deferred transport" not in line) >= n
+        t0 = time.perf_counter()
+        subprocess.run(["postqueue", "-c", etc, "-f"], capture_output=True)
+        _time_until(deferred_again, 600)
+        return bad.connections, time.perf_counter() - t0
+    finally:
+        if pdir:
+            _postfix_down(pdir)
+        bad.close()
+
+
+def case_sigterm_postfix(work):
+    """postfix stop while its deliveries hang on a tarpit: seconds until its
+    master is gone."""
+    bad = BadPeer("tarpit")
+    pdir = None
+    try:
+        pdir, etc = _postfix_held(work, "pfxt", bad.port, 10, size=1024, hold=False)
+        _time_until(lambda: bad.connections >= 1, 60)
+        with open(os.path.join(pdir, "spool", "pid", "master.pid")) as f:
+            pid = int(f.read().split()[0])
+
+        def gone():
+            try:
+                os.kill(pid, 0)
+                return False
+            except ProcessLookupError:
+                return True
+        t0 = time.perf_counter()
+        subprocess.run(["postfix", "-c", etc, "stop"], capture_output=True)
+        _time_until(gone, 120)
+        return time.perf_counter() - t0
+    finally:
+        if pdir:
+            _postfix_down(pdir)
+        bad.close()
+
+
+class LimitedSink:
+    """A fast SMTP server on 127.0.0.1 that serves ``limit`` connections at
+    once and greets one more with 421; counts messages and the peak of
+    connections open at once (the 421'd ones too)."""
+
+    def __init__(self, limit=2):
+        import threading
+        self.limit, self.delivered, self.open, self.peak, self.refused = limit, 0, 0, 0, 0
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        with self.lock:
+            self.open += 1
+            self.peak = max(self.peak, self.open)
+            over = self.open > self.limit
+            self.refused += over
+        try:
+            if over:
+                c.sendall(b"421 4.7.0 Too many connections\r\n")
+                return
+            f = c.makefile("rb")
+            c.sendall(b"220 limited.test ESMTP\r\n")
+            data = False
+            for line in f:
+                if data:
+                    if line == b".\r\n":
+                        data = False
+                        with self.lock:
+                            self.delivered += 1
+                        c.sendall(b"250 2.0.0 Ok\r\n")
+                    continue
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    c.sendall(b"250-limited.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    data = True
+                    c.sendall(b"354 go\r\n")
+                elif verb == b"QUIT":
+                    c.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    c.sendall(b"250 2.0.0 Ok\r\n")
+        except OSError:
+            pass
+        finally:
+            c.close()
+            with self.lock:
+                self.open -= 1
+
+    def close(self):
+        self.sock.close()
+
+
+def case_limited(work, n, timeout=300):
+    """n messages to a server that takes 2 connections and 421s a third:
+    (seconds until all are delivered, or nan; delivered; peak connections)."""
+    srv = LimitedSink(2)
+    try:
+        pm = _pymta_relay(work, "", relayhost=f"[127.0.0.1]:{srv.port}")
+        _fill_queue(pm, n, 5120, rcpt="user@remote.test")
+        p = subprocess.Popen([PY, SENDMAIL, "-C", pm.conf, "-q"], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            took = _time_until(lambda: srv.delivered >= n, timeout)
+        finally:
+            _stop(p)
+        shutil.rmtree(pm.root, ignore_errors=True)
+        return took, srv.delivered, srv.peak
+    finally:
+        srv.close()
+
+
+def case_limited_postfix(work, n, timeout=300):
+    srv = LimitedSink(2)
+    pdir = None
+    try:
+        pdir, etc = _postfix_held(work, "pfxl", srv.port, n)
+        subprocess.run(["postqueue", "-c", etc, "-f"], capture_output=True)
+        took = _time_until(lambda: srv.delivered >= n, timeout)
+        return took, srv.delivered, srv.peak
+    finally:
+        if pdir:
+            _postfix_down(pdir)
+        srv.close()
+
+
+def case_big_queue(work, n):
+    """n x 1 KB queued, not due: mailq's time and peak RSS, then pymta
+    flush to an smtp-sink (msgs/s)."""
+    sink, sink_port = _sink()
+    try:
+        pm = _pymta_relay(work, "", relayhost=f"[127.0.0.1]:{sink_port}")
+        _fill_queue(pm, n, 1024, rcpt="user@remote.test", next_try=int(time.time()) + 86400)
+        t0 = time.perf_counter()
+        r = subprocess.run(["/usr/bin/time", "-f", "%M", PY, SENDMAIL, "-C", pm.conf, "-bp"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        mailq = time.perf_counter() - t0
+        try:
+            mb = int(r.stderr.decode().split()[-1]) / 1024
+        except (ValueError, IndexError):
+            mb = float("nan")
+        t0 = time.perf_counter()
+        subprocess.run([PY, os.path.join(TOP, "bin", "pymta"), "-C", pm.conf, "flush"],
+                       capture_output=True)
+        rate = (n - pm.queue_count()) / (time.perf_counter() - t0)
+        shutil.rmtree(pm.root, ignore_errors=True)
+        return mailq, mb, rate
+    finally:
+        _stop(sink)
+
+
+def case_big_queue_postfix(work, n):
+    """The same through Postfix: postqueue -p's time, then postqueue -f."""
+    sink, sink_port = _sink()
+    pdir = None
+    try:
+        pdir, etc = _postfix_held(work, "pfxq", sink_port, n, size=1024)
+        pf = Postfix(pdir, 0)
+        t0 = time.perf_counter()
+        subprocess.run(["postqueue", "-c", etc, "-p"], stdout=subprocess.DEVNULL)
+        mailq = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        subprocess.run(["postqueue", "-c", etc, "-f"], capture_output=True)
+        pf.wait_empty(1800)
+        rate = (n - pf.queue_count()) / (time.perf_counter() - t0)
+        return mailq, rate
+    finally:
+        if pdir:
+            _postfix_down(pdir)
+        _stop(sink)
+
+
 def run_sched_cases(work, quick, with_postfix):
     """The rows of issue 14; returns (text rows, markdown lines)."""
     n_good, n_bad = (500, 50) if quick else (2000, 200)
@@ -722,18 +922,38 @@ def run_sched_cases(work, quick, with_postfix):
             f"{q:.1f} s ({q / pbase:.2f}x alone)" if with_postfix else "-")
     nd = 2000 if quick else 10000
     conns, took = case_dead_hop(work, nd)
+    q = "-"
+    if with_postfix:
+        pconns, ptook = case_dead_hop_postfix(work, nd)
+        q = f"{pconns} ({ptook:.1f} s)"
     add(f"one queue run deferring {nd} to a relay that greets 421: connection attempts",
-        f"{conns} ({took:.1f} s)")
+        f"{conns} ({took:.1f} s)", q)
     nf = 2000 if quick else 10000
     add(f"flush {nf} deferred messages, relay back", f"{case_flush(work, nf):.0f} msgs/s",
         f"{case_flush_postfix(work, nf):.0f} msgs/s" if with_postfix else "-")
+
+    def limited(res, n, timeout):
+        took, got, peak = res
+        done = f"{took:.1f} s" if took == took else f"{got} of {n} after {timeout} s"
+        return f"{done}, peak {peak} connections"
+    nl = 300 if quick else 2000
+    q = limited(case_limited_postfix(work, nl, 180), nl, 180) if with_postfix else "-"
+    add(f"{nl} to a server that takes 2 connections and 421s a third: all delivered",
+        limited(case_limited(work, nl, 300), nl, 300), q)
     nm = 10000 if quick else 100000
-    t, mb = case_mailq_rss(work, nm)
-    add(f"mailq with {nm} queued: time, peak RSS", f"{t:.1f} s, {mb:.0f} MB")
+    t10, mb10 = case_mailq_rss(work, 10000)
+    mailq, mb, rate = case_big_queue(work, nm)
+    pq, prate = case_big_queue_postfix(work, nm) if with_postfix else (float("nan"),) * 2
+    add(f"mailq with {nm} x 1 KB queued: time, peak RSS", f"{mailq:.1f} s, {mb:.0f} MB",
+        f"{pq:.1f} s (postqueue -p)" if with_postfix else "-")
+    add(f"mailq peak RSS, 10,000 queued / {nm}", f"{mb10:.0f} MB / {mb:.0f} MB")
+    add(f"flush {nm} x 1 KB, relay back", f"{rate:.0f} msgs/s",
+        f"{prate:.0f} msgs/s (postqueue -f)" if with_postfix else "-")
     ns = 100 if quick else 400
     add(f"drain {ns} to a sink taking 1 s a message", f"{case_slow_sink(work, ns):.1f} msgs/s",
-        f"{case_slow_sink_postfix(work, ns):.1f} msgs/s" if with_postfix else "-")
-    add("SIGTERM to exit, daemon hand-offs hanging on a tarpit", f"{case_sigterm(work):.1f} s")
+        f"{case_slow_sink_postfix(work, ns):.1f} msgs/s (postqueue -f)" if with_postfix else "-")
+    add("SIGTERM to exit, deliveries hanging on a tarpit", f"{case_sigterm(work):.1f} s",
+        f"{case_sigterm_postfix(work):.1f} s (postfix stop)" if with_postfix else "-")
     return md
 
 

@@ -385,7 +385,7 @@ class Runner:
         their slots serve the other processes."""
         self.deliverer.forget_connections()
         st = PassStats()
-        sock.settimeout(0.2)
+        sock.settimeout(0.05)
 
         def work():
             while not STOP.is_set():
