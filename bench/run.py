@@ -7,6 +7,8 @@ Cases (the reference table of the performance issue):
   accept-s20-1M   20 sessions, 200 x 1 MB (also with smtpd_listeners=1)
   drain-5k        2000 x 5 KB already queued, flushed to an smtp-sink
   inject          200 sequential `sendmail -i rcpt` calls, 5 KB (median ms)
+  models          accept-s20-5k and accept-s20-1M for each smtpd_process_model
+                  (loop, threads, fork), pymta alone
 and, for pymta alone: mailq and an idle queue pass with 10,000 and 100,000
 messages queued (10,000 only with --quick), and the peak RSS while a 100 MB message goes
 through SMTP, sendmail injection and local delivery.
@@ -962,7 +964,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller loads, one repetition")
     ap.add_argument("--no-postfix", action="store_true")
-    ap.add_argument("--cases", default="accept,drain,inject,queue,bigmsg,sched")
+    ap.add_argument("--cases", default="accept,models,drain,inject,queue,bigmsg,sched")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     a = ap.parse_args()
     reps = 1 if a.quick else a.reps
@@ -991,6 +993,14 @@ def main():
             # (the default is two on two CPUs, one per CPU but one above).
             row("accept, 20 sessions, 1 MB, smtpd_listeners=1",
                 case_accept(work, 20, 200 // scale, 1048576, reps, with_postfix, smtpd_listeners="1"))
+        if "models" in cases:
+            # The process models side by side, pymta alone (Postfix's
+            # figures are those of the accept rows).
+            for model in ("loop", "threads", "fork"):
+                row(f"accept, 20 sessions, 5 KB, smtpd_process_model={model}",
+                    case_accept(work, 20, 2000 // scale, 5120, reps, False, smtpd_process_model=model))
+                row(f"accept, 20 sessions, 1 MB, smtpd_process_model={model}",
+                    case_accept(work, 20, 200 // scale, 1048576, reps, False, smtpd_process_model=model))
         if "drain" in cases:
             res = case_drain(work, 2000 // scale, 5120, reps, with_postfix)
             if res:

@@ -73,7 +73,7 @@ def _preload():
         except ImportError:
             pass
     for name in ("route", "aliases", "auth", "smtp_session", "smtpd_common", "smtpd_pump",
-                 "smtpd_loop"):
+                 "smtpd_loop", "smtpd_threads"):
         try:
             importlib.import_module(f"pymta.{name}")
         except ImportError:

@@ -18,7 +18,9 @@ The writer has these steps as plain methods: :meth:`MessageWriter.prepare`
 (steps 1 to 3), :meth:`~MessageWriter.publish` (the rename of step 5) and
 :meth:`~MessageWriter.done`; the fsyncs between them are the caller's.
 :meth:`MessageWriter.commit` is the blocking commit, the steps in a row,
-for sendmail, the maildrop pickup, bounces and the blocking SMTP pump.
+for sendmail, the maildrop pickup, bounces and the blocking SMTP pump
+(the sessions of the ``threads`` model share step 6 through the spool's
+``dir_sync``: :mod:`pymta.queue_groupsync`).
 :class:`Committer` runs the same steps for the SMTP server's event loop,
 which must not block: it owns the syncer processes that do the fsyncs
 (:mod:`pymta.syncer`), shares one fsync of the queue directory among the
@@ -173,7 +175,7 @@ class MessageWriter:
         if self.spool.fsync:
             try:
                 os.fsync(self.control_fd)
-                os.fsync(self.spool.dir_fd())
+                self.spool.sync_dir()
             except OSError as e:
                 raise self.control_error(e) from None
         return self.done()

@@ -135,6 +135,14 @@ class Spool:
                 self._dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             return self._dirfd
 
+    # How a blocking commit fsyncs dir_fd() (its last step): os.fsync, or
+    # the sync of a pymta.queue_groupsync.GroupSync that the sessions of a
+    # threaded listener share (pymta.smtpd_threads).
+    dir_sync = None
+
+    def sync_dir(self):
+        (self.dir_sync or os.fsync)(self.dir_fd())
+
     def free_space(self):
         st = os.statvfs(self.dir if self.exists() else self.top)
         return st.f_bavail * st.f_frsize

@@ -10,6 +10,9 @@ and then lets those in progress end. :func:`driver` picks the module that
 
 - ``loop`` (:mod:`pymta.smtpd_loop`): every session in one event loop,
   with syncer processes for the fsyncs of the commits;
+- ``threads`` (:mod:`pymta.smtpd_threads`): a thread per session, each
+  running the blocking pump, the sessions sharing the fsyncs of the queue
+  directory;
 - ``fork`` (:mod:`pymta.smtpd_pump`): a child process per session, each
   running the blocking pump, which ``sendmail -bs`` runs too.
 
@@ -41,7 +44,7 @@ from .status import Reply
 
 STOPPING = threading.Event()
 
-DRIVERS = {"loop": "pymta.smtpd_loop", "fork": "pymta.smtpd_pump"}
+DRIVERS = {"loop": "pymta.smtpd_loop", "threads": "pymta.smtpd_threads", "fork": "pymta.smtpd_pump"}
 
 
 def driver(cfg):

@@ -8,8 +8,9 @@
 serves a child process per session (``smtpd_process_model = fork``: the
 socketserver :class:`Server` with ForkingMixIn, run by :func:`serve`), the
 event loop's TLS sessions (:mod:`pymta.smtpd_loop` hands each to a thread
-of its own) and, over stdin and stdout, ``sendmail -bs``
-(:func:`serve_stdio`).
+of its own), a thread per session (``threads``, :mod:`pymta.smtpd_threads`,
+with the same :class:`Handler`) and, over stdin and stdout,
+``sendmail -bs`` (:func:`serve_stdio`).
 """
 
 import logging
@@ -51,7 +52,8 @@ class Handler(socketserver.BaseRequestHandler):
                 sock = implicit_tls(sock, session, services, peer)
                 if sock is not None:
                     self.request = sock
-                    pump(sock, session, services, peer, first=session.greeting())
+                    pump(sock, session, services, peer, first=session.greeting(),
+                         stressed=srv.session_stressed)
             finally:
                 session.close()
             log.info(f"disconnect from {peer}")
@@ -64,7 +66,8 @@ class Handler(socketserver.BaseRequestHandler):
         session = services.session(ip, name, submission=srv.submission,
                                    tls_available=services.ssl_ctx is not None)
         try:
-            sock = pump(sock, session, services, peer, first=session.greeting())
+            sock = pump(sock, session, services, peer, first=session.greeting(),
+                        stressed=srv.session_stressed)
             if sock is not None:
                 self.request = sock
         finally:
@@ -86,19 +89,21 @@ def _send(sock, data, cfg):
         sock.sendall(data)
 
 
-def pump(sock, session, services, peer, first=b""):
+def pump(sock, session, services, peer, first=b"", stressed=None):
     """Run a session over a blocking socket until it ends, after sending
     ``first``; returns the socket last used (a TLS one after STARTTLS), or
-    None if a TLS handshake failed. Network errors are logged."""
+    None if a TLS handshake failed. Network errors are logged.
+    ``stressed(idle_since)``, if given, says whether the session, idle
+    since then, is under its listener's stress (smtpd_stress_timeout)."""
     try:
         _send(sock, first, services.cfg)
-        return _pump(sock, session, services, peer)
+        return _pump(sock, session, services, peer, stressed)
     except OSError as e:
         services.log.info(common.lost_line(session.last_command, peer, e))
         return sock
 
 
-def _pump(sock, session, services, peer):
+def _pump(sock, session, services, peer, stressed):
     cfg, log = services.cfg, services.log
     idle_since = time.monotonic()
     data_start = None
@@ -114,9 +119,10 @@ def _pump(sock, session, services, peer):
             continue
         now = time.monotonic()
         data_start = (now if data_start is None else data_start) if session.in_data else None
-        limit = common.deadline(cfg, session, idle_since, data_start)
+        stress = stressed is not None and stressed(idle_since)
+        limit = common.deadline(cfg, session, idle_since, data_start, stress)
         if now >= limit:
-            _send(sock, common.expire(cfg, log, session, peer, now, idle_since), cfg)
+            _send(sock, common.expire(cfg, log, session, peer, now, idle_since, stress), cfg)
             return sock
         if common.STOPPING.is_set() and not session.in_data:
             _send(sock, session.shutdown_reply(), cfg)
@@ -182,6 +188,7 @@ class Server(common.Admission, socketserver.ForkingMixIn, socketserver.TCPServer
     request_queue_size = 256
     block_on_close = True
     timeout = 0     # handle_request(): the socket is known to be readable
+    session_stressed = None     # a child's counts are a copy: no stress timeout
 
     def __init__(self, sock, services, submission=False):
         self.address_family = sock.family

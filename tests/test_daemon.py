@@ -16,6 +16,8 @@ import pytest
 from conftest import BIN, Instance
 from helpers import can_connect, daemon, free_port, listener_pids, wait_for
 
+MODELS = ["loop", "threads", "fork"]
+
 
 def test_accepted_message_is_delivered_at_once_through_the_handoff(inst):
     with daemon(inst) as (p, port):
@@ -36,7 +38,7 @@ def test_pidfile_holds_the_master_pid_and_a_second_daemon_is_refused(inst):
         assert second.returncode == 75 and b"already running" in second.stderr
 
 
-@pytest.mark.parametrize("model", ["loop", "fork"])
+@pytest.mark.parametrize("model", MODELS)
 def test_sigterm_during_data_lets_the_commit_finish_then_421(inst, model):
     with daemon(inst, smtpd_process_model=model) as (p, port):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -66,8 +68,9 @@ def test_sigterm_during_data_lets_the_commit_finish_then_421(inst, model):
     assert b"second half" in inst.mailbox() or any(n.startswith("qf") for n in os.listdir(inst.spool.dir))
 
 
-def test_sighup_rereads_the_configuration(inst):
-    with daemon(inst) as (p, port):
+@pytest.mark.parametrize("model", MODELS)
+def test_sighup_rereads_the_configuration(inst, model):
+    with daemon(inst, smtpd_process_model=model) as (p, port):
         inst.write_config(smtpd_banner="$myhostname ESMTP reloaded")
         p.send_signal(signal.SIGHUP)
 
@@ -97,8 +100,9 @@ def _noop_ok(port):
         return False
 
 
-def test_several_listener_processes_share_the_work_and_the_limits(inst):
-    with daemon(inst, smtpd_listeners=2, smtpd_session_limit=40,
+@pytest.mark.parametrize("model", ["loop", "threads"])
+def test_several_listener_processes_share_the_work_and_the_limits(inst, model):
+    with daemon(inst, smtpd_process_model=model, smtpd_listeners=2, smtpd_session_limit=40,
                 smtpd_client_connection_count_limit=40) as (p, port):
         pids = wait_for(lambda: listener_pids(inst))
         assert len(pids) == 2
@@ -139,8 +143,9 @@ def test_ipv4_and_ipv6_listeners(inst):
     assert "relay=unknown [::1]" in inst.maillog()
 
 
-def test_a_thousand_idle_connections_do_not_stop_service(inst):
-    with daemon(inst, smtpd_session_limit=1100, smtpd_client_connection_count_limit=1100) as (p, port):
+@pytest.mark.parametrize("model", ["loop", "threads"])
+def test_a_thousand_idle_connections_do_not_stop_service(inst, model):
+    with daemon(inst, smtpd_process_model=model, smtpd_session_limit=1100, smtpd_client_connection_count_limit=1100) as (p, port):
         conns = []
         try:
             for _ in range(1000):
@@ -291,10 +296,12 @@ def test_sendmail_hands_a_new_message_to_the_running_daemon(inst):
     assert wait_for(lambda: b"Subject: no daemon" in inst.mailbox(), 20)
 
 
-def test_out_of_descriptors_the_listener_pauses_then_serves_again(inst):
+@pytest.mark.parametrize("model", ["loop", "threads"])
+def test_out_of_descriptors_the_listener_pauses_then_serves_again(inst, model):
     import resource
     port = free_port()
-    inst.write_config(mail_owner="root", smtpd_listen=f"127.0.0.1:{port}", smtpd_listeners=1)
+    inst.write_config(mail_owner="root", smtpd_listen=f"127.0.0.1:{port}", smtpd_listeners=1,
+                      smtpd_process_model=model)
 
     def few_fds():
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))

@@ -309,7 +309,7 @@ def _drain(inst, rounds=3):
             return
 
 
-MODELS = ["loop", "fork"]
+MODELS = ["loop", "threads", "fork"]
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -1,5 +1,5 @@
 """The SMTP side against a hostile client, on the real daemon (``sendmail
--bD``) over sockets, in both process models: nothing a client sends
+-bD``) over sockets, in every process model: nothing a client sends
 reaches the mail log or a bounce unescaped, AUTH failures cost time and
 end the session, one client cannot take every session slot, and a client
 that trickles cannot stay past its deadline."""
@@ -19,7 +19,7 @@ import pytest
 from pymta import auth
 from reliability_util import Daemon, Raw, daemon_instance
 
-MODELS = ["loop", "fork"]
+MODELS = ["loop", "threads", "fork"]
 
 
 @pytest.fixture(scope="module")
