@@ -15,8 +15,8 @@ left is removed, qf first, then df. Messages made during the attempt
 
 A Deliverer keeps what its attempts share: the router (alias maps), the
 resolver and the idle SMTP connections, each made on first use, so that
-``sendmail -odi`` and local-only work never import dnspython, smtplib or
-email.
+``sendmail -odi`` and local-only work never import dnspython or smtplib,
+and bounce.py is imported only when a report is due.
 
 Crash safety: a qf is rewritten before the next step that depends on it
 (an owner- list's clone, once queued, before anything else); a crash
