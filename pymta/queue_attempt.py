@@ -167,9 +167,9 @@ class Deliverer:
 
     def preload(self):
         """Load what every forked delivery process needs once, in the parent:
-        the router (alias maps) and the SMTP client modules."""
+        the router (alias maps), local delivery and the SMTP client modules."""
         self.router     # noqa: B018 - made here, shared by the children
-        from . import remote  # noqa: F401 - the import itself is the point
+        from . import local, remote  # noqa: F401 - the import itself is the point
 
     def deliver_locked(self, lock, keep_connections=False):
         """Deliver the message whose MessageLock the caller holds (and keeps:
