@@ -72,7 +72,7 @@ def _preload():
             importlib.import_module(name)
         except ImportError:
             pass
-    for name in ("route", "aliases", "auth", "smtp_session", "smtpd_common", "smtpd_pump",
+    for name in ("route", "aliases", "auth", "smtpd_session", "smtpd_common", "smtpd_pump",
                  "smtpd_loop", "smtpd_threads"):
         try:
             importlib.import_module(f"pymta.{name}")

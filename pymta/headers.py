@@ -3,7 +3,7 @@ X-Authentication-Warning:, and the date and Message-ID of RFC 5322, in one
 form whichever way mail came in.
 
 Every message gets its Received: line when it is queued: from the SMTP
-server (smtp_session), from sendmail (inject) and at maildrop pickup
+server (smtpd_session), from sendmail (inject) and at maildrop pickup
 (queue_maildrop). Its shape is sendmail's::
 
     Received: from HELO (NAME [ADDR])          an SMTP client, or

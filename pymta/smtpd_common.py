@@ -16,9 +16,9 @@ and then lets those in progress end. :func:`driver` picks the module that
 - ``fork`` (:mod:`pymta.smtpd_pump`): a child process per session, each
   running the blocking pump, which ``sendmail -bs`` runs too.
 
-A session itself is :class:`pymta.smtp_session.Session`, the protocol with
+A session itself is :class:`pymta.smtpd_session.Session`, the protocol with
 no socket; the drivers move its bytes and do what
-:meth:`~pymta.smtp_session.Session.next_step` asks (read, commit, start
+:meth:`~pymta.smtpd_session.Session.next_step` asks (read, commit, start
 TLS, close). The server admits at most ``smtpd_session_limit`` sessions and
 ``smtpd_client_connection_count_limit`` per client address (divided among
 the listener processes); the rest get 421 at once. ``STOPPING`` is set by
@@ -38,7 +38,8 @@ import ssl
 import threading
 
 from . import address as A
-from .smtp_session import Session, in_networks
+from .smtpd_policy import in_networks
+from .smtpd_session import Session
 from .queue_dir import Spool
 from .status import Reply
 

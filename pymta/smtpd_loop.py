@@ -5,7 +5,7 @@ A thread per connection costs a thread start per message and, under load,
 a storm of GIL hand-offs (every send, recv and fsync releases the lock to
 one of twenty runnable threads). Here the loop thread owns the sockets: it
 reads what a client sent, feeds it to the connection's
-:class:`~pymta.smtp_session.Session` (a pure state machine), writes the
+:class:`~pymta.smtpd_session.Session` (a pure state machine), writes the
 replies without blocking and does what the session's ``next_step()``
 asks. Three things leave the loop:
 
@@ -49,7 +49,7 @@ import time
 
 from . import smtpd_common as common
 from .smtpd_pump import implicit_tls, pump
-from .smtp_session import CLOSE, COMMIT, STARTTLS
+from .smtpd_session import CLOSE, COMMIT, STARTTLS
 from .queue_commit import Committer
 from .status import READ_SIZE
 

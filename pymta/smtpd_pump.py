@@ -2,8 +2,8 @@
 ``fork`` process model and ``sendmail -bs`` that run it.
 
 :func:`pump` reads what the client sends, feeds it to the
-:class:`~pymta.smtp_session.Session`, writes the replies and does what
-:meth:`~pymta.smtp_session.Session.next_step` asks: a commit right there
+:class:`~pymta.smtpd_session.Session`, writes the replies and does what
+:meth:`~pymta.smtpd_session.Session.next_step` asks: a commit right there
 (the fsyncs block this session only), the TLS handshake, the end. It
 serves a child process per session (``smtpd_process_model = fork``: the
 socketserver :class:`Server` with ForkingMixIn, run by :func:`serve`), the
@@ -26,7 +26,7 @@ import sys
 import time
 
 from . import smtpd_common as common
-from .smtp_session import CLOSE, COMMIT, STARTTLS
+from .smtpd_session import CLOSE, COMMIT, STARTTLS
 from . import queue_maildrop
 from .status import MESSAGE_BLOCK, READ_SIZE, SpoolError
 

@@ -1,7 +1,7 @@
 """Property tests of the parsers not fuzzed elsewhere: the aliases(5) parser,
 sendmail's stdin reader, and the SMTP DATA stream cut at arbitrary read
 boundaries (the address parser, the qf format and the session's replies
-have their own fuzzing in test_address, test_qf_fuzz, test_smtp_session).
+have their own fuzzing in test_address, test_qf_fuzz, test_smtpd_session).
 
 Any input gives a result or a clear error, never an exception; what is
 parsed survives a write and a re-read; how the bytes are split into reads
@@ -14,7 +14,7 @@ import re
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pymta import aliases, config, inject
-from pymta.smtp_session import COMMIT, Session
+from pymta.smtpd_session import COMMIT, Session
 import pytest
 
 pytestmark = pytest.mark.unit   # pure units: make test-fast runs them

@@ -261,7 +261,7 @@ def test_smtp_mail_from_mynetworks_is_rewritten_not_from_others(make_instance):
 
 @pytest.mark.unit
 def test_smtp_header_filter_holds_the_header_back_across_any_chunking():
-    from pymta.smtp_data import DataReceiver
+    from pymta.smtpd_data import DataReceiver
 
     class W:
         data = b""

@@ -27,20 +27,22 @@ chunks. A bare CR or LF anywhere in the data (SMTP smuggling,
 CVE-2023-51764) makes the whole message refused with 550 5.6.0 once the
 real end arrives, so a smuggled second transaction never becomes a message.
 BDAT chunks (RFC 3030) are counted octets, never searched for commands or
-a dot, stored with the same conversion and checks (smtp_data.ChunkReceiver).
+a dot, stored with the same conversion and checks (smtpd_data.ChunkReceiver).
+
+Beside it: :mod:`pymta.smtpd_data` decodes DATA and BDAT,
+:mod:`pymta.smtpd_sasl` the AUTH mechanisms, :mod:`pymta.smtpd_policy`
+says who may relay where.
 """
 
-import base64
-import binascii
-import functools
-import ipaddress
 import re
 import time
 
 from . import address as A
 from . import envelope as E
 from . import headers
-from .smtp_data import ChunkReceiver, DataReceiver
+from . import smtpd_sasl as sasl
+from .smtpd_data import ChunkReceiver, DataReceiver
+from .smtpd_policy import in_networks, rcpt_policy
 from .status import AddressError, PymtaError, Reply
 
 COMMAND_LINE_MAX = 512
@@ -53,7 +55,6 @@ R_NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 R_NESTED = Reply(503, "5.5.1", "Error: nested MAIL command")
 R_UNKNOWN = Reply(500, "5.5.2", "Error: command not recognized")
 R_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
-R_RELAY = Reply(554, "5.7.1", "Relay access denied")
 R_NOSPACE = Reply(452, "4.3.1", "Insufficient system storage")
 R_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 R_TOO_MANY_RCPT = Reply(452, "4.5.3", "Error: too many recipients")
@@ -80,28 +81,6 @@ def _orcpt_text(text):
     byte that was not UTF-8; non-ASCII is allowed (RFC 6533 utf-8 type)."""
     return all(" " <= c < "\x7f" or "\xa0" <= c and not "\udc80" <= c <= "\udcff"
                for c in text)
-
-
-def in_networks(ip, networks):
-    """Whether ``ip`` (text) lies in one of ``networks`` (mynetworks syntax)."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
-        return False
-    if getattr(addr, "ipv4_mapped", None):
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in _networks(tuple(networks)))
-
-
-@functools.lru_cache(maxsize=16)
-def _networks(networks):
-    parsed = []
-    for net in networks:
-        try:
-            parsed.append(ipaddress.ip_network(net.replace("[", "").replace("]", ""), strict=False))
-        except (ValueError, TypeError):
-            continue
-    return tuple(parsed)
 
 
 # What the driver does next (Session.next_step).
@@ -170,7 +149,7 @@ class Session:
         self._chunks = None          # the ChunkReceiver of a BDAT transaction
         self._chunk_left = None      # octets of the current BDAT chunk still to read
         self._chunk_reply = None     # (Reply, last): what to answer once it is read
-        self._auth = None            # (mechanism, step, user) during AUTH
+        self._auth = None            # the smtpd_sasl.Exchange during AUTH
         self._out = []
         # (writer, envelope, transaction) of a message waiting for its
         # commit (next_step() is COMMIT); input waits until it is done.
@@ -458,60 +437,23 @@ class Session:
             return self._error(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
         mech, _, initial = arg.partition(" ")
         mech = mech.upper()
-        if mech not in ("PLAIN", "LOGIN"):
+        if mech not in sasl.MECHANISMS:
             return self._error(Reply(504, "5.5.4", "Unsupported authentication mechanism"))
-        initial = initial.strip()
-        if mech == "PLAIN":
-            if initial:
-                return self._auth_plain(initial)
-            self._auth = ("PLAIN", 0, None)
-            return self._send(Reply(334, "", ""))
-        if initial:
-            user = self._b64(initial)
-            if user is None:
-                return
-            self._auth = ("LOGIN", 1, user)
-            return self._send(Reply(334, "", "UGFzc3dvcmQ6"))
-        self._auth = ("LOGIN", 0, None)
-        self._send(Reply(334, "", "VXNlcm5hbWU6"))
-
-    def _b64(self, text):
-        try:
-            return base64.b64decode(text, validate=True).decode("utf-8", "surrogateescape")
-        except (binascii.Error, ValueError):
-            self._auth = None
-            self._error(Reply(501, "5.5.2", "Cannot decode response"))
-            return None
+        self._auth = sasl.Exchange(mech)
+        self._auth_next(self._auth.start(initial.strip()))
 
     def _auth_step(self, raw):
-        mech, step, user = self._auth
-        text = raw.decode("ascii", "replace").strip()
-        if text == "*":
-            self._auth = None
-            return self._error(Reply(501, "5.7.0", "Authentication cancelled"))
-        if mech == "PLAIN":
-            self._auth = None
-            return self._auth_plain(text)
-        value = self._b64(text)
-        if value is None:
-            return
-        if step == 0:
-            self._auth = ("LOGIN", 1, value)
-            return self._send(Reply(334, "", "UGFzc3dvcmQ6"))
-        self._auth = None
-        self._auth_check(user, value, "LOGIN")
+        self._auth_next(self._auth.respond(raw.decode("ascii", "replace").strip()))
 
-    def _auth_plain(self, text):
-        value = self._b64(text)
-        if value is None:
-            return
-        parts = value.split("\0")
-        if len(parts) != 3:
-            return self._error(Reply(501, "5.5.2", "Malformed PLAIN response"))
-        authz, user, password = parts
-        if authz and authz != user:
-            return self._auth_check(None, None, "PLAIN", user)
-        self._auth_check(user, password, "PLAIN")
+    def _auth_next(self, step):
+        kind, value = step
+        if kind is sasl.CHALLENGE:
+            return self._send(Reply(334, "", value))
+        mech, self._auth = self._auth.mech, None
+        if kind is sasl.ERROR:
+            return self._error(value)
+        user, password, shown = value
+        self._auth_check(user, password, mech, shown)
 
     def _auth_check(self, user, password, mech, shown=None):
         ok = user is not None and self.auth_verify(user, password)
@@ -643,31 +585,13 @@ class Session:
         if len(self.tx.rcpts) >= self.cfg.smtpd_recipient_limit:
             return self._reject(R_TOO_MANY_RCPT, addr)
         if not postmaster:
-            reply = self._rcpt_policy(addr)
+            reply = rcpt_policy(self.cfg, addr, self.trusted or bool(self.auth_user),
+                                self.recipient_check)
             if reply is not None:
                 text = reply.text if reply.text.startswith("<") else f"<{addr}>: {reply.text}"
                 return self._reject(Reply(reply.code, reply.enhanced, text), addr)
         self.tx.rcpts.append(E.Recipient(addr, flags=flags, orcpt=orcpt))
         self._send(Reply(250, "2.1.5", "Ok"))
-
-    def _rcpt_policy(self, addr):
-        """None if ``addr`` may be accepted from this client, else the Reply."""
-        domain = A.domain_of(addr)
-        allowed = self.trusted or bool(self.auth_user)
-        if A.has_routing(addr) and not allowed:
-            return R_RELAY
-        if self.cfg.is_local_domain(domain) or \
-                domain in (d.lower().rstrip(".") for d in self.cfg.virtual_alias_domains):
-            if self.recipient_check is None:
-                return None
-            return self.recipient_check(addr)
-        if any(domain == d or domain.endswith("." + d)
-               for d in (x.lower().rstrip(".") for x in self.cfg.relay_domains)):
-            # relay_recipient_maps, when set, says which addresses exist there
-            if self.recipient_check is None or not self.cfg.relay_recipient_maps:
-                return None
-            return self.recipient_check(addr)
-        return None if allowed else R_RELAY
 
     def cmd_DATA(self, arg):
         if self._chunks is not None:
@@ -856,7 +780,7 @@ class Session:
         fix = self.local_uid >= 0 or self.trusted or bool(self.auth_user)
         if rw is None and not fix:
             return None
-        from .smtp_data import header_value, missing_fields
+        from .smtpd_data import header_value, missing_fields
         host, limit = self.cfg.myhostname, self.cfg.header_size_limit
 
         def header_filter(head):

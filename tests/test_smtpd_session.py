@@ -5,8 +5,8 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pymta import config, smtp_session
-from pymta.smtp_session import COMMIT, READ
+from pymta import config, smtpd_session
+from pymta.smtpd_session import COMMIT, READ
 from pymta.status import Reply, SpoolError
 
 pytestmark = pytest.mark.unit   # pure units: make test-fast runs them
@@ -43,7 +43,7 @@ class Writer:
         self.aborted = True
 
 
-class Session(smtp_session.Session):
+class Session(smtpd_session.Session):
     """The session as the blocking pump drives it: a message is committed
     as soon as next_step() asks for it."""
 
@@ -473,7 +473,7 @@ def test_bdat_stores_the_same_message_however_it_is_chunked_and_read(parts, cuts
 
 def test_next_step_stops_at_a_complete_message_until_its_commit_is_done():
     store = []
-    s = smtp_session.Session(make().cfg, begin_message=lambda: Writer(store), client_addr="127.0.0.1",
+    s = smtpd_session.Session(make().cfg, begin_message=lambda: Writer(store), client_addr="127.0.0.1",
                              recipient_check=lambda a: None)
     assert s.next_step() is READ
     out = talk(s, b"EHLO c.example", b"MAIL FROM:<a@b.example>", b"RCPT TO:<user@example.test>",
@@ -489,4 +489,23 @@ def test_next_step_stops_at_a_complete_message_until_its_commit_is_done():
     writer, env = s.message()
     out = s.committed(SpoolError("disk on fire"))        # a failed commit: 4xx, message removed
     assert codes(out) == [451] and writer.aborted and len(store) == 1
-    assert talk(s, b"QUIT").startswith(b"221") and s.next_step() is smtp_session.CLOSE
+    assert talk(s, b"QUIT").startswith(b"221") and s.next_step() is smtpd_session.CLOSE
+
+
+def test_sasl_exchanges_give_credentials_challenges_or_refusals():
+    import base64
+    from pymta import smtpd_sasl as sasl
+
+    def b64(text):
+        return base64.b64encode(text.encode()).decode()
+    x = sasl.Exchange("PLAIN")
+    assert x.start() == (sasl.CHALLENGE, "")
+    assert x.respond(b64("\0bob\0pw")) == (sasl.CREDENTIALS, ("bob", "pw", "bob"))
+    assert sasl.Exchange("PLAIN").start(b64("eve\0bob\0pw")) == (sasl.CREDENTIALS, (None, None, "bob"))
+    assert sasl.Exchange("PLAIN").start(b64("bob\0pw")) == (sasl.ERROR, sasl.R_MALFORMED)
+    x = sasl.Exchange("LOGIN")
+    assert x.start() == (sasl.CHALLENGE, "VXNlcm5hbWU6")
+    assert x.respond(b64("bob")) == (sasl.CHALLENGE, "UGFzc3dvcmQ6")
+    assert x.respond(b64("pw")) == (sasl.CREDENTIALS, ("bob", "pw", "bob"))
+    assert sasl.Exchange("LOGIN").respond("*") == (sasl.ERROR, sasl.R_CANCELLED)
+    assert sasl.Exchange("LOGIN").start("not base64!") == (sasl.ERROR, sasl.R_UNDECODABLE)
