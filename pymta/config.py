@@ -393,7 +393,8 @@ def _check_users(values):
 
 
 def _check_tables(values):
-    from .tables import TableError, table_paths
+    from .status import TableError
+    from .tables import table_paths
     try:
         paths = table_paths(values)
     except TableError as e:

@@ -31,16 +31,14 @@ unusable in SMTP (RFC 7672 3.1.3).
 import hashlib
 import threading
 
+from .status import TempFail
+
 
 _resolvers = {}
 _lock = threading.Lock()
 
 
-class Insecure(Exception):
-    """The answer was not authenticated (no AD bit)."""
-
-
-class LookupFailed(Exception):
+class LookupFailed(TempFail):
     """SERVFAIL, time-out or another DNS failure; the text says which."""
 
 

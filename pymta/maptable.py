@@ -12,12 +12,9 @@ import os
 import stat
 
 from . import tables
+from .status import TableError
 
 MAX_SIZE = 1 << 20
-
-
-class TableError(Exception):
-    """The table cannot be used; the text says why."""
 
 
 def read(path, param, secret=False):
@@ -45,7 +42,7 @@ def lookup(items, param, keys, secret=False):
     maps do), or None. Raises TableError."""
     try:
         paths = tables.table_paths(items)
-    except tables.TableError as e:
+    except TableError as e:
         raise TableError(f"{param}: {e}") from None
     found = [tables.parse(read(path, param, secret), path) for path in paths]
     for key in keys:

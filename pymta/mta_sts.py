@@ -26,6 +26,8 @@ import ssl
 import threading
 import time
 
+from .status import TempFail
+
 HTTPS_PORT = 443
 MAX_POLICY = 64 * 1024
 MAX_AGE = 31557600
@@ -71,8 +73,9 @@ class Policy:
         return False
 
 
-class FetchError(Exception):
-    pass
+class FetchError(TempFail):
+    """No policy could be had (an HTTPS fetch failed, a bad policy); the
+    text says why."""
 
 
 def parse_txt(strings):
@@ -240,7 +243,6 @@ def policy_for(cfg, domain, resolver, log, now=None):
     """The MTA-STS Policy in force for ``domain`` (mode enforce or
     testing), or None."""
     from . import mx
-    from .status import TempFail
     import dns.exception
     now = time.time() if now is None else now
     domain = domain.lower().rstrip(".")

@@ -13,8 +13,12 @@ import errno
 import fcntl
 import os
 
+from .status import EX_TEMPFAIL, PymtaError
 
-class AlreadyRunning(Exception):
+
+class AlreadyRunning(PymtaError):
+    exit_code = EX_TEMPFAIL
+
     def __init__(self, path, pid):
         super().__init__(f"daemon already running (pid {pid or '?'}, {path})")
         self.path, self.pid = path, pid

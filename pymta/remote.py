@@ -125,7 +125,7 @@ def _temp(text, enhanced="4.4.2"):
     return Reply(451, enhanced, text)
 
 
-class Busy(Exception):
+class Busy(TempFail):
     """Every connection slot of the destination is taken (by this process or
     another): nothing was tried, the message waits for a free one."""
 
@@ -514,7 +514,7 @@ def _encode_cmd(text, utf8):
     return (text + "\r\n").encode("utf-8" if utf8 else "ascii", "strict" if not utf8 else "replace")
 
 
-class _Stale(Exception):
+class _Stale(TempFail):
     """A cached connection that turned out to be dead before MAIL."""
 
 

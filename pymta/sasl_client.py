@@ -20,8 +20,8 @@ is a symlink.
 import base64
 
 from . import maptable
-from .maptable import TableError as PasswordError  # noqa: F401 - the name callers use
 from .status import Reply
+from .status import TableError as PasswordError   # the name callers use
 
 
 def keys_for(cfg, domain, host):

@@ -168,6 +168,11 @@ class ConfigError(PymtaError):
         super().__init__(where + message)
 
 
+class TableError(ConfigError):
+    """A lookup table that cannot be used as configured (its type, its
+    file, its rights); the text says which and why."""
+
+
 class AddressError(PymtaError):
     """A malformed address; the reply is what SMTP answers for it."""
 

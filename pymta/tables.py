@@ -29,13 +29,10 @@ import os
 import re
 
 from . import address
+from .status import TableError
 
 _TYPE_RE = re.compile(r"^(hash|btree|texthash|dbm|sdbm|lmdb|cdb):", re.I)
 _SPLIT_RE = re.compile(r"[\s,]+")
-
-
-class TableError(Exception):
-    """A table that cannot be used as configured (unsupported type)."""
 
 
 def table_paths(items):

@@ -32,6 +32,7 @@ import threading
 import time
 
 from . import maptable
+from .status import ConfigError, TableError
 
 VERIFYING = ("verify", "secure")
 
@@ -108,7 +109,7 @@ TABLE_LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "verify", "secure
 def table_entry(cfg, nexthop):
     """(level, match or None, key) from smtp_tls_policy_maps for the next
     hop (the relayhost as written, else the recipient domain, then its
-    parent domains as .domain), or None. Raises maptable.TableError."""
+    parent domains as .domain), or None. Raises TableError."""
     if not cfg.smtp_tls_policy_maps:
         return None
     first = (cfg.relayhost or nexthop).strip().lower()
@@ -123,7 +124,7 @@ def table_entry(cfg, nexthop):
     words = value.split()
     level = words[0].lower() if words else ""
     if level not in TABLE_LEVELS:
-        raise maptable.TableError(f"smtp_tls_policy_maps: {key}: unsupported TLS "
+        raise TableError(f"smtp_tls_policy_maps: {key}: unsupported TLS "
                                   f"level {level!r} (pymta has {', '.join(TABLE_LEVELS)})")
     match = None
     for word in words[1:]:
@@ -183,7 +184,7 @@ def client_context(cfg, policy):
     return ctx
 
 
-class TLSSetupError(Exception):
+class TLSSetupError(ConfigError):
     """This host's TLS configuration is unusable (a CA file that cannot be read)."""
 
 
@@ -282,7 +283,7 @@ class Plan:
         self.entry = self.error = None
         try:
             self.entry = table_entry(cfg, nexthop)
-        except maptable.TableError as e:      # the messages wait for a fixed table
+        except TableError as e:      # the messages wait for a fixed table
             self.error = str(e)
             log.error(self.error)
         if self.entry is None and cfg.smtp_mta_sts_enable and use_mx and not cfg.relayhost \

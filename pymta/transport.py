@@ -22,7 +22,7 @@ A map entry overrides relayhost, as in Postfix.
 
 from . import config as C
 from . import tables
-from .status import Reply
+from .status import Reply, TableError
 
 SMTP_KINDS = ("smtp", "relay", "esmtp")
 KINDS = SMTP_KINDS + ("local", "error")
@@ -36,7 +36,7 @@ class TransportMap:
         self.log = log
         try:
             self.maps = tables.maps(cfg, "transport_maps", log)
-        except tables.TableError as e:
+        except TableError as e:
             if log:
                 log.error(f"transport_maps: {e}; no entry is used")
             self.maps = tables.Maps([])

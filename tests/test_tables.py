@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import BIN
-from pymta import config, tables
+from pymta import config, status, tables
 from test_server import running
 
 
@@ -52,7 +52,7 @@ def test_table_is_read_again_when_it_changes(tmp_path):
 
 @pytest.mark.unit
 def test_unsupported_table_type_is_an_error():
-    with pytest.raises(tables.TableError):
+    with pytest.raises(status.TableError):
         tables.Maps(["ldap:/etc/ldap.cf"])
 
 
