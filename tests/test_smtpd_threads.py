@@ -15,6 +15,7 @@ import time
 import uuid
 
 from helpers import wait_for
+from pymta import smtpd_common, smtpd_threads
 from reliability_util import Daemon, Raw, daemon_instance, message, msgids_in, queue_files
 
 
@@ -179,3 +180,24 @@ def test_listener_killed_mid_data_loses_nothing_it_acknowledged(make_instance):
     assert not lost, f"{len(lost)} acknowledged messages lost"
     assert "half@threads.test" not in got
     assert "restarting it" in inst.maillog()
+
+
+def test_a_reload_gives_the_new_spool_a_shared_directory_fsync(inst):
+    """The daemon hands a reloaded configuration's services to the servers
+    (server.services = new): the new spool's commits share their
+    directory fsyncs too, those of one listener through one GroupSync."""
+    services = smtpd_common.Services(inst.cfg)
+    socks = [smtpd_common.bind("127.0.0.1:0") for _ in range(2)]
+    servers = [smtpd_threads.Server(sock, services) for sock in socks]
+    try:
+        first = services.spool.dir_sync
+        assert first is not None
+        new = smtpd_common.Services(inst.cfg, previous=services)
+        assert new.spool is not services.spool and new.spool.dir_sync is None
+        for srv in servers:
+            srv.services = new
+        assert new.spool.dir_sync is not None and new.spool.dir_sync != first
+        assert services.spool.dir_sync is first     # sessions still on the old one keep theirs
+    finally:
+        for srv in servers:
+            srv.server_close()
