@@ -32,12 +32,10 @@ import importlib
 import ipaddress
 import logging
 import os
-import pwd
 import socket
 import ssl
 import threading
 
-from . import address as A
 from .smtpd_policy import in_networks
 from .smtpd_session import Session
 from .queue_dir import Spool
@@ -153,27 +151,6 @@ def make_ssl_context(cfg, log=None, previous=None, pem=None):
     return ctx
 
 
-def passwd_recipient_check(cfg):
-    """A recipient check from passwd alone, for when route.py is unavailable."""
-    def check(addr):
-        local = A.local_of(addr)
-        names = [local]
-        d = cfg.recipient_delimiter
-        if d and d in local:
-            names.append(local.split(d, 1)[0])
-        for n in names:
-            if n.lower() == "postmaster":
-                return None
-            for cand in dict.fromkeys((n, n.lower())):
-                try:
-                    pwd.getpwnam(cand)
-                    return None
-                except (KeyError, ValueError):
-                    continue
-        return Reply(550, "5.1.1", "Recipient address rejected: User unknown in local recipient table")
-    return check
-
-
 class Services:
     """What sessions share under one configuration; rebuilt on SIGHUP."""
 
@@ -184,16 +161,10 @@ class Services:
         self.notify = notify
         self.ssl_ctx = make_ssl_context(cfg, self.log,
                                         previous.ssl_ctx if previous is not None else None, pem)
-        try:
-            from . import route
-            router = route.Router(cfg, log=self.log)
-            self.recipient_check = router.recipient_check
-            self.expand = self._expander(route, router)
-        except ImportError as e:
-            self.log.warning(f"warning: routing unavailable ({e}); local recipients are "
-                             "checked against passwd only")
-            self.recipient_check = passwd_recipient_check(cfg)
-            self.expand = None
+        from . import route
+        router = route.Router(cfg, log=self.log)
+        self.recipient_check = router.recipient_check
+        self.expand = self._expander(route, router)
         from . import auth
         self.auth = auth.PasswordFile(cfg.smtpd_sasl_password_file, self.log)
         # The client's name: with dns_nameservers, those DNS servers only;
