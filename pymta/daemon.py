@@ -74,10 +74,7 @@ def _preload():
             pass
     for name in ("route", "aliases", "auth", "smtpd_session", "smtpd_common", "smtpd_pump",
                  "smtpd_loop", "smtpd_threads"):
-        try:
-            importlib.import_module(f"pymta.{name}")
-        except ImportError:
-            pass
+        importlib.import_module(f"pymta.{name}")
 
 
 def _drop_privileges(owner):
