@@ -546,7 +546,9 @@ class Config:
         return domain.lower().rstrip(".") in self.local_domains
 
 
-def _expand_all(raw, lines, path):
+def _expand_all(raw, lines, path, names=None):
+    """{name: value with $name expanded} for ``names`` (default: every
+    parameter) and the parameters they refer to."""
     out = {}
 
     def expand(name, stack):
@@ -567,25 +569,25 @@ def _expand_all(raw, lines, path):
         out[name] = result
         return result
 
-    for name in raw:
+    for name in (raw if names is None else names):
         expand(name, ())
     return out
 
 
-def _default_mydomain(raw, explicit, expanded, lines, path):
-    """mydomain, when not set: myhostname less its first label (Postfix),
-    "localdomain" when myhostname has one label."""
+def _default_mydomain(raw, explicit, lines, path):
+    """``raw`` with mydomain, when not set, made from myhostname less its
+    first label (Postfix), "localdomain" when myhostname has one label."""
     if "mydomain" in explicit or "myhostname" not in explicit:
-        return raw, expanded
-    host = expanded["myhostname"].rstrip(".")
+        return raw
+    host = _expand_all(raw, lines, path, ("myhostname",))["myhostname"].rstrip(".")
     raw = dict(raw)
     raw["mydomain"] = host.split(".", 1)[1] if "." in host else "localdomain"
-    return raw, _expand_all(raw, lines, path)
+    return raw
 
 
 def build(raw, explicit, path, lines, warnings=()):
-    expanded = _expand_all(raw, lines, path)
-    raw, expanded = _default_mydomain(raw, explicit, expanded, lines, path)
+    raw = _default_mydomain(raw, explicit, lines, path)
+    expanded = _expand_all(raw, lines, path)     # once: sendmail's start-up is its latency
     values = {}
     for name, text in expanded.items():
         p = PARAMS[name]

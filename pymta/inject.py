@@ -17,7 +17,6 @@ from . import address as A
 from . import envelope as E
 from . import headers
 from .maillog import full_logging, log
-from . import queue_maildrop
 from .queue_dir import Spool
 from .status import (EX_DATAERR, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE,
                      EX_USAGE, PymtaError, AddressError)
@@ -629,6 +628,7 @@ def _drop(cfg, opts, sub, spool, fields, first, inp, traffic):
     body = _Body(sub.fix_header(fields, "", warn=False), first, inp, cfg.message_size_limit,
                  traffic)
     env = sub.envelope("")
+    from . import queue_maildrop      # not imported by the submissions that commit
     name = queue_maildrop.drop(spool, env, body)
     log.info(f"maildrop/{name}: uid={sub.uid} from=<{sub.sender}>, size={body.size}, "
              f"nrcpts={len(sub.recipients)}, msgid={sub.msgid}")
