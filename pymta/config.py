@@ -13,7 +13,7 @@ The result is a frozen :class:`Config` passed explicitly; there is no global.
 
 import os
 
-from .status import ConfigError
+from .status import ConfigError, TableError
 
 DEFAULT_PATH = "/etc/pymta/pymta.conf"
 
@@ -392,9 +392,28 @@ def _check_users(values):
         _check_user(v, "trusted_users")
 
 
+_TABLE_TYPES = frozenset(("hash", "btree", "texthash", "dbm", "sdbm", "lmdb", "cdb"))
+
+
+def table_paths(items):
+    """The files of a maps parameter (a list of ``type:path`` or paths; all
+    those types mean the same text file); TableError for another type.
+    Here, with str operations, not in pymta.tables: checking a configuration
+    that sets a table must not cost every sendmail run the import of
+    tables, logging and re."""
+    out = []
+    for item in items:
+        for one in split_list(item):
+            kind, colon, rest = one.partition(":")
+            path = rest if colon and kind.lower() in _TABLE_TYPES else one
+            if ":" in path.split("/", 1)[0]:
+                raise TableError(f"{one}: unsupported table type (pymta reads text "
+                                 "files: hash:/path, texthash:/path or /path)")
+            out.append(path)
+    return out
+
+
 def _check_tables(values):
-    from .status import TableError
-    from .tables import table_paths
     try:
         paths = table_paths(values)
     except TableError as e:

@@ -12,6 +12,7 @@ import os
 import stat
 
 from . import tables
+from .config import table_paths
 from .status import TableError
 
 MAX_SIZE = 1 << 20
@@ -41,7 +42,7 @@ def lookup(items, param, keys, secret=False):
     (each key in every table, in order, before the next key, as Postfix's
     maps do), or None. Raises TableError."""
     try:
-        paths = tables.table_paths(items)
+        paths = table_paths(items)
     except TableError as e:
         raise TableError(f"{param}: {e}") from None
     found = [tables.parse(read(path, param, secret), path) for path in paths]

@@ -26,29 +26,10 @@ propagate_unmatched_extensions); a result ``@other`` keeps the local part
 
 import logging
 import os
-import re
 
 from . import address
+from .config import table_paths
 from .status import TableError
-
-_TYPE_RE = re.compile(r"^(hash|btree|texthash|dbm|sdbm|lmdb|cdb):", re.I)
-_SPLIT_RE = re.compile(r"[\s,]+")
-
-
-def table_paths(items):
-    """The files of a maps parameter (a list of ``type:path`` or paths)."""
-    out = []
-    for item in items:
-        for one in _SPLIT_RE.split(item.strip()):
-            if not one:
-                continue
-            path = _TYPE_RE.sub("", one)
-            if ":" in path.split("/", 1)[0]:
-                raise TableError(f"{one}: unsupported table type (pymta reads text "
-                                 "files: hash:/path, texthash:/path or /path)")
-            out.append(path)
-    return out
-
 
 def parse(text, path="<table>", errors=None):
     """``{key: value}`` of a table's text; bad lines go to ``errors`` as

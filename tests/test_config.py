@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import TOP
 
 from pymta import config, confdoc
-from pymta.status import ConfigError
+from pymta.status import ConfigError, TableError
 
 
 def load_text(tmp_path, text, overrides=()):
@@ -293,3 +293,12 @@ def test_expansion_and_lists_agree_with_their_grammar(value):
         got = None
     assert got == (int(m.group(1)) * {"": 60, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
                    if m else None)
+
+
+@pytest.mark.unit
+def test_table_paths_are_read_without_regular_expressions():
+    assert config.table_paths(["hash:/a, HASH:/b\ttexthash:/c", " /d ,cdb:/e/f:g"]) == \
+        ["/a", "/b", "/c", "/d", "/e/f:g"]
+    for bad in ("hashx:/e", "ldap:/etc/ldap.cf", "proxy:hash:/x"):
+        with pytest.raises(TableError, match="unsupported table type"):
+            config.table_paths([bad])
