@@ -86,16 +86,16 @@ def iter_scan(spool, filters=(), include_lost=True):
     those that match ``filters``): one entry in memory at a time.
 
     Raises PermissionError or FileNotFoundError at once, as scan() does."""
-    names = os.listdir(spool.dir)
     control = {}
-    for name in names:
-        prefix, qid = name[:2], name[2:]
-        if prefix in ("qf", "hf", "Qf") and valid_id(qid):
-            # A qf and an hf for one id cannot both exist (hold is a rename);
-            # should it happen, the qf wins, as Spool.read() does.
-            if prefix == "qf" or qid not in control or control[qid] == "Qf":
-                control[qid] = prefix
-    del names
+    with os.scandir(spool.dir) as it:      # not listdir: the df names are never all kept
+        for e in it:
+            name = e.name
+            prefix, qid = name[:2], name[2:]
+            if prefix in ("qf", "hf", "Qf") and valid_id(qid):
+                # A qf and an hf for one id cannot both exist (hold is a rename);
+                # should it happen, the qf wins, as Spool.read() does.
+                if prefix == "qf" or qid not in control or control[qid] == "Qf":
+                    control[qid] = sys.intern(prefix)
     locked_inodes = _proc_locked_inodes()
 
     def entries():
