@@ -543,6 +543,12 @@ class Config:
     def __setattr__(self, name, value):
         raise AttributeError("Config is frozen")
 
+    def __setstate__(self, state):
+        # Unpickling (a fork server's request): without this, pickle's
+        # look-up of __setstate__ would reach __getattr__ before _values.
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+
     def get(self, name):
         return self._values[name]
 

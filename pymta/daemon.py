@@ -1,13 +1,22 @@
 """``sendmail -bd`` and ``-bD``: the SMTP daemon and its queue runs.
 
-Two processes. The master binds every ``smtpd_listen``, ``submissions_listen`` and
-``submission_listen`` address, then forks the listener, which drops to
-``mail_owner`` (when started as root) and speaks SMTP; it is restarted if it
-dies. The master stays root because local delivery must become each
+The master binds every ``smtpd_listen``, ``submissions_listen`` and
+``submission_listen`` address, then starts the listeners, which drop to
+``mail_owner`` (when started as root) and speak SMTP; one that dies is
+restarted. The master stays root because local delivery must become each
 recipient: it makes the queue runs (every ``-q`` interval, else
 ``queue_run_delay``), picks up the maildrop every second, and delivers at
-once each message the listener accepted, whose queue id the listener
+once each message a listener accepted, whose queue id the listener
 writes, one line each, into a pipe to the master.
+
+The master has threads (hand-offs, queue runs, showq, the log pump) and
+never forks: before its first thread it starts a fork server
+(pymta.forkserver), and every later child (listeners and their restarts,
+delivery workers, |command children, .forward readers) is forked by that
+single-threaded process on request. A listener's exit status comes back
+from it; if the fork server dies, the daemon stops (EX_SOFTWARE): its
+listeners stop too (their parent is gone) and none could be restarted.
+See HACKING for every process and who forks it.
 
 SIGHUP: both re-read the configuration (and, through a new router, the
 aliases); the master reads the TLS certificate and key, which the listener
@@ -33,7 +42,7 @@ import threading
 import time
 
 from . import config as C
-from . import queue_attempt, queue_maildrop, queue_run, smtpd_common
+from . import forkserver, queue_attempt, queue_maildrop, queue_run, smtpd_common, workers
 from .queue_dir import Spool
 from .queue_id import valid_id
 from .status import ConfigError, EX_CANTCREAT, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, READ_SIZE
@@ -255,6 +264,48 @@ class Listener:
         return 0
 
 
+def _listener_main(fds, cfg, opts, specs, share, owner, forwarded_log):
+    """A listener's life, in a child of the fork server: ``fds`` are the
+    hand-off pipe, the TLS key pipe, the log pipe (with ``forwarded_log``)
+    and the listening sockets, whose (submission, spec) are ``specs``."""
+    notify_fd, control_fd, *rest = fds
+    code = EX_SOFTWARE
+    try:
+        os.set_blocking(control_fd, False)
+        if forwarded_log:
+            # The log file is root's and is reopened on SIGHUP (after a
+            # rotation) by the master: this listener's lines go to it.
+            handler = next(h for h in log.handlers if isinstance(h, logging.FileHandler))
+            handler.stream = os.fdopen(rest.pop(0), "a", encoding="utf-8", errors="replace")
+            handler.forwarded = True
+        else:
+            # The fork server's copy of the log file may be one the master
+            # has reopened since (a rotation): open it by its name again.
+            from . import maillog
+            maillog.reopen()
+        import socket
+        socks = [(socket.socket(fileno=fd), sub, spec) for fd, (sub, spec) in zip(rest, specs)]
+        from .proctitle import set_name
+        set_name("pymta: smtpd")
+        listener = Listener(cfg, opts, socks, notify_fd, share=share, control_fd=control_fd)
+        # Built before the switch: the router, the TLS context and the
+        # modules they import may live where mail_owner cannot read.
+        listener.services = smtpd_common.Services(cfg, log, notify=listener.notify)
+        if owner:
+            _drop_privileges(owner)
+        code = listener.run()
+    except BaseException as e:   # noqa: BLE001 - tell the master why, then exit
+        log.exception("listener failed")
+        try:
+            text = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+            os.write(notify_fd, f"! {os.getpid()} {text}\n".encode("utf-8", "replace"))
+        except OSError:
+            pass
+    finally:
+        logging.shutdown()
+    return code
+
+
 class Master:
     """The privileged parent: listener supervision, handoffs, queue runs."""
 
@@ -263,6 +314,9 @@ class Master:
         self.stop = False
         self.reload = False
         self.children = {}          # listener pid -> its slot
+        self.procs = {}             # listener pid -> its forkserver.ServedChild
+        self.forks = None           # the fork server: every child of the master comes from it
+        self.pid_file = None        # the PidFile, closed in the fork server
         self.control = {}           # listener pid -> the pipe that hands it TLS keys
         self.owner = _owner(cfg)
         self.deliverer = None     # for the messages the listeners hand over
@@ -284,66 +338,36 @@ class Master:
         self.abandoned = False
 
     def _spawn(self, slot):
-        rfd = self.rfd
+        """Start the listener of ``slot`` through the fork server."""
         cr, cw = os.pipe()
-        pid = os.fork()
-        if pid:
-            os.close(cr)
-            os.set_blocking(cw, False)
-            self.children[pid] = slot
-            self.control[pid] = cw
-            return pid
-        code = 1
+        socks = self.sock_sets[slot]
+        fds = [self.wfd, cr] + ([self.log_pipe[1]] if self.log_pipe else [])
         try:
-            signal.set_wakeup_fd(-1)
-            for fd in (self.wake_r, self.wake_w):
-                if fd >= 0:
-                    os.close(fd)
-            os.close(rfd)
+            proc = self.forks.spawn(
+                _listener_main, (self.cfg, self.opts, [(sub, spec) for _, sub, spec in socks],
+                                 self.nlisteners, self.owner, bool(self.log_pipe)),
+                fds + [sock.fileno() for sock, _, _ in socks], close_fds=False)
+        except BaseException:
             os.close(cw)
-            for fd in self.control.values():
-                os.close(fd)
-            os.set_blocking(cr, False)
-            for fd in self.notify_fds:
-                os.close(fd)
-            if self.ready_fd is not None:
-                os.close(self.ready_fd)
-            if self.showq is not None:
-                self.showq.close()
-            if self.log_pipe:
-                # The log file is root's and is reopened on SIGHUP (after a
-                # rotation) by the master: this listener's lines go to it.
-                os.close(self.log_pipe[0])
-                handler = self.log_pipe[2]
-                handler.stream = os.fdopen(self.log_pipe[1], "a", encoding="utf-8",
-                                           errors="replace")
-                handler.forwarded = True
-            # Only this listener's sockets stay open in it.
-            for i, socks in enumerate(self.sock_sets):
-                if i != slot:
-                    for sock, _, _ in socks:
-                        if all(sock is not mine for mine, _, _ in self.sock_sets[slot]):
-                            sock.close()
-            from .proctitle import set_name
-            set_name("pymta: smtpd")
-            listener = Listener(self.cfg, self.opts, self.sock_sets[slot], self.wfd,
-                                share=self.nlisteners, control_fd=cr)
-            # Built before the switch: the router, the TLS context and the
-            # modules they import may live where mail_owner cannot read.
-            listener.services = smtpd_common.Services(self.cfg, log, notify=listener.notify)
-            if self.owner:
-                _drop_privileges(self.owner)
-            code = listener.run()
-        except BaseException as e:   # noqa: BLE001 - the child must never return
-            log.exception("listener failed")
-            try:
-                text = " ".join(f"{type(e).__name__}: {e}".split())[:400]
-                os.write(self.wfd, f"! {os.getpid()} {text}\n".encode("utf-8", "replace"))
-            except OSError:
-                pass
+            raise
         finally:
-            logging.shutdown()
-            os._exit(code)
+            os.close(cr)
+        os.set_blocking(cw, False)
+        self.children[proc.pid] = slot
+        self.procs[proc.pid] = proc
+        self.control[proc.pid] = cw
+        return proc.pid
+
+    def _not_for_children(self):
+        """The descriptors the fork server closes: the listening sockets
+        (refused at SIGTERM once the master closes its own), the pid file's
+        lock and the pipe to the waiting `sendmail -bd`."""
+        fds = [sock.fileno() for socks in self.sock_sets for sock, _, _ in socks]
+        if self.ready_fd is not None:
+            fds.append(self.ready_fd)
+        if self.pid_file is not None and self.pid_file.fd is not None:
+            fds.append(self.pid_file.fd)
+        return fds
 
     def _prepare_spool(self):
         spool = Spool.from_config(self.cfg)
@@ -368,6 +392,9 @@ class Master:
         set_name("pymta: master")
         self._prepare_spool()
         _preload()
+        # Before the first thread: every later child comes from the fork server.
+        forkserver.strict()
+        self.forks = forkserver.start(close=self._not_for_children())
         self._start_showq()
         self.rfd, self.wfd = os.pipe()
         self.pending_ids = b""
@@ -530,11 +557,8 @@ class Master:
             for pid in pids:
                 if pid in self.ready:
                     continue
-                try:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done, status = pid, 0
-                if done:
+                status = self._exited(pid)
+                if status is not None:
                     self.children.pop(pid, None)
                     self._read_ids(self.rfd, b"")
                     why = self.errors.get(pid) or _status_text(status)
@@ -619,14 +643,25 @@ class Master:
     FAILURE_LIMIT = 5
     DEATH_LIMIT = 10
 
+    def _exited(self, pid):
+        """The wait status of listener ``pid`` once it has exited, else None."""
+        status = self.procs[pid].poll()
+        if status is not None:
+            self.procs.pop(pid).close()
+        return status
+
     def _reap(self):
+        if self.forks.gone() and not self.stop:
+            # Its children noticed it going (their parent changed) and stop;
+            # no other could be started.
+            log.critical("fatal: the fork server died; stopping the daemon")
+            self.stop = True
+            self.exit_code = EX_SOFTWARE
         for child in list(self.children):
-            try:
-                pid, status = os.waitpid(child, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = child, 0
-            if pid == 0:
+            status = self._exited(child)
+            if status is None:
                 continue
+            pid = child
             slot = self.children.pop(child)
             fd = self.control.pop(child, None)
             if fd is not None:
@@ -715,6 +750,10 @@ class Master:
             except OSError:
                 pass
             self.showq.close()
+        # The idle workers see their end-of-file and exit; the fork server
+        # reaps them and whatever else ends within its grace, then exits.
+        workers.POOL.close_all()
+        forkserver.stop()
         log.info("daemon stopped")
         return self.exit_code
 
@@ -722,21 +761,14 @@ class Master:
         """Wait for the listeners until ``deadline``, then kill them."""
         while self.children:
             for child in list(self.children):
-                try:
-                    pid, _ = os.waitpid(child, os.WNOHANG)
-                except ChildProcessError:
-                    pid = child
-                if pid:
+                if self._exited(child) is not None:
                     del self.children[child]
             if not self.children:
                 break
             if time.monotonic() >= deadline:
                 for child in self.children:
                     log.warning(f"stopping: listener pid {child} still busy; killed")
-                    try:
-                        os.kill(child, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    self.procs[child].kill(signal.SIGKILL)
                 deadline = float("inf")
             time.sleep(0.05)
 
@@ -789,6 +821,8 @@ def _read_available(fd):
 
 
 def _status_text(status):
+    if status < 0:
+        return "its fork server is gone"
     if os.WIFSIGNALED(status):
         return f"signal {os.WTERMSIG(status)}"
     return f"exit {os.WEXITSTATUS(status)}"
@@ -876,6 +910,7 @@ def main(cfg, opts):
     except OSError as e:
         print(f"sendmail: fatal: {cfg.pid_file}: {e.strerror}", file=sys.stderr)
         return EX_CANTCREAT
+    master.pid_file = pf
     try:
         code = master.run()
     finally:
@@ -897,68 +932,73 @@ def _exit_if_abandoned(master, code):
 def _detach(cfg, master, pf, socks):
     """-bd: the daemon runs detached (python-daemon); this process waits for
     its first word on a pipe: "ok" once it serves, else a code and why."""
-    from .pidfile import AlreadyRunning
     rfd, wfd = os.pipe()
+
+    def detached():
+        os.close(rfd)
+        try:
+            return _run_detached(cfg, master, pf, socks, wfd)
+        except BaseException as e:
+            log.exception("daemon failed")
+            try:
+                os.write(wfd, f"{EX_SOFTWARE} {type(e).__name__}: {e}\n".encode("utf-8", "replace"))
+            except OSError:
+                pass
+            raise
+        finally:
+            logging.shutdown()
+
     sys.stdout.flush()
     sys.stderr.flush()
-    child = os.fork()
-    if child:
-        os.close(wfd)
-        for socks_ in socks:
-            for sock, _, _ in socks_:
-                sock.close()
-        data = b""
-        deadline = time.monotonic() + 120
-        while b"\n" not in data and time.monotonic() < deadline:
-            ready, _, _ = select.select([rfd], [], [], 1.0)
-            if ready:
-                chunk = os.read(rfd, 4096)
-                if not chunk:
-                    break
-                data += chunk
-        os.close(rfd)
-        try:
-            os.waitpid(child, 0)
-        except ChildProcessError:
-            pass
-        word = data.decode("utf-8", "replace").split("\n", 1)[0].strip()
-        if word == "ok":
-            return 0
-        code, _, why = word.partition(" ")
-        if not code.isdigit():
-            print("sendmail: fatal: the daemon exited while starting; see the mail log",
-                  file=sys.stderr)
-            return EX_SOFTWARE
-        print(f"sendmail: fatal: {why}", file=sys.stderr)
-        return int(code)
-    code = EX_SOFTWARE
+    child = forkserver.fork_child(detached)
+    os.close(wfd)
+    for socks_ in socks:
+        for sock, _, _ in socks_:
+            sock.close()
+    data = b""
+    deadline = time.monotonic() + 120
+    while b"\n" not in data and time.monotonic() < deadline:
+        ready, _, _ = select.select([rfd], [], [], 1.0)
+        if ready:
+            chunk = os.read(rfd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    os.close(rfd)
     try:
-        os.close(rfd)
-        import daemon as pydaemon
-        ctx = pydaemon.DaemonContext(files_preserve=_preserved_fds(socks) + [wfd], umask=0o022,
-                                     working_directory="/", signal_map={}, prevent_core=True)
-        ctx.open()
-        try:
-            pf.acquire()
-        except AlreadyRunning as e:
-            os.write(wfd, f"{EX_TEMPFAIL} {e}\n".encode())
-            code = EX_TEMPFAIL
-            return code
-        except OSError as e:
-            os.write(wfd, f"{EX_CANTCREAT} {cfg.pid_file}: {e.strerror}\n".encode())
-            code = EX_CANTCREAT
-            return code
-        master.ready_fd = wfd
-        try:
-            code = master.run()
-        finally:
-            pf.release()
-    except BaseException as e:   # noqa: BLE001 - the child must never return
-        log.exception("daemon failed")
-        try:
-            os.write(wfd, f"{EX_SOFTWARE} {type(e).__name__}: {e}\n".encode("utf-8", "replace"))
-        except OSError:
-            pass
+        os.waitpid(child, 0)
+    except ChildProcessError:
+        pass
+    word = data.decode("utf-8", "replace").split("\n", 1)[0].strip()
+    if word == "ok":
+        return 0
+    code, _, why = word.partition(" ")
+    if not code.isdigit():
+        print("sendmail: fatal: the daemon exited while starting; see the mail log",
+              file=sys.stderr)
+        return EX_SOFTWARE
+    print(f"sendmail: fatal: {why}", file=sys.stderr)
+    return int(code)
+
+
+def _run_detached(cfg, master, pf, socks, wfd):
+    """The -bd daemon, in the child: detach, take the pid file, serve."""
+    from .pidfile import AlreadyRunning
+    import daemon as pydaemon
+    ctx = pydaemon.DaemonContext(files_preserve=_preserved_fds(socks) + [wfd], umask=0o022,
+                                 working_directory="/", signal_map={}, prevent_core=True)
+    ctx.open()
+    try:
+        pf.acquire()
+    except AlreadyRunning as e:
+        os.write(wfd, f"{EX_TEMPFAIL} {e}\n".encode())
+        return EX_TEMPFAIL
+    except OSError as e:
+        os.write(wfd, f"{EX_CANTCREAT} {cfg.pid_file}: {e.strerror}\n".encode())
+        return EX_CANTCREAT
+    master.ready_fd = wfd
+    master.pid_file = pf
+    try:
+        return master.run()
     finally:
-        logging.shutdown()
-        os._exit(code)
+        pf.release()

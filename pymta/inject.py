@@ -663,26 +663,26 @@ def _deliver_now(cfg, opts, lock, sender):
 
 def _deliver_background(cfg, lock):
     """-odb: a detached grandchild delivers while holding the message's lock."""
+    from .forkserver import fork_child
+
+    def deliver():
+        fd = os.open(os.devnull, os.O_RDWR)
+        for n in (0, 1, 2):
+            os.dup2(fd, n)
+        try:
+            full_logging()
+            from . import queue_attempt
+            queue_attempt.Deliverer(cfg).deliver_locked(lock)
+        except BaseException as e:  # noqa: BLE001 - the queue run retries
+            log.error(f"{lock.id}: background delivery failed: {e!r}")
+        lock.release()
+
+    def detach():
+        os.setsid()
+        fork_child(deliver)
+
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
-            fd = os.open(os.devnull, os.O_RDWR)
-            for n in (0, 1, 2):
-                os.dup2(fd, n)
-            try:
-                full_logging()
-                from . import queue_attempt
-                queue_attempt.Deliverer(cfg).deliver_locked(lock)
-            except BaseException as e:  # noqa: BLE001 - the queue run retries
-                log.error(f"{lock.id}: background delivery failed: {e!r}")
-            lock.release()
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+    os.waitpid(fork_child(detach), 0)
     lock.release()   # our descriptor only: the grandchild still holds the flock
     return EX_OK

@@ -10,19 +10,17 @@ Postfix's local(8) has mailbox.c, maildir.c and command.c; local_target has
 the Target and what they share.
 """
 
+import functools
 import gc
-import json
 import logging
 import os
 import pwd
-import select
-import signal
 
-from . import local_command, local_maildir, local_mbox
+from . import forkserver, local_command, local_maildir, local_mbox
 from .queue_dir import Spool
 from . import workers as _workers
 from .local_target import Target, os_reply
-from .status import EX_OK, EX_SOFTWARE, READ_SIZE, DeliveryError, Reply
+from .status import DeliveryError, Reply
 
 _noted_unprivileged = []
 
@@ -164,35 +162,33 @@ _POOLED_KINDS = frozenset({"mailbox", "file", "maildir"})
 
 
 def _pool_setup(target, groups, extra_gid):
-    def setup():
-        gc.collect()
-        gc.freeze()     # the inherited heap stays shared with the parent
-        os.umask(0o077)
-        from .proctitle import set_name
-        set_name("pymta: local")    # ps -o user,comm: whose deliveries it makes
-        _drop(target, groups, keep_root=target.kind == "mailbox", extra_gid=extra_gid)
-    return setup
+    """A worker's start (pickled to the fork server: a module-level function)."""
+    gc.collect()
+    gc.freeze()     # the inherited heap stays shared with the parent
+    os.umask(0o077)
+    from .proctitle import set_name
+    set_name("pymta: local")    # ps -o user,comm: whose deliveries it makes
+    _drop(target, groups, keep_root=target.kind == "mailbox", extra_gid=extra_gid)
 
 
-def _pool_handle(cfg):
-    def handle(payload, fd):
-        env, rcpt, target, as_root, gid = payload
-        notes = []
-        try:
-            with os.fdopen(os.dup(fd), "rb") as df:
-                if target.kind == "mailbox":
-                    reply = _write(cfg, env, rcpt, target, df, notes, ids=_Ids(target),
-                                   create_gid=gid, as_root=as_root)
-                else:
-                    reply = _write(cfg, env, rcpt, target, df, notes)
-        except DeliveryError as e:
-            reply = e.reply
-        except OSError as e:
-            reply = os_reply(e, target.path)
-        except Exception as e:   # noqa: BLE001 - report, never kill the worker's loop
-            reply = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
-        return [reply.code, reply.enhanced, reply.text, notes]
-    return handle
+def _pool_handle(cfg, payload, fd):
+    """One delivery in a worker."""
+    env, rcpt, target, as_root, gid = payload
+    notes = []
+    try:
+        with os.fdopen(os.dup(fd), "rb") as df:
+            if target.kind == "mailbox":
+                reply = _write(cfg, env, rcpt, target, df, notes, ids=_Ids(target),
+                               create_gid=gid, as_root=as_root)
+            else:
+                reply = _write(cfg, env, rcpt, target, df, notes)
+    except DeliveryError as e:
+        reply = e.reply
+    except OSError as e:
+        reply = os_reply(e, target.path)
+    except Exception as e:   # noqa: BLE001 - report, never kill the worker's loop
+        reply = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
+    return [reply.code, reply.enhanced, reply.text, notes]
 
 
 def _deliver_pooled(cfg, env, rcpt, target, df, log):
@@ -202,7 +198,8 @@ def _deliver_pooled(cfg, env, rcpt, target, df, log):
     key = (cfg, target.kind, target.uid, target.gid, groups, gid)
     try:
         code, enhanced, text, notes = _workers.POOL.call(
-            key, _pool_setup(target, groups, gid), _pool_handle(cfg),
+            key, functools.partial(_pool_setup, target, groups, gid),
+            functools.partial(_pool_handle, cfg),
             (env, rcpt, target, as_root, gid), df.fileno())
     except _workers.WorkerGone as e:
         return Reply(451, "4.3.0", f"local delivery process failed: {e}")
@@ -211,71 +208,43 @@ def _deliver_pooled(cfg, env, rcpt, target, df, log):
     return Reply(code, enhanced, text)
 
 
-def _read_reply(rfd, pid):
-    """The child's length-prefixed reply; stops at the child's exit even if some
-    other process still holds a copy of the pipe's write end."""
-    buf = b""
-    reaped = None
-    while True:
-        if b"\n" in buf:
-            size, _, body = buf.partition(b"\n")
-            if size.isdigit() and len(body) >= int(size):
-                break
-        ready, _, _ = select.select([rfd], [], [], 0.5)
-        if ready:
-            chunk = os.read(rfd, READ_SIZE)
-            if not chunk:
-                break
-            buf += chunk
-            continue
-        if reaped is None:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                reaped = status
-                continue      # one more look for what it wrote before exiting
-        else:
-            break
-    if reaped is None:
-        _, reaped = os.waitpid(pid, 0)
-    return buf, reaped
+def _command_child(fds, cfg, env, rcpt, target, groups):
+    """A |command delivery, in its own child (forkserver.spawn): the reply
+    goes to ``fds[0]``, the message is read from ``fds[1]``."""
+    wfd, dfd = fds
+    gc.disable()
+    notes = []
+    try:
+        with os.fdopen(dfd, "rb") as df:
+            reply = _run(cfg, env, rcpt, target, df, True, notes, groups)
+    except DeliveryError as e:
+        reply = e.reply
+    except OSError as e:
+        reply = os_reply(e, target.path or target.command)
+    except BaseException as e:   # noqa: BLE001 - report, never escape into the parent's code
+        reply = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
+    forkserver.put_result(wfd, [reply.code, reply.enhanced, reply.text, notes])
 
 
 def _deliver_child(cfg, env, rcpt, target, df, log):
     groups = _groups(target)
     rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:   # the child: never returns
-        code = EX_OK
-        try:
-            gc.disable()
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _workers.close_other_fds({wfd, df.fileno()})
-            notes = []
-            try:
-                reply = _run(cfg, env, rcpt, target, df, True, notes, groups)
-            except DeliveryError as e:
-                reply = e.reply
-            except OSError as e:
-                reply = os_reply(e, target.path or target.command)
-            except BaseException as e:   # noqa: BLE001 - report, never escape into the parent's code
-                reply = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
-            body = json.dumps([reply.code, reply.enhanced, reply.text, notes]).encode()
-            view = memoryview(b"%d\n" % len(body) + body)
-            while view:
-                view = view[os.write(wfd, view):]
-        except BaseException:   # noqa: BLE001 - the child must never return
-            code = EX_SOFTWARE
-        finally:
-            os._exit(code)
-    os.close(wfd)
     try:
-        buf, status = _read_reply(rfd, pid)
+        try:
+            child = forkserver.spawn(_command_child, (cfg, env, rcpt, target, groups),
+                                     [wfd, df.fileno()])
+        finally:
+            os.close(wfd)
+        try:
+            (code, enhanced, text, notes), _ = forkserver.get_result(rfd, child=child)
+        except (OSError, ValueError, TypeError, forkserver.ResultError):
+            status = child.wait()
+            return Reply(451, "4.3.0", f"local delivery process failed (wait status {status})")
+        finally:
+            child.wait()
+            child.close()
     finally:
         os.close(rfd)
-    try:
-        code, enhanced, text, notes = json.loads(buf.partition(b"\n")[2])
-    except ValueError:
-        return Reply(451, "4.3.0", f"local delivery process failed (wait status {status})")
     for n in notes:
         log.warning(f"{env.id}: {n}")
     return Reply(code, enhanced, text)

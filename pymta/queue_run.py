@@ -31,11 +31,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import queue_maildrop
+from . import forkserver, queue_maildrop, workers
 from .queue_attempt import STOP, Deliverer
 from .queue_dir import Spool
 from .queue_file import matches
-from .status import EX_NOPERM, EX_OK, EX_SOFTWARE, READ_SIZE, SpoolCorrupt
+from .status import EX_NOPERM, EX_OK, READ_SIZE, SpoolCorrupt
 
 
 def read_next_try(path):
@@ -195,12 +195,17 @@ class Runner:
         if nthreads <= 1:
             work()
             return
-        ts = [threading.Thread(target=work, name=f"pymta-deliver-{i}", daemon=True)
-              for i in range(nthreads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
+        # Deliveries as other users fork (workers, |command children): with
+        # threads, a fork server does it (the daemon's master has its own).
+        with forkserver.scope() as scope:
+            ts = [threading.Thread(target=work, name=f"pymta-deliver-{i}", daemon=True)
+                  for i in range(nthreads)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            if scope.started:
+                workers.POOL.close_all()    # its workers end with it
 
     # -- several delivery processes
     def _run_forked(self, due, filters, st, count, threads=1):
@@ -229,21 +234,17 @@ class Runner:
         rfd, wfd = os.pipe()
         pids = []
         try:
+            def body():
+                feed.close()
+                os.close(rfd)
+                return self._child(feed_child, wfd, filters, threads)
+
             for _ in range(count):
                 try:
-                    pid = os.fork()
+                    pids.append(forkserver.fork_child(body))
                 except OSError as e:
                     self.log.warning(f"queue run: cannot fork a delivery process: {e.strerror}")
                     break
-                if pid == 0:
-                    code = EX_SOFTWARE
-                    try:
-                        feed.close()
-                        os.close(rfd)
-                        code = self._child(feed_child, wfd, filters, threads)
-                    finally:
-                        os._exit(code)
-                pids.append(pid)
         finally:
             feed_child.close()
             os.close(wfd)

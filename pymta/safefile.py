@@ -12,13 +12,11 @@ holds a byte of the file.
 """
 
 import errno
-import json
 import os
-import select
-import signal
 import stat
 import time
 
+from . import forkserver
 from .status import READ_SIZE
 
 
@@ -178,72 +176,46 @@ def read_file(path, limit, seconds, beneath=None, follow=True):
         os.close(fd)
 
 
+def _read_child(fds, path, limit, seconds, uid, gid, groups):
+    """read_file_as's child: the file's stat and bytes, or why not, to ``fds[0]``."""
+    os.setgroups(list(groups))
+    os.setgid(gid)
+    os.setuid(uid)
+    try:
+        st, data = read_file(path, limit, seconds)
+        head = {"mode": st.st_mode, "uid": st.st_uid}
+    except Refused as e:
+        head, data = {"error": e.reason, "errno": e.errno or 0}, b""
+    forkserver.put_result(fds[0], head, data)
+
+
 def read_file_as(path, limit, seconds, uid, gid, groups):
     """read_file in a child process with ``uid``, ``gid`` and ``groups`` (a
     file that user cannot read is refused); the child is killed at the
     deadline. Returns (st_mode, st_uid, bytes); raises Refused. ``groups``
-    must be looked up before (NSS is not safe after fork in a threaded
-    process)."""
+    must be looked up before (NSS is not safe in a forked child)."""
     deadline = time.monotonic() + seconds
     rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(rfd)
-            os.setgroups(list(groups))
-            os.setgid(gid)
-            os.setuid(uid)
-            try:
-                st, data = read_file(path, limit, seconds)
-                head = {"mode": st.st_mode, "uid": st.st_uid, "size": len(data)}
-            except Refused as e:
-                head, data = {"error": e.reason, "errno": e.errno or 0}, b""
-            view = memoryview(json.dumps(head).encode() + b"\n" + data)
-            while view:
-                view = view[os.write(wfd, view):]
-        except BaseException:   # noqa: BLE001 - the child must never return
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    buf = bytearray()
-    late = False
     try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                late = True
-                break
-            ready, _, _ = select.select([rfd], [], [], left)
-            if not ready:
-                continue
-            chunk = os.read(rfd, READ_SIZE)
-            if not chunk:
-                break
-            buf.extend(chunk)
-            if len(buf) > limit + 4096:
-                late = True      # more than the child may send: stop it
-                break
+        try:
+            child = forkserver.spawn(_read_child, (path, limit, seconds, uid, gid, groups), [wfd])
+        finally:
+            os.close(wfd)
+        try:
+            info, data = forkserver.get_result(rfd, limit, deadline)
+        except forkserver.ResultError as e:
+            late = e.errno in (errno.ETIMEDOUT, errno.EMSGSIZE)
+            if late:
+                child.kill()
+            raise Refused("not read in time" if late
+                          else "could not be read (reading process failed)") from None
+        finally:
+            child.wait()
+            child.close()
     finally:
         os.close(rfd)
-        if late:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        os.waitpid(pid, 0)
-    if late:
-        raise Refused("not read in time")
-    head, nl, data = bytes(buf).partition(b"\n")
-    try:
-        info = json.loads(head) if nl else None
-    except ValueError:
-        info = None
     if not isinstance(info, dict):
         raise Refused("could not be read (reading process failed)")
     if "error" in info:
         raise Refused(str(info["error"]), int(info.get("errno") or 0))
-    if len(data) != info.get("size"):
-        raise Refused("could not be read (short read)")
     return info["mode"], info["uid"], data

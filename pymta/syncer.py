@@ -4,7 +4,8 @@
 The loop must not block on the disk, and threads that fsync for it cost a
 hand-off of Python's global lock at every system call they make. So the
 listener forks a few *syncer* processes when it starts (while it has no
-other thread): each waits on a socketpair for a file descriptor, fsyncs
+other thread: a loop started beside threads, as tests do, fsyncs in its
+own thread, see below): each waits on a socketpair for a file descriptor, fsyncs
 it, closes it and answers with the errno (0 for success). The descriptor
 itself travels (SCM_RIGHTS), not a path: an fsync through it reports the
 write-back errors of that very file.
@@ -25,6 +26,8 @@ import errno
 import os
 import signal
 import socket
+
+from . import forkserver
 
 
 def _serve(sock):
@@ -70,26 +73,20 @@ class Syncers:
         for _ in range(n):
             try:
                 self._spawn()
-            except OSError as e:
+            except (OSError, forkserver.ForkWithThreads) as e:
                 if log:
-                    log.warning(f"warning: cannot start a syncer process: {e.strerror or e}")
+                    log.warning(f"warning: cannot start a syncer process: {getattr(e, 'strerror', None) or e}")
                 break
 
     def _spawn(self):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:   # the syncer: nothing but its socket
-            code = 0
-            try:
-                fd = theirs.fileno()
-                os.closerange(3, fd)
-                os.closerange(fd + 1, 1 << 16)
-                _serve(theirs)
-            except BaseException:   # noqa: BLE001 - the child must never return
-                code = 1
-            finally:
-                os._exit(code)
-        theirs.close()
+        try:    # the syncer: nothing but its socket
+            pid = forkserver.fork_child(lambda: _serve(theirs), keep={theirs.fileno()})
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
         mine.setblocking(False)
         self.pids.append(pid)
         self.socks.append(mine)

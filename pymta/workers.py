@@ -5,27 +5,32 @@ per message costs 2-3 ms of CPU in a daemon-sized parent (page tables, then
 copy-on-write faults in the child); a worker forked once per identity and
 kept while there is work costs one round trip on a socket pair.
 
-The parent sends a request (pickled: the worker is the parent's own code,
-forked from it) with the message's df descriptor attached (SCM_RIGHTS); the
-worker answers in JSON, because the parent, often root, must never unpickle
-what a lower-privileged process wrote. A worker exits when it has been idle
-for IDLE_EXIT seconds or when its parent goes away (EOF); the parent stops
-using a worker well before that (a reaper thread closes the workers idle
-for REUSE_WINDOW and waits for them, so none stays a zombie), so an EOF while waiting for an answer means
-the worker died during the delivery, and the caller defers the message.
+A worker is started by pymta.forkserver.spawn: in the daemon by its fork
+server (the master has threads and never forks), elsewhere by the calling
+process itself. The parent sends a request (pickled: the worker runs the
+parent's own code) with the message's df descriptor attached (SCM_RIGHTS);
+the worker answers in JSON (forkserver.put_result), because the parent,
+often root, must never unpickle what a lower-privileged process wrote. A
+worker exits when it has been idle for IDLE_EXIT seconds or when its parent
+goes away (EOF); the parent stops using a worker well before that (it
+closes the workers idle for REUSE_WINDOW: a reaper thread does, with a fork
+server; without one, where a thread would forbid the next fork, each call
+does), so an EOF while waiting for an answer means the worker died during
+the delivery, and the caller defers the message. Whoever forked a worker
+reaps it: the fork server as soon as it exits, a process without one when
+it closes the worker or finds it gone, so none stays a zombie.
 """
 
-import json
 import os
 import pickle
 import select
-import signal
 import socket
 import struct
 import threading
 import time
 
-from .status import EX_OK, EX_SOFTWARE, TempFail
+from . import forkserver
+from .status import TempFail
 
 IDLE_EXIT = 60.0          # a worker with no request for this long exits
 REUSE_WINDOW = 45.0       # the parent retires workers idle for longer
@@ -37,26 +42,6 @@ _HDR = struct.Struct("!I")
 
 class WorkerGone(TempFail):
     """The worker died or broke the protocol; the delivery's fate is unknown."""
-
-
-def close_other_fds(keep):
-    """In a fresh child: close every descriptor but stdio and ``keep``."""
-    low = 3
-    for fd in sorted(keep):
-        if fd >= low:
-            os.closerange(low, fd)
-            low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
-
-
-def _recv_exact(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("connection closed")
-        buf += chunk
-    return bytes(buf)
 
 
 def _serve(sock, handle):
@@ -77,32 +62,42 @@ def _serve(sock, handle):
         finally:
             for fd in fds:
                 os.close(fd)
-        body = json.dumps(result).encode()
-        sock.sendall(_HDR.pack(len(body)) + body)
+        forkserver.put_result(sock.fileno(), result)
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def _worker_main(fds, setup, handle):
+    """A worker's life, in the child (forkserver.spawn)."""
+    sock = socket.socket(fileno=fds[0])
+    setup()
+    _serve(sock, handle)
 
 
 class Worker:
     """One forked worker. ``setup()`` runs once in the child (drop privileges);
-    ``handle(payload, fd)`` runs per request and returns something JSON can hold."""
+    ``handle(payload, fd)`` runs per request and returns something JSON can
+    hold. With a fork server, both are pickled (module-level functions or
+    partials of them)."""
 
     def __init__(self, setup, handle):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
-        if pid == 0:   # the worker: never returns
-            code = EX_OK
-            try:
-                parent.close()
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                    signal.signal(sig, signal.SIG_DFL)
-                close_other_fds({child.fileno()})
-                setup()
-                _serve(child, handle)
-            except BaseException:   # noqa: BLE001 - the child must never return
-                code = EX_SOFTWARE
-            finally:
-                os._exit(code)
-        child.close()
-        self.pid, self.sock = pid, parent
+        try:
+            self.proc = forkserver.spawn(_worker_main, (setup, handle), [child.fileno()])
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.pid, self.sock = self.proc.pid, parent
         self.requests = 0
         self.last_used = time.monotonic()
 
@@ -114,47 +109,27 @@ class Worker:
         except OSError as e:
             raise BrokenPipeError(str(e)) from None   # nothing was done: retry elsewhere
         try:
-            (n,) = _HDR.unpack(_recv_exact(self.sock, _HDR.size))
-            result = json.loads(_recv_exact(self.sock, n))
-        except (OSError, EOFError, ValueError, struct.error) as e:
-            raise WorkerGone(f"delivery process {self.pid} failed: {e}") from None
+            result, _ = forkserver.get_result(self.sock.fileno())
+        except (OSError, forkserver.ResultError) as e:
+            raise WorkerGone(f"delivery process {self.pid} failed: {e.strerror or e}") from None
         self.requests += 1
         self.last_used = time.monotonic()
         return result
 
     def exited(self):
         """Whether the worker has exited (it is then reaped)."""
-        try:
-            done, _ = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            return True
-        if done:
-            self.reaped = True
-        return bool(done)
-
-    reaped = False
+        return self.proc.poll() is not None
 
     def close(self):
         try:
             self.sock.close()
         except OSError:
             pass
-        if self.reaped:
-            return
         # It sees EOF and exits at once; reap it without blocking the caller long.
-        for _ in range(50):
-            try:
-                done, _ = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if done:
-                return
-            time.sleep(0.01)
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        if self.proc.wait(0.5) is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.close()
 
 
 class Pool:
@@ -164,10 +139,10 @@ class Pool:
         self._idle = {}
         self._lock = threading.Lock()
         self._owner = os.getpid()
-        self._reaper = None       # (pid, thread) of this process's reaper
+        self._reaper = None       # (pid, thread, stop event) of this process's reaper
 
     def _start_reaper(self):
-        """A daemon thread that retires idle workers on time: every
+        """With a fork server, a daemon thread that retires idle workers on time: every
         REAP_TICK seconds, a worker idle for REUSE_WINDOW is closed (it sees
         EOF, exits at once and is waited for), and one that exited by itself
         is waited for at once, so none outlives its time or stays a zombie
@@ -175,14 +150,15 @@ class Pool:
         with self._lock:
             if self._reaper is not None and self._reaper[0] == os.getpid():
                 return
-            t = threading.Thread(target=self._reap_loop, name="pymta-worker-reaper", daemon=True)
-            self._reaper = (os.getpid(), t)
+            stop = threading.Event()
+            t = threading.Thread(target=self._reap_loop, args=(stop,), name="pymta-worker-reaper",
+                                 daemon=True)
+            self._reaper = (os.getpid(), t, stop)
         t.start()
 
-    def _reap_loop(self):
+    def _reap_loop(self, stop):
         me = os.getpid()
-        while True:
-            time.sleep(REAP_TICK)
+        while not stop.wait(REAP_TICK):
             if os.getpid() != me:
                 return
             self.reap()
@@ -231,13 +207,16 @@ class Pool:
 
     def call(self, key, setup, handle, payload, fd):
         """Run ``handle(payload, fd)`` in a worker for ``key``; raises WorkerGone."""
+        if forkserver.server() is None:
+            self.reap()     # no reaper thread here: it would forbid the next fork
         for attempt in (1, 2):
             worker, stale = self._take(key)
             for w in stale:
                 w.close()
             if worker is None:
                 worker = Worker(setup, handle)
-                self._start_reaper()
+                if forkserver.server() is not None:
+                    self._start_reaper()
             try:
                 result = worker.call(payload, fd)
             except BrokenPipeError:
@@ -253,9 +232,15 @@ class Pool:
         raise AssertionError("unreachable")
 
     def close_all(self):
+        """Close every idle worker and stop the reaper thread."""
         with self._lock:
             workers = [w for lst in self._idle.values() for w in lst]
             self._idle.clear()
+            reaper, self._reaper = self._reaper, None
+        if reaper is not None and reaper[0] == os.getpid():
+            reaper[2].set()
+            if reaper[1] is not threading.current_thread():
+                reaper[1].join()
         for w in workers:
             w.close()
 

@@ -42,17 +42,19 @@ def can_connect(port, host="127.0.0.1"):
 
 
 @contextlib.contextmanager
-def daemon(inst, *args, mode="-bD", port=None, **params):
+def daemon(inst, *args, mode="-bD", port=None, env=None, **params):
     """``sendmail -C conf -bD args`` (or ``mode``) for an Instance, in its own
-    session, listening on ``port`` (a free one by default); yields (Popen,
-    port) once it greets; SIGTERM then SIGKILL of its group at the end."""
+    session, listening on ``port`` (a free one by default), with ``env``
+    added to the environment; yields (Popen, port) once it greets; SIGTERM
+    then SIGKILL of its group at the end."""
     port = port or free_port()
     params.setdefault("mail_owner", "root")
     params.setdefault("smtpd_listen", f"127.0.0.1:{port}")
     inst.write_config(**params)
     cmd = [sys.executable, os.path.join(BIN, "sendmail"), "-C", inst.conf_path, mode, *args]
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, start_new_session=True)
+                         stderr=subprocess.PIPE, start_new_session=True,
+                         env={**os.environ, **env} if env else None)
     try:
         assert wait_for(lambda: can_connect(port) or p.poll() is not None), "daemon did not start"
         assert p.poll() is None or mode == "-bd", p.stderr.read()
