@@ -172,6 +172,22 @@ def test_the_destination_limit_holds_across_concurrent_queue_runs(make_instance)
         assert sink.connections < 24
 
 
+def test_messages_put_off_in_slow_start_go_to_every_delivery_process(make_instance):
+    # Slow start gives the destination one slot: the other process finds it
+    # taken for every message it takes. Those messages go back to the run,
+    # not into that process's own list: once the destination has delivered,
+    # both processes take them, and the server sees two connections at once.
+    with SMTPSink("127.0.0.2", data_delay=0.3) as sink:
+        inst = make_instance(relayhost=f"[127.0.0.2]:{sink.port}", delivery_process_limit=2,
+                             delivery_thread_limit=2, default_destination_concurrency_limit=2,
+                             initial_destination_concurrency=1)
+        for i in range(12):
+            put(inst, f"u{i}@remote.test")
+        assert inst.sendmail("-q").returncode == 0
+        assert len(sink.delivered) == 12 and inst.spool.ids() == []
+        assert sink.peak == 2
+
+
 def test_a_server_at_its_connection_limit_is_not_taken_for_dead(make_instance):
     # It serves two connections at once and greets a third with 421.
     with SMTPSink("127.0.0.2", data_delay=0.2, max_sessions=2) as sink:
