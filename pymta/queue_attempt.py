@@ -144,6 +144,12 @@ class Deliverer:
         if self._cache is not None:
             self._cache.close_all()
 
+    def close_unwanted_connections(self):
+        """Close the idle connections someone else waits for, or idle too long."""
+        if self._cache is not None:
+            from . import sched
+            self._cache.close_unwanted_idle(sched.for_config(self.cfg, self.log), sched.IDLE_TIME)
+
     def forget_connections(self):
         """In a forked child: the parent's idle connections are not ours."""
         self._cache = None

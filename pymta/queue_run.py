@@ -382,8 +382,10 @@ class Runner:
     def _child(self, sock, wfd, filters, threads=1):
         """A delivery process's loop: ids from ``sock`` until an end mark
         (one a thread), a note back for each. A thread that has waited a
-        moment for an id closes the process's idle connections, so that
-        their slots serve the other processes."""
+        moment for an id closes the process's idle connections that another
+        delivery waits for (pymta.sched's wants) or that have been idle for
+        sched.IDLE_TIME, so that their slots serve the other processes; the
+        others are kept for the next message to their destination."""
         self.deliverer.forget_connections()
         st = PassStats()
         sock.settimeout(0.05)
@@ -393,7 +395,9 @@ class Runner:
                 try:
                     data = sock.recv(256)
                 except TimeoutError:
-                    self.deliverer.close_connections()
+                    # Idle connections hold their destination's slots:
+                    # they go when a delivery elsewhere waits for one.
+                    self.deliverer.close_unwanted_connections()
                     continue
                 except OSError:
                     return

@@ -135,6 +135,8 @@ class Connection:
     one of its destination's connection slots (pymta.sched) until closed."""
 
     slot = None
+    hop = None              # the destination whose slot it holds
+    idle_since = 0.0        # when it went into a ConnectionCache (time.time())
 
     def __init__(self, smtp, host, ip, port, tls):
         self.smtp, self.host, self.ip, self.port, self.tls = smtp, host, ip, port, tls
@@ -169,6 +171,7 @@ class ConnectionCache:
             return lst.pop() if lst else None
 
     def put(self, key, conn):
+        conn.idle_since = time.time()
         with self._lock:
             lst = self._idle.setdefault(key, [])
             if len(lst) < self.per_destination:
@@ -181,6 +184,28 @@ class ConnectionCache:
             conns = [c for lst in self._idle.values() for c in lst]
             self._idle.clear()
         for c in conns:
+            c.close()
+
+    def close_unwanted_idle(self, sch, idle_time):
+        """Close the idle connections whose destination someone waits for
+        (a want newer than their idleness, pymta.sched) or that have been
+        idle for ``idle_time`` seconds; keep the others for the next message."""
+        now = time.time()
+        with self._lock:
+            go = []
+            for key, lst in list(self._idle.items()):
+                keep = []
+                for c in lst:
+                    if now - c.idle_since >= idle_time or (c.hop is not None
+                                                           and sch.wanted(c.hop, c.idle_since)):
+                        go.append(c)
+                    else:
+                        keep.append(c)
+                if keep:
+                    self._idle[key] = keep
+                else:
+                    del self._idle[key]
+        for c in go:
             c.close()
 
 
@@ -746,6 +771,7 @@ def _deliver_batch(cfg, env, rcpts, domain, log, resolver, cache, verbose, sch, 
             return results
     slot = sch.acquire(hop)
     if slot is None:
+        sch.want(hop)       # the processes that keep idle connections to it let them go
         raise Busy(hop)
     try:
         # Looked at again with the slot in hand: another thread or process
@@ -794,10 +820,12 @@ def _deliver_batch(cfg, env, rcpts, domain, log, resolver, cache, verbose, sch, 
                             sch.cap(hop, others)
                             log.info(f"{env.id}: {hop}: 421 with {others} other connection(s) "
                                      f"open: at most {others} at once for now")
+                            sch.want(hop)
                             raise Busy(hop)
                     all_dead = all_dead and _dead_kind(why)
                     continue
                 conn.slot, slot = slot, None
+                conn.hop = hop
                 try:
                     results, reusable = transaction(cfg, conn, env, rcpts, spool)
                 except BaseException:

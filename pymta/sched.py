@@ -18,6 +18,12 @@ runs deliver at once; they agree on two things through files:
   to it are open is at its own connection limit, not dead: ``<hop>.cap``
   holds that number of connections for CAP_TIME seconds, and the message
   waits for a slot (Postfix's concurrency feedback, in one step).
+- **Wants.** A delivery that finds every slot of a destination held
+  touches ``<hop>.want``. A delivery process keeps its idle connections for
+  the next message (they hold their slots) until such a want is newer than
+  the moment a connection went idle, or until IDLE_TIME without work: a
+  connection is given up when someone waits for its slot, not merely
+  because the queue run's hand-out was a moment late on a busy machine.
 - **Dead marks.** ``<hop>.dead`` holds an expiry time and the reply of the
   failure that made every server of the destination unusable (refused,
   timed out, 421 greeting); until it expires, messages for it are deferred
@@ -38,6 +44,9 @@ from .status import Reply
 SUBDIR = "sched"
 _PROVEN_REFRESH = 10.0      # <hop>.ok is touched at most this often per process
 CAP_TIME = 60.0             # how long a server's connection limit, learnt from a 421, holds
+IDLE_TIME = 2.0             # an idle connection nobody waits for is kept this long (Postfix's
+                            # smtp_connection_cache_time_limit)
+_CLOCK_SLACK = 0.02         # file times come from a coarse clock: a want this much older counts
 
 
 def _file_name(hop):
@@ -175,6 +184,28 @@ class Scheduler:
             finally:
                 os.close(fd)
         return n
+
+    # -- wants: someone waits for a slot of ``hop``
+    def want(self, hop):
+        """Every slot of ``hop`` was held when a delivery wanted one."""
+        if not self._usable():
+            return
+        path = self._path(hop, ".want")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                os.utime(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def wanted(self, hop, since):
+        """Whether a delivery wanted a slot of ``hop`` since ``since`` (time.time())."""
+        try:
+            return os.stat(self._path(hop, ".want")).st_mtime >= since - _CLOCK_SLACK
+        except OSError:
+            return False
 
     # -- slow start
     def proven(self, hop):
