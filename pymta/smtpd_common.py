@@ -235,6 +235,25 @@ class Admission:
             self._per_client[ip] = self._per_client.get(ip, 0) + 1
         return None
 
+    def turned_away(self, sock, ip, blocking=True):
+        """Admit a session from ``ip`` (False), or send ``sock`` its 421,
+        log it and return True; the caller closes the socket. A blocking
+        send waits 2 s at most; the event loop's does not wait."""
+        refusal = self.admit(ip)
+        if refusal is None:
+            return False
+        self.services.log.info(f"warning: {ip}: {refusal}")
+        try:
+            if blocking:
+                sock.settimeout(2)
+                sock.sendall(refusal.lines())
+            else:
+                sock.setblocking(False)
+                sock.send(refusal.lines())
+        except OSError:
+            pass
+        return True
+
     def leave(self, ip):
         """A session admitted from ``ip`` has ended."""
         with self._count_lock:

@@ -346,14 +346,7 @@ class Loop:
                 self.paused[srv] = time.monotonic() + 1.0
                 return
             ip = common.client_ip(addr)
-            refusal = srv.admit(ip)
-            if refusal is not None:
-                srv.services.log.info(f"warning: {ip}: {refusal}")
-                try:
-                    sock.setblocking(False)
-                    sock.send(refusal.lines())
-                except OSError:
-                    pass
+            if srv.turned_away(sock, ip, blocking=False):
                 _close_socket(sock)
                 continue
             sock.setblocking(False)

@@ -87,14 +87,7 @@ class Server(common.Admission, socketserver.ThreadingMixIn, socketserver.BaseSer
 
     def process_request(self, request, client_address):
         ip = common.client_ip(client_address)
-        refusal = self.admit(ip)
-        if refusal is not None:
-            self.services.log.info(f"warning: {ip}: {refusal}")
-            try:
-                request.settimeout(2)
-                request.sendall(refusal.lines())
-            except OSError:
-                pass
+        if self.turned_away(request, ip):
             self.shutdown_request(request)
             return
         try:
