@@ -66,10 +66,41 @@ def _proc_locked_inodes():
     return inodes
 
 
+CHUNK = 10000       # the most control-file ids held at once: mailq's memory is flat
+
+
+def _controls(spool, after="", limit=None):
+    """(the number of control files, {id: prefix} of the ``limit`` first
+    ids above ``after``): one pass over the queue directory holding at most
+    twice ``limit`` ids. A qf and an hf for one id cannot both exist (hold
+    is a rename); should it happen, the qf wins, as Spool.read() does."""
+    limit = limit or CHUNK
+    n = 0
+    control = {}
+    bound = None            # ids from this one up are not among the first ``limit``
+    with os.scandir(spool.dir) as it:      # not listdir: the df names are never all kept
+        for e in it:
+            name = e.name
+            prefix, qid = name[:2], name[2:]
+            if prefix not in ("qf", "hf", "Qf") or not valid_id(qid):
+                continue
+            n += 1
+            if qid <= after or bound is not None and qid > bound:
+                continue
+            if prefix == "qf" or qid not in control or control[qid] == "Qf":
+                control[qid] = sys.intern(prefix)
+                if len(control) >= 2 * limit:
+                    keep = sorted(control)[:limit]
+                    bound = keep[-1]
+                    control = {q: control[q] for q in keep}
+    if len(control) > limit:
+        control = {q: control[q] for q in sorted(control)[:limit]}
+    return n, control
+
+
 def count(spool):
     """The number of messages (qf, hf and Qf control files), reading none."""
-    return len({name[2:] for name in os.listdir(spool.dir)
-                if name[:2] in ("qf", "hf", "Qf") and valid_id(name[2:])})
+    return _controls(spool, limit=1)[0]
 
 
 def scan(spool, filters=(), include_lost=True):
@@ -83,42 +114,45 @@ def scan(spool, filters=(), include_lost=True):
 
 def iter_scan(spool, filters=(), include_lost=True):
     """(number of control files, generator of their entries oldest first,
-    those that match ``filters``): one entry in memory at a time.
+    those that match ``filters``): one entry in memory at a time, and the
+    ids CHUNK at a time (a queue larger than that is read again for each
+    further CHUNK: memory stays flat as the queue grows; a message queued
+    meanwhile may be listed, one removed meanwhile is not).
 
     Raises PermissionError or FileNotFoundError at once, as scan() does."""
-    control = {}
-    with os.scandir(spool.dir) as it:      # not listdir: the df names are never all kept
-        for e in it:
-            name = e.name
-            prefix, qid = name[:2], name[2:]
-            if prefix in ("qf", "hf", "Qf") and valid_id(qid):
-                # A qf and an hf for one id cannot both exist (hold is a rename);
-                # should it happen, the qf wins, as Spool.read() does.
-                if prefix == "qf" or qid not in control or control[qid] == "Qf":
-                    control[qid] = sys.intern(prefix)
+    chunk = CHUNK
+    n, first = _controls(spool, limit=chunk)
     locked_inodes = _proc_locked_inodes()
 
     def entries():
-        for qid in sorted(control):
-            prefix = control[qid]
-            if prefix == "Qf":
-                if not include_lost:
+        control = first
+        while control:
+            for qid in sorted(control):
+                prefix = control[qid]
+                if prefix == "Qf":
+                    if not include_lost:
+                        continue
+                    entry = Entry(qid, error="lost: control file could not be parsed", lost=True)
+                else:
+                    entry = _read_entry(spool, qid, prefix)
+                if filters and not matches(qid, entry.env, filters):
                     continue
-                entry = Entry(qid, error="lost: control file could not be parsed", lost=True)
-            else:
-                entry = _read_entry(spool, qid, prefix)
-            if filters and not matches(qid, entry.env, filters):
-                continue
+                try:
+                    st = os.stat(spool.path("df", qid))
+                except OSError:
+                    st = None
+                if st is not None:
+                    entry.size = st.st_size
+                    if locked_inodes is None or st.st_ino in locked_inodes:
+                        entry.locked = spool.is_locked(qid)
+                yield entry
+            if len(control) < chunk:
+                return
             try:
-                st = os.stat(spool.path("df", qid))
+                control = _controls(spool, after=max(control), limit=chunk)[1]
             except OSError:
-                st = None
-            if st is not None:
-                entry.size = st.st_size
-                if locked_inodes is None or st.st_ino in locked_inodes:
-                    entry.locked = spool.is_locked(qid)
-            yield entry
-    return len(control), entries()
+                return
+    return n, entries()
 
 
 def _read_entry(spool, qid, prefix):

@@ -271,3 +271,31 @@ def test_mailq_memory_stays_flat_as_the_queue_grows(make_instance):
     # Each listed entry no longer stays in memory: a few hundred bytes of
     # directory listing per message at most.
     assert kb_big - kb_small < 4000, (kb_small, kb_big)
+
+
+@pytest.mark.unit
+def test_a_queue_larger_than_a_chunk_is_listed_whole_and_oldest_first(inst, monkeypatch):
+    # mailq holds CHUNK ids at a time (flat memory) and reads the directory
+    # again for each further CHUNK: the listing is the same as at once.
+    from pymta import envelope as E
+    from pymta import mailq as M
+    from pymta.queue_dir import Spool
+    spool = Spool(inst.params["queue_directory"], fsync=False)
+    ids = []
+    for i in range(53):
+        with spool.new_message() as w:
+            w.write(b"Subject: %d\n\nhi\n" % i)
+            env = E.Envelope(sender="a@b.example")
+            env.add_recipient(f"u{i}@remote.test")
+            w.commit(env)
+            ids.append(w.id)
+    held = spool.read(ids[10])
+    spool.hold(held, "test")
+    os.rename(spool.path("qf", ids[20]), spool.path("Qf", ids[20]))
+    monkeypatch.setattr(M, "CHUNK", 7)
+    n, entries = M.iter_scan(spool)
+    listed = [e.id for e in entries]
+    assert n == 53 and listed == sorted(ids)
+    assert M.count(spool) == 53
+    monkeypatch.setattr(M, "CHUNK", 53)          # a chunk of exactly the queue's size
+    assert [e.id for e in M.iter_scan(spool)[1]] == sorted(ids)
