@@ -198,12 +198,7 @@ class Runner:
         # Deliveries as other users fork (workers, |command children): with
         # threads, a fork server does it (the daemon's master has its own).
         with forkserver.scope() as scope:
-            ts = [threading.Thread(target=work, name=f"pymta-deliver-{i}", daemon=True)
-                  for i in range(nthreads)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
+            _in_threads(work, nthreads)
             if scope.started:
                 workers.POOL.close_all()    # its workers end with it
 
@@ -419,12 +414,7 @@ class Runner:
             if threads <= 1:
                 work()
             else:
-                ts = [threading.Thread(target=work, name=f"pymta-deliver-{i}", daemon=True)
-                      for i in range(threads)]
-                for t in ts:
-                    t.start()
-                for t in ts:
-                    t.join()
+                _in_threads(work, threads)
         finally:
             self.deliverer.close_connections()
             counts = {k: getattr(st, k) for k in _COUNTS}
@@ -536,3 +526,12 @@ def main(cfg, opts):
         if not interval:
             return EX_OK
         time.sleep(interval)
+
+
+def _in_threads(work, n):
+    """Run ``work`` in ``n`` delivery threads and wait for them all."""
+    ts = [threading.Thread(target=work, name=f"pymta-deliver-{i}", daemon=True) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
