@@ -78,10 +78,7 @@ def _version_tuple(text):
 
 def check_dependencies(report, cfg=None):
     from . import deps
-    try:
-        from importlib import metadata
-    except ImportError:   # pragma: no cover
-        metadata = None
+    from importlib import metadata
     for dist, minimum, module, debian, needed_by in deps.REQUIRES:
         try:
             importlib.import_module(module)
@@ -94,7 +91,7 @@ def check_dependencies(report, cfg=None):
                 report.error(text, EX_UNAVAILABLE)
             continue
         try:
-            have = metadata.version(dist) if metadata else ""
+            have = metadata.version(dist)
         except Exception:   # noqa: BLE001 - no metadata (a copied module): nothing to compare
             have = ""
         if have and _version_tuple(have) < _version_tuple(minimum):
