@@ -14,6 +14,7 @@ write) is decided by local.py, which passes the ids to switch between.
 import errno
 import fcntl
 import os
+import re
 import stat
 import time
 
@@ -33,6 +34,57 @@ def _quoted(line, style):
     return line.startswith(b"From ")
 
 
+_RD_FROM = {}    # LINE_CHUNK -> the mboxrd pattern
+
+
+def _quote_block(data, bol, style):
+    """``data`` (whole lines, or a piece of one long line) with its lines
+    quoted as _quoted says; ``bol``: it starts at a line's start."""
+    if style == "mboxrd":
+        if b"From " in data:
+            # As a reader of lines judges: the ">"s and "From " within a
+            # line's first LINE_CHUNK bytes.
+            pattern = _RD_FROM.get(LINE_CHUNK)
+            if pattern is None:
+                pattern = _RD_FROM[LINE_CHUNK] = re.compile(rb"\n(?=>{0,%d}From )" % (LINE_CHUNK - 5))
+            data = pattern.sub(b"\n>", data)
+    elif b"\nFrom " in data:
+        data = data.replace(b"\nFrom ", b"\n>From ")
+    if bol and _quoted(data[:LINE_CHUNK], style):
+        data = b">" + data
+    return data
+
+
+def _copy_quoted(df, out, style):
+    """Copy the df to ``out`` in blocks, body lines quoted (see _quoted);
+    returns the last byte written. A block goes out up to its last
+    newline, so that no line start is split between two; a line longer
+    than LINE_CHUNK goes out in pieces, only its first piece looked at for
+    quoting, as a reader of lines would."""
+    carry = b""
+    bol = True      # carry starts at the start of a line
+    last = b"\n"
+    while True:
+        block = df.read(MESSAGE_BLOCK)
+        if not block:
+            break
+        data = carry + block if carry else block
+        cut = data.rfind(b"\n") + 1
+        if not cut:
+            if len(data) < LINE_CHUNK:
+                carry = data
+                continue
+            cut = len(data)
+        piece, carry = (data[:cut], data[cut:]) if cut < len(data) else (data, b"")
+        out.write(_quote_block(piece, bol, style))
+        bol = piece.endswith(b"\n")
+        last = piece[-1:]
+    if carry:
+        out.write(_quote_block(carry, bol, style))
+        last = carry[-1:]
+    return last
+
+
 def _write_mbox(fd, env, rcpt, df, limit, style="mboxo"):
     """Append one message to the open, locked mbox ``fd``, body lines quoted
     in ``style`` (see _quoted), a blank line after it; all or nothing."""
@@ -44,18 +96,7 @@ def _write_mbox(fd, env, rcpt, df, limit, style="mboxo"):
     try:
         out.write(from_line(env))
         out.write(prefix(env, rcpt))
-        last = b"\n"
-        while True:
-            # In pieces of LINE_CHUNK bytes at most (a 200 MB line streams
-            # through in bounded memory); only a line's first piece is looked
-            # at for quoting.
-            line = df.readline(LINE_CHUNK)
-            if not line:
-                break
-            if last.endswith(b"\n") and _quoted(line, style):
-                out.write(b">")
-            out.write(line)
-            last = line
+        last = _copy_quoted(df, out, style)
         if not last.endswith(b"\n"):
             out.write(b"\n")
         out.write(b"\n")

@@ -740,3 +740,43 @@ def test_delivery_workers_are_named_in_ps(inst):
     pids = [w.pid for lst in workers.POOL._idle.values() for w in lst
             if os.path.exists(f"/proc/{w.pid}")]
     assert pids and all(open(f"/proc/{p}/comm").read() == "pymta: local\n" for p in pids)
+
+
+def _quoted_by_lines(data, style, chunk):
+    """The mbox quoting as a reader of lines does it (pieces of at most
+    ``chunk`` bytes, only a line's first piece looked at): the definition
+    local_mbox's block copy must match."""
+    import io
+    df, out, last = io.BytesIO(data), [], b"\n"
+    while True:
+        line = df.readline(chunk)
+        if not line:
+            break
+        if last.endswith(b"\n") and local_mbox._quoted(line, style):
+            out.append(b">")
+        out.append(line)
+        last = line
+    return b"".join(out), last[-1:]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("style", ["mboxo", "mboxrd"])
+@pytest.mark.parametrize("block,chunk", [(7, 5), (5, 11), (16, 16), (64, 9), (256 * 1024, 64 * 1024)])
+def test_mbox_block_copy_quotes_as_a_reader_of_lines_would(monkeypatch, style, block, chunk):
+    import io
+    import random
+    monkeypatch.setattr(local_mbox, "MESSAGE_BLOCK", block)
+    monkeypatch.setattr(local_mbox, "LINE_CHUNK", chunk)
+    rnd = random.Random(f"{style}{block}{chunk}")
+    pieces = [b"From ", b">From ", b">>From x", b"From", b"rom ", b"\n", b"\n", b"\n", b"x" * 13,
+              b"From: a@b\n", b">", b"F", b"\r\n", b"y" * 70, b" From ", b"\n\n", b">" * 6]
+    cases = [b"", b"\n", b"From ", b"From \n", b"no newline at the end", b"a\nFrom b\n>From c\n",
+             b"x" * (3 * chunk) + b"\nFrom z", b">" * (2 * chunk) + b"From \n",
+             b"a\n" + b">" * (chunk - 5) + b"From x\n", b"a\n" + b">" * (chunk - 4) + b"From x\n"]
+    cases += [b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(1, 60))) for _ in range(300)]
+    for data in cases:
+        out = io.BytesIO()
+        last = local_mbox._copy_quoted(io.BytesIO(data), out, style)
+        want, want_last = _quoted_by_lines(data, style, chunk)
+        assert out.getvalue() == want, (data, style)
+        assert last == (want_last or b"\n"), data
