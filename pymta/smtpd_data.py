@@ -62,13 +62,18 @@ class DataReceiver:
                 return 3, True
             if len(buf) < 3 and b".\r\n".startswith(bytes(buf)):
                 return 0, False
-        end = buf.find(b"\r\n.\r\n")
-        if end >= 0:
-            used = end + 5
-            self._segment(_prefix(buf, end + 2))
-            self._release_header()
-            self.received += used
-            return used, True
+        # One search tells both whether the end is here and whether any
+        # line (but the first) is dot-stuffed: both need a CRLF and a dot.
+        dot = _DOT_LINE.search(buf)
+        dot = dot.start() if dot is not None else -1
+        if dot >= 0:
+            end = buf.find(b"\r\n.\r\n", max(dot - 1, 0))
+            if end >= 0:
+                used = end + 5
+                self._segment(_prefix(buf, end + 2), dots=dot + 1 < end + 2)
+                self._release_header()
+                self.received += used
+                return used, True
         cut = buf.rfind(b"\r\n")
         if cut >= 0:
             used = cut + 2
@@ -80,11 +85,13 @@ class DataReceiver:
             mid_line = True
         else:
             return 0, False
-        self._segment(_prefix(buf, used), mid_line)
+        self._segment(_prefix(buf, used), mid_line, dots=0 <= dot and dot + 1 < used)
         self.received += used
         return used, False
 
-    def _segment(self, seg, mid_line=False, stuffed=True):
+    def _segment(self, seg, mid_line=False, stuffed=True, dots=None):
+        """Store ``seg`` (whole lines, unless ``mid_line``). ``dots``: whether
+        a line after its first may begin with a dot (None: not known)."""
         # CRLF to LF (split and join beat bytes.replace by a third); what is
         # left of CR, or is more LF than there were CRLFs, is a bare line end.
         parts = seg.split(b"\r\n")
@@ -100,7 +107,7 @@ class DataReceiver:
         if stuffed:
             if self.at_bol and data[:1] == b".":
                 data = data[1:]
-            if _DOT_LINE.search(data):
+            if dots or (dots is None and _DOT_LINE.search(data)):
                 data = data.replace(b"\n.", b"\n")
         self.at_bol = not mid_line
         if self.in_header:

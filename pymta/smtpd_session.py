@@ -46,6 +46,7 @@ from .smtpd_policy import in_networks, rcpt_policy
 from .status import AddressError, PymtaError, Reply
 
 COMMAND_LINE_MAX = 512
+HELD_COPY = 8192         # message data held back: joined to the next read by a copy up to this size
 
 R_OK = Reply(250, "2.0.0", "Ok")
 R_BYE = Reply(221, "2.0.0", "Bye")
@@ -177,9 +178,14 @@ class Session:
     def feed(self, data):
         """Consume client bytes; return the reply bytes to send (maybe b"")."""
         self._out = []
-        if self._data is not None and not self._buf and self._pending is None and not self.closed:
-            # Message data with nothing held back: straight to the receiver,
-            # and only what it leaves (a part line) is kept.
+        if self._data is not None and self._pending is None and not self.closed and \
+                len(self._buf) < HELD_COPY:
+            # Message data: straight to the receiver, after what is held
+            # back (the start of a line: copied, when short), and only what
+            # it leaves (a part line) is kept.
+            if self._buf:
+                data = bytes(self._buf) + data
+                del self._buf[:]
             used, done = self._data.feed(data)
             self._buf += data[used:] if used else data
             if done:

@@ -509,3 +509,21 @@ def test_sasl_exchanges_give_credentials_challenges_or_refusals():
     assert x.respond(b64("pw")) == (sasl.CREDENTIALS, ("bob", "pw", "bob"))
     assert sasl.Exchange("LOGIN").respond("*") == (sasl.ERROR, sasl.R_CANCELLED)
     assert sasl.Exchange("LOGIN").start("not base64!") == (sasl.ERROR, sasl.R_UNDECODABLE)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(st.sampled_from([b"a", b".", b"..", b" ", b"xyz", b"From "]), max_size=6),
+                max_size=40),
+       st.integers(min_value=1, max_value=50))
+def test_data_stores_the_same_message_however_it_is_read(lines, read):
+    # Lines that begin with dots, dot-stuffed on the wire as RFC 5321 says;
+    # the message is followed by a pipelined command in the same reads.
+    body = [b"".join(parts) for parts in lines]
+    wire = b"Subject: p\r\n\r\n" + b"".join((b"." + ln if ln[:1] == b"." else ln) + b"\r\n"
+                                            for ln in body) + b".\r\nNOOP\r\n"
+    s = make()
+    talk(s, b"EHLO x", b"MAIL FROM:<a@b.example>", b"RCPT TO:<user@example.test>", b"DATA")
+    out = b"".join(s.feed(wire[i:i + read]) for i in range(0, len(wire), read))
+    assert codes(out) == [250, 250]
+    stored = s.store[0][1]
+    assert stored[stored.index(b"Subject: p"):] == b"Subject: p\n\n" + b"".join(ln + b"\n" for ln in body)
