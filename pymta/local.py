@@ -171,24 +171,42 @@ def _pool_setup(target, groups, extra_gid):
     _drop(target, groups, keep_root=target.kind == "mailbox", extra_gid=extra_gid)
 
 
-def _pool_handle(cfg, payload, fd):
-    """One delivery in a worker."""
-    env, rcpt, target, as_root, gid = payload
+def _pool_handle(cfg, payloads, fds):
+    """One batch of deliveries to one target in a worker (workers.Pool
+    combines those to the same target, batch_key below): the target
+    module's deliver_batch locks, writes and fsyncs once for them all. A
+    [code, enhanced, text, notes] for each; notes of the batch as a whole
+    (the lock's) go with its first message."""
+    dfs = []
     notes = []
     try:
-        with os.fdopen(os.dup(fd), "rb") as df:
-            if target.kind == "mailbox":
-                reply = _write(cfg, env, rcpt, target, df, notes, ids=_Ids(target),
-                               create_gid=gid, as_root=as_root)
+        for fd in fds:
+            dfs.append(os.fdopen(os.dup(fd), "rb"))
+        target, as_root, gid = payloads[0][2:]
+        msgs = [(env, rcpt, df) for (env, rcpt, *_), df in zip(payloads, dfs)]
+        try:
+            if target.kind == "maildir":
+                replies = local_maildir.deliver_batch(msgs, target)
+            elif target.kind in ("mailbox", "file"):
+                ids = _Ids(target) if target.kind == "mailbox" else None
+                replies = local_mbox.deliver_batch(cfg, msgs, target, notes, ids=ids,
+                                                   create_gid=gid if ids else None,
+                                                   as_root=as_root)
             else:
-                reply = _write(cfg, env, rcpt, target, df, notes)
-    except DeliveryError as e:
-        reply = e.reply
-    except OSError as e:
-        reply = os_reply(e, target.path)
+                replies = [Reply(550, "5.3.0", f"unknown local target kind {target.kind!r}")] \
+                    * len(msgs)
+        except DeliveryError as e:
+            replies = [e.reply] * len(msgs)
+        except OSError as e:
+            replies = [os_reply(e, target.path)] * len(msgs)
     except Exception as e:   # noqa: BLE001 - report, never kill the worker's loop
-        reply = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
-    return [reply.code, reply.enhanced, reply.text, notes]
+        replies = [Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")] \
+            * len(payloads)
+    finally:
+        for df in dfs:
+            df.close()
+    return [[r.code, r.enhanced, r.text, notes if i == 0 else []]
+            for i, r in enumerate(replies)]
 
 
 def _deliver_pooled(cfg, env, rcpt, target, df, log):
@@ -196,11 +214,13 @@ def _deliver_pooled(cfg, env, rcpt, target, df, log):
     as_root = target.kind == "mailbox" and local_mbox.root_only_dir(target.path)
     groups = tuple(_groups(target))
     key = (cfg, target.kind, target.uid, target.gid, groups, gid)
+    # Deliveries to the same target with the same rights share batches.
+    batch_key = (target.path, target.user, target.home, as_root)
     try:
         code, enhanced, text, notes = _workers.POOL.call(
             key, functools.partial(_pool_setup, target, groups, gid),
             functools.partial(_pool_handle, cfg),
-            (env, rcpt, target, as_root, gid), df.fileno())
+            (env, rcpt, target, as_root, gid), df.fileno(), batch_key=batch_key)
     except _workers.WorkerGone as e:
         return Reply(451, "4.3.0", f"local delivery process failed: {e}")
     for n in notes:

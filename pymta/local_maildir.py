@@ -1,5 +1,10 @@
 """Maildir delivery: streamed into tmp/, then new/, fsynced.
 
+Each message's file is fsynced in tmp/ (stdlib mailbox does) before it is
+linked into new/; the link is durable once new/ is fsynced, which a batch
+(the deliveries to one Maildir that the worker pool combined) does once
+for all its messages, before any is reported delivered.
+
 Below the user's home the Maildir is reached as the user without
 following a symbolic link (local_target.beneath_home), and made when
 missing; its tmp, new and cur must not be symbolic links either.
@@ -100,24 +105,68 @@ def _maildir_beneath_home(target):
 
 
 def deliver(env, rcpt, target, df):
-    """Maildir delivery through stdlib mailbox (streamed into tmp/, then new/)."""
+    """Maildir delivery of one message (deliver_batch)."""
+    return deliver_batch([(env, rcpt, df)], target)[0]
+
+
+def deliver_batch(msgs, target):
+    """Maildir delivery of ``msgs`` ((env, rcpt, df) each) through stdlib
+    mailbox: each streamed into tmp/, fsynced there and linked into new/;
+    then one fsync of new/ for them all (of the Maildir too when it or its
+    subdirectories were just made), before any is reported delivered. A
+    Reply for each: one that fails leaves nothing behind (mailbox removes
+    its tmp/ file); when an fsync fails, the batch's files are removed from
+    new/ again and all are deferred. Raises DeliveryError when none can be
+    delivered."""
     fd, path = _maildir_beneath_home(target)
+    replies = [None] * len(msgs)
+    added = []
     try:
+        made = False
         for sub in ("tmp", "new", "cur") if fd is not None else ():
             try:
                 os.mkdir(sub, 0o700, dir_fd=fd)
+                made = True
             except FileExistsError:
                 pass
+        if fd is None:
+            made = not os.path.isdir(os.path.join(path, "new"))
         box = mailbox.Maildir(path, factory=None, create=True)
-        box.add(_Prefixed(prefix(env, rcpt), df))
-        dfd = os.open(os.path.join(path, "new"), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        for i, (env, rcpt, df) in enumerate(msgs):
+            try:
+                added.append((i, box.add(_Prefixed(prefix(env, rcpt), df))))
+            except OSError as e:
+                replies[i] = os_reply(e, f"maildir {target.path}")
+            except Exception as e:   # noqa: BLE001 - that message alone fails
+                replies[i] = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
+        if added:
+            try:
+                _fsync_dir(os.path.join(path, "new"))
+                if made:
+                    _fsync_dir(path)
+                    if fd is None:
+                        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+            except OSError:
+                for _, key in added:
+                    try:
+                        box.discard(key)
+                    except OSError:
+                        pass
+                raise
     except OSError as e:
         raise DeliveryError(os_reply(e, f"maildir {target.path}")) from None
     finally:
         if fd is not None:
             os.close(fd)
-    return Reply(250, "2.0.0", f"delivered to maildir {target.path}/")
+    done = Reply(250, "2.0.0", f"delivered to maildir {target.path}/")
+    for i, _ in added:
+        replies[i] = done
+    return replies
+
+
+def _fsync_dir(path):
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

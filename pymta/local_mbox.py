@@ -4,7 +4,11 @@ As dma and Postfix do: a USER.lock dot-lock plus an fcntl lock, remember
 the size, append the From_ line, the Return-Path: and Delivered-To: lines
 and the message (body lines quoted in mailbox_from_quoting's style), fsync,
 and on any error truncate back, so that no partial message is ever left
-behind. The file is opened with O_NOFOLLOW, must be a regular file with one
+behind. A batch (deliver_batch: the deliveries to one mailbox that the
+worker pool combined, see workers.py) takes the locks once, appends each
+message so (one that fails is cut off alone, the others stay) and fsyncs
+once for all; only then is any of them reported delivered, and when that
+fsync fails the whole batch is cut off and deferred. The file is opened with O_NOFOLLOW, must be a regular file with one
 link, and (for root's deliveries to mailboxes) be owned by the recipient;
 below the home it is reached through the openat walk of local_target.
 Root's part (the dot-lock and a new mailbox in a directory only root may
@@ -85,13 +89,13 @@ def _copy_quoted(df, out, style):
     return last
 
 
-def _write_mbox(fd, env, rcpt, df, limit, style="mboxo"):
+def _append_one(fd, env, rcpt, df, style):
     """Append one message to the open, locked mbox ``fd``, body lines quoted
-    in ``style`` (see _quoted), a blank line after it; all or nothing."""
+    in ``style`` (see _quoted), a blank line after it, not yet fsynced; on
+    any error the file is truncated back to where the message began (an
+    OSError comes out as DeliveryError). Raises _RollbackFailed when even
+    that fails."""
     start = os.lseek(fd, 0, os.SEEK_END)
-    st = os.fstat(df.fileno())
-    if limit and start + st.st_size + 200 > limit:
-        raise DeliveryError(Reply(552, "5.2.2", f"Mailbox full (mailbox_size_limit {limit} bytes)"))
     out = open(fd, "wb", buffering=MESSAGE_BLOCK, closefd=False)
     try:
         out.write(from_line(env))
@@ -101,7 +105,6 @@ def _write_mbox(fd, env, rcpt, df, limit, style="mboxo"):
             out.write(b"\n")
         out.write(b"\n")
         out.flush()
-        os.fsync(fd)
     except BaseException as e:
         try:
             out.close()
@@ -109,14 +112,68 @@ def _write_mbox(fd, env, rcpt, df, limit, style="mboxo"):
             pass
         try:
             os.ftruncate(fd, start)
-            os.fsync(fd)
-        except OSError:
-            pass
+        except OSError as t:
+            raise _RollbackFailed(os_reply(t, "truncate")) from None
         if isinstance(e, OSError):
             raise DeliveryError(os_reply(e, "write")) from None
         raise
     else:
         out.close()
+
+
+class _RollbackFailed(DeliveryError):
+    """A failed message could not be cut off again: nothing more is appended."""
+
+
+def _write_mbox(fd, msgs, limit, style="mboxo"):
+    """Append each of ``msgs`` ((env, rcpt, df)) to the open, locked mbox
+    ``fd`` (_append_one), then fsync once. A Reply for each: a message that
+    failed has been cut off again, alone; when the fsync fails, every message
+    of the batch is cut off and none is reported delivered."""
+    replies = [None] * len(msgs)
+    batch_start = os.lseek(fd, 0, os.SEEK_END)
+    written = []
+    cut = False
+    for i, (env, rcpt, df) in enumerate(msgs):
+        if limit and os.lseek(fd, 0, os.SEEK_END) + os.fstat(df.fileno()).st_size + 200 > limit:
+            replies[i] = Reply(552, "5.2.2", f"Mailbox full (mailbox_size_limit {limit} bytes)")
+            continue
+        cut = True      # tried: a cut-off of it must be made durable too
+        try:
+            _append_one(fd, env, rcpt, df, style)
+        except _RollbackFailed as e:
+            # A partial message stays behind: append nothing after it.
+            for j in range(i, len(msgs)):
+                replies[j] = e.reply
+            break
+        except DeliveryError as e:
+            replies[i] = e.reply
+        except Exception as e:   # noqa: BLE001 - that message alone fails
+            replies[i] = Reply(451, "4.3.0", f"local delivery error: {type(e).__name__}: {e}")
+        except BaseException:
+            _cut(fd, batch_start)
+            raise
+        else:
+            written.append(i)
+    if written:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            _cut(fd, batch_start)
+            for i in written:
+                replies[i] = os_reply(e, "write")
+            written = []
+    elif cut:
+        _cut(fd, batch_start)     # the cut-off messages' truncation made durable
+    return replies, written
+
+
+def _cut(fd, size):
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError:
+        pass
 
 
 _NO_DOT_LOCK = {}     # directory -> until when its dot-locks are not tried again
@@ -242,7 +299,15 @@ def root_only_dir(path):
 
 
 def deliver(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_root=False):
-    """mbox delivery to target.path (mailbox or /file), locked, all or nothing.
+    """mbox delivery of one message to target.path (deliver_batch)."""
+    return deliver_batch(cfg, [(env, rcpt, df)], target, notes, ids, create_gid, as_root)[0]
+
+
+def deliver_batch(cfg, msgs, target, notes, ids=None, create_gid=None, as_root=False):
+    """mbox delivery of ``msgs`` ((env, rcpt, df) each) to target.path
+    (mailbox or /file): the mailbox locked and opened once, each message
+    appended all or nothing, one fsync for them all; a Reply for each.
+    Raises DeliveryError when none can be delivered (the lock, the open).
 
     ``ids`` (mailbox deliveries by root) lets the dot-lock be made and a new
     mailbox be created with root's rights where only root can write the
@@ -254,14 +319,13 @@ def deliver(cfg, env, rcpt, target, df, notes, ids=None, create_gid=None, as_roo
     if target.kind == "mailbox" and not as_root:
         dfd, path = beneath_home(target)
     try:
-        return _append_at(cfg, env, rcpt, target, df, notes, ids, create_gid, as_root,
-                          path, shown)
+        return _append_at(cfg, msgs, target, notes, ids, create_gid, as_root, path, shown)
     finally:
         if dfd is not None:
             os.close(dfd)
 
 
-def _append_at(cfg, env, rcpt, target, df, notes, ids, create_gid, as_root, path, shown):
+def _append_at(cfg, msgs, target, notes, ids, create_gid, as_root, path, shown):
     """append once the path to open is known (``shown`` is the one to report)."""
     if as_root:
         ids.root()
@@ -312,7 +376,8 @@ def _append_at(cfg, env, rcpt, target, df, notes, ids, create_gid, as_root, path
                 except OSError:
                     pass
             _fcntl_lock(fd, shown)
-            _write_mbox(fd, env, rcpt, df, cfg.mailbox_size_limit, cfg.mailbox_from_quoting)
+            replies, written = _write_mbox(fd, msgs, cfg.mailbox_size_limit,
+                                           cfg.mailbox_from_quoting)
         finally:
             os.close(fd)
     finally:
@@ -326,4 +391,7 @@ def _append_at(cfg, env, rcpt, target, df, notes, ids, create_gid, as_root, path
             if as_root:
                 ids.user()
     what = "file" if target.kind == "file" else "mailbox"
-    return Reply(250, "2.0.0", f"delivered to {what} {shown}")
+    done = Reply(250, "2.0.0", f"delivered to {what} {shown}")
+    for i in written:
+        replies[i] = done
+    return replies

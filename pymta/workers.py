@@ -19,6 +19,20 @@ does), so an EOF while waiting for an answer means the worker died during
 the delivery, and the caller defers the message. Whoever forked a worker
 reaps it: the fork server as soon as it exits, a process without one when
 it closes the worker or finds it gone, so none stays a zombie.
+
+Under load (the daemon's delivery threads, many messages to one mailbox)
+a worker per concurrent delivery would mostly wait for the mailbox lock,
+and a bounded idle list would fork and retire workers all the time. So a
+key has at most MAX_WORKERS_PER_KEY workers, all kept while they have work
+(a caller waits for one rather than fork another), and deliveries to one
+target are combined (Pool.call with a batch_key): while a batch for the
+target is in a worker, further requests wait in the parent; when it comes
+back, the first of them leads the next batch, all of them (up to
+MAX_BATCH) in one request, their descriptors in one SCM_RIGHTS message.
+The worker's handle gets the batch and returns a result for each, so the
+target module can take its lock and fsync once for all (local_mbox,
+local_maildir). A worker that dies fails its whole batch (WorkerGone for
+each: the outcome of every one is unknown, each is deferred).
 """
 
 import os
@@ -35,8 +49,9 @@ from .status import TempFail
 IDLE_EXIT = 60.0          # a worker with no request for this long exits
 REUSE_WINDOW = 45.0       # the parent retires workers idle for longer
 REAP_TICK = 5.0           # how often the parent's reaper looks at idle workers
-MAX_IDLE_PER_KEY = 4
-MAX_REQUESTS = 5000       # then the worker is retired (bounded growth)
+MAX_WORKERS_PER_KEY = 4   # workers alive at once for one identity (busy or idle)
+MAX_BATCH = 64            # most deliveries sent to a worker as one batch
+MAX_REQUESTS = 5000       # batches; then the worker is retired (bounded growth)
 _HDR = struct.Struct("!I")
 
 
@@ -45,20 +60,22 @@ class WorkerGone(TempFail):
 
 
 def _serve(sock, handle):
-    """The worker's loop: one request at a time until idle or EOF."""
+    """The worker's loop: one batch at a time until idle or EOF."""
     while True:
         ready, _, _ = select.select([sock], [], [], IDLE_EXIT)
         if not ready:
             return
-        msg, fds, _, _ = socket.recv_fds(sock, _HDR.size, 4)
+        msg, fds, _, _ = socket.recv_fds(sock, _HDR.size, MAX_BATCH + 1)
         if not msg:
             return
         try:
             if len(msg) < _HDR.size:
                 msg += _recv_exact(sock, _HDR.size - len(msg))
             (n,) = _HDR.unpack(msg)
-            payload = pickle.loads(_recv_exact(sock, n))
-            result = handle(payload, fds[0] if fds else -1)
+            payloads = pickle.loads(_recv_exact(sock, n))
+            if len(fds) != len(payloads):
+                return      # the parent broke the protocol: it sees EOF
+            result = handle(payloads, fds)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -101,20 +118,23 @@ class Worker:
         self.requests = 0
         self.last_used = time.monotonic()
 
-    def call(self, payload, fd):
-        data = pickle.dumps(payload)
+    def call(self, payloads, fds):
+        """One batch: a result for each payload, in order."""
+        data = pickle.dumps(payloads)
         try:
-            socket.send_fds(self.sock, [_HDR.pack(len(data))], [fd])
+            socket.send_fds(self.sock, [_HDR.pack(len(data))], fds)
             self.sock.sendall(data)
         except OSError as e:
             raise BrokenPipeError(str(e)) from None   # nothing was done: retry elsewhere
         try:
-            result, _ = forkserver.get_result(self.sock.fileno())
+            results, _ = forkserver.get_result(self.sock.fileno(), limit=(1 << 20) * len(payloads))
         except (OSError, forkserver.ResultError) as e:
             raise WorkerGone(f"delivery process {self.pid} failed: {e.strerror or e}") from None
+        if not isinstance(results, list) or len(results) != len(payloads):
+            raise WorkerGone(f"delivery process {self.pid} failed: wrong answer")
         self.requests += 1
         self.last_used = time.monotonic()
-        return result
+        return results
 
     def exited(self):
         """Whether the worker has exited (it is then reaped)."""
@@ -132,14 +152,40 @@ class Worker:
         self.proc.close()
 
 
+class _Request:
+    """One delivery waiting for its batch; ``done`` is held until it has its
+    outcome (a result, or the exception to raise) or is told to lead."""
+
+    __slots__ = ("payload", "fd", "result", "error", "lead", "done")
+
+    def __init__(self, payload, fd):
+        self.payload, self.fd = payload, fd
+        self.result = self.error = None
+        self.lead = False
+        self.done = threading.Lock()
+        self.done.acquire()
+
+
 class Pool:
-    """Idle workers by key; a busy key simply gets another worker."""
+    """Workers by key (an identity), at most MAX_WORKERS_PER_KEY alive per
+    key, kept while there is work (no fork per delivery under load).
+
+    Deliveries to one target (``batch_key``) are combined: while one batch
+    for it is in a worker, the requests that come meanwhile wait, then go
+    together as the next batch (at most MAX_BATCH), led by the first of
+    them: the target module locks the mailbox once, writes them all and
+    fsyncs once, and each caller gets its own message's result."""
 
     def __init__(self):
-        self._idle = {}
+        self._idle = {}          # key -> [Worker], the idle ones
+        self._alive = {}         # key -> how many workers (idle or busy)
+        self._batches = {}       # (key, batch_key) -> [_Request] waiting, while one is in flight
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self._owner = os.getpid()
         self._reaper = None       # (pid, thread, stop event) of this process's reaper
+        self.spawned = 0          # workers started, batches sent (for tests and measurement)
+        self.batches = 0
 
     def _start_reaper(self):
         """With a fork server, a daemon thread that retires idle workers on time: every
@@ -163,6 +209,15 @@ class Pool:
                 return
             self.reap()
 
+    def _forget(self, key, n=1):
+        """``n`` workers of ``key`` are gone (lock held)."""
+        left = self._alive.get(key, 0) - n
+        if left > 0:
+            self._alive[key] = left
+        else:
+            self._alive.pop(key, None)
+        self._freed.notify_all()
+
     def reap(self):
         """Close the idle workers past REUSE_WINDOW and forget (and wait
         for) those that have exited."""
@@ -176,6 +231,7 @@ class Pool:
                 for w in lst:
                     if now - w.last_used >= REUSE_WINDOW or w.exited():
                         retire.append(w)
+                        self._forget(key)
                     else:
                         keep.append(w)
                 if keep:
@@ -185,28 +241,53 @@ class Pool:
         for w in retire:
             w.close()
 
+    def _check_owner(self):
+        """In a forked child the parent's workers and waiters are not ours (lock held)."""
+        if self._owner != os.getpid():
+            self._idle, self._alive, self._batches = {}, {}, {}
+            self._owner = os.getpid()
+
     def _take(self, key):
+        """(an idle worker or None to start one, stale workers to close);
+        waits while the key has MAX_WORKERS_PER_KEY workers, all busy."""
         with self._lock:
-            if self._owner != os.getpid():     # we were forked: not our workers
-                self._idle, self._owner = {}, os.getpid()
-            now = time.monotonic()
-            lst = self._idle.get(key) or []
-            fresh = [w for w in lst if now - w.last_used < REUSE_WINDOW and w.requests < MAX_REQUESTS]
-            stale = [w for w in lst if w not in fresh]
-            worker = fresh.pop() if fresh else None
-            self._idle[key] = fresh
-            return worker, stale
+            self._check_owner()
+            while True:
+                now = time.monotonic()
+                lst = self._idle.get(key) or []
+                fresh = [w for w in lst if now - w.last_used < REUSE_WINDOW
+                         and w.requests < MAX_REQUESTS]
+                stale = [w for w in lst if w not in fresh]
+                if stale:
+                    self._forget(key, len(stale))
+                if fresh:
+                    self._idle[key] = fresh
+                    return fresh.pop(), stale
+                self._idle.pop(key, None)
+                if self._alive.get(key, 0) < MAX_WORKERS_PER_KEY:
+                    self._alive[key] = self._alive.get(key, 0) + 1
+                    self.spawned += 1
+                    return None, stale
+                self._freed.wait()
 
     def _give(self, key, worker):
         with self._lock:
-            lst = self._idle.setdefault(key, [])
-            if len(lst) < MAX_IDLE_PER_KEY:
-                lst.append(worker)
+            if self._owner == os.getpid():
+                self._idle.setdefault(key, []).append(worker)
+                self._freed.notify()
                 return
         worker.close()
 
-    def call(self, key, setup, handle, payload, fd):
-        """Run ``handle(payload, fd)`` in a worker for ``key``; raises WorkerGone."""
+    def _lost(self, key, worker):
+        """A worker that failed, or one that could not be started (None)."""
+        with self._lock:
+            if self._owner == os.getpid():
+                self._forget(key)
+        if worker is not None:
+            worker.close()
+
+    def _run(self, key, setup, handle, payloads, fds):
+        """One batch in a worker of ``key``; raises WorkerGone."""
         if forkserver.server() is None:
             self.reap()     # no reaper thread here: it would forbid the next fork
         for attempt in (1, 2):
@@ -214,27 +295,91 @@ class Pool:
             for w in stale:
                 w.close()
             if worker is None:
-                worker = Worker(setup, handle)
+                try:
+                    worker = Worker(setup, handle)
+                except BaseException:
+                    self._lost(key, None)
+                    raise
                 if forkserver.server() is not None:
                     self._start_reaper()
+            self.batches += 1
             try:
-                result = worker.call(payload, fd)
+                results = worker.call(payloads, fds)
             except BrokenPipeError:
-                worker.close()
+                self._lost(key, worker)
                 if attempt == 2:
                     raise WorkerGone("delivery process unavailable") from None
                 continue
-            except WorkerGone:
-                worker.close()
+            except BaseException:
+                self._lost(key, worker)
                 raise
             self._give(key, worker)
-            return result
+            return results
         raise AssertionError("unreachable")
+
+    def call(self, key, setup, handle, payload, fd, batch_key=None):
+        """The result of ``handle`` for ``payload`` (with descriptor ``fd``) in
+        a worker for ``key``; raises WorkerGone. ``handle(payloads, fds)``
+        gets a batch and returns a result for each; with ``batch_key``,
+        concurrent calls with the same keys share batches, else it gets one."""
+        if batch_key is None:
+            return self._run(key, setup, handle, [payload], [fd])[0]
+        req = _Request(payload, fd)
+        bkey = (key, batch_key)
+        with self._lock:
+            self._check_owner()
+            waiting = self._batches.get(bkey)
+            if waiting is None:
+                self._batches[bkey] = []       # in flight: the next ones wait
+                req.lead = True
+            else:
+                waiting.append(req)
+        if not req.lead:
+            req.done.acquire()
+            if not req.lead:
+                if req.error is not None:
+                    raise req.error
+                return req.result
+            with self._lock:
+                batch = self._batches[bkey][:MAX_BATCH]
+                del self._batches[bkey][:MAX_BATCH]
+        else:
+            batch = [req]
+        try:
+            results = self._run(key, setup, handle, [r.payload for r in batch],
+                                [r.fd for r in batch])
+        except BaseException as e:   # noqa: BLE001 - every waiter gets its outcome, then it is raised
+            results, error = None, e
+        else:
+            error = None
+        with self._lock:
+            waiting = self._batches.get(bkey)
+            following = waiting[0] if waiting else None
+            if following is None:
+                self._batches.pop(bkey, None)
+        for i, r in enumerate(batch):
+            if r is req:
+                continue
+            if error is not None:
+                # each its own exception (a shared one would share its traceback)
+                r.error = WorkerGone(str(error) if isinstance(error, WorkerGone) else
+                                     f"delivery process failed: {type(error).__name__}: {error}")
+            else:
+                r.result = results[i]
+            r.done.release()
+        if following is not None:
+            following.lead = True       # the next batch is its to send
+            following.done.release()
+        if error is not None:
+            raise error
+        return results[batch.index(req)]
 
     def close_all(self):
         """Close every idle worker and stop the reaper thread."""
         with self._lock:
             workers = [w for lst in self._idle.values() for w in lst]
+            for key, lst in self._idle.items():
+                self._forget(key, len(lst))
             self._idle.clear()
             reaper, self._reaper = self._reaper, None
         if reaper is not None and reaper[0] == os.getpid():

@@ -27,11 +27,15 @@ def _noop():
     pass
 
 
-def _whoami(payload, fd):
-    data = os.read(fd, 100).decode() if fd >= 0 else ""
-    if payload == "die":
-        os._exit(3)
-    return {"pid": os.getpid(), "uid": os.geteuid(), "data": data, "echo": payload}
+def _whoami(payloads, fds):
+    out = []
+    for payload, fd in zip(payloads, fds):
+        data = os.read(fd, 100).decode() if fd >= 0 else ""
+        if payload == "die":
+            os._exit(3)
+        out.append({"pid": os.getpid(), "uid": os.geteuid(), "data": data, "echo": payload,
+                    "batch": len(payloads)})
+    return out
 
 
 def _call(pool, key, payload="x", setup=_noop, content=b"message"):
