@@ -528,6 +528,10 @@ class Config:
     """
 
     def __init__(self, values, raw, explicit, path, warnings=()):
+        # The values are also plain attributes: a parameter is read on
+        # every command of every session, and __getattr__ is only the
+        # fallback for a name that is none.
+        self.__dict__.update(values)
         object.__setattr__(self, "warnings", tuple(warnings))   # "unused parameter" lines
         object.__setattr__(self, "_values", values)
         object.__setattr__(self, "raw", raw)
@@ -565,7 +569,11 @@ class Config:
     # Derived helpers used across modules.
     @property
     def local_domains(self):
-        return frozenset(d.lower().rstrip(".") for d in self.mydestination)
+        domains = self.__dict__.get("_local_domains")
+        if domains is None:
+            domains = frozenset(d.lower().rstrip(".") for d in self.mydestination)
+            object.__setattr__(self, "_local_domains", domains)
+        return domains
 
     def is_local_domain(self, domain):
         return domain.lower().rstrip(".") in self.local_domains

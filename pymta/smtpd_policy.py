@@ -21,13 +21,18 @@ R_RELAY = Reply(554, "5.7.1", "Relay access denied")
 
 def in_networks(ip, networks):
     """Whether ``ip`` (text) lies in one of ``networks`` (mynetworks syntax)."""
+    return _in_networks(ip, tuple(networks))
+
+
+@functools.lru_cache(maxsize=1024)   # asked at every MAIL and RCPT of a session
+def _in_networks(ip, networks):
     try:
         addr = ipaddress.ip_address(ip.split("%")[0])
     except ValueError:
         return False
     if getattr(addr, "ipv4_mapped", None):
         addr = addr.ipv4_mapped
-    return any(addr in net for net in _networks(tuple(networks)))
+    return any(addr in net for net in _networks(networks))
 
 
 @functools.lru_cache(maxsize=16)

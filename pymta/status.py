@@ -33,6 +33,21 @@ READ_SIZE = 65536
 MESSAGE_BLOCK = 256 * 1024
 
 
+_LINES = {}     # (code, enhanced, text) -> Reply.lines()
+
+
+def _format_lines(code, enhanced, text):
+    parts = text.split("\n") or [""]
+    out = []
+    for i, part in enumerate(parts):
+        sep = "-" if i < len(parts) - 1 else " "
+        if enhanced:
+            out.append(f"{code}{sep}{enhanced} {part}\r\n")
+        else:
+            out.append(f"{code}{sep}{part}\r\n")
+    return "".join(out).encode("utf-8", "replace")
+
+
 class Reply:
     """An SMTP reply: ``code`` (e.g. 250), ``enhanced`` ("2.0.0" or ""), ``text``.
 
@@ -65,15 +80,16 @@ class Reply:
 
     def lines(self, enhanced=True):
         """The reply as wire lines (bytes, CRLF-terminated), multi-line if needed."""
-        parts = self.text.split("\n") or [""]
-        out = []
-        for i, part in enumerate(parts):
-            sep = "-" if i < len(parts) - 1 else " "
-            if enhanced and self.enhanced:
-                out.append(f"{self.code}{sep}{self.enhanced} {part}\r\n")
-            else:
-                out.append(f"{self.code}{sep}{part}\r\n")
-        return "".join(out).encode("utf-8", "replace")
+        key = (self.code, self.enhanced if enhanced else "", self.text)
+        out = _LINES.get(key)
+        if out is None:
+            # Kept for the replies said again and again (Ok, the greeting,
+            # EHLO's); those naming a client's address come and go.
+            out = _format_lines(*key)
+            if len(_LINES) >= 256:
+                _LINES.clear()
+            _LINES[key] = out
+        return out
 
     def __str__(self):
         text = self.text.replace("\n", " ")
