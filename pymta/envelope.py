@@ -92,6 +92,9 @@ class Envelope(Record):
         ("trusted", False),           # from mynetworks, an authenticated client or this host
         ("uid", -1),                  # the submitting user's uid (local submissions)
         ("size", 0),                  # bytes in the df
+        ("df_length", -1),            # D: the df's length at the commit (-1: not recorded)
+        ("df_crc", 0),                # D: its CRC-32 (zlib.crc32)
+        ("df_boot", ""),              # D: the kernel's boot id when it was last known whole
         ("status", ""),               # M: the last status text, shown by mailq
         ("warned", False),            # a delay warning was sent
         ("held", False),              # on hold (the control file is hf<ID>)

@@ -18,10 +18,13 @@ resolver and the idle SMTP connections, each made on first use, so that
 ``sendmail -odi`` and local-only work never import dnspython or smtplib,
 and bounce.py is imported only when a report is due.
 
-Crash safety: a qf is rewritten before the next step that depends on it
-(an owner- list's clone, once queued, before anything else); a crash
-between a delivery and the rewrite that records it means that recipient is
-tried again: at least once, never lost. A plain alias or .forward
+Crash safety: a message whose qf records its df's length and CRC-32 (the
+event loop's commit) has its df checked before the first attempt after a
+restart of the system (Spool.verify_data): a df torn by that crash is
+quarantined, never delivered. A qf is rewritten before the next step
+that depends on it (an owner- list's clone, once queued, before anything
+else); a crash between a delivery and the rewrite that records it means
+that recipient is tried again: at least once, never lost. A plain alias or .forward
 expansion is not written before its children are delivered: after a crash
 the parent is expanded again and the children tried again, which is what
 a recorded expansion would have led to as well, so the attempt's one
@@ -114,6 +117,7 @@ class _Attempt:
                                                   # owner- copies), delivered after it
     success: dict = field(default_factory=dict)   # action -> recipients whose NOTIFY=SUCCESS
                                                   # asks for a report
+    verified: bool = False      # the df was checked after a system crash: a rewrite records it
 
 
 class Deliverer:
@@ -214,7 +218,14 @@ class Deliverer:
         if filters and not matches(qid, env, filters):
             summ.skipped = "filtered"
             return summ
-        a = _Attempt(env, summ, now)
+        try:
+            verified = self.spool.verify_data(env)     # after a system crash, once
+        except SpoolCorrupt as e:
+            self.spool.quarantine(qid)
+            self.log.error(f"{qid}: {e}; quarantined as Qf{qid}, not delivered")
+            summ.skipped = "corrupt"
+            return summ
+        a = _Attempt(env, summ, now, verified=verified)
         try:
             self._attempt(a)
         finally:
@@ -251,7 +262,7 @@ class Deliverer:
                 # recorded, and the message stays due, without a back-off,
                 # for its turn at that destination.
                 self._notify(a)
-                if summ.sent or summ.failed or summ.deferred:
+                if summ.sent or summ.failed or summ.deferred or a.verified:
                     self.spool.rewrite(env)
                 summ.skipped = "busy"
                 return

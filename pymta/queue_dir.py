@@ -31,6 +31,11 @@ After the lock is taken, the qf is checked again (it may have just gone).
 mailq and pymta show probe the lock with a shared flock (is_locked()),
 which never makes a queue runner's lock fail for longer than the probe.
 
+A df is never written to after its commit. The event loop's one-round
+commit records its length and CRC-32 in the qf (D line, with the boot id);
+verify_data() checks them once after a restart of the system, before the
+first delivery attempt (see pymta.queue_commit).
+
 queue/notify is a FIFO on which sendmail and the -bs server write the ids
 of messages they have just queued, so that a running daemon delivers them
 at once (as Postfix's pickup service is told).
@@ -45,7 +50,7 @@ import fcntl
 
 from .queue_file import format_control, parse_control
 from .queue_id import valid_id
-from .status import SpoolCorrupt, SpoolError
+from .status import MESSAGE_BLOCK, SpoolCorrupt, SpoolError
 
 QUEUE_SUBDIR = "queue"
 MAILDROP_SUBDIR = "maildrop"
@@ -148,10 +153,12 @@ class Spool:
         return st.f_bavail * st.f_frsize
 
     # -- writing
-    def new_message(self):
-        """A MessageWriter for a new message (creates and locks its df)."""
+    def new_message(self, check=False):
+        """A MessageWriter for a new message (creates and locks its df).
+        ``check``: the control file records the df's length, CRC-32 and the
+        boot id (what the event loop's one-round commit needs)."""
         from .queue_commit import MessageWriter     # the commit builds on this module
-        return MessageWriter(self)
+        return MessageWriter(self, check=check)
 
     def write_tf(self, env, new=False):
         """Write env's control file whole under its tf name, the one way a
@@ -224,6 +231,41 @@ class Spool:
 
     def open_data(self, qid):
         return open(self.path("df", qid), "rb")
+
+    def verify_data(self, env):
+        """Before a delivery attempt: if the control file records the df's
+        length and CRC-32 (its D line) under another boot id than this
+        system's, the system went down since the df was last known whole,
+        so the df is checked, once. A mismatch raises SpoolCorrupt: the
+        commit was cut short by that crash (its 250 waited for the df's
+        fsync), and the message is never delivered. A match sets
+        ``env.df_boot`` to the current boot id, which the attempt's rewrite
+        records, and returns True. See pymta.queue_commit."""
+        if env.df_length < 0:
+            return False        # an older control file, or an ordered commit
+        current = boot_id()
+        if current and env.df_boot == current:
+            return False
+        from zlib import crc32      # not on sendmail's path
+        crc, length = 0, 0
+        try:
+            with self.open_data(env.id) as f:
+                while length <= env.df_length:
+                    chunk = f.read(MESSAGE_BLOCK)
+                    if not chunk:
+                        break
+                    length += len(chunk)
+                    crc = crc32(chunk, crc)
+        except FileNotFoundError:
+            raise SpoolCorrupt("control file without data file") from None
+        if length != env.df_length or crc != env.df_crc:
+            raise SpoolCorrupt(
+                f"data file torn by a system crash during its commit (length {length}, "
+                f"CRC {crc:08x}; committed: length {env.df_length}, CRC {env.df_crc:08x}, "
+                f"boot {env.df_boot or '-'}); the message was never acknowledged")
+        if current:
+            env.df_boot = current
+        return True
 
     def lock(self, qid, wait=False, control=("qf", "hf")):
         """A MessageLock on ``qid``, or None if another process holds it or it
@@ -379,6 +421,24 @@ class Spool:
             return False
         finally:
             os.close(fd)
+
+
+_boot_id = None
+
+
+def boot_id():
+    """The kernel's boot id (Linux: a new one at every boot), read once
+    per process; "" where there is none."""
+    global _boot_id
+    if _boot_id is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+                _boot_id = f.read(100).strip().decode("ascii", "replace")
+        except OSError:
+            _boot_id = ""
+        if not _boot_id.isprintable() or " " in _boot_id or "%" in _boot_id:
+            _boot_id = ""
+    return _boot_id
 
 
 def unlink_quiet(path):

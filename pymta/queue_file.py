@@ -8,6 +8,11 @@ The control file is UTF-8 text, one item a line, a letter then its value::
     N<count>           delivery attempts
     Y<epoch>           next attempt not before this time
     P<priority>        lower is delivered first
+    D<length> <crc> <boot id>
+                       the df as committed: its length in bytes, its CRC-32
+                       (8 hex digits) and the kernel's boot id at the commit
+                       (or when the df was last found whole): see
+                       pymta.queue_commit; absent in older control files
     F<letters>         w: delay warning sent; u: SMTPUTF8; t: submitted by a
                        trusted client (mynetworks, AUTH) or made here (DKIM)
     B<body>            7BIT, 8BITMIME or BINARYMIME
@@ -89,6 +94,8 @@ def format_control(env):
     """The qf text of an Envelope."""
     out = [f"V{VERSION}", f"T{env.created}", f"K{env.last_attempt}", f"N{env.attempts}",
            f"Y{env.next_try}", f"P{env.priority}"]
+    if env.df_length >= 0:
+        out.append(f"D{env.df_length} {env.df_crc:08x} {_enc(env.df_boot, space=False)}")
     flags = ("w" if env.warned else "") + ("u" if env.smtputf8 else "") + \
         ("t" if env.trusted else "")
     if flags:
@@ -132,7 +139,8 @@ TIME_MAX = 253402300799            # 9999-12-31 23:59:59 UTC: what time and date
 _RANGES = {"arrival time": (0, TIME_MAX), "attempt time": (0, TIME_MAX),
            "next try": (0, TIME_MAX), "recipient time": (0, TIME_MAX),
            "attempt count": (0, 10 ** 9), "priority": (-(2 ** 62), 2 ** 62),
-           "uid": (-1, 2 ** 32 - 1), "recipient uid": (-1, 2 ** 32 - 1)}
+           "uid": (-1, 2 ** 32 - 1), "recipient uid": (-1, 2 ** 32 - 1),
+           "data file length": (0, 2 ** 62)}
 
 
 def _int(value, what):
@@ -171,6 +179,8 @@ def parse_control(text, qid=""):
             env.next_try = _int(v, "next try")
         elif k == "P":
             env.priority = _int(v, "priority")
+        elif k == "D":
+            _parse_data_check(env, v)
         elif k == "F":
             env.warned = "w" in v
             env.smtputf8 = "u" in v
@@ -215,6 +225,16 @@ def parse_control(text, qid=""):
     if not env.recipients:
         raise SpoolCorrupt("control file has no recipient (R) line")
     return env
+
+
+def _parse_data_check(env, v):
+    parts = v.split(" ")
+    crc = parts[1] if len(parts) == 3 else ""
+    if len(crc) != 8 or not all(c in _HEX for c in crc):
+        raise SpoolCorrupt(f"bad data file check D{v[:60]!r}")
+    env.df_length = _int(parts[0], "data file length")
+    env.df_crc = int(crc, 16)
+    env.df_boot = _dec(parts[2])
 
 
 def _parse_rcpt(v):

@@ -193,9 +193,13 @@ class Services:
             return [addr] if rt.kind == "local" else []
         return expand
 
-    def session(self, client_addr="", client_name="unknown", submission=False, **kw):
+    def session(self, client_addr="", client_name="unknown", submission=False, check=False, **kw):
+        """A Session; ``check``: its messages' control files record their
+        df's length, CRC-32 and boot id (the loop's one-round commit)."""
+        spool = self.spool
         return Session(
-            self.cfg, begin_message=self.spool.new_message, client_addr=client_addr,
+            self.cfg, begin_message=(lambda: spool.new_message(check=True)) if check
+            else spool.new_message, client_addr=client_addr,
             client_name=client_name, recipient_check=self.recipient_check,
             auth_verify=self.auth if kw.pop("auth", True) else None,
             free_space=self.spool.free_space, log=self.log, submission=submission,

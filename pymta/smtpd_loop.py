@@ -374,7 +374,7 @@ class Loop:
 
     def _open(self, c):
         services = c.services
-        c.session = services.session(c.ip, c.name, submission=c.server.submission,
+        c.session = services.session(c.ip, c.name, submission=c.server.submission, check=True,
                                      tls_available=services.ssl_ctx is not None)
         c.idle_since = time.monotonic()
         if c.server.implicit_tls:     # the handshake and all after it in a thread

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import zlib
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -16,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import BIN, TOP
 
 from pymta import envelope as E
-from pymta import queue_file, queue_id, queue_maildrop
+from pymta import queue_dir, queue_file, queue_id, queue_maildrop
 from pymta.queue_dir import Spool
 from pymta import config as _config
 from pymta.status import SpoolCorrupt
@@ -181,6 +182,58 @@ def _plant(spool, prefix, qid, data, age=0):
 
 
 @pytest.mark.unit
+@pytest.mark.unit
+def test_a_checked_commit_records_its_df_and_a_restart_has_it_checked_once(spool):
+    boot = queue_dir.boot_id()
+    if not boot:
+        pytest.skip("no kernel boot id here")
+    data = b"Subject: x\n\n" + b"body line\n" * 40000       # spilled, more than one block
+    with spool.new_message(check=True) as w:
+        for i in range(0, len(data), 1000):
+            w.write(data[i:i + 1000])
+        qid = w.commit(make_env())
+    text = open(spool.path("qf", qid)).read()
+    assert f"\nD{len(data)} {zlib.crc32(data):08x} {boot}\n" in text
+    env = spool.read(qid)
+    assert (env.df_length, env.df_crc, env.df_boot) == (len(data), zlib.crc32(data), boot)
+    assert spool.verify_data(env) is False          # this boot's commit: nothing to check
+    spool.rewrite(env)
+    assert open(spool.path("qf", qid)).read() == text     # a rewrite keeps the D line
+
+    def restarted(damage=None):
+        with open(spool.path("qf", qid), "w") as f:
+            f.write(text.replace(f" {boot}\n", " 00000000-0000-4000-8000-000000000000\n"))
+        if damage:
+            with open(spool.path("df", qid), "wb") as f:
+                f.write(damage)
+        return spool.read(qid)
+
+    env = restarted()
+    assert spool.verify_data(env) is True and env.df_boot == boot
+    spool.rewrite(env)
+    assert open(spool.path("qf", qid)).read() == text     # checked once: this boot's id again
+    for damage in (data[:-1], data[:-1] + b"X", data + b"\n", b""):
+        env = restarted(damage)
+        with pytest.raises(SpoolCorrupt, match="torn by a system crash"):
+            spool.verify_data(env)
+    # An older control file (no D line) is delivered as before.
+    env = restarted(b"anything")
+    env.df_length = -1
+    spool.rewrite(env)
+    assert "\nD" not in open(spool.path("qf", qid)).read()
+    assert spool.verify_data(spool.read(qid)) is False
+
+
+@pytest.mark.unit
+def test_a_damaged_d_line_is_a_damaged_control_file(spool):
+    qid = commit(spool)
+    text = open(spool.path("qf", qid)).read()
+    for bad in ("D12", "D12 xyz boot", "D-1 00000000 boot", "D12 0000000g boot", "D12 00000000"):
+        _plant(spool, "qf", qid, text.replace("\nS", f"\n{bad}\nS").encode())
+        with pytest.raises(SpoolCorrupt):
+            spool.read(qid)
+
+
 def test_torn_files_are_never_deliverable(spool):
     good = commit(spool)
     text = open(spool.path("qf", good), "rb").read()
@@ -237,6 +290,7 @@ def test_sweep_removes_old_orphans_only(spool):
 @pytest.mark.unit
 def test_drop_and_pickup_in_process(spool):
     env = make_env("user@example.com", "a@example.com", "|/bin/evil", "b@example.com")
+    env.df_length, env.df_crc, env.df_boot = 3, 1, "another-boot"   # a user's claim: dropped
     env.recipients[0].flags = "pSFa"
     env.recipients[0].state = E.SENT
     env.client_addr = "192.0.2.1"
@@ -252,6 +306,7 @@ def test_drop_and_pickup_in_process(spool):
     assert [(r.address, r.flags, r.state) for r in got.recipients] == [
         ("a@example.com", "SFp", "Q"), ("b@example.com", "p", "Q")]
     assert got.body_type == "8BITMIME"
+    assert got.df_length == -1 and b"\nD" not in open(spool.path("qf", ids[0]), "rb").read()
     with spool.open_data(ids[0]) as f:
         data = f.read()
     assert data.startswith(b"Received: (from ")

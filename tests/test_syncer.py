@@ -9,6 +9,8 @@ import signal
 import smtplib
 import time
 
+import pytest
+
 from pymta import envelope as E
 from pymta import syncer
 from pymta.queue_commit import Committer
@@ -201,3 +203,45 @@ def test_a_failed_directory_fsync_fails_the_commit(tmp_path, monkeypatch):
     assert isinstance(err, SpoolError) and not w.committed
     w.abort()                # the client got 4xx: the qf goes first, then the df
     assert os.listdir(spool.dir) == []
+
+
+def test_one_round_a_failed_data_fsync_fails_the_commit_and_leaves_nothing(tmp_path, monkeypatch):
+    spool = _spool(tmp_path)
+    c = Committer(0)
+    w = spool.new_message(check=True)
+    if not w.checked:
+        pytest.skip("no kernel boot id here: the ordered commit")
+    w.write(b"Subject: x\n\nbody\n")
+    env = E.Envelope(sender="a@b.example", recipients=[E.Recipient("u@example.test")])
+    _failing_fsync(monkeypatch, lambda: w.data_fd)
+    results = []
+    c.commit(w, env, results.append)
+    err, = results
+    assert isinstance(err, SpoolError) and "Input/output error" in str(err) and not w.committed
+    # One round: the control file was renamed before the fsyncs (its D
+    # line makes a df torn by a system crash detectable).
+    assert sorted(n[:2] for n in os.listdir(spool.dir)) == ["df", "qf"]
+    w.abort()                # the client got 4xx: the qf goes first, then the df
+    assert os.listdir(spool.dir) == []
+
+
+def test_one_round_commits_through_the_syncers_at_once(tmp_path):
+    spool = _spool(tmp_path)
+    c = Committer(3)
+    try:
+        results, writers = [], []
+        for i in range(5):
+            w = spool.new_message(check=True)
+            w.write(b"Subject: %d\n\nbody\n" % i)
+            writers.append(w)
+            c.commit(w, E.Envelope(sender="a@b.example", recipients=[E.Recipient("u@example.test")]),
+                     results.append)
+        assert not any(w.committed for w in writers)
+        _run_until(c, lambda: len(results) == 5)
+        assert sorted(results) == sorted(w.id for w in writers)
+        for w in writers:
+            w.close()
+            env = spool.read(w.id)
+            assert env.df_length == env.size and spool.verify_data(env) is False
+    finally:
+        c.close()
