@@ -607,7 +607,9 @@ class Master:
         if queue_attempt.STOP.is_set():
             return          # stopping: it stays queued for the next start
         try:
-            lock = self.spool.lock(qid)
+            # The df's lock alone: the attempt reads the qf next, and a
+            # message that has gone meanwhile is skipped there ("gone").
+            lock = self.spool.lock(qid, control=())
             if lock is None:
                 return
             with lock:

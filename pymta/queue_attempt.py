@@ -199,7 +199,7 @@ class Deliverer:
         qid = lock.id
         summ = Summary(id=qid)
         try:
-            env = self.spool.read(qid)
+            env = self.spool.read(qid, data_fd=lock.fd)
         except FileNotFoundError:
             summ.skipped = "gone"
             return summ
