@@ -86,6 +86,7 @@ def _escape(c):
 
 
 _stamp = (0, "")     # (second, its time stamp), replaced whole: threads share it
+_pid = os.getpid()   # this process's, for every line (a system call each time otherwise)
 
 
 def _prefix(name, host=None):
@@ -96,7 +97,29 @@ def _prefix(name, host=None):
     if now != sec:
         text = time.strftime("%b %d %H:%M:%S", time.localtime(now))
         _stamp = (now, text)
-    return f"{text} {host} {name}[{os.getpid()}]: " if host else f"{text} {name}[{os.getpid()}]: "
+    return f"{text} {host} {name}[{_pid}]: " if host else f"{text} {name}[{_pid}]: "
+
+
+# Descriptors of the log file that the fast path writes on (see
+# _fast_methods): a handler -> (the stream it was made from, descriptor).
+_line_fds = {}
+
+
+def _after_fork():
+    """In a new child: its own pid; the parent's descriptors of the log
+    file closed (the child has one thread: no one writes on them), as the
+    streams they were made from are when a child replaces them."""
+    global _pid
+    _pid = os.getpid()
+    for _, fd in _line_fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _line_fds.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _format_file_line(cfg, name, text):
@@ -207,6 +230,9 @@ def setup_logging(cfg, foreground=False, tag=None, verbose=False, light=False):
     logger = logging.getLogger("pymta")
     for h in list(logger.handlers):
         logger.removeHandler(h)
+        made = _line_fds.pop(h, None)
+        if made is not None:
+            os.close(made[1])
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     for f in list(logger.filters):
@@ -255,8 +281,11 @@ def _LogFile(path):
 
 
 def reopen():
-    """SIGHUP: the next line opens the log file by its name again, so that a
-    rotated (renamed) file is left alone. Returns whether there was one."""
+    """SIGHUP: the log file is opened by its name again, so that a rotated
+    (renamed) file is left alone: at once, over the descriptors the old
+    one had (os.dup2), which threads writing a line at that moment may be
+    using; when it cannot be opened, the next line tries again. Returns
+    whether there was a log file."""
     import logging
     done = False
     for h in logging.getLogger("pymta").handlers:
@@ -264,15 +293,33 @@ def reopen():
             h.acquire()
             try:
                 if h.stream is not None and getattr(h, "forwarded", False) is False:
-                    try:
-                        h.stream.close()
-                    except OSError:
-                        pass
-                    h.stream = None
+                    _reopen_stream(h)
                 done = True
             finally:
                 h.release()
     return done
+
+
+def _reopen_stream(h):
+    """The file of handler ``h`` (its lock held) opened by its name again."""
+    try:
+        new = open_log(h.baseFilename)
+    except OSError:
+        # The next line tries again (the fast path's descriptor, made
+        # from this stream, is dropped with it and never reused).
+        try:
+            h.stream.close()
+        except OSError:
+            pass
+        h.stream = None
+        return
+    with new:
+        fds = {h.stream.fileno()}
+        made = _line_fds.get(h)
+        if made is not None and made[0] is h.stream:
+            fds.add(made[1])
+        for fd in fds:
+            os.dup2(new.fileno(), fd, inheritable=False)
 
 
 def _fast_methods(logger, handler, cfg, name):
@@ -287,18 +334,35 @@ def _fast_methods(logger, handler, cfg, name):
     host = cfg.myhostname.split(".")[0] if isinstance(handler, logging.FileHandler) else None
 
     if isinstance(handler, logging.FileHandler):
-        def emit(level, text):
-            line = _prefix(name, host) + text + "\n"
+        def line_fd():
+            """A descriptor for the handler's stream, made under its lock
+            once per stream, never closed in this process (a thread may be
+            writing on it): reopen() puts the new file under it."""
             handler.acquire()
             try:
                 if handler.stream is None:
                     handler.stream = handler._open()
-                handler.stream.write(line)
-                handler.stream.flush()
-            except OSError:
-                pass
+                stream = handler.stream
+                made = _line_fds.get(handler)
+                if made is None or made[0] is not stream:
+                    made = _line_fds[handler] = (stream, os.dup(stream.fileno()))
+                return made[1]
             finally:
                 handler.release()
+
+        def emit(level, text):
+            # One write(2) of the whole line, without the handler's lock:
+            # the file is opened O_APPEND (the log pipe of a listener:
+            # one write up to PIPE_BUF), so lines of several threads never
+            # mix, and a delivery thread never waits for another's write.
+            data = (_prefix(name, host) + text + "\n").encode("utf-8", "replace")
+            try:
+                made = _line_fds.get(handler)
+                fd = made[1] if made is not None and made[0] is handler.stream else line_fd()
+                while data:
+                    data = data[os.write(fd, data):]
+            except (OSError, ValueError):
+                pass
     elif isinstance(handler, logging.StreamHandler):
         lock = threading.Lock()
 
