@@ -16,7 +16,7 @@ import logging
 import os
 import pwd
 
-from . import forkserver, local_command, local_maildir, local_mbox
+from . import forkserver, local_command, local_maildir, local_mbox, userdb
 from .queue_dir import Spool
 from . import workers as _workers
 from .local_target import Target, os_reply
@@ -42,9 +42,9 @@ class _Ids:
 
 def _groups(target):
     """The target user's group list, looked up before fork (NSS is not fork-safe
-    in a threaded process)."""
+    in a threaded process); kept while /etc/group is unchanged (pymta.userdb)."""
     try:
-        return os.getgrouplist(target.user, target.gid)
+        return userdb.getgrouplist(target.user, target.gid)
     except (OSError, KeyError):
         return [target.gid]
 

@@ -21,7 +21,7 @@ import pwd
 import sys
 import time
 
-from . import address, aliases, safefile, tables
+from . import address, aliases, safefile, tables, userdb
 from . import envelope as E
 from .config import parse_hostport
 from .local_target import Target
@@ -81,10 +81,11 @@ class Router:
     # -- lookups
     @staticmethod
     def user(name):
-        """The passwd entry of ``name`` (exact, then lower case), or None."""
+        """The passwd entry of ``name`` (exact, then lower case), or None
+        (pymta.userdb: kept while /etc/passwd is unchanged)."""
         for n in dict.fromkeys((name, name.lower())):
             try:
-                return pwd.getpwnam(n)
+                return userdb.getpwnam(n)
             except (KeyError, ValueError):
                 continue
         return None
@@ -148,7 +149,7 @@ class Router:
         pw = None
         if uid is not None and uid > 0:
             try:
-                pw = pwd.getpwuid(uid)
+                pw = userdb.getpwuid(uid)
             except KeyError:
                 pw = None
         if pw is None:
