@@ -20,7 +20,11 @@ sees a half-built map. Its form::
      "aliases": {"name": ["target", ...], ...}}
 
 A lookup uses the database unless the source is newer (or the database is
-missing): then it logs that and reads the source itself.
+missing): then it logs that and reads the source itself. Each lookup
+checks the files' modification times, except within a
+:meth:`AliasMaps.scope` (the routing of one message's recipients): there
+each file is checked at its first lookup only, so a message is routed
+with one state of the aliases and a newaliases is seen by the next.
 """
 
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ import logging
 import os
 import re
 import sys
+import threading
 
 from . import address
 from .status import AddressError, EX_DATAERR, EX_OK, EX_CANTCREAT, EX_NOINPUT
@@ -290,6 +295,7 @@ class AliasMaps:
         self.log = log or logging.getLogger("pymta")
         self._cache = {}      # path -> (key, dict)
         self._warned = set()
+        self._scope = threading.local()     # .tables: path -> dict, within a scope()
 
     @classmethod
     def from_config(cls, cfg, log=None):
@@ -337,14 +343,41 @@ class AliasMaps:
         self._cache[path] = (key, table)
         return table
 
+    def scope(self):
+        """A context in which this thread's lookups check each file once
+        (at the first lookup in it): the routing of one message."""
+        return _Scope(self._scope)
+
+    def _table(self, path):
+        tables = getattr(self._scope, "tables", None)
+        if tables is None:
+            return self._load(path)
+        table = tables.get(path)
+        if table is None:
+            table = tables[path] = self._load(path)
+        return table
+
     def lookup(self, name):
         """The targets of alias ``name`` (folded to lower case), or None."""
         name = name.lower()
         for path in self.paths:
-            targets = self._load(path).get(name)
+            targets = self._table(path).get(name)
             if targets is not None:
                 return targets
         return None
+
+
+class _Scope:
+    def __init__(self, local):
+        self.local = local
+
+    def __enter__(self):
+        self.outer = getattr(self.local, "tables", None)
+        self.local.tables = {} if self.outer is None else self.outer
+        return self
+
+    def __exit__(self, *exc):
+        self.local.tables = self.outer
 
 
 def _remove_old_db(path):

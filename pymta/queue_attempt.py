@@ -328,13 +328,17 @@ class Deliverer:
             groups = {}
             locals_ = []
             expanded = cloned = False
-            for r in pending:
-                try:
-                    rt = router.route(r, env)
-                except PymtaError as e:
-                    self._record(a, r, e.reply, a.now, "local")
-                    continue
-                if rt.kind == "fail":
+            routes = []
+            with router.aliases.scope():    # the alias files checked once for the round
+                for r in pending:
+                    try:
+                        routes.append((r, router.route(r, env)))
+                    except PymtaError as e:
+                        routes.append((r, e))
+            for r, rt in routes:
+                if isinstance(rt, PymtaError):
+                    self._record(a, r, rt.reply, a.now, "local")
+                elif rt.kind == "fail":
                     self._record(a, r, rt.reply, a.now, "local")
                 elif rt.kind == "local":
                     locals_.append((r, rt.target))

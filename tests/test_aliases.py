@@ -4,6 +4,7 @@ counts and exit codes, and lookups that prefer a fresh source to a stale db."""
 import json
 import logging
 import os
+import threading
 import time
 
 import pytest
@@ -128,3 +129,33 @@ def test_the_database_has_a_name_of_its_own_and_an_old_one_is_removed(inst):
         f.write(b"\x00\x06\x15\x61 not json")
     assert inst.run("newaliases").returncode == 0
     assert open(old, "rb").read().startswith(b"\x00\x06")
+
+
+def test_a_scope_checks_the_files_once_and_the_next_lookups_see_newaliases(inst):
+    """Within a scope (the routing of one message) the files are checked at
+    the first lookup only; outside it, and in other threads, every lookup
+    checks them: a newaliases is seen by the next message."""
+    path = write(inst, "team: root\n")
+    assert inst.run("newaliases").returncode == 0
+    maps = aliases.AliasMaps.from_config(inst.cfg)
+
+    def rebuild(text):
+        write(inst, text)
+        assert inst.run("newaliases").returncode == 0
+        later = time.time() + 5      # a new mtime even within the clock's granularity
+        os.utime(path + aliases.DB_SUFFIX, (later, later))
+
+    with maps.scope():
+        assert maps.lookup("team") == ["root"]
+        rebuild("team: daemon\n")
+        assert maps.lookup("team") == ["root"]      # the state of the first lookup
+        other = []
+        t = threading.Thread(target=lambda: other.append(maps.lookup("team")))
+        t.start()
+        t.join()
+        assert other == [["daemon"]]
+    assert maps.lookup("team") == ["daemon"]
+    with maps.scope():
+        assert maps.lookup("team") == ["daemon"]
+        rebuild("team: root, daemon\n")
+    assert maps.lookup("team") == ["root", "daemon"]
