@@ -439,6 +439,7 @@ class Master:
         if self.notify_fds:
             pending[self.notify_fds[0]] = b""
         throttled = False
+        next_reap = 0
         while not self.stop:
             # A bounded hand-off: with HANDOFF_BACKLOG messages waiting for a
             # delivery thread the pipes are not read; they fill and the
@@ -452,16 +453,23 @@ class Master:
             elif throttled and backlog <= HANDOFF_BACKLOG // 2:
                 throttled = False
                 next_run = time.monotonic()
+            # A listener's exit status comes on its socket from the fork
+            # server: that, or a second gone by, has the listeners reaped
+            # (not every wake-up: two selects and a waitpid each time).
+            exits = [p.sock for p in self.procs.values() if p.sock is not None]
             try:
-                ready, _, _ = select.select(([] if throttled else list(pending)) + [self.wake_r],
-                                           [], [], 0.2 if throttled else 1.0)
+                ready, _, _ = select.select(([] if throttled else list(pending)) + [self.wake_r]
+                                           + exits, [], [], 0.2 if throttled else 1.0)
             except InterruptedError:
                 ready = []
+            reap = False
             for fd in ready:
                 if fd == self.wake_r:
                     _read_available(fd)
-                else:
+                elif fd in pending:
                     pending[fd] = self._read_ids(fd, pending[fd])
+                else:
+                    reap = True
             now = time.monotonic()
             if now >= next_pickup:
                 next_pickup = now + 1
@@ -476,7 +484,9 @@ class Master:
                 self.run_thread = threading.Thread(target=self._queue_run, name="pymta-qrun",
                                                    daemon=True)
                 self.run_thread.start()
-            self._reap()
+            if reap or now >= next_reap:
+                next_reap = now + 1
+                self._reap()
             if self.reload:
                 self.reload = False
                 self._reload()
