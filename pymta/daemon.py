@@ -42,7 +42,7 @@ import threading
 import time
 
 from . import config as C
-from . import forkserver, queue_attempt, queue_maildrop, queue_run, smtpd_common, workers
+from . import forkserver, maillog, queue_attempt, queue_maildrop, queue_run, smtpd_common, workers
 from .queue_dir import Spool
 from .queue_id import valid_id
 from .status import ConfigError, EX_CANTCREAT, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, READ_SIZE
@@ -811,17 +811,7 @@ def _log_pump(handler, fd):
         if not nl:
             buf = lines
             continue
-        text = (lines + b"\n").decode("utf-8", "replace")
-        handler.acquire()
-        try:
-            if handler.stream is None:
-                handler.stream = handler._open()
-            handler.stream.write(text)
-            handler.stream.flush()
-        except (OSError, ValueError):
-            pass
-        finally:
-            handler.release()
+        maillog.write_lines(handler, (lines + b"\n").decode("utf-8", "replace").encode("utf-8"))
 
 
 def _read_available(fd):

@@ -322,6 +322,39 @@ def _reopen_stream(h):
             os.dup2(new.fileno(), fd, inheritable=False)
 
 
+def _line_fd(handler):
+    """A descriptor of the file (or pipe) of FileHandler ``handler``'s
+    stream, made under its lock once per stream and never closed in this
+    process (a thread may be writing on it): reopen() puts the new file
+    under it."""
+    handler.acquire()
+    try:
+        if handler.stream is None:
+            handler.stream = handler._open()
+        stream = handler.stream
+        made = _line_fds.get(handler)
+        if made is None or made[0] is not stream:
+            made = _line_fds[handler] = (stream, os.dup(stream.fileno()))
+        return made[1]
+    finally:
+        handler.release()
+
+
+def write_lines(handler, data):
+    """Whole lines (bytes) into the log of FileHandler ``handler``: one
+    write(2), without the handler's lock. The file is opened O_APPEND (a
+    listener's log pipe takes one write up to PIPE_BUF whole), so the lines
+    of several threads never mix, and a delivery thread never waits for
+    another's write. Errors are ignored, as the logging package does."""
+    try:
+        made = _line_fds.get(handler)
+        fd = made[1] if made is not None and made[0] is handler.stream else _line_fd(handler)
+        while data:
+            data = data[os.write(fd, data):]
+    except (OSError, ValueError):
+        pass
+
+
 def _fast_methods(logger, handler, cfg, name):
     """Give ``logger`` debug/info/warning/error/exception methods that write
     the same line as ``handler`` would, without a LogRecord, a Formatter and
@@ -334,35 +367,8 @@ def _fast_methods(logger, handler, cfg, name):
     host = cfg.myhostname.split(".")[0] if isinstance(handler, logging.FileHandler) else None
 
     if isinstance(handler, logging.FileHandler):
-        def line_fd():
-            """A descriptor for the handler's stream, made under its lock
-            once per stream, never closed in this process (a thread may be
-            writing on it): reopen() puts the new file under it."""
-            handler.acquire()
-            try:
-                if handler.stream is None:
-                    handler.stream = handler._open()
-                stream = handler.stream
-                made = _line_fds.get(handler)
-                if made is None or made[0] is not stream:
-                    made = _line_fds[handler] = (stream, os.dup(stream.fileno()))
-                return made[1]
-            finally:
-                handler.release()
-
         def emit(level, text):
-            # One write(2) of the whole line, without the handler's lock:
-            # the file is opened O_APPEND (the log pipe of a listener:
-            # one write up to PIPE_BUF), so lines of several threads never
-            # mix, and a delivery thread never waits for another's write.
-            data = (_prefix(name, host) + text + "\n").encode("utf-8", "replace")
-            try:
-                made = _line_fds.get(handler)
-                fd = made[1] if made is not None and made[0] is handler.stream else line_fd()
-                while data:
-                    data = data[os.write(fd, data):]
-            except (OSError, ValueError):
-                pass
+            write_lines(handler, (_prefix(name, host) + text + "\n").encode("utf-8", "replace"))
     elif isinstance(handler, logging.StreamHandler):
         lock = threading.Lock()
 
