@@ -20,6 +20,7 @@ from conftest import Instance
 from pymta import envelope as E
 from pymta import local, local_command, local_mbox, local_target, route
 from pymta.queue_dir import Spool
+from pymta.status import DeliveryError
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root")
@@ -780,3 +781,100 @@ def test_mbox_block_copy_quotes_as_a_reader_of_lines_would(monkeypatch, style, b
         want, want_last = _quoted_by_lines(data, style, chunk)
         assert out.getvalue() == want, (data, style)
         assert last == (want_last or b"\n"), data
+
+
+def _stdlib_maildir_bytes(root, head, data):
+    """What stdlib mailbox.Maildir.add writes for ``head`` + ``data`` read as
+    whole lines, with the final newline pymta adds to a message without a
+    line end (the definition local_maildir's block copy must match)."""
+    import io
+    tail = b"\n" if data[-1:] not in (b"", b"\n", b"\r") else b""
+    box = mailbox.Maildir(str(root), factory=None, create=True)
+    key = box.add(io.BytesIO(head + data + tail))
+    with open(os.path.join(str(root), "new", key), "rb") as f:
+        out = f.read()
+    box.remove(key)
+    return out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 7, 16, 256 * 1024])
+def test_maildir_block_copy_writes_what_stdlib_mailbox_writes(monkeypatch, tmp_path, block):
+    import io
+    import random
+    from pymta import local_maildir
+    monkeypatch.setattr(local_maildir, "MESSAGE_BLOCK", block)
+    rnd = random.Random(f"maildir{block}")
+    pieces = [b"\r", b"\r", b"\n", b"\r\n", b"\r\r", b"\n\r", b"x" * 13, b"y" * 70, b"From ",
+              b"Subject: s\n", b"\r\r\n", b"z", b"\n\n", b"\x00", b"\xff"]
+    cases = [b"", b"\n", b"\r", b"\r\n", b"\r\r", b"\r\r\n", b"\n\r", b"no newline at the end",
+             b"Subject: nl\n\nFrom me\nbare\rcr\nno newline at end", b"ends in a bare CR\r",
+             b"x" * 300 + b"\r" + b"\r" * 5 + b"y" * 300, b"a\r" * 200, b"\r\n" * 100 + b"\r"]
+    cases += [b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(1, 80)))
+              for _ in range(200 if block < 100 else 50)]
+    heads = [b"Return-Path: <alice@remote.test>\nDelivered-To: me@mx.example.test\n",
+             b"Return-Path: <>\nDelivered-To: a\r\n", b"Return-Path: <a\rb>\nDelivered-To: c\r\r\n"]
+    for n, data in enumerate(cases):
+        head = heads[n % len(heads)]
+        out = io.BytesIO()
+        local_maildir._copy(head, io.BytesIO(data), out)
+        assert out.getvalue() == _stdlib_maildir_bytes(tmp_path / "std", head, data), (head, data)
+
+
+@pytest.mark.unit
+def test_maildir_delivery_is_byte_for_byte_stdlib_mailbox_in_new_files(monkeypatch, tmp_path):
+    """deliver_batch on real files, blocks of 7 bytes: each message's file
+    in new/ has what stdlib mailbox writes, a Maildir unique name of this
+    process, mode 0600 under the workers' umask, and nothing stays in tmp/."""
+    import io
+    from pymta import local_maildir
+    monkeypatch.setattr(local_maildir, "MESSAGE_BLOCK", 7)
+    me = pwd.getpwuid(os.getuid())
+    box = tmp_path / "home" / "Maildir"
+    (tmp_path / "home").mkdir()
+    t = local_target.Target("maildir", user=me.pw_name, uid=me.pw_uid, gid=me.pw_gid,
+                            home=str(tmp_path / "home"), path=str(box))
+    bodies = [b"Subject: a\n\nline\r\nbare\rcr\n", b"", b"no end\r", b"x" * 100 + b"\r\r" + b"y"]
+    env = E.Envelope(sender="alice@remote.test")
+    rcpt = env.add_recipient("me@mx.example.test")
+    old = os.umask(0o077)
+    try:
+        replies = local_maildir.deliver_batch([(env, rcpt, io.BytesIO(b)) for b in bodies], t)
+    finally:
+        os.umask(old)
+    assert [r.code for r in replies] == [250] * len(bodies), replies
+    assert os.listdir(box / "tmp") == [] and os.listdir(box / "cur") == []
+    names = sorted(os.listdir(box / "new"), key=lambda n: int(n.split("Q")[1].split(".")[0]))
+    host = os.uname().nodename.replace("/", r"\057").replace(":", r"\072")
+    head = local_target.prefix(env, rcpt)
+    for name, body in zip(names, bodies):
+        assert re.fullmatch(rf"\d+\.M\d+P{os.getpid()}Q\d+\.{re.escape(host)}", name), name
+        st = os.lstat(box / "new" / name)
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        assert (box / "new" / name).read_bytes() == _stdlib_maildir_bytes(tmp_path / "std", head,
+                                                                         body)
+    assert len(set(names)) == len(bodies)
+
+
+@pytest.mark.parametrize("sub", ["tmp", "new", "cur"])
+def test_maildir_with_a_symlinked_subdirectory_defers_and_writes_nothing_there(inst, tmp_path,
+                                                                               sub):
+    from pymta import local_maildir
+    cfg, env, r = queue(inst)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    box = tmp_path / "Maildir"
+    box.mkdir()
+    os.symlink(elsewhere, box / sub)
+    pw = pwd.getpwuid(os.getuid())
+    t = local_target.Target("maildir", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
+                            home=str(tmp_path), path=str(box))
+    with Spool.from_config(cfg).open_data(env.id) as df:
+        with pytest.raises(DeliveryError) as e:
+            local_maildir.deliver(env, r, t, df)
+    reply = e.value.reply
+    assert (reply.code, reply.enhanced) == (450, "4.2.0"), reply
+    assert f"Maildir {box}/{sub} is not a directory" in reply.text
+    assert os.listdir(elsewhere) == []
+    assert not any(os.listdir(box / d) for d in ("tmp", "new", "cur") if d != sub
+                   and (box / d).is_dir())

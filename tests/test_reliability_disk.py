@@ -92,6 +92,34 @@ def test_local_delivery_into_a_full_mailbox_file_system_defers_and_truncates_bac
         assert queue_files(inst) == []
 
 
+def test_maildir_delivery_on_a_full_file_system_leaves_nothing_behind(tmp_path):
+    """A Maildir batch on a full file system, as a worker runs it: the
+    message that does not fit fails alone with 452 4.3.1 and leaves no
+    partial file in tmp/ or new/; the others are delivered whole."""
+    import io
+    from pymta import envelope as E
+    from pymta import local_maildir, local_target
+    mnt = str(tmp_path / "mnt")
+    with tmpfs(mnt, size="1m"):
+        box = os.path.join(mnt, "Maildir")
+        target = local_target.Target("maildir", user="root", uid=0, gid=0, home="/nonexistent",
+                                     path=box)
+        env = E.Envelope(sender="a@b.test")
+        rcpt = env.add_recipient("root@example.test")
+        fill(mnt, leave=64 * 1024)
+        bodies = [b"Subject: m0\n\nsmall\n", b"Subject: big\n\n" + b"z" * 79 * 4000 + b"\n",
+                  b"Subject: m2\n\nsmall\n"]
+        replies = local_maildir.deliver_batch([(env, rcpt, io.BytesIO(b)) for b in bodies],
+                                              target)
+        assert [(r.code, r.enhanced) for r in replies] == \
+            [(250, "2.0.0"), (452, "4.3.1"), (250, "2.0.0")], replies
+        assert os.listdir(os.path.join(box, "tmp")) == []
+        got = sorted(open(os.path.join(box, "new", n), "rb").read()
+                     for n in os.listdir(os.path.join(box, "new")))
+        head = local_target.prefix(env, rcpt)
+        assert got == sorted([head + bodies[0], head + bodies[2]])
+
+
 def test_smtp_mail_below_queue_minfree_gets_452_4_3_1(make_instance):
     inst = daemon_instance(make_instance, queue_minfree=str(4 << 20))
     with tmpfs(inst.params["queue_directory"], size="2m"), Daemon(inst) as d:
