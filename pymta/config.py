@@ -250,10 +250,22 @@ def check_hostname(name, what="host name"):
             raise ValueError(f"bad {what} {name!r}")
 
 
+def _is_ipv4(text):
+    """Whether ``text`` is a dotted-quad IPv4 address as inet_pton reads
+    one (four decimal parts up to 255, no leading zero)."""
+    parts = text.split(".")
+    return len(parts) == 4 and all(
+        0 < len(p) <= 3 and p.isascii() and p.isdigit() and (p[0] != "0" or p == "0") and int(p) <= 255
+        for p in parts)
+
+
 def _check_ip(text):
     """4 or 6 for an IPv4 or IPv6 address, else ValueError. Through the C
     socket module, not ipaddress: its imports would cost every sendmail run
-    of a configuration that sets mynetworks a good part of its start-up."""
+    of a configuration that sets mynetworks a good part of its start-up; a
+    plain IPv4 address (smtpd_listen's 127.0.0.1) not even that."""
+    if _is_ipv4(text):
+        return 4
     import _socket
     for family, version in ((_socket.AF_INET, 4), (_socket.AF_INET6, 6)):
         try:

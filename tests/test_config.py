@@ -302,3 +302,24 @@ def test_table_paths_are_read_without_regular_expressions():
     for bad in ("hashx:/e", "ldap:/etc/ldap.cf", "proxy:hash:/x"):
         with pytest.raises(TableError, match="unsupported table type"):
             config.table_paths([bad])
+
+
+@pytest.mark.unit
+def test_the_ipv4_check_without_the_socket_module_reads_addresses_as_inet_pton():
+    import _socket
+    import random
+
+    def pton(text):
+        try:
+            _socket.inet_pton(_socket.AF_INET, text)
+            return True
+        except OSError:
+            return False
+    rnd = random.Random(4)
+    parts = ["0", "00", "1", "01", "09", "255", "256", "999", "12", "", "x", "-1", "0x1", " 1", "\u0661"]
+    cases = [".".join(rnd.choice(parts) for _ in range(rnd.choice([3, 4, 4, 4, 5]))) for _ in range(5000)]
+    cases += ["1.2.3.4", "255.255.255.255", "0.0.0.0", "1.2.3.4 ", "1.2.3.4%eth0"]
+    assert [c for c in cases if config._is_ipv4(c) != pton(c)] == []
+    assert config.check_hostport("127.0.0.1:2525") == ("127.0.0.1", 2525)
+    with pytest.raises(ValueError):
+        config.check_hostport("127.0.0.256:25")
