@@ -273,17 +273,28 @@ class Committer:
     ``done(result)``, the queue id or the exception the commit failed with
     (the caller then aborts the writer).
 
-    It owns ``n`` syncer processes (forked here: make it while the process
-    has no other thread); the loop watches :attr:`socks` and calls
+    With ``aio`` (and ``n`` > 0) the kernel does the fsyncs
+    (:class:`pymta.syncer.KernelSyncer`); otherwise, or where the kernel
+    cannot, it owns ``n`` syncer processes (forked here: make it while the
+    process has no other thread). The loop watches :attr:`socks` and calls
     :meth:`ready` for each that is readable, which is where the steps go
-    on. With no syncer (none could be forked, or all died) the fsyncs are
-    done in the caller's thread. ``on_lost(sock)`` is called for a
-    syncer's socket before it is closed."""
+    on. With ``n`` = 0, or no syncer (none could be forked, or all died),
+    the fsyncs are done in the caller's thread. ``on_lost(sock)`` is called
+    for a syncer's socket before it is closed."""
 
-    def __init__(self, n, log=None, on_lost=None):
-        from .syncer import DirSync, Syncers   # socket: not on sendmail's path
+    def __init__(self, n, log=None, on_lost=None, aio=False):
+        from .syncer import DirSync, KernelSyncer, Syncers   # not on sendmail's path
         self.log = log
-        self.syncers = Syncers(n, log)
+        self.syncers = None
+        if n and aio:
+            try:
+                self.syncers = KernelSyncer.open(log)
+            except OSError as e:
+                if log:
+                    log.warning(f"warning: no asynchronous fsync in this kernel ({e.strerror or e}): "
+                                "fsyncs in syncer processes")
+        if self.syncers is None:
+            self.syncers = Syncers(n, log)
         self.syncers.on_lost = on_lost
         self._dirsync = DirSync
         self._dirsyncs = {}     # queue directory -> its DirSync

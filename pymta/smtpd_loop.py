@@ -10,9 +10,10 @@ replies without blocking and does what the session's ``next_step()``
 asks. Three things leave the loop:
 
 - the fsyncs of the commit at the end of DATA: the loop hands the message
-  to its :class:`~pymta.queue_commit.Committer`, whose syncer processes
-  do them (processes, as threads would take the GIL back at each of their
-  system calls); many commits then wait on the disk together, one fsync of
+  to its :class:`~pymta.queue_commit.Committer`, which submits them to
+  the kernel (Linux AIO) or, where it cannot, to syncer processes (not
+  threads, which would take the GIL back at each of their system calls);
+  many commits then wait on the disk together, one fsync of
   the queue directory serves all that are ready for it, and a session
   reads nothing more until its 250 (or 4xx) is out;
 - the reverse lookup of the client (``smtpd_peername_lookup``), in a pool
@@ -33,7 +34,8 @@ A connection is in one of the states below, and changes it only in
 
 Only OPEN and PAUSE connections are read; any with replies to send is
 watched for writing. Thread results come back to the loop through a queue
-and a wake-up pipe, syncer answers on their sockets. The timeouts
+and a wake-up pipe, fsyncs done through an eventfd (or syncer answers on
+their sockets). The timeouts
 (``smtpd_timeout``, ``smtpd_min_data_rate``, ``smtpd_greet_pause``) and the
 shutdown (idle sessions get 421, a DATA in progress finishes) are checked
 by a scan of the connections four times a second.
@@ -179,10 +181,11 @@ class Loop:
         os.set_blocking(self.wake_w, False)
         self.sel.register(self.wake_r, _READ, None)
         self.lookups = Pool(LOOKUP_THREADS, self._post, "lookup")
-        # Its syncers are forked now, while this process has no other thread.
+        # Its syncers (if any) are forked now, while this process has no other thread.
         log = self.servers[0].services.log if self.servers else None
+        aio = bool(self.servers) and self.servers[0].services.cfg.smtpd_loop_fsync == "aio"
         self.committer = Committer(SYNCERS if self.servers else 0, log,
-                                   on_lost=self.sel.unregister)
+                                   on_lost=self.sel.unregister, aio=aio)
         self.paused = {}          # listening sockets not watched until then
         for sock in self.committer.socks:
             self.sel.register(sock, _READ, self.committer)
@@ -418,7 +421,7 @@ class Loop:
             return self._enter(c, HOLD)
         self._enter(c, OPEN, out)
 
-    # -- commits: the fsyncs go to the Committer's syncer processes
+    # -- commits: the fsyncs go to the Committer (the kernel, or its syncer processes)
     def _start_commit(self, c):
         writer, env = c.session.message()
         self.committer.commit(writer, env, lambda result, c=c: self._committed(c, result))

@@ -1,6 +1,6 @@
-"""The syncer processes that fsync for the SMTP event loop, and the
-Committer that runs the loop's commits on them, with real processes,
-sockets and files."""
+"""What fsyncs for the SMTP event loop (the kernel's asynchronous I/O, or
+syncer processes), and the Committer that runs the loop's commits on it,
+with the real kernel, processes, sockets and files."""
 
 import errno
 import os
@@ -119,7 +119,91 @@ def test_requests_made_during_a_directory_fsync_share_the_next_one(tmp_path):
         s.close()
 
 
+def _kernel_syncer(log=None):
+    try:
+        return syncer.KernelSyncer.open(log)
+    except OSError as e:
+        pytest.skip(f"no asynchronous fsync in this kernel: {e}")
+
+
+def test_the_kernel_fsyncs_descriptors_and_more_than_its_ring_wait(tmp_path, monkeypatch):
+    monkeypatch.setattr(syncer, "_RING", 4)
+    k = _kernel_syncer()
+    try:
+        assert k.pids == [] and len(k.socks) == 1
+        results, fds = [], []
+        for i in range(10):
+            fd = os.open(tmp_path / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, b"x" * 100)
+            fds.append(fd)
+            k.submit(fd, lambda err, i=i: results.append((i, err)))
+        dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        k.submit(dfd, lambda err: results.append(("dir", err)))
+        assert len(k.busy) == 4 and len(k.waiting) == 7 and results == []
+        _run_until(k, lambda: len(results) == 11)
+        assert sorted(map(str, results)) == sorted(str((i, None)) for i in [*range(10), "dir"])
+        assert not k.busy and not k.waiting
+        for fd in fds + [dfd]:
+            os.fstat(fd)        # the caller's descriptors stay open
+            os.close(fd)
+    finally:
+        k.close()
+    assert k.socks == []
+
+
+def test_an_fsync_the_kernel_refuses_is_done_by_the_caller_and_fails_as_fsync(tmp_path):
+    k = _kernel_syncer()
+    r, w = os.pipe()
+    try:
+        results = []
+        k.submit(w, results.append)     # a pipe has no fsync: refused at submission
+        err, = results
+        assert isinstance(err, OSError) and err.errno == errno.EINVAL
+    finally:
+        os.close(r)
+        os.close(w)
+        k.close()
+
+
+def test_a_failed_fsync_is_reported_with_its_errno(tmp_path, monkeypatch):
+    """The errno of a completion (a negative result) reaches the callback."""
+    k = _kernel_syncer()
+    try:
+        fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+        results = []
+        k.submit(fd, results.append)
+        real = k._syscall
+
+        def getevents_failing(nr, *args):      # the completion as a failed write-back reports it
+            n = real(nr, *args)
+            if nr == k._getevents and n > 0:
+                k._events[0].res = -errno.EIO
+            return n
+        monkeypatch.setattr(k, "_syscall", getevents_failing)
+        _run_until(k, lambda: results)
+        err, = results
+        assert isinstance(err, OSError) and err.errno == errno.EIO
+        os.close(fd)
+    finally:
+        k.close()
+
+
+def test_daemon_commits_through_the_kernel_with_no_syncer_process(inst):
+    assert inst.cfg.smtpd_loop_fsync == "aio"      # the default
+    _kernel_syncer().close()
+    with daemon(inst) as (p, port):
+        listener = wait_for(lambda: listener_pids(inst))[-1]
+        for n in range(3):
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+                assert c.sendmail("a@b.example", ["root@example.test"],
+                                  b"Subject: aio %d\r\n\r\nx\r\n" % n) == {}
+        kids = open(f"/proc/{listener}/task/{listener}/children").read().split()
+        assert kids == [], "a listener that fsyncs through the kernel forks no syncer"
+        assert "no asynchronous fsync" not in inst.maillog()
+
+
 def test_daemon_accepts_mail_after_its_syncers_are_killed(inst):
+    inst.write_config(smtpd_loop_fsync="processes")
     with daemon(inst) as (p, port):
         listener = wait_for(lambda: listener_pids(inst))[-1]
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
@@ -147,11 +231,21 @@ def _writer(spool, text=b"Subject: x\n\nbody\n"):
     return w, E.Envelope(sender="a@b.example", recipients=[E.Recipient("u@example.test")])
 
 
-def test_the_committer_commits_through_its_syncers(tmp_path):
+def _committer(n, aio):
+    c = Committer(n, aio=aio)
+    if aio and not isinstance(c.syncers, syncer.KernelSyncer):
+        c.close()
+        pytest.skip("no asynchronous fsync in this kernel")
+    assert isinstance(c.syncers, syncer.KernelSyncer if aio else syncer.Syncers)
+    return c
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["processes", "aio"])
+def test_the_committer_commits_through_its_syncers(tmp_path, aio):
     spool = _spool(tmp_path)
-    c = Committer(2)
+    c = _committer(2, aio)
     try:
-        assert len(c.socks) == 2
+        assert len(c.socks) == (1 if aio else 2)
         results, writers = [], []
         for i in range(6):       # more than there are syncers
             w, env = _writer(spool, b"Subject: %d\n\nbody\n" % i)
@@ -225,9 +319,10 @@ def test_one_round_a_failed_data_fsync_fails_the_commit_and_leaves_nothing(tmp_p
     assert os.listdir(spool.dir) == []
 
 
-def test_one_round_commits_through_the_syncers_at_once(tmp_path):
+@pytest.mark.parametrize("aio", [False, True], ids=["processes", "aio"])
+def test_one_round_commits_through_the_syncers_at_once(tmp_path, aio):
     spool = _spool(tmp_path)
-    c = Committer(3)
+    c = _committer(3, aio)
     try:
         results, writers = [], []
         for i in range(5):
