@@ -188,6 +188,24 @@ def test_a_failed_fsync_is_reported_with_its_errno(tmp_path, monkeypatch):
         k.close()
 
 
+def test_where_the_kernel_cannot_the_committer_says_so_and_forks_syncers(monkeypatch):
+    def refused(log=None):
+        raise OSError(errno.EPERM, "io_setup: Operation not permitted")
+    monkeypatch.setattr(syncer.KernelSyncer, "open", refused)
+    warned = []
+
+    class Log:
+        def warning(self, msg):
+            warned.append(msg)
+    c = Committer(2, Log(), aio=True)
+    try:
+        assert isinstance(c.syncers, syncer.Syncers) and len(c.syncers.pids) == 2
+        assert warned == ["warning: no asynchronous fsync in this kernel (io_setup: Operation not "
+                          "permitted): fsyncs in syncer processes"]
+    finally:
+        c.close()
+
+
 def test_daemon_commits_through_the_kernel_with_no_syncer_process(inst):
     assert inst.cfg.smtpd_loop_fsync == "aio"      # the default
     _kernel_syncer().close()
