@@ -1053,7 +1053,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smaller loads, one repetition")
     ap.add_argument("--no-postfix", action="store_true")
     ap.add_argument("--cases", default="accept,models,drain,inject,queue,bigmsg,sched")
-    ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--results", help="write the results there (default: bench/RESULTS.md, "
+                    "and not with --quick)")
     ap.add_argument("--work", metavar="DIR", help="make the work directory in DIR (default: $TMPDIR, "
                     "else the first of the system's temporary directory, /var/tmp and var/ where "
                     "creating a file is quick)")
@@ -1143,8 +1144,9 @@ def main():
     text = "\n".join(lines) + "\n"
     print()
     print(text)
-    if not a.quick:
-        with open(a.results, "w") as f:
+    results = a.results or (None if a.quick else os.path.join(HERE, "RESULTS.md"))
+    if results:
+        with open(results, "w") as f:
             f.write(text)
 
 
