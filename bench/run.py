@@ -24,6 +24,11 @@ Postfix runs when the peer scripts (../shared/peers, or $PYMTA_PEERS) and
 postfix are installed; each case alternates pymta and Postfix for --reps
 repetitions and reports medians. The load generator is Postfix's smtp-source
 when present, else bench/loadgen.py (several processes).
+The work directory is made in --work DIR, else in $TMPDIR, else in the
+first of the system's temporary directory, /var/tmp and var/ where creating
+a file takes under 60 us (a busy /tmp can make it 1 ms); before each
+measured run the benchmark waits until creating a file there is that quick
+again (the removals of the run before slow it for 20-30 s on this machine).
 Prints a table and writes it to bench/RESULTS.md.
 """
 
@@ -303,6 +308,44 @@ def work_dir(given=None):
     return best[0], best[1], tried
 
 
+SETTLE_S = 60
+SETTLE_WAITS = []   # (case, seconds waited, settled) of every wait, for the results
+_UNSETTLED = set()  # the cases that said so on stderr already
+
+
+def _io_pressure():
+    try:
+        with open("/proc/pressure/io") as f:
+            return f.readline().split()[1]     # some avg10=...
+    except (OSError, IndexError):
+        return "avg10=?"
+
+
+def settle(work, case):
+    """Wait before a measured load until creating a file in ``work`` is
+    quick again (under SLOW_CREATE_US), at most SETTLE_S seconds: the
+    removals of the run before (a queue emptied, a Postfix purged) make it
+    1-2 ms for 20-30 s here (see work_dir), and pymta removes two files a
+    message (qf, df) where Postfix removes one: without the wait, each run
+    pays for the one before, Postfix's more. One probe of 50 creates (a
+    millisecond) when the disk is quiet; when it does not settle in time,
+    say so once per ``case``."""
+    t0 = time.perf_counter()
+    cost = create_cost_us(work, n=50)
+    while cost >= SLOW_CREATE_US and time.perf_counter() - t0 < SETTLE_S:
+        time.sleep(1)
+        cost = create_cost_us(work, n=50)
+    waited = time.perf_counter() - t0
+    SETTLE_WAITS.append((case, waited, cost < SLOW_CREATE_US))
+    if cost >= SLOW_CREATE_US:
+        if case not in _UNSETTLED:
+            _UNSETTLED.add(case)
+            print(f"  {case}: creating a file still takes {cost:.0f} us after {waited:.0f} s "
+                  f"(I/O pressure {_io_pressure()}): measured anyway", file=sys.stderr, flush=True)
+    elif waited >= 1:
+        print(f"  {case}: {waited:.1f} s until creating a file took {cost:.0f} us", file=sys.stderr, flush=True)
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -311,12 +354,15 @@ def median(xs):
 
 def case_accept(work, sessions, msgs, size, reps, with_postfix, deliver=True, **params):
     res = {"pymta": [], "postfix": [], "rss": 0}
+    case = (f"accept-s{sessions}-" + (f"{size >> 20}M" if size >= 1 << 20 else f"{size >> 10}k")
+            + "".join(f" {k}={v}" for k, v in params.items()))
     for rep in range(reps):
         port = free_port()
         root = tempfile.mkdtemp(prefix="pymta-", dir=work)
         pm = Pymta(root, port, **params)
         pm.start("-q30m") if deliver else pm.start()
         try:
+            settle(work, case)
             res["pymta"].append(load(port, sessions, msgs, size))
             if not pm.wait_empty(120):
                 print(f"  pymta: {pm.queue_count()} messages still queued; see {root}/maillog",
@@ -329,6 +375,7 @@ def case_accept(work, sessions, msgs, size, reps, with_postfix, deliver=True, **
             pf = Postfix(os.path.join(work, "pfx"), free_port())
             pf.start()
             try:
+                settle(work, case)
                 res["postfix"].append(load(pf.port, sessions, msgs, size))
                 pf.wait_empty(300)
             finally:
@@ -367,6 +414,7 @@ def case_drain(work, n, size, reps, with_postfix):
             pm = Pymta(root, free_port(), relayhost=f"[127.0.0.1]:{sink_port}",
                        delivery_process_limit="20")
             _fill_queue(pm, n, size, rcpt="user@remote.test")
+            settle(work, "drain")
             t0 = time.perf_counter()
             r = pm.run_cmd("-q")
             elapsed = time.perf_counter() - t0
@@ -376,6 +424,9 @@ def case_drain(work, n, size, reps, with_postfix):
             res["pymta"].append((n - left) / elapsed)
             shutil.rmtree(root, ignore_errors=True)
             if with_postfix:
+                # bench-relay.sh fills and drains in one go; its fill creates
+                # and renames queue files but removes none, so the wait covers both.
+                settle(work, "drain")
                 pfx_sink = free_port()
                 out = subprocess.run([os.path.join(PEERS, "bench-relay.sh"), str(free_port()),
                                       os.path.join(work, "pfxr"), str(pfx_sink), str(n), str(size)],
@@ -420,6 +471,7 @@ def case_inject(work, n, size, reps, with_postfix):
         pm = Pymta(root, free_port())
         pm.start()      # as Postfix's daemons run: sendmail hands each message to it
         try:
+            settle(work, "inject")
             res["pymta"].append(_inject_median([*INSTALLED_PY, SENDMAIL, "-C", pm.conf, "-f",
                                                 "a@example.test", "-i", "user@example.test"], n, size))
             pm.wait_empty(120)
@@ -430,6 +482,7 @@ def case_inject(work, n, size, reps, with_postfix):
             pf = Postfix(os.path.join(work, "pfxi"), free_port(), "discard")
             pf.start()
             try:
+                settle(work, "inject")
                 res["postfix"].append(_inject_median(["/usr/sbin/sendmail.postfix", "-C", os.path.join(pf.root, "etc"),
                                                       "-f", "a@example.test", "-i", "user@example.test"], n, size))
             finally:
@@ -443,6 +496,7 @@ def case_queue_scale(work, counts):
         root = tempfile.mkdtemp(prefix="pymta-", dir=work)
         pm = Pymta(root, free_port(), relayhost="[127.0.0.1]:1")
         _fill_queue(pm, n, 1024, rcpt="user@remote.test", next_try=int(time.time()) + 86400)
+        settle(work, f"queue of {n}")
         t0 = time.perf_counter()
         r = pm.run_cmd("-bp")
         t_mailq = time.perf_counter() - t0
@@ -592,6 +646,7 @@ def case_stall_pymta(work, bad_kind, n_good, n_bad, size=5120):
         if bad:
             _fill_queue(pm, n_bad, size, rcpt="user@bad.test")
         _fill_queue(pm, n_good, size, rcpt="user@healthy.test")
+        settle(work, f"stall {bad_kind or 'alone'}")
         p = subprocess.Popen([PY, SENDMAIL, "-C", pm.conf, "-q"], start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -642,6 +697,7 @@ def case_stall_postfix(work, bad_kind, n_good, n_bad, size=5120):
         total = n_good + (n_bad if bad else 0)
         deferred = os.path.join(pdir, "spool", "deferred")
         _time_until(lambda: sum(len(f) for _, _, f in os.walk(deferred)) >= total, 120)
+        settle(work, f"stall {bad_kind or 'alone'}")
         c0 = _sink_count(sink_port)
         subprocess.run(["postqueue", "-c", etc, "-f"], capture_output=True)
         return _time_until(lambda: _sink_count(sink_port) >= c0 + n_good, 600)
@@ -659,6 +715,7 @@ def case_dead_hop(work, n):
     try:
         pm = _pymta_relay(work, "", relayhost=f"[127.0.0.1]:{bad.port}")
         _fill_queue(pm, n, 1024, rcpt="user@remote.test")
+        settle(work, "dead hop")
         t0 = time.perf_counter()
         pm.run_cmd("-q")
         took = time.perf_counter() - t0
@@ -674,6 +731,7 @@ def case_flush(work, n, size=5120):
     try:
         pm = _pymta_relay(work, "", relayhost=f"[127.0.0.1]:{sink_port}")
         _fill_queue(pm, n, size, rcpt="user@remote.test", next_try=int(time.time()) + 3600)
+        settle(work, "flush")
         t0 = time.perf_counter()
         subprocess.run([PY, os.path.join(TOP, "bin", "pymta"), "-C", pm.conf, "flush"],
                        capture_output=True)
@@ -686,6 +744,7 @@ def case_flush(work, n, size=5120):
 
 
 def case_flush_postfix(work, n, size=5120):
+    settle(work, "flush")      # before bench-relay.sh's fill, as in case_drain
     pfx_sink = free_port()
     out = subprocess.run([os.path.join(PEERS, "bench-relay.sh"), str(free_port()),
                           os.path.join(work, "pfxf"), str(pfx_sink), str(n), str(size)],
@@ -703,6 +762,7 @@ def case_mailq_rss(work, n):
     root = tempfile.mkdtemp(prefix="pymta-", dir=work)
     pm = Pymta(root, free_port(), relayhost="[127.0.0.1]:1")
     _fill_queue(pm, n, 1024, rcpt="user@remote.test", next_try=int(time.time()) + 86400)
+    settle(work, f"mailq of {n}")
     t0 = time.perf_counter()
     r = subprocess.run(["/usr/bin/time", "-f", "%M", PY, SENDMAIL, "-C", pm.conf, "-bp"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -806,6 +866,7 @@ def case_dead_hop_postfix(work, n):
             with open(log, errors="replace") as f:
                 return sum(1 for line in f if "status=deferred" in line
                            and "deferred transport" not in line) >= n
+        settle(work, "dead hop")
         t0 = time.perf_counter()
         subprocess.run(["postqueue", "-c", etc, "-f"], capture_output=True)
         _time_until(deferred_again, 600)
@@ -918,6 +979,7 @@ def case_limited(work, n, timeout=300):
     try:
         pm = _pymta_relay(work, "", relayhost=f"[127.0.0.1]:{srv.port}")
         _fill_queue(pm, n, 5120, rcpt="user@remote.test")
+        settle(work, "limited")
         p = subprocess.Popen([PY, SENDMAIL, "-C", pm.conf, "-q"], start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -935,6 +997,7 @@ def case_limited_postfix(work, n, timeout=300):
     pdir = None
     try:
         pdir, etc = _postfix_held(work, "pfxl", srv.port, n)
+        settle(work, "limited")
         subprocess.run(["postqueue", "-c", etc, "-f"], capture_output=True)
         took = _time_until(lambda: srv.delivered >= n, timeout)
         return took, srv.delivered, srv.peak
@@ -951,6 +1014,7 @@ def case_big_queue(work, n):
     try:
         pm = _pymta_relay(work, "", relayhost=f"[127.0.0.1]:{sink_port}")
         _fill_queue(pm, n, 1024, rcpt="user@remote.test", next_try=int(time.time()) + 86400)
+        settle(work, f"queue of {n}, mailq and flush")
         t0 = time.perf_counter()
         r = subprocess.run(["/usr/bin/time", "-f", "%M", PY, SENDMAIL, "-C", pm.conf, "-bp"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -976,6 +1040,7 @@ def case_big_queue_postfix(work, n):
     try:
         pdir, etc = _postfix_held(work, "pfxq", sink_port, n, size=1024)
         pf = Postfix(pdir, 0)
+        settle(work, f"queue of {n}, mailq and flush")
         t0 = time.perf_counter()
         subprocess.run(["postqueue", "-c", etc, "-p"], stdout=subprocess.DEVNULL)
         mailq = time.perf_counter() - t0
@@ -1066,12 +1131,12 @@ def main():
     if a.work:
         os.makedirs(a.work, exist_ok=True)
     work, create_us, tried = work_dir(a.work or os.environ.get("TMPDIR"))
-    tried_text = ", ".join(f"{b}: {why}" for b, why in tried)
-    print(f"work directory: {work} (creating a file: {create_us:.0f} us; tried {tried_text})",
+    tried_text = " (tried " + ", ".join(f"{b}: {why}" for b, why in tried) + ")" if len(tried) > 1 else ""
+    print(f"work directory: {work}, creating a file {create_us:.0f} us{tried_text}",
           file=sys.stderr, flush=True)
     if create_us >= SLOW_CREATE_US:
-        print(f"warning: creating a file takes {create_us:.0f} us in the quickest work directory "
-              f"(healthy: under {SLOW_CREATE_US}; tried {tried_text}): every figure will be off",
+        print(f"warning: creating a file takes {create_us:.0f} us in the quickest work directory"
+              f"{tried_text}, healthy is under {SLOW_CREATE_US}: every figure will be off",
               file=sys.stderr, flush=True)
     rows = []
 
@@ -1124,13 +1189,21 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    waits = [w for _, w, _ in SETTLE_WAITS]
+    settled_text = ""
+    if waits:
+        settled_text = (f"; before each of the {len(waits)} measured runs the benchmark waited until "
+                        f"creating a file there took under {SLOW_CREATE_US} us again (at most {SETTLE_S} s): "
+                        f"{sum(w >= 1 for w in waits)} waited, {median(waits):.0f} s in the median, "
+                        f"{max(waits):.0f} s at most"
+                        + (f"; it did not settle for {', '.join(sorted(_UNSETTLED))}" if _UNSETTLED else ""))
     lines = ["# pymta benchmark results", "",
              f"Run {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({os.cpu_count()} cores, "
              f"{platform.machine()}, Python {platform.python_version()}); load generator: "
              f"{'smtp-source' if SMTP_SOURCE else 'bench/loadgen.py'}; repetitions: {reps} (medians)"
              + ("" if with_postfix else "; Postfix not available: pymta alone")
              + f"; work directory in {os.path.dirname(work)}, where creating a file took "
-             f"{create_us:.0f} us (tried {tried_text}).", "",
+             f"{create_us:.0f} us{tried_text}{settled_text}.", "",
              "| case | pymta | Postfix | pymta/Postfix | pymta peak RSS |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
     if scale_rows:
