@@ -251,6 +251,13 @@ class MessageWriter:
 
     def close(self):
         self._buf = []
+        if self._lock_fd is not None:
+            # Unlocked before it is closed: a close drops the flock only with
+            # the last reference to the open file, and an fsync the kernel
+            # did for the loop (pymta.syncer.KernelSyncer) may hold one for a
+            # moment after its completion, long enough for the master to
+            # find the message locked and leave it to the next queue run.
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         for name in ("_tf_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd is not None:

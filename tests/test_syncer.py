@@ -188,6 +188,34 @@ def test_a_failed_fsync_is_reported_with_its_errno(tmp_path, monkeypatch):
         k.close()
 
 
+def test_a_committed_message_is_unlocked_once_closed_whoever_holds_its_file(tmp_path):
+    """The kernel holds the df's open file for a moment after an fsync it
+    did completes (its request drops the file after posting the event), and
+    a close drops a flock only with the last reference: the message must be
+    free for the master at once all the same (the master skips one it finds
+    locked, which would then wait for the next queue run). A duplicate of
+    the descriptor stands for the kernel's reference."""
+    import fcntl
+    spool = _spool(tmp_path)
+    c = _committer(2, True)
+    try:
+        w, env = _writer(spool)
+        results = []
+        c.commit(w, env, results.append)
+        _run_until(c, lambda: results)
+        assert results == [w.id]
+        kernels = os.dup(w.data_fd)
+        w.close()
+        fd = os.open(spool.path("df", w.id), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # not BlockingIOError
+        finally:
+            os.close(fd)
+            os.close(kernels)
+    finally:
+        c.close()
+
+
 def test_where_the_kernel_cannot_the_committer_says_so_and_forks_syncers(monkeypatch):
     def refused(log=None):
         raise OSError(errno.EPERM, "io_setup: Operation not permitted")
