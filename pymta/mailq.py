@@ -20,7 +20,7 @@ import sys
 import time
 
 from . import envelope as E
-from .queue_dir import Spool
+from .queue_dir import Spool, read_file
 from .queue_file import matches, parse_control
 from .queue_id import valid_id
 from .status import EX_NOPERM, EX_OK, EX_OSFILE, EX_USAGE, READ_SIZE, SpoolCorrupt
@@ -158,8 +158,7 @@ def iter_scan(spool, filters=(), include_lost=True):
 def _read_entry(spool, qid, prefix):
     held = prefix == "hf"
     try:
-        with open(spool.path(prefix, qid), "rb") as f:
-            raw = f.read()
+        raw = read_file(spool.path(prefix, qid))
     except FileNotFoundError:
         return Entry(qid, error="job completed", held=held)
     except PermissionError:
@@ -199,6 +198,8 @@ def wrap(text, width):
 def prtstr(s, limit):
     """sendmail's prtstr(): at most ``limit`` columns, backslash doubled, control
     characters as \\ooo. Printable non-ASCII characters (UTF-8 addresses) are kept."""
+    if s.isascii() and s.isprintable() and "\\" not in s:
+        return s[:limit]        # the common case: each character one column
     out = []
     left = limit
     for ch in s:
