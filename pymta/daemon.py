@@ -334,6 +334,7 @@ class Master:
         self.stop_time = None
         self.wake_r = self.wake_w = -1  # the signal wake-up pipe of the main loop
         self.busy_ids = []          # handoffs that found their destination's slots taken
+        self.locked_ids = []        # (id, tries): handoffs that found the message locked
         self.busy_lock = threading.Lock()
         self.abandoned = False
 
@@ -476,8 +477,11 @@ class Master:
                 self._pickup()
                 with self.busy_lock:
                     busy, self.busy_ids = self.busy_ids, []
+                    locked, self.locked_ids = self.locked_ids, []
                 for qid in busy:
                     self.pool.submit(lambda qid=qid: self._deliver(qid))
+                for qid, tries in locked:
+                    self.pool.submit(lambda qid=qid, tries=tries: self._deliver(qid, tries))
             if interval and now >= next_run and \
                     (self.run_thread is None or not self.run_thread.is_alive()):
                 next_run = now + interval
@@ -613,7 +617,12 @@ class Master:
             deliverer = self.deliverer = queue_attempt.Deliverer(self.cfg, log=log)
         return deliverer
 
-    def _deliver(self, qid):
+    # A message handed over while another process holds its lock for a
+    # moment (pymta hold, a queue runner's look at it) is tried again a
+    # second later, this many times, before it is left to the queue runs.
+    LOCKED_TRIES = 3
+
+    def _deliver(self, qid, tries=0):
         if queue_attempt.STOP.is_set():
             return          # stopping: it stays queued for the next start
         try:
@@ -621,6 +630,9 @@ class Master:
             # message that has gone meanwhile is skipped there ("gone").
             lock = self.spool.lock(qid, control=())
             if lock is None:
+                if tries < self.LOCKED_TRIES and self.spool.is_locked(qid):
+                    with self.busy_lock:
+                        self.locked_ids.append((qid, tries + 1))
                 return
             with lock:
                 summ = self._deliverer().deliver_locked(lock, keep_connections=True)

@@ -296,6 +296,28 @@ def test_sendmail_hands_a_new_message_to_the_running_daemon(inst):
     assert wait_for(lambda: b"Subject: no daemon" in inst.mailbox(), 20)
 
 
+def test_a_message_handed_over_while_locked_a_moment_is_delivered_when_free(inst):
+    """The master skips a message it finds locked; one locked for a moment
+    when it is handed over (pymta hold, a queue runner's look) is tried
+    again a second later, not left for the next queue run (none here)."""
+    import fcntl
+    with daemon(inst) as (p, port):
+        r = inst.sendmail("-odq", "-i", "root", input=b"Subject: locked a moment\n\nhello\n")
+        assert r.returncode == 0, r.stderr
+        qid, = inst.spool.ids()
+        fd = os.open(inst.spool.path("df", qid), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            w = os.open(os.path.join(inst.spool.dir, "notify"), os.O_WRONLY | os.O_NONBLOCK)
+            os.write(w, qid.encode() + b"\n")
+            os.close(w)
+            time.sleep(1.5)
+            assert b"Subject: locked a moment" not in inst.mailbox()
+        finally:
+            os.close(fd)
+        assert wait_for(lambda: b"Subject: locked a moment" in inst.mailbox(), 10)
+
+
 @pytest.mark.parametrize("model", ["loop", "threads"])
 def test_out_of_descriptors_the_listener_pauses_then_serves_again(inst, model):
     import resource
