@@ -327,17 +327,29 @@ class KernelSyncer:
             self.waiting.append((fd, callback))
             return
         code = self._start(fd, callback)
-        if code == 0:
-            return
         if code == errno.EAGAIN and self.busy:
-            self.waiting.append((fd, callback))
-            return
-        # Refused (a file system without fsync for it, say): here, now.
+            self.waiting.append((fd, callback))   # again at the next completion
+        elif code:
+            self._here(fd, callback)
+
+    def _here(self, fd, callback):
+        """An fsync the kernel refused to queue (a file system without
+        fsync for it, say, or no room with nothing in flight): here, now."""
         try:
             os.fsync(fd)
         except OSError as e:
             return callback(e)
         callback(None)
+
+    def _submit_waiting(self):
+        while self.waiting and len(self.busy) < _RING:
+            fd, callback = self.waiting.popleft()
+            code = self._start(fd, callback)
+            if code == errno.EAGAIN and self.busy:
+                self.waiting.appendleft((fd, callback))
+                return
+            if code:
+                self._here(fd, callback)
 
     def ready(self, sock=None):
         """The eventfd is readable: collect what completed."""
@@ -355,10 +367,9 @@ class KernelSyncer:
                 done.append((ev.data, ev.res))
             if n < 64:
                 break
-        for key, res in done:
-            fd, callback = self.busy.pop(key, (None, None))
-            while self.waiting and len(self.busy) < _RING:
-                self.submit(*self.waiting.popleft())
+        callbacks = [(self.busy.pop(key, (None, None))[1], res) for key, res in done]
+        self._submit_waiting()
+        for callback, res in callbacks:
             if callback is not None:
                 callback(OSError(-res, os.strerror(-res)) if res < 0 else None)
 

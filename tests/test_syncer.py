@@ -151,6 +151,32 @@ def test_the_kernel_fsyncs_descriptors_and_more_than_its_ring_wait(tmp_path, mon
     assert k.socks == []
 
 
+def test_requests_the_kernel_has_no_room_for_wait_then_are_done_here(tmp_path, monkeypatch):
+    """io_submit's EAGAIN: the request waits for a completion, and is done
+    in the caller's thread once nothing is in flight, never spun on."""
+    monkeypatch.setattr(syncer, "_RING", 2)
+    k = _kernel_syncer()
+    fds = []
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("spun on EAGAIN"))
+    signal.alarm(20)
+    try:
+        results = []
+        for i in range(3):
+            fd = os.open(tmp_path / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o600)
+            fds.append(fd)
+            k.submit(fd, results.append)
+        assert len(k.busy) == 2 and len(k.waiting) == 1
+        monkeypatch.setattr(k, "_start", lambda fd, callback: errno.EAGAIN)
+        _run_until(k, lambda: len(results) == 3)
+        assert results == [None] * 3 and not k.waiting and not k.busy
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        for fd in fds:
+            os.close(fd)
+        k.close()
+
+
 def test_an_fsync_the_kernel_refuses_is_done_by_the_caller_and_fails_as_fsync(tmp_path):
     k = _kernel_syncer()
     r, w = os.pipe()
