@@ -252,7 +252,10 @@ class KernelSyncer:
 
     def __init__(self, ctypes, Iocb, Event, numbers, syscall, ctx, efd, log):
         self._ct = ctypes
-        self._setup, self._destroy, self._getevents, self._submit = numbers
+        # syscall(2) reads every argument as a long: pass longs, not ints.
+        L = ctypes.c_long
+        self._setup, self._destroy, self._getevents, self._submit = (L(n) for n in numbers)
+        self._0, self._1, self._64 = L(0), L(1), L(64)
         self._syscall = syscall
         self._ctx = ctx
         self.efd = efd
@@ -284,7 +287,7 @@ class KernelSyncer:
             raise OSError(errno.ENOSYS, f"no system call interface: {e}") from None
         syscall.restype = ctypes.c_long
         ctx = ctypes.c_ulong(0)
-        if syscall(numbers[0], _RING, ctypes.byref(ctx)) != 0:
+        if syscall(ctypes.c_long(numbers[0]), ctypes.c_long(_RING), ctypes.byref(ctx)) != 0:
             code = ctypes.get_errno() or errno.ENOSYS
             raise OSError(code, f"io_setup: {os.strerror(code)}")
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -317,7 +320,7 @@ class KernelSyncer:
         cb = self._iocb
         cb.data = n
         cb.fildes = fd
-        if self._syscall(self._submit, self._ctx, 1, self._ptr) == 1:
+        if self._syscall(self._submit, self._ctx, self._1, self._ptr) == 1:
             self.busy[n] = (fd, callback)
             return 0
         return self._ct.get_errno() or errno.EIO
@@ -359,7 +362,7 @@ class KernelSyncer:
             pass
         done = []
         while True:
-            n = self._syscall(self._getevents, self._ctx, 0, 64, self._events, self._zero)
+            n = self._syscall(self._getevents, self._ctx, self._0, self._64, self._events, self._zero)
             if n <= 0:
                 break
             for i in range(n):

@@ -202,7 +202,7 @@ def test_a_failed_fsync_is_reported_with_its_errno(tmp_path, monkeypatch):
 
         def getevents_failing(nr, *args):      # the completion as a failed write-back reports it
             n = real(nr, *args)
-            if nr == k._getevents and n > 0:
+            if nr is k._getevents and n > 0:
                 k._events[0].res = -errno.EIO
             return n
         monkeypatch.setattr(k, "_syscall", getevents_failing)
