@@ -30,7 +30,10 @@ The work directory is made in --work DIR, else in $TMPDIR, else in the
 first of the system's temporary directory, /var/tmp and var/ where creating
 a file takes under 60 us (a busy /tmp can make it 1 ms); before each
 measured run the benchmark waits until creating a file there is that quick
-again (the removals of the run before slow it for 20-30 s on this machine).
+again (the removals of the run before slow it for 20-30 s on this machine),
+and times a Python loop there: the CPU's speed of the moment, which on a
+shared virtual machine changes by half from one hour to the next (the
+results give the range, to compare runs by).
 Prints a table and writes it to bench/RESULTS.md.
 """
 
@@ -323,6 +326,21 @@ def _io_pressure():
         return "avg10=?"
 
 
+CPU_PROBES = []     # cpu_probe_ms() before every measured run, for the results
+
+
+def cpu_probe_ms():
+    """The CPU's speed of the moment: ms for a Python loop of 3 million
+    additions. Shared virtual machines run it 1.5 times slower in some hours
+    than in others; pymta, which spends CPU where Postfix waits on its disk,
+    loses more of its lead in a slow hour. The results give the range."""
+    t0 = time.perf_counter()
+    s = 0
+    for i in range(3_000_000):
+        s += i
+    return (time.perf_counter() - t0) * 1000
+
+
 def settle(work, case):
     """Wait before a measured load until creating a file in ``work`` is
     quick again (under SLOW_CREATE_US), at most SETTLE_S seconds: the
@@ -339,6 +357,7 @@ def settle(work, case):
         cost = create_cost_us(work, n=50)
     waited = time.perf_counter() - t0
     SETTLE_WAITS.append((case, waited, cost < SLOW_CREATE_US))
+    CPU_PROBES.append(cpu_probe_ms())
     if cost >= SLOW_CREATE_US:
         if case not in _UNSETTLED:
             _UNSETTLED.add(case)
@@ -1235,6 +1254,9 @@ def main():
                         f"{sum(w >= 1 for w in waits)} waited, {median(waits):.0f} s in the median, "
                         f"{max(waits):.0f} s at most"
                         + (f"; it did not settle for {', '.join(sorted(_UNSETTLED))}" if _UNSETTLED else ""))
+    if CPU_PROBES:
+        settled_text += (f"; a Python loop of 3 million additions took {min(CPU_PROBES):.0f}-"
+                         f"{max(CPU_PROBES):.0f} ms (median {median(CPU_PROBES):.0f}) before them")
     lines = ["# pymta benchmark results", "",
              f"Run {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({os.cpu_count()} cores, "
              f"{platform.machine()}, Python {platform.python_version()}); load generator: "
