@@ -32,8 +32,8 @@ a file takes under 60 us (a busy /tmp can make it 1 ms); before each
 measured run the benchmark waits until creating a file there is that quick
 again (the removals of the run before slow it for 20-30 s on this machine),
 and times a Python loop there: the CPU's speed of the moment, which on a
-shared virtual machine changes by half from one hour to the next (the
-results give the range, to compare runs by).
+shared virtual machine can change twofold within minutes (the results give
+the range, to compare runs by).
 Prints a table and writes it to bench/RESULTS.md.
 """
 
@@ -331,9 +331,10 @@ CPU_PROBES = []     # cpu_probe_ms() before every measured run, for the results
 
 def cpu_probe_ms():
     """The CPU's speed of the moment: ms for a Python loop of 3 million
-    additions. Shared virtual machines run it 1.5 times slower in some hours
-    than in others; pymta, which spends CPU where Postfix waits on its disk,
-    loses more of its lead in a slow hour. The results give the range."""
+    additions. Shared virtual machines have run it up to twice as slowly in
+    one minute as in another; pymta, which spends CPU where Postfix waits on
+    its disk, loses more of its lead in a slow one. The results give the
+    range."""
     t0 = time.perf_counter()
     s = 0
     for i in range(3_000_000):
@@ -492,9 +493,15 @@ def pip_installed_sendmail(work):
     them) into a venv of this interpreter. None, said on stderr, if that
     cannot be done here."""
     venv, wheels = os.path.join(work, "pip-venv"), os.path.join(work, "wheels")
+    src = os.path.join(work, "pip-src")     # setuptools builds in the source tree: a copy's
     try:
+        for name in ("pymta", "bin", "etc", "man"):
+            shutil.copytree(os.path.join(TOP, name), os.path.join(src, name), symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("setup.py", "pyproject.toml", "README"):
+            shutil.copy(os.path.join(TOP, name), src)
         subprocess.run([PY, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "--no-index", "-w", wheels, TOP], check=True, capture_output=True)
+                        "--no-index", "-w", wheels, src], check=True, capture_output=True)
         subprocess.run([PY, "-m", "venv", "--without-pip", venv], check=True, capture_output=True)
         wheel, = [os.path.join(wheels, w) for w in os.listdir(wheels) if w.startswith("pymta-")]
         subprocess.run([PY, "-m", "pip", "--python", os.path.join(venv, "bin", "python"), "install",
@@ -506,6 +513,7 @@ def pip_installed_sendmail(work):
         return None
     finally:
         shutil.rmtree(wheels, ignore_errors=True)
+        shutil.rmtree(src, ignore_errors=True)
     return os.path.join(venv, "bin", "sendmail")
 
 
